@@ -1,0 +1,1 @@
+"""api stage of the node (to be built; see ARCHITECTURE)."""

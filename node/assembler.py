@@ -1,0 +1,1 @@
+"""assembler stage of the node (to be built; see ARCHITECTURE)."""

@@ -1,0 +1,1 @@
+"""audit stage of the node (to be built; see ARCHITECTURE)."""

@@ -1,0 +1,139 @@
+"""The ``ainode`` command line (Typer). Each command is a thin shell over its stage's module."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from node.settings import ConfigError, Settings, load_settings, resolve_paths
+
+app = typer.Typer(help="ainode: a DICOM node that runs deep-learning analyses and returns DICOM results.",
+                  no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
+rules_app = typer.Typer(help="Inspect routing rules.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(rules_app, name="rules")
+
+console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration file (default: $AINODE_CONFIG, else embedded defaults).")
+
+
+def settings_from(config: Optional[Path]) -> Settings:
+    """Load and validate the configuration, or print every error and exit 2."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as err:
+        for line in err.errors:
+            console.print(line, markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    base = config.parent if config else Path.cwd()
+    return resolve_paths(settings, base.resolve())
+
+
+@config_app.command("check")
+def config_check(file: Path = typer.Argument(..., help="Configuration file to validate.")) -> None:
+    """Validate a configuration file; print each error with its line and exit non-zero on any."""
+    try:
+        settings = load_settings(file)
+    except ConfigError as err:
+        for line in err.errors:
+            console.print(line, markup=False, highlight=False)
+        console.print(f"{len(err.errors)} error(s) in {file}", style="red")
+        raise typer.Exit(1) from None
+    typer.echo(f"{file}: OK ({len(settings.peers)} peers, {len(settings.destinations)} destinations, "
+               f"{len(settings.rules)} rules, {len(settings.analyses)} analyses)")
+
+
+@app.command()
+def serve(config: Optional[Path] = ConfigOpt) -> None:
+    """Run the node until SIGTERM: DICOM listener, completion, routing, jobs, delivery, API."""
+    from node.service import serve as run_service
+
+    raise typer.Exit(run_service(settings_from(config)))
+
+
+@app.command()
+def worker(config: Optional[Path] = ConfigOpt,
+           queues: str = typer.Option("gpu,cpu", help="Comma-separated queues to consume."),
+           concurrency: int = typer.Option(1, help="Worker processes.")) -> None:
+    """Start a Celery worker that runs analyses (gpu queue) and delivers results (cpu queue)."""
+    from workers.celery_app import run_worker
+
+    raise typer.Exit(run_worker(settings_from(config), queues.split(","), concurrency))
+
+
+@app.command()
+def echo(target: str = typer.Argument(..., help="AE@HOST:PORT"),
+         calling_ae: str = typer.Option("AINODE", "--aet", help="Our calling AE title.")) -> None:
+    """C-ECHO a remote AE to test a link."""
+    from node.scu import echo as do_echo
+
+    raise typer.Exit(do_echo(target, calling_ae))
+
+
+@app.command()
+def send(target: str = typer.Argument(..., help="AE@HOST:PORT"),
+         paths: list[Path] = typer.Argument(..., help="DICOM files or folders."),
+         calling_ae: str = typer.Option("AINODE", "--aet", help="Our calling AE title.")) -> None:
+    """C-STORE files to a remote AE, with a progress bar."""
+    from node.scu import send as do_send
+
+    raise typer.Exit(do_send(target, paths, calling_ae))
+
+
+@app.command()
+def status(config: Optional[Path] = ConfigOpt,
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """What the node holds and where each stage stands."""
+    from node.status import print_status
+
+    raise typer.Exit(print_status(settings_from(config), as_json))
+
+
+@rules_app.command("test")
+def rules_test(paths: list[Path] = typer.Argument(..., help="DICOM files or folders."),
+               config: Optional[Path] = ConfigOpt) -> None:
+    """Show which rules match the given DICOM data and why the others do not."""
+    from node.router import explain_rules
+
+    raise typer.Exit(explain_rules(settings_from(config), paths))
+
+
+@app.command()
+def train(model: str = typer.Argument(..., help="Reference model to train (see `ainode models`)."),
+          out: Optional[Path] = typer.Option(None, help="Where to write the weights (default: the package's)."),
+          quick: bool = typer.Option(False, help="A short run for smoke tests.")) -> None:
+    """Train a reference model on generated phantoms (reproduces the shipped weights)."""
+    from workers.training import train_model
+
+    raise typer.Exit(train_model(model, out, quick))
+
+
+@app.command()
+def models(config: Optional[Path] = ConfigOpt) -> None:
+    """List the installed analyses with version, checksum and model card."""
+    from workers.registry import print_models
+
+    raise typer.Exit(print_models(settings_from(config)))
+
+
+@app.command()
+def demo(out: Optional[Path] = typer.Option(None, help="Copy every result object that reached the test PACS here."),
+         workdir: Optional[Path] = typer.Option(None, help="Working folder (default: a temporary one).")) -> None:
+    """Run the node end to end on embedded defaults with a local test PACS and a generated study."""
+    from node.demo import run_demo
+
+    raise typer.Exit(run_demo(out, workdir))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

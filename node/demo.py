@@ -1,0 +1,1 @@
+"""demo stage of the node (to be built; see ARCHITECTURE)."""

@@ -1,0 +1,1 @@
+"""dispatcher stage of the node (to be built; see ARCHITECTURE)."""

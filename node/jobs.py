@@ -1,0 +1,1 @@
+"""jobs stage of the node (to be built; see ARCHITECTURE)."""

@@ -1,0 +1,1 @@
+"""mpps stage of the node (to be built; see ARCHITECTURE)."""

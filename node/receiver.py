@@ -1,0 +1,1 @@
+"""receiver stage of the node (to be built; see ARCHITECTURE)."""

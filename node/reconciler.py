@@ -1,0 +1,1 @@
+"""reconciler stage of the node (to be built; see ARCHITECTURE)."""

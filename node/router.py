@@ -1,0 +1,1 @@
+"""router stage of the node (to be built; see ARCHITECTURE)."""

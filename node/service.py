@@ -1,0 +1,1 @@
+"""service stage of the node (to be built; see ARCHITECTURE)."""

@@ -1,0 +1,551 @@
+"""The configuration of an ainode installation: the one description of every setting.
+
+A YAML file in the shape documented in ``config/ainode.example.yaml`` is validated by the pydantic
+models below. Environment variables named ``AINODE_<SECTION>__<KEY>`` (double underscore between
+levels) override file values, e.g. ``AINODE_NODE__PORT=11113`` or
+``AINODE_BROKER__URL=redis://10.0.0.5:6379/0``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "AINODE_"
+
+# --- small validated types -------------------------------------------------------------------
+
+
+def _check_ae_title(value: str) -> str:
+    # PS3.5 6.2: AE is 16 characters of the default repertoire, no backslash or control chars.
+    if not 1 <= len(value.strip()) <= 16:
+        raise ValueError("must be 1..16 characters")
+    if "\\" in value or any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ValueError("must be printable ASCII without backslash")
+    return value.strip()
+
+
+def _check_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise ValueError("must be 1..65535")
+    return value
+
+
+def _check_host_pattern(value: str) -> str:
+    # An allowed peer address: an IP, a CIDR network, or a host name (resolved at connect time).
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", value):
+            raise ValueError("must be an IP address, a CIDR network or a host name") from None
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, AfterValidator(_check_port)]
+HostPattern = Annotated[str, AfterValidator(_check_host_pattern)]
+Seconds = Annotated[float, Field(ge=0)]
+
+
+class Section(BaseModel):
+    """Base of every configuration section: unknown keys are errors (typos must not pass)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- node, storage, database, broker ----------------------------------------------------------
+
+
+class TLSSettings(Section):
+    """TLS for the DICOM listener or a destination (TLS 1.2 or newer only)."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> "TLSSettings":
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("certificate and private_key are required when TLS is enabled")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("ca_certificates is required to verify client certificates")
+        return self
+
+
+class NodeSettings(Section):
+    """The DICOM listener: who we are and how associations are handled."""
+
+    ae_title: AETitle = "AINODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    # Receiver processes sharing the port (SO_REUSEPORT); 0 = one per CPU core, at most 4.
+    receivers: int = Field(default=0, ge=0, le=64)
+    max_associations: int = Field(default=32, ge=1)
+    max_associations_per_peer: int = Field(default=8, ge=1)
+    acse_timeout_s: Seconds = 30
+    dimse_timeout_s: Seconds = 60
+    network_timeout_s: Seconds = 60
+    # Largest P-DATA PDU we accept; 0 means unlimited.
+    max_pdu_bytes: int = Field(default=1_048_576, ge=0)
+    # A second copy of a stored SOP Instance UID with different bytes: keep the first or replace.
+    duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
+    # Accept any calling AE title (demo and lab use only); peers are still logged.
+    accept_unknown_peers: bool = False
+    tls: TLSSettings = TLSSettings()
+
+
+class StorageSettings(Section):
+    """Where received instances and result objects live (shared with the workers)."""
+
+    path: Path = Path("./var/store")
+    # Below this much free space new instances are refused with A700 (Out of Resources).
+    min_free_bytes: ByteSize = ByteSize(2 * 1024**3)
+    # Studies that matched no rule are removed after this many hours.
+    unrouted_retention_h: float = Field(default=24.0, ge=0)
+    # All received data is removed this many days after processing (0 = keep forever).
+    retention_days: float = Field(default=7.0, ge=0)
+    # When used space passes this fraction of the disk, the oldest finished studies go first.
+    high_water_mark: float = Field(default=0.90, gt=0, le=1)
+
+
+class DatabaseSettings(Section):
+    """The index and the job/outbox tables (SQLAlchemy URL)."""
+
+    url: str = "sqlite:///./var/ainode.db"
+
+    @field_validator("url")
+    @classmethod
+    def _known_dialect(cls, value: str) -> str:
+        if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return value
+
+
+class BrokerSettings(Section):
+    """The Celery broker. Empty: an embedded broker and an in-process worker (single machine)."""
+
+    url: str = ""
+    # Longer than the longest hard time limit, so a slow job is never delivered twice.
+    visibility_timeout_s: int = Field(default=7200, ge=60)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_or_empty(cls, value: str) -> str:
+        if value and not re.match(r"^(redis|rediss|memory|sqla\+\w+)://", value):
+            raise ValueError("must be a redis:// URL, or empty for the embedded broker")
+        return value
+
+
+# --- peers and destinations -------------------------------------------------------------------
+
+PeerAction = Literal["echo", "store", "mpps"]
+
+
+class Peer(Section):
+    """A remote application entity that may open associations to us."""
+
+    ae_title: AETitle
+    hosts: list[HostPattern] = Field(default_factory=list, min_length=1)
+    allow: list[PeerAction] = Field(default_factory=lambda: ["echo", "store", "mpps"])
+    max_associations: int | None = Field(default=None, ge=1)
+
+
+class CapabilityProfile(Section):
+    """Which result objects a destination can display; missing ones get fallbacks (GSPS, SC)."""
+
+    seg: bool = True
+    sr: bool = True
+    kos: bool = True
+    gsps: bool = True
+    secondary_capture: bool = False
+    derived_series: bool = True
+
+
+class Destination(Section):
+    """Where results are sent: a DICOM C-STORE SCP or a DICOMweb STOW-RS endpoint."""
+
+    name: str = Field(min_length=1)
+    type: Literal["dicom", "dicomweb"] = "dicom"
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
+    url: str | None = None  # STOW-RS base, e.g. http://pacs:8042/dicom-web
+    username: str | None = None
+    password: str | None = None
+    tls: TLSSettings = TLSSettings()
+    storage_commitment: bool = False
+    capabilities: CapabilityProfile = CapabilityProfile()
+    # Retry with exponential backoff from retry_initial_s up to retry_max_s between attempts.
+    retry_initial_s: Seconds = 5
+    retry_max_s: Seconds = 3600
+
+    @model_validator(mode="after")
+    def _address_for_type(self) -> "Destination":
+        if self.type == "dicom":
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a dicom destination needs {', '.join(missing)}")
+        elif not self.url:
+            raise ValueError("a dicomweb destination needs url")
+        return self
+
+
+# --- rules and analyses -----------------------------------------------------------------------
+
+
+class Timers(Section):
+    """When a study or series counts as complete."""
+
+    series_quiet_s: Seconds = 10
+    study_quiet_s: Seconds = 20
+    # However much keeps arriving, a study is forced complete after this long.
+    force_complete_s: Seconds = 600
+
+
+class Condition(Section):
+    """One test on one attribute: equals, one_of, regex or a numeric range."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    equals: Any = None
+    one_of: list[Any] | None = None
+    regex: str | None = None
+    min: float | None = None
+    max: float | None = None
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"invalid regular expression: {err}") from None
+        return value
+
+
+MATCH_ATTRIBUTES = (
+    "calling_ae", "called_ae", "modality", "sop_class_uid", "body_part", "study_description",
+    "series_description", "station_name", "manufacturer", "patient_age", "instances", "frames",
+    "slice_thickness",
+)
+
+
+class Match(Section):
+    """A rule's match: attribute conditions, combined with all/any/not.
+
+    An attribute given a plain value means equals (a list means one_of).
+    """
+
+    all: list["Match"] | None = None
+    any: list["Match"] | None = None
+    not_: "Match | None" = Field(default=None, alias="not")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    calling_ae: Condition | None = None
+    called_ae: Condition | None = None
+    modality: Condition | None = None
+    sop_class_uid: Condition | None = None
+    body_part: Condition | None = None
+    study_description: Condition | None = None
+    series_description: Condition | None = None
+    station_name: Condition | None = None
+    manufacturer: Condition | None = None
+    patient_age: Condition | None = None
+    instances: Condition | None = None
+    frames: Condition | None = None
+    slice_thickness: Condition | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in MATCH_ATTRIBUTES:
+                value = data.get(key)
+                if value is not None and not isinstance(value, dict):
+                    data[key] = {"one_of": value} if isinstance(value, list) else {"equals": value}
+        return data
+
+
+class AnalysisRef(Section):
+    """An analysis a rule runs, with its parameters."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Rule(Section):
+    """A routing rule: what it matches, what it runs, where the results go."""
+
+    name: str = Field(min_length=1)
+    match: Match = Match()
+    level: Literal["study", "series"] = "study"
+    analyses: list[AnalysisRef] = Field(min_length=1)
+    priority: Literal["stat", "routine", "low"] = "routine"
+    destinations: list[str] = Field(default_factory=list)
+    timers: Timers | None = None
+
+    @field_validator("analyses", mode="before")
+    @classmethod
+    def _names_as_refs(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+class AnalysisSettings(Section):
+    """A model a hospital plugs in by configuration (built-in analyses need no entry)."""
+
+    name: str = Field(min_length=1)
+    format: Literal["builtin", "torchscript", "onnx", "monai_bundle"] = "builtin"
+    path: Path | None = None
+    # What the model does and accepts: the registry uses these to build pre/postprocessing.
+    task: Literal["segmentation", "classification", "detection", "reconstruction", "ejection_fraction"] = "segmentation"
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    labels: list[str] = Field(default_factory=list)
+    params: dict[str, Any] = Field(default_factory=dict)
+    soft_time_limit_s: int = Field(default=600, ge=1)
+    time_limit_s: int = Field(default=900, ge=1)
+
+    @model_validator(mode="after")
+    def _path_for_external(self) -> "AnalysisSettings":
+        if self.format != "builtin" and self.path is None:
+            raise ValueError(f"a {self.format} analysis needs path")
+        if self.time_limit_s < self.soft_time_limit_s:
+            raise ValueError("time_limit_s must be at least soft_time_limit_s")
+        return self
+
+
+class JobSettings(Section):
+    """How jobs are retried and watched."""
+
+    max_attempts: int = Field(default=3, ge=1)
+    # A running job without a heartbeat for this long is re-published by the reconciler.
+    heartbeat_timeout_s: Seconds = 120
+    reconcile_interval_s: Seconds = 15
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+class APISettings(Section):
+    """The admin API and dashboard."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    # Bearer token for the API; empty means the API only answers on localhost and is read-only.
+    token: str = ""
+
+
+class AuditSettings(Section):
+    """The audit trail (DICOM PS3.15 A.5 / IHE ATNA messages)."""
+
+    sink: Literal["file", "syslog", "none"] = "file"
+    path: Path = Path("./var/audit.log")
+    syslog_address: str = "/dev/log"
+
+
+class Settings(Section):
+    """The whole configuration of one ainode installation."""
+
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    broker: BrokerSettings = BrokerSettings()
+    peers: list[Peer] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
+    timers: Timers = Timers()
+    rules: list[Rule] = Field(default_factory=list)
+    analyses: list[AnalysisSettings] = Field(default_factory=list)
+    jobs: JobSettings = JobSettings()
+    api: APISettings = APISettings()
+    audit: AuditSettings = AuditSettings()
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> "Settings":
+        names = [d.name for d in self.destinations]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"destination names must be unique: {', '.join(sorted(dupes))}")
+        for rule in self.rules:
+            unknown = [d for d in rule.destinations if d not in names]
+            if unknown:
+                raise ValueError(f"rule {rule.name!r} names unknown destinations: {', '.join(unknown)}")
+        return self
+
+    def peer(self, ae_title: str) -> Peer | None:
+        """The configured peer with this calling AE title, if any."""
+        for peer in self.peers:
+            if peer.ae_title == ae_title.strip():
+                return peer
+        return None
+
+    def destination(self, name: str) -> Destination:
+        """The destination with this name (KeyError if there is none)."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``errors`` lists each problem with its place."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s)\n" + "\n".join(errors))
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """Nested dict from AINODE_A__B=value variables; JSON values (lists, numbers) are parsed."""
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == "AINODE_CONFIG":
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        try:
+            value: Any = json.loads(raw)
+            if not isinstance(value, (list, dict)):
+                value = raw  # let pydantic coerce scalars from their string form
+        except ValueError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _deep_merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        merged = dict(base)
+        for k, v in over.items():
+            merged[k] = _deep_merge(base.get(k), v) if k in base else v
+        return merged
+    return over
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line in the YAML file of the value at ``loc`` (or its nearest parent)."""
+    node, line = root, None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "(top level)"
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic inserts validator names (e.g. "function-after[...]") into locations; drop them.
+    return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+
+
+def _messages(err: ValidationError, root: yaml.Node | None, source: str) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = _clean_loc(tuple(e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        line = _line_of(root, loc)
+        where = f"{source}:{line}: " if line else f"{source}: "
+        lines.append(f"{where}{_format_loc(loc)}: {msg}")
+    return lines
+
+
+def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read, merge environment overrides into, and validate a configuration file.
+
+    With no path, ``AINODE_CONFIG`` names the file; with neither, the embedded defaults apply.
+    Raises ConfigError listing every problem with its place in the file.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get("AINODE_CONFIG")
+    source = str(path) if path else "<defaults>"
+    data: Any = {}
+    root: yaml.Node | None = None
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(source, [f"{source}: cannot read: {err.strerror}"]) from None
+        try:
+            root = yaml.compose(text)
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            raise ConfigError(source, [f"{where}: not valid YAML: {getattr(err, 'problem', err)}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError(source, [f"{source}:1: the file must be a mapping of sections"])
+    data = _deep_merge(data, _env_overrides(environ))
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source, _messages(err, root, source)) from None
+
+
+def resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Relative storage/database/audit paths are taken relative to ``base`` (the config's folder)."""
+    s = settings.model_copy(deep=True)
+    if not s.storage.path.is_absolute():
+        s.storage.path = (base / s.storage.path).resolve()
+    if not s.audit.path.is_absolute():
+        s.audit.path = (base / s.audit.path).resolve()
+    m = re.match(r"^(sqlite(?:\+\w+)?:///)(?!/)(.+)$", s.database.url)
+    if m and m.group(2) != ":memory:":
+        s.database.url = m.group(1) + str((base / m.group(2)).resolve())
+    return s
+
+
+Match.model_rebuild()
+__all__ = [
+    "Settings", "NodeSettings", "StorageSettings", "DatabaseSettings", "BrokerSettings", "Peer",
+    "Destination", "Rule", "Match", "Condition", "Timers", "AnalysisSettings", "AnalysisRef",
+    "JobSettings", "APISettings", "AuditSettings", "TLSSettings", "CapabilityProfile",
+    "ConfigError", "load_settings", "resolve_paths", "MATCH_ATTRIBUTES",
+]

@@ -1,0 +1,1 @@
+"""store stage of the node (to be built; see ARCHITECTURE)."""

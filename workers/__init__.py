@@ -1,0 +1,1 @@
+"""ainode's analysis side: Celery app and tasks, imaging, models, result writers, training."""

@@ -1,0 +1,149 @@
+"""What an analysis returns, and the volume it is computed on: the contract between stages.
+
+``workers.imaging`` builds a ``Volume`` from stored instances; an analysis in
+``workers.registry`` turns it into ``Findings``; ``workers.results`` turns findings into DICOM.
+Arrays are indexed (k, j, i) = (slice/frame, row, column). ``affine`` maps the homogeneous index
+(i, j, k, 1) — column, row, slice — to patient coordinates in mm (DICOM LPS), so a mask voxel or
+a detection lands exactly on the source pixel it came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+Code = tuple[str, str, str]
+"""A coded concept: (CodeValue, CodingSchemeDesignator, CodeMeaning), e.g. ("10200004", "SCT", "Liver")."""
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    """The stored image (and frame, for multi-frame) that one slice of a volume came from."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: Path
+    frame_number: int | None = None  # 1-based, for multi-frame instances
+
+
+@dataclass
+class Volume:
+    """Pixels of one series with their exact geometry and provenance."""
+
+    pixels: np.ndarray  # (k, j, i) float32, in modality units (HU for CT) after rescale
+    affine: np.ndarray  # 4x4: (i, j, k, 1) -> patient LPS mm
+    sources: list[SourceFrame]  # one per k
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    # Time between frames for dynamic imaging (cine), seconds; None for still volumes.
+    frame_time_s: float | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing (k, j, i) in mm: slice step, row step, column step."""
+        cols = np.linalg.norm(self.affine[:3, :3], axis=0)  # |i|, |j|, |k| steps
+        return float(cols[2]), float(cols[1]), float(cols[0])
+
+    def index_to_patient(self, kji: np.ndarray) -> np.ndarray:
+        """(N, 3) voxel indices (k, j, i) to (N, 3) patient coordinates in mm."""
+        kji = np.atleast_2d(np.asarray(kji, dtype=float))
+        ijk1 = np.c_[kji[:, 2], kji[:, 1], kji[:, 0], np.ones(len(kji))]
+        return (ijk1 @ self.affine.T)[:, :3]
+
+    def patient_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        """(N, 3) patient coordinates in mm to fractional (k, j, i) voxel indices."""
+        xyz = np.atleast_2d(np.asarray(xyz, dtype=float))
+        ijk = (np.c_[xyz, np.ones(len(xyz))] @ np.linalg.inv(self.affine).T)[:, :3]
+        return ijk[:, ::-1]
+
+
+@dataclass
+class Segment:
+    """One labelled structure: a boolean mask over the volume, with its codes."""
+
+    label: str
+    mask: np.ndarray  # bool, same (k, j, i) shape as the volume
+    property_type: Code  # e.g. ("10200004", "SCT", "Liver")
+    property_category: Code = ("91723000", "SCT", "Anatomical structure")
+    anatomic_region: Code | None = None
+    tracking_id: str = ""  # stable across re-runs, e.g. "liver"
+
+
+@dataclass
+class Detection:
+    """A found lesion: centre and box in voxel indices and in patient mm, with a score."""
+
+    label: str
+    finding_type: Code  # e.g. ("4147007", "SCT", "Mass") or a nodule code
+    center_kji: tuple[float, float, float]
+    box_kji: tuple[tuple[float, float, float], tuple[float, float, float]]  # (min corner, max corner)
+    score: float
+    diameter_mm: float | None = None
+    finding_site: Code | None = None
+    tracking_id: str = ""
+
+
+@dataclass
+class Classification:
+    """A diagnosis-type output: the probability that a finding is present."""
+
+    label: str
+    finding: Code
+    probability: float
+    threshold: float = 0.5
+    finding_site: Code | None = None
+
+    @property
+    def present(self) -> bool:
+        return self.probability >= self.threshold
+
+
+@dataclass
+class Measurement:
+    """A number with a UCUM unit, optionally tied to a segment (e.g. organ volume)."""
+
+    name: Code  # e.g. ("118565006", "SCT", "Volume")
+    value: float
+    unit: Code  # e.g. ("cm3", "UCUM", "cubic centimeter")
+    segment_label: str | None = None
+    finding_site: Code | None = None
+    tracking_id: str = ""
+
+
+@dataclass
+class DerivedImage:
+    """A new image volume on the source geometry (e.g. a denoised series)."""
+
+    pixels: np.ndarray  # (k, j, i) in modality units, same geometry as the source volume
+    series_description: str
+    derivation_description: str
+    derivation_code: Code = ("113086", "DCM", "Image Processing")  # placeholder, writers refine
+
+
+@dataclass
+class Findings:
+    """Everything one analysis produced for one volume, plus what identifies the algorithm."""
+
+    analysis: str
+    algorithm_name: str
+    algorithm_version: str
+    model_sha256: str
+    volume: Volume
+    kind: Literal["segmentation", "classification", "detection", "reconstruction", "ejection_fraction"]
+    segments: list[Segment] = field(default_factory=list)
+    detections: list[Detection] = field(default_factory=list)
+    classifications: list[Classification] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)
+    derived: list[DerivedImage] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)  # load, preprocess, inference, postprocess
+
+    @property
+    def empty(self) -> bool:
+        """True when the analysis found nothing (results still say so explicitly)."""
+        return not (self.segments and any(s.mask.any() for s in self.segments)) and not self.detections \
+            and not any(c.present for c in self.classifications)

@@ -1,0 +1,1 @@
+"""imaging (to be built; see ARCHITECTURE)."""

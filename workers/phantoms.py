@@ -1,0 +1,1 @@
+"""phantoms (to be built; see ARCHITECTURE)."""

@@ -1,0 +1,1 @@
+"""registry (to be built; see ARCHITECTURE)."""

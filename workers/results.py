@@ -1,0 +1,1 @@
+"""results (to be built; see ARCHITECTURE)."""

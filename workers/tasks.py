@@ -1,0 +1,1 @@
+"""tasks (to be built; see ARCHITECTURE)."""

@@ -1,0 +1,1 @@
+"""training (to be built; see ARCHITECTURE)."""
