@@ -1,1 +1,425 @@
-"""router stage of the node (to be built; see ARCHITECTURE)."""
+"""Router: matches ready studies and series against the configured rules and creates their jobs.
+
+Facts about a study (modality, body part, descriptions, AE titles, counts...) come from the index;
+``ainode rules test`` builds the same facts from DICOM files, so what the command says is what the
+node does. A condition on a study holds when any of its series satisfies it; a series-level rule
+sees only that series. Rules reload on SIGHUP or when the configuration file changes; an invalid
+file keeps the rules in force and logs each error with its line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pydicom
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from node.db import engine_for, session_scope
+from node.index import Instance, Series, Study, utcnow
+from node.settings import MATCH_ATTRIBUTES, ConfigError, Condition, Match, Rule, Settings, load_settings
+
+log = logging.getLogger("ainode.router")
+
+Facts = dict[str, list[Any]]
+
+
+# --- facts -----------------------------------------------------------------------------------
+
+
+def age_in_years(age: str) -> float | None:
+    """DICOM AS ('045Y', '006M', '003W', '010D') as years; None when absent or malformed."""
+    m = re.fullmatch(r"\s*(\d{1,3})\s*([DWMY])\s*", age or "")
+    if not m:
+        return None
+    per_year = {"D": 365.25, "W": 52.1775, "M": 12.0, "Y": 1.0}[m.group(2)]
+    return round(int(m.group(1)) / per_year, 3)
+
+
+def _distinct(values: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if v not in (None, "") and v not in out:
+            out.append(v)
+    return out
+
+
+def study_facts(session: Session, study: Study, series: Series | None = None) -> Facts:
+    """What rules can test about a study (or one of its series), from the index."""
+    members = [series] if series is not None else list(session.scalars(select(Series).where(Series.study_pk == study.id)))
+    pks = [s.id for s in members]
+    sop_classes = session.scalars(select(Instance.sop_class_uid).where(Instance.series_pk.in_(pks)).distinct()).all()
+    count, frames = session.execute(
+        select(func.count(Instance.id), func.coalesce(func.sum(Instance.number_of_frames), 0))
+        .where(Instance.series_pk.in_(pks))).one()
+    return {
+        "calling_ae": _distinct([study.calling_ae]),
+        "called_ae": _distinct([study.called_ae]),
+        "modality": _distinct(s.modality for s in members),
+        "sop_class_uid": _distinct(sop_classes),
+        "body_part": _distinct(s.body_part for s in members),
+        "study_description": _distinct([study.description]),
+        "series_description": _distinct(s.description for s in members),
+        "station_name": _distinct(s.station_name for s in members),
+        "manufacturer": _distinct(s.manufacturer for s in members),
+        "patient_age": _distinct([age_in_years(study.patient_age)]),
+        "instances": [int(count)],
+        "frames": [int(frames)],
+        "slice_thickness": _distinct(s.slice_thickness for s in members),
+    }
+
+
+@dataclass
+class FileSeries:
+    """Headers of one series read from files, for `ainode rules test`."""
+
+    uid: str
+    headers: list[pydicom.Dataset] = field(default_factory=list)
+
+
+def _str(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return str(value).strip() if value is not None else ""
+
+
+def file_facts(series_list: list[FileSeries]) -> Facts:
+    """The same facts as study_facts, from DICOM headers (AE titles are unknown for files)."""
+    headers = [h for s in series_list for h in s.headers]
+    first = headers[0]
+
+    def each(keyword: str) -> list[Any]:
+        return _distinct(_str(s.headers[0], keyword) for s in series_list)
+
+    thickness = []
+    for s in series_list:
+        try:
+            thickness.append(float(s.headers[0].get("SliceThickness")))
+        except (TypeError, ValueError):
+            pass
+    frames = 0
+    for h in headers:
+        try:
+            frames += int(h.get("NumberOfFrames", 1) or 1)
+        except (TypeError, ValueError):
+            frames += 1
+    return {
+        "calling_ae": [], "called_ae": [],
+        "modality": each("Modality"),
+        "sop_class_uid": _distinct(_str(h, "SOPClassUID") for h in headers),
+        "body_part": each("BodyPartExamined"),
+        "study_description": _distinct([_str(first, "StudyDescription")]),
+        "series_description": each("SeriesDescription"),
+        "station_name": each("StationName"),
+        "manufacturer": each("Manufacturer"),
+        "patient_age": _distinct([age_in_years(_str(first, "PatientAge"))]),
+        "instances": [len(headers)],
+        "frames": [frames],
+        "slice_thickness": _distinct(thickness),
+    }
+
+
+# --- matching --------------------------------------------------------------------------------
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a).strip() == str(b).strip()
+
+
+def condition_holds(cond: Condition, value: Any) -> bool:
+    """Every test the condition sets holds for this one value."""
+    if cond.equals is not None and not _same(value, cond.equals):
+        return False
+    if cond.one_of is not None and not any(_same(value, option) for option in cond.one_of):
+        return False
+    if cond.regex is not None and not re.search(cond.regex, str(value)):
+        return False
+    if cond.min is not None or cond.max is not None:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return False
+        if cond.min is not None and number < cond.min:
+            return False
+        if cond.max is not None and number > cond.max:
+            return False
+    return True
+
+
+def describe(cond: Condition) -> str:
+    """The condition in words, for explanations."""
+    parts = []
+    if cond.equals is not None:
+        parts.append(f"equal to {cond.equals!r}")
+    if cond.one_of is not None:
+        parts.append(f"one of {cond.one_of!r}")
+    if cond.regex is not None:
+        parts.append(f"matching /{cond.regex}/")
+    if cond.min is not None and cond.max is not None:
+        parts.append(f"between {cond.min:g} and {cond.max:g}")
+    elif cond.min is not None:
+        parts.append(f"at least {cond.min:g}")
+    elif cond.max is not None:
+        parts.append(f"at most {cond.max:g}")
+    return " and ".join(parts) or "anything"
+
+
+def evaluate(match: Match, facts: Facts) -> tuple[bool, str]:
+    """Whether a match holds for these facts; when it does not, which condition failed on what value."""
+    for attr in MATCH_ATTRIBUTES:
+        cond = getattr(match, attr)
+        if cond is None:
+            continue
+        values = facts.get(attr, [])
+        if not any(condition_holds(cond, v) for v in values):
+            shown = ", ".join(repr(v) for v in values) if values else "no value"
+            return False, f"{attr}: {shown} is not {describe(cond)}"
+    for sub in match.all or []:
+        ok, why = evaluate(sub, facts)
+        if not ok:
+            return False, why
+    if match.any:
+        reasons = []
+        for sub in match.any:
+            ok, why = evaluate(sub, facts)
+            if ok:
+                break
+            reasons.append(why)
+        else:
+            return False, "none of any: " + "; ".join(reasons)
+    if match.not_ is not None:
+        ok, _ = evaluate(match.not_, facts)
+        if ok:
+            return False, "not: the excluded condition holds"
+    return True, ""
+
+
+# --- rules in force and reloading ------------------------------------------------------------
+
+
+class RuleBook:
+    """The rules in force, reloaded from the configuration file on SIGHUP or when it changes."""
+
+    def __init__(self, settings: Settings):
+        self.rules: list[Rule] = list(settings.rules)
+        self.path: Path | None = settings.source_path
+        self._mtime = self._stat()
+        self._requested = threading.Event()
+        self._lock = threading.Lock()
+
+    def _stat(self) -> float | None:
+        try:
+            return self.path.stat().st_mtime if self.path else None
+        except OSError:
+            return None
+
+    def request_reload(self) -> None:
+        """Ask for a reload at the next check (safe from a signal handler)."""
+        self._requested.set()
+
+    def check(self) -> bool:
+        """Reload when asked or when the file changed; True when new rules are in force."""
+        mtime = self._stat()
+        if not self._requested.is_set() and mtime == self._mtime:
+            return False
+        self._requested.clear()
+        self._mtime = mtime
+        if self.path is None:
+            return False
+        try:
+            fresh = load_settings(self.path)
+        except ConfigError as err:
+            for line in err.errors:
+                log.error("rules not reloaded: %s", line)
+            log.error("keeping the %d rules in force", len(self.rules))
+            return False
+        with self._lock:
+            self.rules = list(fresh.rules)
+        log.info("rules reloaded from %s: %d rules (%s)", self.path, len(self.rules),
+                 ", ".join(r.name for r in self.rules) or "none")
+        return True
+
+
+_books: dict[int, RuleBook] = {}
+
+
+def rule_book(settings: Settings) -> RuleBook:
+    """The rule book of this settings object (one per node process)."""
+    book = _books.get(id(settings))
+    if book is None:
+        book = _books[id(settings)] = RuleBook(settings)
+    return book
+
+
+def current_rules(settings: Settings) -> list[Rule]:
+    """The rules in force now (after any reload)."""
+    return rule_book(settings).rules
+
+
+def matching_rules(session: Session, settings: Settings, study: Study, series: Series | None = None,
+                   level: str | None = None) -> list[Rule]:
+    """Rules (of a level, or all) whose match holds for the study or series."""
+    facts = study_facts(session, study, series)
+    return [r for r in current_rules(settings) if (level is None or r.level == level) and evaluate(r.match, facts)[0]]
+
+
+# --- routing ---------------------------------------------------------------------------------
+
+
+def _input_uids(session: Session, study: Study, series: Series | None) -> list[str]:
+    query = select(Instance.sop_instance_uid).join(Series, Instance.series_pk == Series.id)
+    query = query.where(Series.id == series.id) if series is not None else query.where(Series.study_pk == study.id)
+    return list(session.scalars(query))
+
+
+def create_jobs(session: Session, settings: Settings, rule: Rule, study: Study, series: Series | None = None) -> list[int]:
+    """Queue the rule's analyses unless the same inputs were already handled; returns new job ids.
+
+    A job with the same key and other inputs (late arrivals) is superseded by the new one.
+    """
+    from node.jobs import FAILED, DEAD, Job, input_fingerprint, queue_job
+
+    uid = series.series_uid if series is not None else study.study_uid
+    fingerprint = input_fingerprint(_input_uids(session, study, series))
+    created = []
+    for analysis in rule.analyses:
+        key = f"{rule.name}/{analysis.name}/{rule.level}/{uid}"
+        previous = session.scalars(select(Job).where(Job.key == key).order_by(Job.id.desc()).limit(1)).first()
+        if previous is not None and previous.input_fingerprint == fingerprint:
+            if previous.state in (FAILED, DEAD):
+                log.info("job %s for rule %s already %s with these inputs; not repeated", previous.id, rule.name,
+                         previous.state)
+            continue
+        job = queue_job(session, settings, key=key, analysis=analysis.name, params=analysis.params, rule=rule.name,
+                        level=rule.level, priority=rule.priority, destinations=rule.destinations,
+                        study_pk=study.id, series_pk=series.id if series is not None else None,
+                        study_uid=study.study_uid, series_uid=series.series_uid if series is not None else "",
+                        fingerprint=fingerprint, supersedes=previous.id if previous is not None else None)
+        session.flush()
+        created.append(job.id)
+        log.info("study %s: rule %s queued job %s (%s, %s%s)", study.id, rule.name, job.id, analysis.name,
+                 rule.priority, f", supersedes job {previous.id}" if previous is not None else "")
+    return created
+
+
+def route_ready(settings: Settings) -> list[int]:
+    """Route every ready series (series-level rules) and study (study-level rules); publish the new jobs."""
+    from node.jobs import publish_job
+
+    new_jobs: list[int] = []
+    with session_scope(engine_for(settings.database.url)) as session:
+        rules = current_rules(settings)
+        for series in session.scalars(select(Series).where(Series.state == "ready")).all():
+            study = session.get(Study, series.study_pk)
+            facts = study_facts(session, study, series)
+            hits = [r for r in rules if r.level == "series" and evaluate(r.match, facts)[0]]
+            for rule in hits:
+                new_jobs += create_jobs(session, settings, rule, study, series)
+            series.state = "routed" if hits else "unrouted"
+        for study in session.scalars(select(Study).where(Study.state == "ready")).all():
+            facts = study_facts(session, study)
+            verdicts = [(r, *evaluate(r.match, facts)) for r in rules if r.level == "study"]
+            hits = [r for r, ok, _ in verdicts if ok]
+            for rule in hits:
+                new_jobs += create_jobs(session, settings, rule, study)
+            series_routed = session.scalar(select(func.count(Series.id)).where(
+                Series.study_pk == study.id, Series.state == "routed"))
+            if hits or series_routed:
+                study.state = "routed"
+            else:
+                study.state = "unrouted"
+                # The reason without patient data: the study's row id and each rule's failed condition.
+                reasons = "; ".join(f"{r.name}: {why}" for r, ok, why in verdicts) or "no study-level rules"
+                log.warning("study %s unrouted (kept %g h): %s", study.id, settings.storage.unrouted_retention_h, reasons)
+    for job_id in new_jobs:
+        publish_job(settings, job_id)
+    return new_jobs
+
+
+def _install_sighup(book: RuleBook) -> None:
+    try:
+        previous = signal.getsignal(signal.SIGHUP)
+
+        def on_hup(signum: int, frame: Any) -> None:
+            book.request_reload()
+            if callable(previous) and previous not in (signal.SIG_DFL, signal.SIG_IGN):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGHUP, on_hup)
+    except (ValueError, AttributeError):  # not the main thread, or no SIGHUP on this platform
+        log.info("SIGHUP reload not installed here; the file is watched instead")
+
+
+def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], None]]]:
+    """Rule reload watch (SIGHUP or file change), once a second."""
+    book = rule_book(settings)
+    _install_sighup(book)
+    return [("rules-reload", 1.0, book.check)]
+
+
+# --- ainode rules test -----------------------------------------------------------------------
+
+
+def _read_headers(paths: list[Path]) -> tuple[dict[str, dict[str, FileSeries]], int]:
+    studies: dict[str, dict[str, FileSeries]] = {}
+    skipped = 0
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+        except Exception:  # noqa: BLE001 - not DICOM, or no study/series: reported as skipped
+            skipped += 1
+            continue
+        series = studies.setdefault(study_uid, {}).setdefault(series_uid, FileSeries(series_uid))
+        series.headers.append(ds)
+    return studies, skipped
+
+
+def explain_rules(settings: Settings, paths: list[Path]) -> int:
+    """Print, per study (and series for series-level rules), which rules match and why others do not.
+
+    Returns 0 when DICOM data was found, 1 when none was.
+    """
+    studies, skipped = _read_headers(paths)
+    if skipped:
+        print(f"{skipped} file(s) skipped: not DICOM or without Study/Series Instance UID")
+    if not studies:
+        print("no DICOM data found")
+        return 1
+    if not settings.rules:
+        print("the configuration has no rules: every study would be unrouted")
+    for number, (study_uid, series_map) in enumerate(studies.items(), 1):
+        all_series = list(series_map.values())
+        facts = file_facts(all_series)
+        print(f"study {number}: {study_uid} ({len(all_series)} series, {facts['instances'][0]} instances, "
+              f"modality {', '.join(facts['modality']) or '-'})")
+        for rule in settings.rules:
+            if rule.level == "study":
+                _print_verdict(rule, *evaluate(rule.match, facts), indent="  ")
+            else:
+                print(f"  {rule.name} (series level):")
+                for s in all_series:
+                    label = f"series {s.uid} ({_str(s.headers[0], 'Modality') or '-'}, {len(s.headers)} instances)"
+                    _print_verdict(rule, *evaluate(rule.match, file_facts([s])), indent="    ", label=label)
+    return 0
+
+
+def _print_verdict(rule: Rule, ok: bool, why: str, indent: str, label: str | None = None) -> None:
+    name = label or rule.name
+    if ok:
+        analyses = ", ".join(a.name for a in rule.analyses)
+        print(f"{indent}{name}: MATCH -> {analyses} (priority {rule.priority}, "
+              f"destinations {', '.join(rule.destinations) or 'none'})")
+    else:
+        print(f"{indent}{name}: no match - {why}")

@@ -22,6 +22,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -380,6 +381,13 @@ class Settings(Section):
     jobs: JobSettings = JobSettings()
     api: APISettings = APISettings()
     audit: AuditSettings = AuditSettings()
+    # The file these settings came from (None for defaults): rules reload watches it.
+    _source_path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_path(self) -> Path | None:
+        """The configuration file these settings were read from, if any."""
+        return self._source_path
 
     @model_validator(mode="after")
     def _references_exist(self) -> "Settings":
@@ -524,9 +532,11 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
             raise ConfigError(source, [f"{source}:1: the file must be a mapping of sections"])
     data = _deep_merge(data, _env_overrides(environ))
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as err:
         raise ConfigError(source, _messages(err, root, source)) from None
+    settings._source_path = Path(path).resolve() if path else None
+    return settings
 
 
 def resolve_paths(settings: Settings, base: Path) -> Settings:

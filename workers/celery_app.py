@@ -1,1 +1,123 @@
-"""celery_app (to be built; see ARCHITECTURE)."""
+"""The Celery application, configured from the node's settings, and the ``ainode worker`` entry.
+
+Reliability settings for long GPU tasks that must be neither lost nor run twice:
+- acks_late + reject_on_worker_lost: a message is acknowledged only after the task ends, and a
+  worker killed mid-task puts it back on the queue;
+- prefetch multiplier 1: a worker holds no more messages than it is running;
+- broker visibility timeout longer than the longest hard time limit: Redis does not hand a slow
+  job to a second worker while the first still runs it;
+- gpu (analyses) and cpu (result delivery) queues; Redis priority steps so STAT comes first.
+The job row in the database stays the truth; messages carry the job id only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+from kombu import Queue
+
+from node.settings import Settings
+
+log = logging.getLogger("ainode.worker")
+
+app = Celery("ainode")
+app.conf.update(include=["workers.tasks"])
+
+# The settings this process runs with (set by configured_app / run_worker; inherited by forks).
+SETTINGS: Settings | None = None
+_configured_for: int | None = None
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery configuration derived from the node settings."""
+    from node.jobs import ANALYSIS_QUEUE, DELIVERY_QUEUE, PRIORITY_STEPS
+
+    longest_hard = max([a.time_limit_s for a in settings.analyses] + [900])
+    visibility = max(settings.broker.visibility_timeout_s, longest_hard + 60)
+    return {
+        "broker_url": settings.broker.url or "memory://",
+        "broker_transport_options": {
+            "visibility_timeout": visibility,
+            "queue_order_strategy": "priority",
+            "priority_steps": PRIORITY_STEPS,
+            "sep": ":",
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_queues": [Queue(ANALYSIS_QUEUE, routing_key=ANALYSIS_QUEUE),
+                        Queue(DELIVERY_QUEUE, routing_key=DELIVERY_QUEUE)],
+        "task_default_queue": ANALYSIS_QUEUE,
+        "task_default_priority": 3,
+        "task_routes": {"ainode.deliver": {"queue": DELIVERY_QUEUE}, "ainode.run_analysis": {"queue": ANALYSIS_QUEUE}},
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+def configured_app(settings: Settings) -> Celery:
+    """The Celery app configured for these settings (publisher side and worker side)."""
+    global SETTINGS, _configured_for
+    if _configured_for != id(settings):
+        app.conf.update(celery_config(settings))
+        SETTINGS, _configured_for = settings, id(settings)
+    return app
+
+
+def current_settings() -> Settings:
+    """The settings of this worker process (from run_worker, or $AINODE_CONFIG when started by celery)."""
+    global SETTINGS
+    if SETTINGS is None:
+        from pathlib import Path
+
+        from node.settings import load_settings, resolve_paths
+
+        path = os.environ.get("AINODE_CONFIG")
+        loaded = load_settings(path)
+        SETTINGS = resolve_paths(loaded, Path(path).resolve().parent if path else Path.cwd())
+    return SETTINGS
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    # A forked pool process must not share the parent's database connections.
+    from node.db import dispose_engines
+
+    dispose_engines()
+
+
+def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
+    """Run a Celery worker consuming the given queues until stopped; returns its exit code."""
+    if not settings.broker.url:
+        log.error("broker.url is empty: `ainode serve` runs jobs itself (embedded worker); "
+                  "set broker.url to run separate workers")
+        return 2
+    from node.db import init_db
+
+    init_db(settings.database.url)
+    configured_app(settings)
+    import workers.tasks  # noqa: F401 - registers the tasks
+
+    queues = [q.strip() for q in queues if q.strip()] or ["gpu", "cpu"]
+    argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(max(1, concurrency)),
+            "--pool", "prefork", "--loglevel", "INFO", "--hostname", f"ainode-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle"]
+    try:
+        app.worker_main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
