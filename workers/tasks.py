@@ -8,7 +8,8 @@ same objects instead of adding new ones.
 
 Two diagnostic analyses exist for tests and operations checks; they are not models:
 ``count-instances`` records how many instances the job's inputs hold, and ``sleep`` waits
-``params.seconds`` (optionally appending a line to ``params.record`` when it finishes).
+``params.seconds`` (optionally appending a line to ``params.record`` when it finishes); ``fail``
+always raises, to exercise retries and the dead state.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from workers.celery_app import app, current_settings
 
 log = logging.getLogger("ainode.tasks")
 
-DIAGNOSTIC_ANALYSES = ("count-instances", "sleep")
+DIAGNOSTIC_ANALYSES = ("count-instances", "sleep", "fail")
 
 
 class PermanentJobError(Exception):
@@ -186,6 +187,8 @@ def run_diagnostic(job: Job, inputs: list[tuple[str, str, Path]], attempt: int) 
     params = job.params_dict()
     if job.analysis == "count-instances":
         return {"instances": len(inputs), "series": len({s for s, _, _ in inputs})}
+    if job.analysis == "fail":
+        raise RuntimeError("diagnostic analysis 'fail' always fails")
     seconds = float(params.get("seconds", 1.0))
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
