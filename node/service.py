@@ -1,1 +1,254 @@
-"""service stage of the node (to be built; see ARCHITECTURE)."""
+"""The node process (`ainode serve`): receivers sharing the DICOM port, and every stage's work.
+
+The main process forks N receiver processes (``node.receivers``; 0 = one per core, at most 4),
+each binding the port with SO_REUSEPORT so the kernel spreads associations across them. The main
+process then runs each later stage's periodic tasks and services (see docs/architecture.md), and
+restarts a receiver that dies. SIGTERM: receivers stop accepting, finish their open associations
+and exit; then periodic work and services stop; exit status 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from node import store
+from node.db import dispose_engines, engine_for, init_db
+from node.settings import Settings
+
+log = logging.getLogger("ainode.service")
+
+STAGE_MODULES = ("node.assembler", "node.router", "node.jobs", "node.reconciler",
+                 "node.dispatcher", "node.api", "node.retention")
+_PR_SET_PDEATHSIG = 1
+_READY_TIMEOUT_S = 60.0
+
+
+def configure_logging() -> None:
+    """One log format for every process; pynetdicom kept quiet (no identifiers)."""
+    from node.receiver import quiet_pynetdicom
+
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    quiet_pynetdicom()
+
+
+def receiver_count(settings: Settings) -> int:
+    """How many receiver processes to run."""
+    return settings.node.receivers or max(1, min(4, os.cpu_count() or 1))
+
+
+def stage_hooks(name: str) -> list[Any]:
+    """The stage modules that define ``name`` (periodic_tasks, start_services...)."""
+    found = []
+    for module_name in STAGE_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                log.error("stage %s cannot be imported: %s", module_name, err)
+            continue
+        except ImportError as err:
+            log.error("stage %s cannot be imported: %s", module_name, err)
+            continue
+        hook = getattr(module, name, None)
+        if callable(hook):
+            found.append((module_name, hook))
+    return found
+
+
+def mpps_handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
+    """MPPS event handlers from node.mpps, when that stage provides them."""
+    try:
+        module = importlib.import_module("node.mpps")
+    except ImportError:
+        return []
+    hook = getattr(module, "handlers", None)
+    return list(hook(settings)) if callable(hook) else []
+
+
+# --- receiver processes ----------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    # A receiver must never outlive the node (kill -9 of `ainode serve` must free the port).
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pid: int) -> None:
+    """Body of one receiver process: serve until SIGTERM, then drain open associations."""
+    _die_with_parent()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    dispose_engines()  # connections are never shared across fork
+    from node.receiver import Receiver
+
+    receiver = Receiver(settings, engine_for(settings.database.url), slots, row, mpps_handlers(settings))
+    try:
+        server = receiver.start()
+    except OSError as err:
+        log.error("receiver %d cannot listen on %s:%d: %s", row, settings.node.host, settings.node.port, err.strerror)
+        os._exit(3)
+    ready.set()
+    stop.wait()
+    # Stop accepting; associations already open run to their end (peer release or timeouts).
+    server.shutdown()
+    _drain(server)
+    receiver.committer.stop()
+    dispose_engines()
+    logging.shutdown()
+    os._exit(0)
+
+
+def _drain(server: Any) -> None:
+    # Established (or negotiating) associations run to their end: peer release, or the DIMSE
+    # and network timeouts. A connection that has not asked for an association (a port probe,
+    # a stalled peer) has nothing to finish and is dropped when the process exits.
+    def busy(assoc: Any) -> bool:
+        if assoc.is_established:
+            return True
+        asked = assoc.requestor.primitive is not None
+        return asked and not (assoc.is_rejected or assoc.is_aborted or assoc.is_released)
+
+    while any(busy(a) for a in server.active_associations):
+        time.sleep(0.05)
+
+
+class ReceiverPool:
+    """The receiver processes, supervised from the main process."""
+
+    def __init__(self, settings: Settings):
+        from node.receiver import AssociationSlots
+
+        self.settings = settings
+        self.count = receiver_count(settings)
+        self._ctx = multiprocessing.get_context("fork")
+        self.slots = AssociationSlots.create(self._ctx, self.count, settings.peers)
+        self._procs: list[Any] = [None] * self.count
+
+    def _spawn(self, row: int) -> bool:
+        ready = self._ctx.Event()
+        proc = self._ctx.Process(target=run_receiver, name=f"receiver-{row}", daemon=False,
+                                 args=(self.settings, self.slots, row, ready, os.getpid()))
+        proc.start()
+        self._procs[row] = proc
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if ready.wait(0.05):
+                return True
+            if not proc.is_alive():
+                return False
+        return False
+
+    def start(self) -> bool:
+        """Start every receiver; False when one cannot listen (port taken, bad TLS files...)."""
+        for row in range(self.count):
+            if not self._spawn(row):
+                self.stop()
+                return False
+        log.info("%d receiver process(es) listening on %s:%d as %s", self.count,
+                 self.settings.node.host, self.settings.node.port, self.settings.node.ae_title)
+        return True
+
+    def supervise(self) -> None:
+        """Restart receivers that died (their association slots are freed first)."""
+        for row, proc in enumerate(self._procs):
+            if proc is not None and not proc.is_alive():
+                log.error("receiver %d exited with status %s; restarting it", row, proc.exitcode)
+                self.slots.clear_row(row)
+                self._spawn(row)
+
+    def stop(self) -> None:
+        """SIGTERM every receiver and wait until each has finished its associations."""
+        for proc in self._procs:
+            if proc is not None and proc.is_alive():
+                proc.terminate()
+        for proc in self._procs:
+            if proc is not None:
+                proc.join()
+
+
+# --- periodic work and services of the later stages ------------------------------------------
+
+
+def _run_periodic(name: str, interval: float, func: Callable[[], None], stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        try:
+            func()
+        except Exception as err:  # a failing task must not stop the node; it runs again later
+            log.error("periodic task %s failed: %s", name, type(err).__name__)
+
+
+def start_periodic(settings: Settings, stop: threading.Event) -> list[threading.Thread]:
+    """One thread per (name, interval, function) from every stage's ``periodic_tasks``."""
+    threads = []
+    for module_name, hook in stage_hooks("periodic_tasks"):
+        try:
+            tasks = hook(settings) or []
+        except Exception as err:
+            log.error("%s.periodic_tasks failed: %s", module_name, err)
+            continue
+        for name, interval, func in tasks:
+            t = threading.Thread(target=_run_periodic, args=(name, float(interval), func, stop),
+                                 name=f"periodic-{name}", daemon=True)
+            t.start()
+            threads.append(t)
+    return threads
+
+
+def start_stage_services(settings: Settings) -> list[Callable[[], None]]:
+    """Start every stage's long-running services; return their stop functions."""
+    stoppers: list[Callable[[], None]] = []
+    for module_name, hook in stage_hooks("start_services"):
+        try:
+            stoppers.extend(hook(settings) or [])
+        except Exception as err:
+            log.error("%s.start_services failed: %s", module_name, err)
+    return stoppers
+
+
+def serve(settings: Settings) -> int:
+    """Run the node until SIGTERM or SIGINT; 0 on a clean stop, non-zero when it cannot start."""
+    configure_logging()
+    init_db(settings.database.url)
+    store.prepare_root(settings.storage.path)
+    dispose_engines()  # the receivers fork next: no open connections may cross the fork
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    pool = ReceiverPool(settings)
+    if not pool.start():
+        return 3
+    threads = start_periodic(settings, stop)
+    stoppers = start_stage_services(settings)
+    while not stop.wait(0.5):
+        pool.supervise()
+    log.info("stopping: receivers finish their open associations")
+    pool.stop()
+    for stopper in stoppers:
+        try:
+            stopper()
+        except Exception as err:
+            log.error("stopping a service failed: %s", type(err).__name__)
+    for t in threads:
+        t.join(timeout=5)
+    dispose_engines()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,154 @@
+"""C-ECHO and C-STORE as a service user, so hospital IT can test links (`ainode echo`/`send`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom import uid as dcm_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+log = logging.getLogger("ainode.scu")
+_MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
+
+
+@dataclass(frozen=True)
+class Target:
+    """A remote AE: title, host, port."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+def parse_target(text: str) -> Target:
+    """``AE@HOST:PORT`` -> Target; ValueError with a readable message otherwise."""
+    m = re.fullmatch(r"([^@]{1,16})@(\[[^\]]+\]|[^:@]+):(\d{1,5})", text.strip())
+    if not m or not 1 <= int(m.group(3)) <= 65535:
+        raise ValueError(f"target must be AE@HOST:PORT, got {text!r}")
+    return Target(m.group(1), m.group(2).strip("[]"), int(m.group(3)))
+
+
+def _quiet() -> None:
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+
+
+def echo(target: str, calling_ae: str) -> int:
+    """C-ECHO the target; print the outcome; 0 on Success."""
+    _quiet()
+    try:
+        t = parse_target(target)
+    except ValueError as err:
+        console.print(str(err), style="red")
+        return 2
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(t.host, t.port, ae_title=t.ae_title)
+    if not assoc.is_established:
+        console.print(f"association with {t.ae_title} at {t.host}:{t.port} failed "
+                      f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})", style="red")
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = getattr(status, "Status", None)
+    if code == 0x0000:
+        console.print(f"C-ECHO {t.ae_title} at {t.host}:{t.port}: Success", style="green")
+        return 0
+    console.print(f"C-ECHO {t.ae_title}: status {code if code is None else hex(code)}", style="red")
+    return 1
+
+
+def dicom_files(paths: Iterable[Path]) -> list[Path]:
+    """Files under the given files and folders (recursively), in a stable order."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+def _file_contexts(files: list[Path]) -> tuple[list[tuple[Path, str, str]], list[Path]]:
+    # (path, SOP Class, transfer syntax) of each readable DICOM file, and the ones that are not.
+    good, bad = [], []
+    for path in files:
+        try:
+            meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+            good.append((path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+        except (InvalidDicomError, AttributeError, OSError, ValueError):
+            bad.append(path)
+    return good, bad
+
+
+def send(target: str, paths: list[Path], calling_ae: str) -> int:
+    """C-STORE the DICOM files under ``paths`` to the target with a progress bar; 0 if all stored.
+
+    Files are sent as they are on disk (no transcoding): each (SOP Class, transfer syntax) pair
+    gets its own presentation context.
+    """
+    _quiet()
+    _config.STORE_SEND_CHUNKED_DATASET = True  # stream from disk: large files stay out of memory
+    try:
+        t = parse_target(target)
+    except ValueError as err:
+        console.print(str(err), style="red")
+        return 2
+    items, unreadable = _file_contexts(dicom_files(paths))
+    for path in unreadable:
+        console.print(f"skipped (not DICOM): {path}", style="yellow")
+    if not items:
+        console.print("no DICOM files to send", style="red")
+        return 1
+    pairs = sorted({(c, ts) for _, c, ts in items})
+    failed = 0
+    with Progress(TextColumn("C-STORE"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console) as progress:
+        task = progress.add_task("send", total=len(items))
+        for start in range(0, len(pairs), _MAX_CONTEXTS):
+            chunk = set(pairs[start:start + _MAX_CONTEXTS])
+            batch = [it for it in items if (it[1], it[2]) in chunk]
+            failed += _send_batch(t, calling_ae, chunk, batch, progress, task)
+    sent = len(items) - failed
+    console.print(f"{sent} of {len(items)} instance(s) stored at {t.ae_title}",
+                  style="green" if not failed else "red")
+    return 0 if failed == 0 and not unreadable else 1
+
+
+def _send_batch(t: Target, calling_ae: str, pairs: set[tuple[str, str]],
+                batch: list[tuple[Path, str, str]], progress: Progress, task: int) -> int:
+    ae = AE(ae_title=calling_ae)
+    for sop_class, ts in sorted(pairs):
+        ae.add_requested_context(sop_class, [dcm_uid.UID(ts)])
+    assoc = ae.associate(t.host, t.port, ae_title=t.ae_title)
+    if not assoc.is_established:
+        console.print(f"association with {t.ae_title} at {t.host}:{t.port} failed", style="red")
+        progress.advance(task, len(batch))
+        return len(batch)
+    failed = 0
+    try:
+        for path, _, _ in batch:
+            if not assoc.is_established:
+                failed += 1
+                continue
+            status = assoc.send_c_store(path)
+            code = getattr(status, "Status", None)
+            if code is None or not (code == 0x0000 or 0xB000 <= code <= 0xBFFF):
+                failed += 1
+                console.print(f"failed: {path.name}: status {code if code is None else hex(code)}", style="red")
+            progress.advance(task)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return failed
