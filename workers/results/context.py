@@ -1,0 +1,103 @@
+"""What a result writer needs besides the findings: the job, where to write, what to write.
+
+``ResultContext`` is filled by the job runner (workers/tasks.py). The choice of object kinds
+follows the destinations' capability profiles (``settings.CapabilityProfile``): a PACS that cannot
+show SEG gets GSPS outlines, one that asks for it gets a burned-in secondary capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+from pydicom.uid import generate_uid
+
+from node.settings import CapabilityProfile
+
+ResultKind = Literal["seg", "sr", "kos", "gsps", "sc", "derived"]
+ALL_KINDS: tuple[ResultKind, ...] = ("seg", "sr", "kos", "gsps", "sc", "derived")
+
+MANUFACTURER = "ainode"
+DEVICE_SERIAL = "ainode"
+SOFTWARE_VERSION = "0.1.0"
+
+# Result series numbers: far above what modalities use, one block per kind so a re-run lands in
+# the same series (the series UID is deterministic too).
+SERIES_NUMBERS: dict[str, int] = {"seg": 9001, "sr": 9002, "kos": 9003, "gsps": 9004, "sc": 9005,
+                                  "derived": 9010}
+
+
+def wanted_kinds(capabilities: CapabilityProfile) -> set[ResultKind]:
+    """The result kinds one destination should receive, given what it can display.
+
+    SEG, SR, KOS and derived series go where they are supported. GSPS outlines are a fallback
+    for a destination that cannot show SEG; the secondary capture overlay is sent only where the
+    profile asks for it (it duplicates pixels, so it is opt-in).
+    """
+    kinds: set[ResultKind] = set()
+    if capabilities.seg:
+        kinds.add("seg")
+    if capabilities.sr:
+        kinds.add("sr")
+    if capabilities.kos:
+        kinds.add("kos")
+    if capabilities.gsps and not capabilities.seg:
+        kinds.add("gsps")
+    if capabilities.secondary_capture:
+        kinds.add("sc")
+    if capabilities.derived_series:
+        kinds.add("derived")
+    return kinds
+
+
+def kinds_for_destinations(profiles: Iterable[CapabilityProfile]) -> set[ResultKind]:
+    """Union of the wanted kinds: what must be written so every destination gets its share."""
+    kinds: set[ResultKind] = set()
+    for profile in profiles:
+        kinds |= wanted_kinds(profile)
+    return kinds
+
+
+@dataclass
+class ResultContext:
+    """Everything about one job that the result writers need besides the findings.
+
+    ``job_key`` names the job stably (e.g. "<study uid>/<rule>/<analysis>"): together with the
+    input instance UIDs and the model version it determines every output UID, so writing the
+    same job twice gives byte-identical identities and a re-delivery is idempotent at the PACS.
+    """
+
+    job_key: str
+    output_dir: Path
+    destinations: list[CapabilityProfile] = field(default_factory=lambda: [CapabilityProfile()])
+    segmentation_type: Literal["BINARY", "LABELMAP", "FRACTIONAL"] = "BINARY"
+    # None: copied from the source images (IHE AIR: the order's identifiers travel with results).
+    accession_number: str | None = None
+    requested_procedure_description: str | None = None
+    requested_procedure_id: str | None = None
+    institution_name: str | None = None
+    manufacturer: str = MANUFACTURER
+    software_version: str = SOFTWARE_VERSION
+    device_serial_number: str = DEVICE_SERIAL
+
+    @property
+    def kinds(self) -> set[ResultKind]:
+        """The object kinds to write for this job's destinations."""
+        return kinds_for_destinations(self.destinations)
+
+
+def derived_uid(*parts: object) -> str:
+    """A UID under 2.25 derived from the given parts (same parts, same UID)."""
+    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+
+
+class UIDFactory:
+    """Deterministic output UIDs for one job: (job key, input instance UIDs, model version)."""
+
+    def __init__(self, job_key: str, input_uids: Iterable[str], model_version: str):
+        self._seed = (job_key, "|".join(sorted(input_uids)), model_version)
+
+    def uid(self, *role: object) -> str:
+        """The UID of one output (series, instance...) named by its role, e.g. ("seg", "sop")."""
+        return derived_uid(*self._seed, *role)

@@ -1,0 +1,153 @@
+"""The source images behind a volume, and the attributes every result object copies from them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from workers.findings import Findings, SourceFrame
+from workers.results.context import ResultContext
+
+
+@dataclass
+class SourceImages:
+    """The stored instances one volume was built from, read once and shared by the writers."""
+
+    frames: list[SourceFrame]
+
+    @cached_property
+    def headers(self) -> list[Dataset]:
+        """One header (no pixel data) per distinct instance, in first-use order."""
+        seen: dict[str, Dataset] = {}
+        for frame in self.frames:
+            if frame.sop_instance_uid not in seen:
+                seen[frame.sop_instance_uid] = pydicom.dcmread(frame.path, stop_before_pixels=True)
+        return list(seen.values())
+
+    @cached_property
+    def by_uid(self) -> dict[str, Dataset]:
+        """Header per SOP Instance UID."""
+        return {ds.SOPInstanceUID: ds for ds in self.headers}
+
+    def header_of_slice(self, k: int) -> Dataset:
+        """The header of the instance slice k came from."""
+        return self.by_uid[self.frames[k].sop_instance_uid]
+
+    def full_dataset(self, k: int) -> Dataset:
+        """Slice k's instance with pixel data (for overlays and derived images)."""
+        return pydicom.dcmread(self.frames[k].path)
+
+    @property
+    def first(self) -> Dataset:
+        return self.headers[0]
+
+    @property
+    def multiframe(self) -> bool:
+        """True when the volume's slices are frames of one multi-frame instance."""
+        return self.frames[0].frame_number is not None
+
+
+def slices_with(mask: np.ndarray) -> list[int]:
+    """Indices k of the slices where a (k, j, i) mask has any voxel set."""
+    return [int(k) for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))]
+
+
+def contributing_equipment(findings: Findings, ctx: ResultContext) -> list[hd.ContributingEquipment]:
+    """IHE AIR: the algorithm that made the object, as Contributing Equipment."""
+    return [hd.ContributingEquipment(
+        manufacturer=ctx.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=findings.algorithm_name[:64],
+        software_versions=findings.algorithm_version[:64],
+        device_serial_number=ctx.device_serial_number,
+        contribution_description=f"{findings.analysis} (model sha256 {findings.model_sha256[:16]})"[:64],
+    )]
+
+
+def algorithm_identification(findings: Findings) -> hd.AlgorithmIdentificationSequence:
+    """Algorithm Identification for SEG: family artificial intelligence, name and version."""
+    return hd.AlgorithmIdentificationSequence(
+        name=findings.algorithm_name[:64], family=codes.DCM.ArtificialIntelligence,
+        version=findings.algorithm_version[:64], source=findings.analysis[:64])
+
+
+def accession_number(source: Dataset, ctx: ResultContext) -> str:
+    """The order's accession number: the context's, else the source's (empty when unknown)."""
+    if ctx.accession_number is not None:
+        return ctx.accession_number
+    return str(source.get("AccessionNumber", "") or "")
+
+
+def requested_procedure_description(source: Dataset, ctx: ResultContext) -> str:
+    if ctx.requested_procedure_description is not None:
+        return ctx.requested_procedure_description
+    for item in source.get("RequestAttributesSequence", []):
+        if item.get("RequestedProcedureDescription"):
+            return str(item.RequestedProcedureDescription)
+    return str(source.get("RequestedProcedureDescription", "") or source.get("StudyDescription", "") or "")
+
+
+def referenced_request(source: Dataset, ctx: ResultContext) -> Dataset:
+    """One Referenced Request Sequence item (SR Document General): the order behind the study."""
+    item = Dataset()
+    item.StudyInstanceUID = source.StudyInstanceUID
+    item.AccessionNumber = accession_number(source, ctx)
+    item.PlacerOrderNumberImagingServiceRequest = ""
+    item.FillerOrderNumberImagingServiceRequest = ""
+    requested_id = ctx.requested_procedure_id
+    if requested_id is None:
+        attrs = source.get("RequestAttributesSequence", [])
+        requested_id = str(attrs[0].get("RequestedProcedureID", "")) if attrs else ""
+    item.RequestedProcedureID = requested_id or ""
+    item.RequestedProcedureDescription = requested_procedure_description(source, ctx)[:64]
+    item.RequestedProcedureCodeSequence = []
+    item.ReferencedStudySequence = []
+    return item
+
+
+def finish_common(ds: Dataset, source: Dataset, findings: Findings, ctx: ResultContext,
+                  series_description: str) -> Dataset:
+    """Attributes every result object shares: order identifiers, description, algorithm.
+
+    highdicom copies patient and study attributes from the source; here the order's accession
+    number (possibly given by the job) and a description a radiologist recognises are set.
+    """
+    ds.AccessionNumber = accession_number(source, ctx)
+    ds.SeriesDescription = series_description[:64]
+    if ctx.institution_name:
+        ds.InstitutionName = ctx.institution_name
+    # Type 2 attributes the source may lack must still be present (empty) in our objects.
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                    "StudyTime", "ReferringPhysicianName", "StudyID"):
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
+def add_laterality(ds: Dataset, source: Dataset) -> Dataset:
+    """General Series Laterality (Type 2C): copied, or present and empty when the source lacks it.
+
+    The condition depends on the body part; without knowing it, an empty value is always valid.
+    """
+    ds.Laterality = source.get("Laterality", "") or ""
+    return ds
+
+
+def write(ds: Dataset, folder: Path, name: str) -> Path:
+    """Write a dataset atomically (tmp + rename) so no half-written file is ever picked up."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.dcm"
+    tmp = folder / f".{name}.dcm.tmp"
+    ds.save_as(tmp, enforce_file_format=True)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    return path

@@ -1,0 +1,210 @@
+"""Findings and measurements as a Comprehensive 3D SR following TID 1500 (Measurement Report)."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import (AlgorithmIdentification, DeviceObserverIdentifyingAttributes, FindingSite,
+                          ImageRegion, Measurement, MeasurementReport,
+                          MeasurementsAndQualitativeEvaluations, ObservationContext, ObserverContext,
+                          PlanarROIMeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
+                          ReferencedSegment, SourceImageForRegion, TrackingIdentifier,
+                          VolumetricROIMeasurementsAndQualitativeEvaluations)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from workers.findings import Classification, Code, Detection, Findings, Segment
+from workers.results.context import SERIES_NUMBERS, ResultContext, UIDFactory, derived_uid
+from workers.results.seg import coded, present_segments, tracking_uid
+from workers.results.sources import SourceImages, contributing_equipment, finish_common, referenced_request
+
+PRESENT = hd.sr.CodedConcept("52101004", "SCT", "Present")
+ABSENT = hd.sr.CodedConcept("272519000", "SCT", "Absent")
+FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
+NO_FINDING = hd.sr.CodedConcept("373572006", "SCT", "Clinical finding absent")
+PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
+DIAMETER = hd.sr.CodedConcept("81827009", "SCT", "Diameter")
+NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
+MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
+# Procedure reported must come from CID 100 (Quantitative Diagnostic Imaging Procedures).
+PROCEDURES = {"CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
+              "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
+              "CR": hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region"),
+              "DX": hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region"),
+              "NM": hd.sr.CodedConcept("49118-3", "LN", "NM unspecified body region"),
+              "PT": hd.sr.CodedConcept("44136-0", "LN", "PET unspecified body region")}
+IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+def algorithm_id(findings: Findings) -> AlgorithmIdentification:
+    """TID 4019 algorithm identification, repeated in every measurement group."""
+    return AlgorithmIdentification(name=findings.algorithm_name[:64], version=findings.algorithm_version[:64])
+
+
+def tracking(findings: Findings, tracking_id: str) -> TrackingIdentifier:
+    """Tracking identifier and UID of one finding (the same UID on every re-run)."""
+    return TrackingIdentifier(uid=tracking_uid(findings, tracking_id), identifier=tracking_id[:64])
+
+
+def sites(code: Code | None) -> list[FindingSite] | None:
+    return [FindingSite(anatomic_location=coded(code))] if code else None
+
+
+def _measurements_of(findings: Findings, segment_label: str | None) -> list[Measurement]:
+    return [Measurement(name=coded(m.name), value=float(m.value), unit=coded(m.unit),
+                        algorithm_id=algorithm_id(findings), finding_sites=sites(m.finding_site))
+            for m in findings.measurements if m.segment_label == segment_label]
+
+
+def volume_group(findings: Findings, number: int, segment: Segment, seg: Dataset,
+                 sources: SourceImages) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411: one segmented structure, referencing its SEG segment, with its measurements."""
+    referenced = ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
+        source_series=hd.sr.SourceSeriesForSegmentation(findings.volume.series_instance_uid))
+    group = VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking(findings, segment.tracking_id or segment.label),
+        referenced_segment=referenced,
+        finding_type=coded(segment.property_type),
+        algorithm_id=algorithm_id(findings),
+        finding_sites=sites(segment.anatomic_region),
+        measurements=_measurements_of(findings, segment.label) or None,
+        qualitative_evaluations=[QualitativeEvaluation(coded(segment.property_type), PRESENT)],
+    )
+    return in_template_order(group)
+
+
+# TID 1411 rows 7-8: the referenced segment and its source series come right after the tracking
+# identifiers (rows 2-3) and before the finding (row 13); highdicom appends them last.
+SEGMENT_REFERENCE_CODES = {"121191", "121232"}
+TRACKING_CODES = {"112039", "112040"}
+
+
+def in_template_order(group):  # type: ignore[no-untyped-def]
+    """Move the segment reference items of a TID 1411 group to their place in the template."""
+    items = list(group[0].ContentSequence)
+    moved = [it for it in items if it.ConceptNameCodeSequence[0].CodeValue in SEGMENT_REFERENCE_CODES]
+    rest = [it for it in items if it.ConceptNameCodeSequence[0].CodeValue not in SEGMENT_REFERENCE_CODES]
+    last_tracking = max(n for n, it in enumerate(rest) if it.ConceptNameCodeSequence[0].CodeValue in TRACKING_CODES)
+    group[0].ContentSequence = rest[:last_tracking + 1] + moved + rest[last_tracking + 1:]
+    return group
+
+
+def absent_structure_group(findings: Findings, segment: Segment) -> MeasurementsAndQualitativeEvaluations:
+    """A structure the model looked for and did not find: said explicitly, not left out."""
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking(findings, segment.tracking_id or segment.label),
+        finding_type=coded(segment.property_type), algorithm_id=algorithm_id(findings),
+        finding_sites=sites(segment.anatomic_region),
+        qualitative_evaluations=[QualitativeEvaluation(coded(segment.property_type), ABSENT)])
+
+
+def detection_region(findings: Findings, det: Detection, sources: SourceImages) -> ImageRegion:
+    """TID 1410: the detection on its centre slice, a closed box polyline (or a point)."""
+    k = int(round(det.center_kji[0]))
+    k = min(max(k, 0), len(sources.frames) - 1)
+    frame = sources.frames[k]
+    image = SourceImageForRegion(frame.sop_class_uid, frame.sop_instance_uid,
+                                 [frame.frame_number] if frame.frame_number else None)
+    (_, j0, i0), (_, j1, i1) = det.box_kji
+    if j1 > j0 and i1 > i0:
+        # Image coordinates are (column, row); +0.5 puts voxel centres on pixel centres.
+        corners = np.array([[i0, j0], [i1, j0], [i1, j1], [i0, j1], [i0, j0]], dtype=float) + 0.5
+        return ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=corners, source_image=image)
+    point = np.array([[det.center_kji[2] + 0.5, det.center_kji[1] + 0.5]])
+    return ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=point, source_image=image)
+
+
+def detection_group(findings: Findings, index: int, det: Detection,
+                    sources: SourceImages) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    measurements = [Measurement(name=PROBABILITY, value=float(det.score), unit=NO_UNITS,
+                                algorithm_id=algorithm_id(findings))]
+    if det.diameter_mm is not None:
+        measurements.append(Measurement(name=DIAMETER, value=float(det.diameter_mm), unit=MILLIMETER,
+                                        algorithm_id=algorithm_id(findings)))
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking(findings, det.tracking_id or f"{det.label}-{index}"),
+        referenced_region=detection_region(findings, det, sources),
+        finding_type=coded(det.finding_type), algorithm_id=algorithm_id(findings),
+        finding_sites=sites(det.finding_site), measurements=measurements,
+        qualitative_evaluations=[QualitativeEvaluation(coded(det.finding_type), PRESENT)])
+
+
+def classification_group(findings: Findings, c: Classification) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501: the finding present or absent by the threshold, with its probability."""
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking(findings, c.label),
+        finding_type=coded(c.finding), algorithm_id=algorithm_id(findings),
+        finding_sites=sites(c.finding_site),
+        measurements=[Measurement(name=PROBABILITY, value=float(c.probability), unit=NO_UNITS,
+                                  algorithm_id=algorithm_id(findings))],
+        qualitative_evaluations=[QualitativeEvaluation(coded(c.finding), PRESENT if c.present else ABSENT)])
+
+
+def no_finding_group(findings: Findings) -> MeasurementsAndQualitativeEvaluations:
+    """The explicit statement that the analysis found nothing."""
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking(findings, "no-finding"), algorithm_id=algorithm_id(findings),
+        qualitative_evaluations=[QualitativeEvaluation(FINDING, NO_FINDING)])
+
+
+def loose_measurements_group(findings: Findings) -> MeasurementsAndQualitativeEvaluations | None:
+    """Measurements tied to no segment (e.g. an ejection fraction) in one group."""
+    measurements = _measurements_of(findings, None)
+    if not measurements:
+        return None
+    tracking_id = next((m.tracking_id for m in findings.measurements if m.segment_label is None and m.tracking_id),
+                       f"{findings.analysis}-measurements")
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking(findings, tracking_id), algorithm_id=algorithm_id(findings),
+        measurements=measurements)
+
+
+def observation_context(findings: Findings, ctx: ResultContext) -> ObservationContext:
+    """TID 1002 device observer: the algorithm, identified by a UID stable per model version."""
+    device = DeviceObserverIdentifyingAttributes(
+        uid=derived_uid("device", findings.algorithm_name, findings.algorithm_version),
+        name=findings.algorithm_name[:64], manufacturer_name=ctx.manufacturer,
+        model_name=findings.algorithm_name[:64], serial_number=ctx.device_serial_number)
+    return ObservationContext(observer_device_context=ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+
+
+def measurement_groups(findings: Findings, seg: Dataset | None, sources: SourceImages) -> list:
+    groups: list = []
+    for segment in findings.segments:
+        if not segment.mask.any():
+            groups.append(absent_structure_group(findings, segment))
+    present = present_segments(findings)
+    for number, segment in enumerate(present, 1):
+        groups.append(volume_group(findings, number, segment, seg, sources))
+    groups += [detection_group(findings, n, d, sources) for n, d in enumerate(findings.detections, 1)]
+    groups += [classification_group(findings, c) for c in findings.classifications]
+    loose = loose_measurements_group(findings)
+    if loose is not None:
+        groups.append(loose)
+    if findings.empty:
+        groups.append(no_finding_group(findings))
+    return groups
+
+
+def write_sr(findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory,
+             seg: Dataset | None) -> Dataset:
+    """The TID 1500 measurement report of the findings (always written, also when empty)."""
+    report = MeasurementReport(
+        observation_context=observation_context(findings, ctx),
+        procedure_reported=PROCEDURES.get(findings.volume.modality, IMAGING_PROCEDURE),
+        imaging_measurements=measurement_groups(findings, seg, sources),
+        referenced_images=sources.headers,
+    )
+    evidence = list(sources.headers) + ([seg] if seg is not None else [])
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=report,
+        series_instance_uid=uids.uid("sr", "series"), series_number=SERIES_NUMBERS["sr"],
+        sop_instance_uid=uids.uid("sr", "sop"), instance_number=1,
+        manufacturer=ctx.manufacturer, is_complete=True, is_verified=False, is_final=False,
+        institution_name=ctx.institution_name,
+        requested_procedures=[referenced_request(sources.first, ctx)],
+        contributing_equipment=contributing_equipment(findings, ctx),
+    )
+    return finish_common(sr, sources.first, findings, ctx, f"AI {findings.analysis} report")
