@@ -7,11 +7,11 @@ show SEG gets GSPS outlines, one that asks for it gets a burned-in secondary cap
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
-from pydicom.uid import generate_uid
 
 from node.settings import CapabilityProfile
 
@@ -87,9 +87,14 @@ class ResultContext:
         return kinds_for_destinations(self.destinations)
 
 
+# Namespace of ainode's name-based UUIDs (a fixed random UUID; never change it).
+UID_NAMESPACE = uuid.UUID("6f0b7c58-2f4e-4b7a-9a51-3d0c2b9e8a11")
+
+
 def derived_uid(*parts: object) -> str:
-    """A UID under 2.25 derived from the given parts (same parts, same UID)."""
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A UID under 2.25 (PS3.5 B.2) from a name-based UUID of the parts: same parts, same UID."""
+    name = "\x1f".join(str(p) for p in parts)
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"
 
 
 class UIDFactory:
