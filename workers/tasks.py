@@ -208,7 +208,9 @@ def run_model_job(settings: Settings, job: Job, inputs: list[tuple[str, str, Pat
     """The real path: load the series as a volume, run the analysis, write DICOM results."""
     from workers.imaging import load_series
     from workers.registry import run_analysis as run_registered
+    from node.settings import CapabilityProfile
     from workers.results import write_results
+    from workers.results.context import ResultContext
 
     if not inputs:
         raise PermanentJobError("the job's input instances are no longer in the index")
@@ -222,14 +224,10 @@ def run_model_job(settings: Settings, job: Job, inputs: list[tuple[str, str, Pat
     series_uid, members = max(by_series.items(), key=lambda item: len(item[1]))
     volume = load_series([p for _, p in members])
     findings = run_registered(job.analysis, volume, job.params_dict())
-    context = {
-        "job_id": job.id, "job_key": job.key, "analysis": job.analysis, "params": job.params_dict(),
-        "study_uid": job.study_uid, "series_uid": series_uid,
-        "source_paths": [p for _, p in members], "input_uids": [u for u, _ in members],
-        "supersedes_job_id": job.supersedes_job_id, "storage_path": Path(settings.storage.path),
-        "output_dir": Path(settings.storage.path) / "results" / f"job-{job.id}",
-        "destinations": job.destination_names(),
-    }
+    context = ResultContext(
+        job_key=job.key, output_dir=Path(settings.storage.path) / "results" / f"job-{job.id}",
+        destinations=[settings.destination(n).capabilities for n in job.destination_names()
+                      if any(d.name == n for d in settings.destinations)] or [CapabilityProfile()])
     outputs = list(write_results(findings, context))
     return outputs, {"outputs": [str(p) for p in outputs], "series_uid": series_uid}
 
@@ -283,7 +281,7 @@ def _succeed(settings: Settings, job: Job, attempt: int, me: str, outputs: list[
         if outputs and job.destination_names():
             from node.dispatcher import enqueue_results
 
-            delivery_ids = list(enqueue_results(session, job.id, outputs, job.destination_names()) or [])
+            delivery_ids = list(enqueue_results(session, job.id, outputs, job.destination_names(), settings=settings) or [])
         _mark_study_done(session, job.id)
     log.info("job %s succeeded (%d result objects)", job.id, len(outputs))
     from node.jobs import publish_delivery
@@ -320,7 +318,7 @@ def deliver(delivery_id: int) -> Any:
     """Send one result delivery (the dispatcher's outbox row decides what and where)."""
     from node.dispatcher import deliver as dispatch
 
-    return dispatch(int(delivery_id))
+    return dispatch(int(delivery_id), current_settings())
 
 
 # --- embedded worker child -------------------------------------------------------------------
