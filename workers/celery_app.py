@@ -100,15 +100,32 @@ def _fresh_connections(**_: Any) -> None:
     dispose_engines()
 
 
+def _init_db_beside_node(url: str) -> None:
+    # The node may be creating the same tables this instant (both start together); SQLite then
+    # reports "table already exists" to the slower one: trying again sees the finished schema.
+    import time
+
+    from sqlalchemy.exc import OperationalError
+
+    from node.db import init_db
+
+    for attempt in range(5):
+        try:
+            init_db(url)
+            return
+        except OperationalError:
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
+
+
 def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     """Run a Celery worker consuming the given queues until stopped; returns its exit code."""
     if not settings.broker.url:
         log.error("broker.url is empty: `ainode serve` runs jobs itself (embedded worker); "
                   "set broker.url to run separate workers")
         return 2
-    from node.db import init_db
-
-    init_db(settings.database.url)
+    _init_db_beside_node(settings.database.url)
     configured_app(settings)
     import workers.tasks  # noqa: F401 - registers the tasks
 

@@ -1,0 +1,140 @@
+"""The node as deployed: `ainode serve` receiving from DCMTK storescu / pynetdicom (MPPS), a real
+Redis and `ainode worker`, and kill -9 of the node between the last acknowledgement and job creation."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, ModalityPerformedProcedureStep
+from sqlalchemy import create_engine, text
+
+from tests.helpers import NodeProcess, wait_for
+from tests.jobs.conftest import Worker
+
+pytestmark = pytest.mark.slow
+
+RULES = [{"name": "ct-count", "match": {"modality": "CT"}, "analyses": ["count-instances"]}]
+
+
+def make_ct_study(folder: Path, n: int = 5) -> list[Dataset]:
+    """A small synthetic CT series written to folder (and returned)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out = []
+    for i in range(n):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, generate_uid()
+        ds.PatientName, ds.PatientID, ds.Modality, ds.InstanceNumber = "E2E^Patient", "E2E1", "CT", i + 1
+        ds.StudyDescription, ds.SliceThickness = "CT E2E", 1.0
+        ds.Rows = ds.Columns = 16
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.full((16, 16), i, dtype=np.uint16).tobytes()
+        pydicom.dcmwrite(folder / f"{i:03d}.dcm", ds, enforce_file_format=True)
+        out.append(ds)
+    return out
+
+
+def storescu(node: NodeProcess, folder: Path) -> None:
+    files = sorted(str(p) for p in folder.glob("*.dcm"))
+    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
+                   check=True, capture_output=True, timeout=300)
+
+
+def query(node: NodeProcess, sql: str, **params) -> list[tuple]:
+    engine = create_engine(node.database_url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params).all()]
+    finally:
+        engine.dispose()
+
+
+def job_states(node: NodeProcess, study_uid: str) -> list[tuple]:
+    return query(node, "SELECT state, attempts, result FROM jobs WHERE study_uid = :u", u=study_uid)
+
+
+def test_study_from_storescu_is_routed_and_run_by_a_worker(tmp_path, redis_server):
+    node = NodeProcess(tmp_path / "node", {"broker": {"url": redis_server.url}, "rules": RULES,
+                                          "timers": {"series_quiet_s": 1, "study_quiet_s": 2}})
+    with node:
+        worker = Worker(node.config_path)
+        try:
+            study = make_ct_study(tmp_path / "study", 5)
+            storescu(node, tmp_path / "study")
+            uid = study[0].StudyInstanceUID
+            assert wait_for(lambda: [s for s, *_ in job_states(node, uid)] == ["succeeded"], 180), \
+                node.log_text()[-3000:] + worker.output()[-3000:]
+            [(state, attempts, result)] = job_states(node, uid)
+            assert attempts == 1 and '"instances": 5' in result
+            assert query(node, "SELECT state, ready_reason FROM studies WHERE study_uid = :u", u=uid) == [("done", "quiet-timer")]
+        finally:
+            worker.stop()
+    assert "E2E^Patient" not in node.log_text() and "E2E1" not in node.log_text()
+
+
+def test_mpps_completed_makes_the_study_ready_before_the_quiet_timer(tmp_path):
+    # Quiet timers of 10 minutes: only MPPS can make this study ready while the test runs.
+    node = NodeProcess(tmp_path / "node", {"rules": RULES, "timers": {"series_quiet_s": 600, "study_quiet_s": 600,
+                                                                     "force_complete_s": 3600}})
+    with node:
+        study = make_ct_study(tmp_path / "study", 4)
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.add_requested_context(ModalityPerformedProcedureStep)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established
+        step = generate_uid()
+        create = Dataset()
+        create.PerformedProcedureStepStatus = "IN PROGRESS"
+        item = Dataset()
+        item.StudyInstanceUID = study[0].StudyInstanceUID
+        create.ScheduledStepAttributesSequence = [item]
+        assert assoc.send_n_create(create, ModalityPerformedProcedureStep, step)[0].Status == 0
+        for ds in study:
+            assert assoc.send_c_store(ds).Status == 0
+        done = Dataset()
+        done.PerformedProcedureStepStatus = "COMPLETED"
+        series = Dataset()
+        series.SeriesInstanceUID = study[0].SeriesInstanceUID
+        refs = []
+        for ds in study:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+            refs.append(ref)
+        series.ReferencedImageSequence = refs
+        done.PerformedSeriesSequence = [series]
+        assert assoc.send_n_set(done, ModalityPerformedProcedureStep, step)[0].Status == 0
+        assoc.release()
+        uid = study[0].StudyInstanceUID
+        assert wait_for(lambda: [s for s, *_ in job_states(node, uid)] == ["succeeded"], 180), node.log_text()[-3000:]
+        assert query(node, "SELECT ready_reason FROM studies WHERE study_uid = :u", u=uid) == [("mpps-completed",)]
+
+
+def test_node_killed_after_the_last_ack_still_processes_the_study(tmp_path):
+    node = NodeProcess(tmp_path / "node", {"rules": RULES, "timers": {"series_quiet_s": 5, "study_quiet_s": 8}})
+    node.start()
+    try:
+        study = make_ct_study(tmp_path / "study", 3)
+        storescu(node, tmp_path / "study")
+        node.kill()  # kill -9: every instance was acknowledged, the quiet timer has not fired
+        uid = study[0].StudyInstanceUID
+        assert query(node, "SELECT count(*) FROM instances") == [(3,)]
+        assert job_states(node, uid) == []
+        node.start()
+        assert wait_for(lambda: [s for s, *_ in job_states(node, uid)] == ["succeeded"], 180), node.log_text()[-3000:]
+        [(state, attempts, result)] = job_states(node, uid)
+        assert '"instances": 3' in result
+    finally:
+        node.stop()
