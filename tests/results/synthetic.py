@@ -33,7 +33,7 @@ def write_ct_series(folder: Path, shape=(12, 48, 48), spacing=(2.5, 0.8, 0.8), m
         + ((i - shape[2] / 2) / (shape[2] / 3)) ** 2 <= 1
     hu = np.where(organ, 60.0, -100.0) + rng.normal(0, 5, shape)
     ids = {"study": generate_uid(), "series": generate_uid(), "for": generate_uid(),
-           "accession": "ACC123", "patient_id": "PID-42"}
+           "accession": "ACC123", "patient_id": "PID-42", "organ": organ}
     paths = []
     for n in range(shape[0]):
         ds = Dataset()

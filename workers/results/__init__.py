@@ -10,6 +10,7 @@ the order they should be delivered (referenced objects before the objects refere
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 from pydicom.dataset import Dataset
 
@@ -42,8 +43,10 @@ def kind_of(sop_class_uid: str) -> ResultKind:
     return SOP_CLASS_KINDS.get(str(sop_class_uid), "derived")
 
 
-def build_results(findings: Findings, context: ResultContext) -> list[Dataset]:
+def build_results(findings: Findings, context: ResultContext | Mapping[str, Any]) -> list[Dataset]:
     """The result datasets for the context's destinations, in delivery order (not written)."""
+    if not isinstance(context, ResultContext):
+        context = ResultContext.from_job(context)
     sources = SourceImages(findings.volume.sources)
     uids = UIDFactory(context.job_key, [f.sop_instance_uid for f in sources.frames], findings.algorithm_version)
     kinds = context.kinds
@@ -71,12 +74,16 @@ def build_results(findings: Findings, context: ResultContext) -> list[Dataset]:
     return objects
 
 
-def write_results(findings: Findings, context: ResultContext) -> list[Path]:
+def write_results(findings: Findings, context: ResultContext | Mapping[str, Any]) -> list[Path]:
     """Write the job's result objects under ``context.output_dir``; return their paths.
+
+    ``context`` is a ``ResultContext`` or the job runner's mapping (see ``ResultContext.from_job``).
 
     File names are ``<kind>-<SOP Instance UID>.dcm``; writing the same job again overwrites the
     same files with the same UIDs.
     """
+    if not isinstance(context, ResultContext):
+        context = ResultContext.from_job(context)
     paths = []
     for ds in build_results(findings, context):
         paths.append(write(ds, Path(context.output_dir), f"{kind_of(ds.SOPClassUID)}-{ds.SOPInstanceUID}"))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 
-from node.settings import CapabilityProfile
+from node.settings import CapabilityProfile, Settings
 
 ResultKind = Literal["seg", "sr", "kos", "gsps", "sc", "derived"]
 ALL_KINDS: tuple[ResultKind, ...] = ("seg", "sr", "kos", "gsps", "sc", "derived")
@@ -81,6 +81,33 @@ class ResultContext:
     software_version: str = SOFTWARE_VERSION
     device_serial_number: str = DEVICE_SERIAL
 
+    @classmethod
+    def from_job(cls, job: Mapping[str, Any], settings: Settings | None = None) -> "ResultContext":
+        """A context from the job runner's mapping (job_key/job_id, output_dir, destinations...).
+
+        ``destinations`` may name configured destinations (their capability profiles are looked
+        up in ``settings``) or be profiles already. ``params`` may choose ``segmentation_type``.
+        """
+        names = list(job.get("destinations") or [])
+        profiles: list[CapabilityProfile] = []
+        for item in names:
+            if isinstance(item, CapabilityProfile):
+                profiles.append(item)
+                continue
+            try:
+                profiles.append((settings or _worker_settings()).destination(item).capabilities)
+            except (KeyError, AttributeError):
+                profiles.append(CapabilityProfile())  # unknown here: write the standard objects
+        params = dict(job.get("params") or {})
+        return cls(
+            job_key=str(job.get("job_key") or f"job-{job.get('job_id')}"),
+            output_dir=Path(job["output_dir"]),
+            destinations=profiles or [CapabilityProfile()],
+            segmentation_type=str(params.get("segmentation_type", "BINARY")).upper(),  # type: ignore[arg-type]
+            accession_number=job.get("accession_number"),
+            requested_procedure_description=job.get("requested_procedure_description"),
+        )
+
     @property
     def kinds(self) -> set[ResultKind]:
         """The object kinds to write for this job's destinations."""
@@ -89,6 +116,16 @@ class ResultContext:
 
 # Namespace of ainode's name-based UUIDs (a fixed random UUID; never change it).
 UID_NAMESPACE = uuid.UUID("6f0b7c58-2f4e-4b7a-9a51-3d0c2b9e8a11")
+
+
+def _worker_settings() -> Settings | None:
+    """The running worker's settings, when there is one (to find destinations' profiles)."""
+    try:
+        from workers.celery_app import current_settings
+
+        return current_settings()
+    except Exception:  # noqa: BLE001 - no configuration here: fall back to the default profile
+        return None
 
 
 def derived_uid(*parts: object) -> str:

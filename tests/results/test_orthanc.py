@@ -1,0 +1,94 @@
+"""Delivery to a real PACS (Orthanc): results land in the source study, decode, survive outages."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import threading
+
+import highdicom as hd
+import numpy as np
+import pydicom
+
+from node.dispatcher import DELIVERED, deliver_due
+from node.settings import CapabilityProfile
+from tests.helpers import wait_for
+from tests.results.peers import Orthanc
+from tests.results.synthetic import detection_findings, segmentation_findings, volume_of, write_ct_series
+from tests.results.test_dispatcher import enqueue, make_settings, rows, run_until_settled
+from workers.results import ResultContext, write_results
+
+
+def push_with_storescu(orthanc: Orthanc, folder) -> None:
+    """The modality's images reach the PACS first (as they would in the hospital)."""
+    subprocess.run(["storescu", "-aec", orthanc.aet, "+sd", "127.0.0.1", str(orthanc.dicom_port), str(folder)],
+                   check=True, capture_output=True)
+
+
+def orthanc_destination(orthanc: Orthanc, **extra) -> dict:
+    return {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port, **extra}
+
+
+def test_results_arrive_in_the_source_study_and_the_seg_decodes(tmp_path, orthanc):
+    paths, hu, ids = write_ct_series(tmp_path / "ct", shape=(16, 64, 64))
+    volume = volume_of(paths, hu, ids)
+    push_with_storescu(orthanc, tmp_path / "ct")
+    settings = make_settings(tmp_path, [orthanc_destination(orthanc)])
+    outputs = write_results(segmentation_findings(volume), ResultContext(job_key="e2e", output_dir=tmp_path / "out"))
+    enqueue(settings, outputs, ["pacs"])
+    assert run_until_settled(settings)
+    assert {r.state for r in rows(settings)} == {DELIVERED}
+
+    studies = orthanc.get_json("/studies")
+    assert len(studies) == 1  # the results joined the source study
+    study = orthanc.get_json(f"/studies/{studies[0]}")
+    assert study["MainDicomTags"]["StudyInstanceUID"] == ids["study"]
+    modalities = sorted(orthanc.get_json(f"/series/{s}")["MainDicomTags"].get("Modality") for s in study["Series"])
+    assert modalities == ["CT", "KO", "SEG", "SR"]
+
+    seg_series = next(s for s in study["Series"] if orthanc.get_json(f"/series/{s}")["MainDicomTags"]["Modality"] == "SEG")
+    seg_instance = orthanc.get_json(f"/series/{seg_series}")["Instances"][0]
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(orthanc.instance_file(seg_instance))))
+    decoded = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[f.sop_instance_uid for f in volume.sources], segment_numbers=[1],
+        assert_missing_frames_are_empty=True)[..., 0].astype(bool)
+    truth = ids["organ"]
+    dice = 2 * np.logical_and(decoded, truth).sum() / (decoded.sum() + truth.sum())
+    print(f"SEG fetched back from Orthanc: Dice vs phantom ground truth = {dice:.4f}")
+    assert dice > 0.99
+
+
+def test_orthanc_killed_during_delivery_then_everything_arrives_once(tmp_path):
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        paths, hu, ids = write_ct_series(tmp_path / "ct", shape=(80, 96, 96))
+        volume = volume_of(paths, hu, ids)
+        # Derived series + overlays: many objects, so the PACS dies in the middle of the batch.
+        profiles = [CapabilityProfile(secondary_capture=True)]
+        outputs = write_results(detection_findings(volume), ResultContext(job_key="outage", output_dir=tmp_path / "out",
+                                                                          destinations=profiles))
+        outputs += write_results(segmentation_findings(volume), ResultContext(
+            job_key="outage", output_dir=tmp_path / "out2", destinations=profiles))
+        settings = make_settings(tmp_path, [orthanc_destination(pacs, capabilities={"secondary_capture": True})])
+        enqueue(settings, outputs, ["pacs"])
+
+        sender = threading.Thread(target=deliver_due, args=(settings,))
+        sender.start()
+        assert wait_for(lambda: len(pacs.instances()) >= 1, timeout=120, interval=0.02)
+        os.kill(pacs.proc.pid, signal.SIGKILL)  # the PACS dies mid-association
+        pacs.proc.wait()
+        sender.join()
+        waiting = [r for r in rows(settings) if r.state != DELIVERED]
+        assert waiting, "the PACS was killed after the whole batch: the outage was not exercised"
+        assert all(r.last_status in ("link", "no-response", "not-sent") for r in waiting)
+
+        pacs.start()  # same storage, same ports: the PACS is back
+        assert run_until_settled(settings, timeout=300)
+        assert {r.state for r in rows(settings)} == {DELIVERED}
+        stored = {pacs.instance_tags(i)["SOPInstanceUID"] for i in pacs.instances()}
+        expected = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in outputs}
+        assert expected <= stored and len(pacs.instances()) == len(expected)
+    finally:
+        pacs.stop()
