@@ -497,24 +497,27 @@ def request_commitment(settings: Settings, dest: Destination, rows: list[Deliver
         item = Dataset()
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = row.sop_class_uid, row.sop_instance_uid
         request.ReferencedSOPSequence.append(item)
+    engine = engine_for(settings.database.url)
+    ids = [r.id for r in rows]
+    # Recorded before asking: the report may arrive before the N-ACTION response is read.
+    with session_scope(engine) as session:
+        session.execute(update(Delivery).where(Delivery.id.in_(ids))
+                        .values(commitment="requested", transaction_uid=transaction_uid))
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
-    state, reason = "failed", "association failed"
+    reason = "association failed"
     if assoc.is_established:
         status, _ = assoc.send_n_action(request, 1, STORAGE_COMMITMENT_PUSH, "1.2.840.10008.1.20.1.1")
         assoc.release()
         if status and int(status.Status) == 0:
-            state, reason = "requested", ""
-        else:
-            reason = f"N-ACTION status {getattr(status, 'Status', 'none')}"
-    with session_scope(engine_for(settings.database.url)) as session:
-        session.execute(update(Delivery).where(Delivery.id.in_([r.id for r in rows]))
-                        .values(commitment=state, transaction_uid=transaction_uid if state == "requested" else ""))
-    if state != "requested":
-        log.warning("storage commitment request to %s failed: %s", dest.name, reason)
-        return None
-    return transaction_uid
+            return transaction_uid
+        reason = f"N-ACTION status {getattr(status, 'Status', 'none')}"
+    with session_scope(engine) as session:
+        session.execute(update(Delivery).where(Delivery.id.in_(ids), Delivery.commitment == "requested")
+                        .values(commitment="failed"))
+    log.warning("storage commitment request to %s failed: %s", dest.name, reason)
+    return None
 
 
 def record_commitment(session: Session, event_info: Any) -> int:

@@ -26,6 +26,8 @@ class Orthanc:
     dicom_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    # Known modalities (name -> (AE, port)), e.g. where Storage Commitment reports are sent.
+    modalities: dict = field(default_factory=dict)
 
     def write_config(self) -> Path:
         config = {
@@ -35,6 +37,8 @@ class Orthanc:
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
             "DicomServerEnabled": True, "Plugins": [], "StableAge": 1, "ConcurrentJobs": 1,
             "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "HttpDescribeErrors": True,
+            "DicomModalities": {name: {"AET": aet, "Host": "127.0.0.1", "Port": port}
+                                for name, (aet, port) in self.modalities.items()},
         }
         path = self.workdir / "orthanc.json"
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -92,3 +92,33 @@ def test_orthanc_killed_during_delivery_then_everything_arrives_once(tmp_path):
         assert expected <= stored and len(pacs.instances()) == len(expected)
     finally:
         pacs.stop()
+
+
+def test_storage_commitment_with_orthanc(tmp_path, ct):
+    """N-ACTION to Orthanc; its N-EVENT-REPORT arrives on a new association and is recorded."""
+    from pynetdicom import AE
+
+    from node.dispatcher import STORAGE_COMMITMENT_PUSH, commitment_handlers
+    from tests.helpers import free_port
+
+    listener_port = free_port()
+    pacs = Orthanc(tmp_path / "orthanc", modalities={"ainode": ("AINODE", listener_port)}).start()
+    try:
+        settings = make_settings(tmp_path, [orthanc_destination(pacs, storage_commitment=True)])
+        # Our listener's part: accept the report (the requestor plays the SCP role here).
+        ae = AE(ae_title="AINODE")
+        ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
+        server = ae.start_server(("127.0.0.1", listener_port), block=False,
+                                 evt_handlers=commitment_handlers(settings))
+        try:
+            volume, _ = ct
+            outputs = write_results(segmentation_findings(volume), ResultContext(job_key="commit",
+                                                                                 output_dir=tmp_path / "out"))
+            enqueue(settings, outputs, ["pacs"])
+            assert run_until_settled(settings)
+            assert wait_for(lambda: {r.commitment for r in rows(settings)} == {"committed"}, timeout=60)
+            assert len({r.transaction_uid for r in rows(settings)}) == 1
+        finally:
+            server.shutdown()
+    finally:
+        pacs.stop()
