@@ -575,6 +575,7 @@ def status_summary(session: Session) -> dict[str, Any]:
             open_until = aware(health.open_until)
             entry["breaker_open_until"] = open_until.isoformat() if open_until and open_until > now else None
             entry["last_error"] = health.last_error or ""
+            entry["consecutive_failures"] = health.consecutive_failures or 0
     for row in session.scalars(select(Delivery).where(Delivery.state == FAILED).order_by(Delivery.id.desc()).limit(20)):
         entry = out["destinations"][row.destination]
         entry["recent_failures"].append({"id": row.id, "kind": row.kind, "status": row.last_status, "reason": row.reason})
