@@ -133,7 +133,7 @@ def test_down_destination_waits_without_blocking_others(ct, tmp_path):
         with session_scope(init_db(settings.database.url)) as session:
             summary = status_summary(session)["destinations"]["later"]
         assert summary["pending"] == len(paths) and summary["consecutive_failures"] >= 1
-        assert "connection failed" in summary["last_error"]
+        assert "LATER@127.0.0.1" in summary["last_error"]
         down.start()
         assert run_until_settled(settings)
         assert {r.state for r in rows(settings)} == {DELIVERED}
