@@ -157,3 +157,12 @@ def tick(settings: Settings) -> None:
 def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], None]]]:
     """The completion check, four times a second, so a timer fires within a quarter second."""
     return [("assembler", 0.25, lambda: tick(settings))]
+
+
+def status_summary(session: Session) -> dict[str, object]:
+    """Studies per pipeline state and MPPS steps per status, for `ainode status`."""
+    studies = dict(session.execute(select(Study.state, func.count()).group_by(Study.state)).all())
+    steps = dict(session.execute(select(mpps.PerformedProcedureStep.status, func.count())
+                                 .group_by(mpps.PerformedProcedureStep.status)).all())
+    return {"studies_" + state: count for state, count in sorted(studies.items())} | \
+        {"mpps_" + status.lower().replace(" ", "_"): count for status, count in sorted(steps.items())}

@@ -3,7 +3,9 @@ Redis and `ainode worker`, and kill -9 of the node between the last acknowledgem
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from pynetdicom.sop_class import CTImageStorage, ModalityPerformedProcedureStep
 from sqlalchemy import create_engine, text
 
 from tests.helpers import NodeProcess, wait_for
-from tests.jobs.conftest import Worker
+from tests.jobs.conftest import ROOT, Worker, env_for_children
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +140,34 @@ def test_node_killed_after_the_last_ack_still_processes_the_study(tmp_path):
         assert '"instances": 3' in result
     finally:
         node.stop()
+
+
+def test_rules_reload_on_sighup_without_restarting_the_node(tmp_path):
+    import signal
+    import yaml
+
+    node = NodeProcess(tmp_path / "node", {"rules": [{"name": "mr-only", "match": {"modality": "MR"},
+                                                      "analyses": ["count-instances"]}],
+                                          "timers": {"series_quiet_s": 1, "study_quiet_s": 2}})
+    with node:
+        config = yaml.safe_load(node.config_path.read_text())
+        # An invalid edit: the node logs each error with its line and keeps the rules in force.
+        config["rules"].append({"name": "broken", "level": "sometimes", "analyses": ["count-instances"]})
+        node.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        node.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "rules not reloaded" in node.log_text(), 60), node.log_text()[-3000:]
+        assert f"{node.config_path}:" in node.log_text() and "rules[1].level" in node.log_text()
+        config["rules"][1] = {"name": "ct-now", "match": {"modality": "CT"}, "analyses": ["count-instances"]}
+        node.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        node.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "rules reloaded" in node.log_text(), 60), node.log_text()[-3000:]
+        assert node.proc.poll() is None
+        study = make_ct_study(tmp_path / "study", 2)
+        storescu(node, tmp_path / "study")
+        uid = study[0].StudyInstanceUID
+        assert wait_for(lambda: [s for s, *_ in job_states(node, uid)] == ["succeeded"], 180), node.log_text()[-3000:]
+        assert query(node, "SELECT rule FROM jobs WHERE study_uid = :u", u=uid) == [("ct-now",)]
+        status = subprocess.run([sys.executable, "-m", "node.cli", "status", "-c", str(node.config_path), "--json"],
+                                cwd=ROOT, env=env_for_children(), capture_output=True, text=True, timeout=300)
+        report = json.loads(status.stdout)
+        assert report["jobs"]["jobs"]["succeeded"] == 1 and report["assembler"]["studies_done"] == 1

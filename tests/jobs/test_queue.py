@@ -138,3 +138,66 @@ def test_failing_analysis_retries_then_is_dead(make_settings, redis_server, work
     assert dead.attempts == 2 and dead.error == "RuntimeError: diagnostic analysis 'fail' always fails"
     with session_scope(engine_for(settings.database.url)) as session:
         assert status_summary(session)["dead"][0]["id"] == job.id
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database on the local server (dropped afterwards)."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    admin_url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    name = f"ainode_jobs_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL not available: {type(err).__name__}")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    from node.db import dispose_engines
+
+    dispose_engines()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.mark.postgres
+def test_duplicate_messages_and_two_workers_on_postgres_run_each_job_once(make_settings, redis_server, workers,
+                                                                          node_dir, postgres_url):
+    from node.jobs import publish_job
+
+    record = node_dir / "completions.txt"
+    settings = make_settings(redis_server.url, database={"url": postgres_url},
+                             rules=[_rule("dup", "sleep", seconds=0.5, record=str(record))])
+    jobs = [_route(settings, f"1.2.4.8{i}", "DUP")[0] for i in range(4)]
+    for job in jobs:  # a second copy of every message (as after a reconciler re-publish)
+        assert publish_job(settings, job.id)
+    workers(node_dir / "ainode.yaml", concurrency=2)
+    workers(node_dir / "ainode.yaml", concurrency=1)
+    assert wait_for(lambda: all(_job(settings, j.id).state == "succeeded" for j in jobs), 180)
+    assert wait_for(lambda: not reconciler.broker_task_ids(settings), 120)  # every copy consumed
+    lines = record.read_text().splitlines()
+    assert sorted(int(line.split()[1]) for line in lines) == sorted(j.id for j in jobs)
+    assert all(_job(settings, j.id).attempts == 1 for j in jobs)
+
+
+def test_pool_process_killed_mid_job_is_redelivered_by_celery(make_settings, redis_server, workers, node_dir):
+    import os
+    import signal
+
+    record = node_dir / "completions.txt"
+    # A long heartbeat timeout: only Celery's reject_on_worker_lost can bring this job back quickly.
+    settings = make_settings(redis_server.url, rules=[_rule("child", "sleep", seconds=4, record=str(record))],
+                             jobs={"max_attempts": 3, "heartbeat_timeout_s": 3600, "reconcile_interval_s": 1})
+    worker = workers(node_dir / "ainode.yaml")
+    [job] = _route(settings, "1.2.4.9", "CHILD")
+    assert wait_for(lambda: _job(settings, job.id).state == "running", 120), worker.output()[-3000:]
+    first_pid = int(_job(settings, job.id).worker.rpartition(":")[2])
+    os.kill(first_pid, signal.SIGKILL)  # the pool process running the analysis dies; the worker lives
+    assert wait_for(lambda: _job(settings, job.id).state == "succeeded", 180), worker.output()[-3000:]
+    done = _job(settings, job.id)
+    assert done.attempts == 2 and int(done.worker.rpartition(":")[2]) != first_pid
+    assert len(record.read_text().splitlines()) == 1
