@@ -362,6 +362,8 @@ def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], No
     """Rule reload watch (SIGHUP or file change), once a second."""
     book = rule_book(settings)
     _install_sighup(book)
+    log.info("%d rules in force (%s); they reload on SIGHUP or when %s changes", len(book.rules),
+             ", ".join(r.name for r in book.rules) or "none", book.path or "the configuration file")
     return [("rules-reload", 1.0, book.check)]
 
 

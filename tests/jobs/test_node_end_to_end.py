@@ -150,6 +150,8 @@ def test_rules_reload_on_sighup_without_restarting_the_node(tmp_path):
                                                       "analyses": ["count-instances"]}],
                                           "timers": {"series_quiet_s": 1, "study_quiet_s": 2}})
     with node:
+        # The port opens before the stages start; SIGHUP is handled once the rules are in force.
+        assert wait_for(lambda: "rules in force" in node.log_text(), 120), node.log_text()[-3000:]
         config = yaml.safe_load(node.config_path.read_text())
         # An invalid edit: the node logs each error with its line and keeps the rules in force.
         config["rules"].append({"name": "broken", "level": "sometimes", "analyses": ["count-instances"]})
