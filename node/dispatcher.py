@@ -227,8 +227,16 @@ def _tls_context(dest: Destination) -> ssl.SSLContext:
     return context
 
 
-def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, settings: Settings | None = None) -> dict[int, Outcome]:
-    """C-STORE every row's file on one association; Explicit VR Little Endian, one context per SOP class."""
+Progress = Callable[[Delivery, Outcome], None]
+
+
+def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, settings: Settings | None = None,
+               progress: Progress | None = None) -> dict[int, Outcome]:
+    """C-STORE every row's file on one association; Explicit VR Little Endian, one context per SOP class.
+
+    ``progress`` is called after each answered object, so its outcome is recorded at once (a
+    sender killed mid-batch re-sends only what was in flight).
+    """
     from pynetdicom import AE
     from pydicom.uid import ExplicitVRLittleEndian
 
@@ -266,12 +274,15 @@ def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, setting
                 outcomes[row.id] = Outcome(PENDING, "no-response", "association lost during C-STORE")
                 break
             outcomes[row.id] = classify_dimse_status(int(status.Status))
+            if progress is not None:
+                progress(row, outcomes[row.id])
     finally:
         if assoc.is_established:
             assoc.release()
     for row in rows:
         outcomes.setdefault(row.id, Outcome(PENDING, "not-sent", "association ended before this object"))
-    if all(o.status in ("no-response", "not-sent") for o in outcomes.values()):
+    if all(o.status in ("no-response", "not-sent", "no-context", "missing") for o in outcomes.values()) \
+            and any(o.status in ("no-response", "not-sent") for o in outcomes.values()):
         raise LinkDown("association lost before any object was acknowledged")
     return outcomes
 
@@ -344,19 +355,29 @@ def current_settings() -> Settings:
     return resolve_paths(load_settings(path), Path(path).resolve().parent if path else Path.cwd())
 
 
+def lease_s(settings: Settings) -> float:
+    """How long a claim holds without news: one DIMSE exchange plus connection set-up, with margin."""
+    node = settings.node
+    return max(10.0, node.dimse_timeout_s + node.acse_timeout_s + 10.0)
+
+
 def _record(session: Session, dest: Destination, rows: list[Delivery], outcomes: dict[int, Outcome]) -> None:
-    now = utcnow()
     for row in rows:
-        outcome = outcomes[row.id]
-        row.last_status, row.lease_until = outcome.status, None
-        if outcome.result == DELIVERED:
-            row.state, row.delivered_at, row.reason = DELIVERED, now, outcome.reason
-        elif outcome.result == FAILED:
-            row.state, row.reason = FAILED, outcome.reason
-            log.error("delivery %s to %s failed for good: %s %s", row.id, dest.name, outcome.status, outcome.reason)
-        else:
-            row.state, row.reason = PENDING, outcome.reason
-            row.next_attempt_at = now + timedelta(seconds=backoff_s(dest, row.attempts))
+        _record_one(row, dest, outcomes[row.id])
+
+
+def _record_one(row: Delivery, dest: Destination, outcome: Outcome) -> None:
+    """Apply one object's outcome to its row (delivered, failed for good, or retry later)."""
+    now = utcnow()
+    row.last_status, row.lease_until = outcome.status, None
+    if outcome.result == DELIVERED:
+        row.state, row.delivered_at, row.reason = DELIVERED, now, outcome.reason
+    elif outcome.result == FAILED:
+        row.state, row.reason = FAILED, outcome.reason
+        log.error("delivery %s to %s failed for good: %s %s", row.id, dest.name, outcome.status, outcome.reason)
+    else:
+        row.state, row.reason = PENDING, outcome.reason
+        row.next_attempt_at = now + timedelta(seconds=backoff_s(dest, row.attempts))
 
 
 def _link_down(session: Session, dest: Destination, rows: list[Delivery], error: str) -> None:
@@ -409,17 +430,28 @@ def deliver_destination(settings: Settings, name: str, first_id: int | None = No
             return counts
         if _breaker_open(session, name, utcnow()):
             return counts
-        rows = claim(session, name, first_id)
+        lease = lease_s(settings)
+        rows = claim(session, name, first_id, lease_s=lease)
         if not rows:
             return counts
         rows = _skip_unwanted(dest, rows)
+        session.commit()
         if not rows:
             return counts
+
+        def progress(row: Delivery, outcome: Outcome) -> None:
+            # Record each answer at once and extend the claim on the rest of the batch.
+            _record_one(row, dest, outcome)
+            session.execute(update(Delivery).where(Delivery.id.in_([r.id for r in rows]),
+                                                   Delivery.state == SENDING)
+                            .values(lease_until=utcnow() + timedelta(seconds=lease)))
+            session.commit()
+
         try:
             if dest.type == "dicomweb":
                 outcomes = send_dicomweb(dest, rows)
             else:
-                outcomes = send_dicom(dest, rows, settings.node.ae_title, settings)
+                outcomes = send_dicom(dest, rows, settings.node.ae_title, settings, progress)
         except LinkDown as err:
             _link_down(session, dest, rows, str(err))
             counts["retry"] = len(rows)

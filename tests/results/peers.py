@@ -83,8 +83,10 @@ class StoreSCP:
     ``sop_classes`` limits what it accepts (others get their presentation context rejected).
     """
 
-    def __init__(self, sop_classes: list[str], statuses: list[int] | None = None, aet: str = "TESTSCP"):
+    def __init__(self, sop_classes: list[str], statuses: list[int] | None = None, aet: str = "TESTSCP",
+                 delay_s: float = 0.0):
         self.port = free_port()
+        self.delay_s = delay_s  # a slow PACS: time spent on each C-STORE before answering
         self.aet = aet
         self.statuses = list(statuses or [])
         self.received: list[str] = []
@@ -97,6 +99,10 @@ class StoreSCP:
         self._server = None
 
     def _on_store(self, event):  # noqa: ANN001
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
         status = self.statuses.pop(0) if self.statuses else 0x0000
         self.answers.append(status)
         if status == 0x0000:
