@@ -18,11 +18,13 @@ import socket
 import ssl
 import struct
 import threading
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -91,11 +93,19 @@ _PIXEL_DATA = 0x7FE00010
 
 
 def quiet_pynetdicom() -> None:
-    """No identifiers (patient data) in pynetdicom's logs, and no per-PDU chatter."""
+    """No identifiers (patient data) in pynetdicom's or pydicom's logs, no per-PDU chatter.
+
+    pydicom's validation warnings quote element values (a malformed Patient Name would be
+    logged verbatim), so they are silenced; our own log lines say what was refused and why.
+    """
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    warnings.filterwarnings("ignore", module=r"pynetdicom(\..*)?")
 
 
 def instance_tag(sop_instance_uid: str) -> str:
@@ -705,6 +715,10 @@ class Receiver:
 
 def _header_problem(ds: Dataset, sop_class: str, sop_instance: str) -> tuple[int, str] | None:
     # The request and the data set must agree (A900); the UIDs we key the index on must be valid.
+    for keyword in ("SOPClassUID", "SOPInstanceUID"):
+        value = ds.get(keyword)
+        if value is not None and not store.valid_uid(str(value)):
+            return INVALID_UID, f"{keyword} in the data set is invalid"
     if ds.get("SOPClassUID") != sop_class or ds.get("SOPInstanceUID") != sop_instance:
         return DATASET_MISMATCH, "SOP Class/Instance UID in the data set differ from the C-STORE request"
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):

@@ -27,3 +27,47 @@ def echoscu(node: NodeProcess, aet: str = "ECHOSCU") -> subprocess.CompletedProc
     """C-ECHO the node with DCMTK echoscu."""
     cmd = ["echoscu", "-v", "-aet", aet, "-aec", node.ae_title, "127.0.0.1", str(node.port)]
     return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def store_file(node: NodeProcess, path: Path, aet: str = "PYNETDICOM") -> int | None:
+    """C-STORE one file with pynetdicom, streaming its bytes exactly as they are on disk.
+
+    The request's UIDs come from the file meta, the data set is sent unparsed: this is how the
+    tests deliver broken input (truncated, mismatched UIDs). Returns the status (None: no answer).
+    """
+    from pydicom import dcmread
+    from pynetdicom import AE, _config
+
+    meta = dcmread(path, stop_before_pixels=True, force=True).file_meta
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title=aet)
+        ae.add_requested_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established, "association refused"
+        try:
+            status = assoc.send_c_store(path)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return getattr(status, "Status", None)
+
+
+def stored_files(node: NodeProcess) -> list[Path]:
+    """Every file under the storage root, temp files included."""
+    return sorted(p for p in node.storage.rglob("*") if p.is_file())
+
+
+def index_count(node: NodeProcess) -> int:
+    """Instances in the node's index."""
+    from sqlalchemy import create_engine, func, select
+
+    from node.index import Instance
+
+    engine = create_engine(node.database_url)
+    with engine.connect() as conn:
+        count = conn.execute(select(func.count()).select_from(Instance)).scalar_one()
+    engine.dispose()
+    return count
