@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -52,9 +53,16 @@ def config_check(file: Path = typer.Argument(..., help="Configuration file to va
 @app.command()
 def serve(config: Optional[Path] = ConfigOpt) -> None:
     """Run the node until SIGTERM: DICOM listener, completion, routing, jobs, delivery, API."""
+    settings = settings_from(config)
+    # Receivers are forked processes: their metrics reach /metrics through prometheus
+    # multiprocess mode, which must be chosen before prometheus-client is first imported.
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ainode-metrics-")
     from node.service import serve as run_service
 
-    raise typer.Exit(run_service(settings_from(config)))
+    raise typer.Exit(run_service(settings))
 
 
 @app.command()
