@@ -679,7 +679,9 @@ class Receiver:
         node = self.settings.node
         ae = AE(ae_title=node.ae_title)
         ae.require_called_aet = True
-        ae.maximum_associations = node.max_associations
+        # The real limits (total, per peer, across processes) are AssociationSlots'; pynetdicom's
+        # own count includes bare TCP connections (port probes), so it only guards against floods.
+        ae.maximum_associations = node.max_associations * 2 + 16
         ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
