@@ -39,7 +39,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import store
+from node import metrics, store
 from node.index import Instance, Patient, Series, Study, utcnow
 from node.settings import Peer, Settings
 
@@ -578,8 +578,10 @@ class Receiver:
             return self._reject(assoc, 0x02, 0x03, 0x02)  # transient, local limit exceeded
         with self._lock:
             self._assocs[id(assoc)] = _AssociationState(peer, column)
+        metrics.ASSOCIATIONS.labels("accepted").inc()
 
     def _reject(self, assoc: Any, result: int, source: int, diagnostic: int) -> None:
+        metrics.ASSOCIATIONS.labels("rejected").inc()
         assoc.acse.send_reject(result, source, diagnostic)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
@@ -656,6 +658,8 @@ class Receiver:
         except BaseException:
             store.remove_file(self.root, relpath)  # no row points at it
             raise
+        metrics.INSTANCES_RECEIVED.inc()
+        metrics.BYTES_RECEIVED.inc(size)
         return self._answer(arrival, name)
 
     def _answer(self, arrival: Arrival, name: str) -> int | Dataset:
