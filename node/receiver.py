@@ -258,6 +258,7 @@ class Arrival:
     called_ae: str
     outcome: str = ""  # new | same | kept_first | replaced
     old_relpath: str = ""
+    kept_relpath: str = ""
 
 
 def _get_or_create(session: Session, model: Any, where: Any, make: Callable[[], Any]) -> Any:
@@ -291,6 +292,7 @@ def index_arrival(session: Session, arrival: Arrival, policy: str) -> None:
             arrival.outcome = "same"
         elif policy == "keep_first":
             arrival.outcome = "kept_first"
+            arrival.kept_relpath = existing.path
         else:
             arrival.outcome = "replaced"
             arrival.old_relpath = existing.path
@@ -419,13 +421,6 @@ class GroupCommitter:
                 raise
             finally:
                 session.close()
-
-
-def already_stored(engine: Engine, sop_instance_uid: str, sha256: str) -> bool:
-    """True when this exact instance (same UID, same bytes) is already indexed."""
-    with sessionmaker(bind=engine)() as session:
-        found = session.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_instance_uid))
-    return found == sha256
 
 
 # --- association policy -----------------------------------------------------------------------
@@ -642,13 +637,15 @@ class Receiver:
                 log.warning("instance %s refused: %s", name, problem[1])
                 return _status(*problem)
             digest = hashlib.sha256(buffer).hexdigest()
-            if already_stored(self.engine, sop_instance, digest):
-                log.info("instance %s: identical duplicate, nothing changed", name)
-                return SUCCESS
-            meta = _file_meta(sop_class, sop_instance, transfer_syntax, event.assoc.requestor.ae_title)
-            store.ensure_space(self.root, self.reserve, len(meta) + len(buffer))
-            relpath = store.instance_relpath(sop_instance, digest)
-            size = store.write_durable(self.root, relpath, (meta, buffer))
+            relpath = store.instance_relpath(header.StudyInstanceUID, header.SeriesInstanceUID, sop_instance, digest)
+            # The path is a function of the content: a file already there is this very instance
+            # (an identical duplicate, or a retry after a crash); the index decides which.
+            if store.is_stored(self.root, relpath):
+                size = (self.root / relpath).stat().st_size
+            else:
+                meta = _file_meta(sop_class, sop_instance, transfer_syntax, event.assoc.requestor.ae_title)
+                store.ensure_space(self.root, self.reserve, len(meta) + len(buffer))
+                size = store.write_durable(self.root, relpath, (meta, buffer))
         finally:
             buffer.release()
         arrival = Arrival(header, transfer_syntax, store.StoredFile(relpath, size, digest),
@@ -656,7 +653,8 @@ class Receiver:
         try:
             self.committer.commit(arrival)
         except BaseException:
-            store.remove_file(self.root, relpath)  # no row points at it
+            # Keep the file: a row of an earlier identical copy may point at it. An unreferenced
+            # file is harmless; the sender was not answered Success and will retry.
             raise
         metrics.INSTANCES_RECEIVED.inc()
         metrics.BYTES_RECEIVED.inc(size)
@@ -664,7 +662,8 @@ class Receiver:
 
     def _answer(self, arrival: Arrival, name: str) -> int | Dataset:
         if arrival.outcome == "kept_first":
-            store.remove_file(self.root, arrival.stored.relpath)
+            if arrival.stored.relpath != arrival.kept_relpath:
+                store.remove_file(self.root, arrival.stored.relpath)
             log.warning("instance %s: duplicate with different content; first copy kept (policy keep_first)", name)
             return _status(WARNING_DUPLICATE_DISCARDED, "duplicate SOP Instance UID with different content: first copy kept")
         if arrival.outcome == "replaced":

@@ -3,8 +3,8 @@
 An instance file is the DICOM File Format: preamble, file meta (what the association said), then
 the data set exactly as the sender encoded it. Writing follows one recipe so a crash can never
 leave half a file where a reader looks: temp file in ``<root>/.incoming`` (same filesystem), write,
-flush, fsync, atomic rename into place, fsync of the folder. Paths come from the SHA-256 of the SOP
-Instance UID and of the content, never from UID text, so no peer can steer where we write.
+flush, fsync, atomic rename into place, fsync of the folder. Paths come from SHA-256 hashes of the
+study, series and SOP Instance UIDs and of the content, never from UID text, so no peer can steer where we write.
 """
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ def uid_hash(uid: str) -> str:
     return hashlib.sha256(uid.encode("ascii")).hexdigest()
 
 
-def instance_relpath(sop_instance_uid: str, content_sha256: str) -> str:
-    """Where an instance lives, relative to the storage root.
+def instance_relpath(study_uid: str, series_uid: str, sop_instance_uid: str, content_sha256: str) -> str:
+    """Where an instance lives, relative to the storage root: one folder per series.
 
-    Two levels of 256 folders keep directories small; the content hash in the name lets a
-    replacement be written beside the stored copy instead of over it.
+    A series' instances share a folder, so writing a 300-slice series creates folders (and
+    fsyncs their parents) once, and a study can be removed as one tree. The content hash in the
+    name lets a replacement be written beside the stored copy instead of over it, and makes the
+    path of identical content the same every time.
     """
-    h = uid_hash(sop_instance_uid)
-    return f"{h[:2]}/{h[2:4]}/{h[4:40]}-{content_sha256[:16]}.dcm"
+    st, se, sop = uid_hash(study_uid), uid_hash(series_uid), uid_hash(sop_instance_uid)
+    return f"{st[:2]}/{st[:32]}/{se[:32]}/{sop[:40]}-{content_sha256[:16]}.dcm"
 
 
 def free_bytes(root: Path) -> int:
@@ -153,6 +155,11 @@ def remove_file(root: Path, relpath: str) -> None:
     except FileNotFoundError:
         return
     _fsync_dir(target.parent)
+
+
+def is_stored(root: Path, relpath: str) -> bool:
+    """True when a file is at ``relpath``: it is then complete (only whole files are renamed in)."""
+    return (root / relpath).is_file()
 
 
 def open_instance(root: Path, relpath: str) -> Path:

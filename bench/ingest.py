@@ -1,0 +1,218 @@
+"""Ingest benchmark: DCMTK storescu pushing a 300-slice 512x512 CT to DCMTK storescp and to ainode.
+
+Both receivers get the same files from the same storescu, over 1 and over N parallel
+associations, in one run. storescp runs with TCP_NODELAY=1 (without it DCMTK waits on delayed
+ACKs on loopback) and with --fork for parallel associations; it does not fsync. ainode runs as
+configured in production: durable writes (fsync + atomic rename + directory fsync) and index
+commits before each Success. A second part sends one large multi-frame instance (default 1 GiB)
+and reports the receiving process's peak RSS.
+
+    python bench/ingest.py --json          # last line: JSON with dcmtk_mbps, ainode_mbps, ratio
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.helpers import NodeProcess, free_port, port_open, wait_for  # noqa: E402
+
+
+def build_ct(folder: Path, slices: int = 300, size: int = 512) -> list[Path]:
+    """A synthetic CT series: one file per slice, 16-bit pixels (different on every slice)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2000, (size, size), dtype=np.uint16)
+    paths = []
+    for i in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID, ds.Modality = "Bench^Ingest", "BENCH1", "CT"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20260101", "120000", "BENCH"
+        ds.InstanceNumber, ds.SliceThickness = i + 1, 1.0
+        ds.ImagePositionPatient = [0, 0, float(i)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.7, 0.7]
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = (base + i).tobytes()
+        path = folder / f"ct{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def build_multiframe(path: Path, megabytes: int) -> Path:
+    """One multi-frame instance of about ``megabytes`` MiB (512x512 16-bit frames)."""
+    frames = max(1, megabytes * 1024 * 1024 // (512 * 512 * 2))
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2.1", generate_uid()  # Enhanced CT
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Bench^Big", "BENCH2", "CT"
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = b"\x00\x01" * (frames * 512 * 512)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def push(port: int, ae_title: str, files: list[Path], associations: int) -> float:
+    """storescu over ``associations`` parallel associations; seconds until all have finished."""
+    groups = [files[i::associations] for i in range(associations)]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    start = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", ae_title, "127.0.0.1", str(port),
+                               *map(str, g)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for g in groups]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - start
+
+
+def dcmtk_run(files: list[Path], associations: int, work: Path) -> float:
+    """Seconds for DCMTK storescp (TCP_NODELAY=1, --fork) to receive ``files``."""
+    out = work / f"storescp-{associations}"
+    out.mkdir(parents=True)
+    port = free_port()
+    proc = subprocess.Popen(["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
+                            env={**os.environ, "TCP_NODELAY": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        if not wait_for(lambda: port_open(port), 30):
+            raise RuntimeError("storescp did not start")
+        seconds = push(port, "STORESCP", files, associations)
+        if len(list(out.iterdir())) != len(files):
+            raise RuntimeError("storescp did not store every file")
+        return seconds
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _peak_rss_kib(pid: int) -> int:
+    """Peak resident set (VmHWM) of a process and its children, the largest one."""
+    peak = 0
+    pids = [pid]
+    try:
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            continue
+    return peak
+
+
+def ainode_node(work: Path, name: str, receivers: int) -> NodeProcess:
+    """A fresh ainode (own storage and SQLite index) with production durability settings."""
+    return NodeProcess(work / name, {"node": {"receivers": receivers},
+                                     "storage": {"min_free_bytes": "1GiB"}}).start()
+
+
+def ainode_run(files: list[Path], associations: int, work: Path, receivers: int) -> tuple[float, int]:
+    """Seconds for ainode to receive and index ``files``, and its receivers' peak RSS (KiB)."""
+    node = ainode_node(work, f"ainode-{associations}", receivers)
+    try:
+        seconds = push(node.port, node.ae_title, files, associations)
+        rss = _peak_rss_kib(node.proc.pid)
+    finally:
+        node.stop()
+    import sqlite3
+
+    count = sqlite3.connect(node.database_url.split("///", 1)[1]).execute("select count(*) from instances").fetchone()[0]
+    if count != len(files):
+        raise RuntimeError(f"ainode indexed {count} of {len(files)} instances")
+    shutil.rmtree(node.workdir, ignore_errors=True)
+    return seconds, rss
+
+
+def big_instance_run(work: Path, megabytes: int, receivers: int) -> dict[str, float]:
+    """Send one large multi-frame instance; peak RSS of the receiving process against its size."""
+    path = build_multiframe(work / "big.dcm", megabytes)
+    size = path.stat().st_size
+    node = ainode_node(work, "ainode-big", receivers)
+    try:
+        before = _peak_rss_kib(node.proc.pid)
+        seconds = push(node.port, node.ae_title, [path], 1)
+        peak = _peak_rss_kib(node.proc.pid)
+    finally:
+        node.stop()
+        path.unlink()
+        shutil.rmtree(node.workdir, ignore_errors=True)
+    return {"size_mib": round(size / 2**20, 1), "seconds": round(seconds, 2),
+            "peak_rss_mib": round(peak / 1024, 1), "idle_rss_mib": round(before / 1024, 1),
+            "peak_rss_over_size": round(peak * 1024 / size, 2)}
+
+
+def main() -> int:
+    """Run the benchmark; print a summary and, last, one JSON line."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="end with a JSON line (always printed last)")
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--parallel", type=int, default=4, help="associations in the parallel run")
+    ap.add_argument("--receivers", type=int, default=0, help="ainode receiver processes (0: node default)")
+    ap.add_argument("--big-mb", type=int, default=1024, help="size of the large instance (0: skip)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per case; the best is reported")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ainode-bench-"))
+    try:
+        files = build_ct(work / "ct", args.slices)
+        total_mb = sum(p.stat().st_size for p in files) / 1e6
+        print(f"{len(files)} files, {total_mb:.1f} MB", file=sys.stderr)
+        result: dict = {"files": len(files), "megabytes": round(total_mb, 1), "cpu_cores": os.cpu_count(),
+                        "dcmtk_mbps": {}, "ainode_mbps": {}, "ratio": {}, "ainode_peak_rss_mib": {}}
+        for assoc in (1, args.parallel):
+            dcmtk = min(dcmtk_run(files, assoc, work) for _ in range(args.repeat))
+            runs = [ainode_run(files, assoc, work, args.receivers) for _ in range(args.repeat)]
+            ours, rss = min(r[0] for r in runs), max(r[1] for r in runs)
+            key = str(assoc)
+            result["dcmtk_mbps"][key] = round(total_mb / dcmtk, 1)
+            result["ainode_mbps"][key] = round(total_mb / ours, 1)
+            result["ratio"][key] = round(dcmtk / ours, 2)
+            result["ainode_peak_rss_mib"][key] = round(rss / 1024, 1)
+            print(f"{assoc} association(s): DCMTK {total_mb / dcmtk:.1f} MB/s, ainode {total_mb / ours:.1f} MB/s "
+                  f"(ratio {dcmtk / ours:.2f})", file=sys.stderr)
+        if args.big_mb:
+            result["large_instance"] = big_instance_run(work, args.big_mb, args.receivers)
+            print(f"large instance: {result['large_instance']}", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
