@@ -207,6 +207,7 @@ def run_diagnostic(job: Job, inputs: list[tuple[str, str, Path]], attempt: int) 
 def run_model_job(settings: Settings, job: Job, inputs: list[tuple[str, str, Path]]) -> tuple[list[Path], dict[str, Any]]:
     """The real path: load the series as a volume, run the analysis, write DICOM results."""
     from workers.imaging import load_series
+    from workers.registry import AnalysisError
     from workers.registry import run_analysis as run_registered
     from node.settings import CapabilityProfile
     from workers.results import write_results
@@ -222,8 +223,11 @@ def run_model_job(settings: Settings, job: Job, inputs: list[tuple[str, str, Pat
     for series_uid, sop_uid, path in inputs:
         by_series.setdefault(series_uid, []).append((sop_uid, path))
     series_uid, members = max(by_series.items(), key=lambda item: len(item[1]))
-    volume = load_series([p for _, p in members])
-    findings = run_registered(job.analysis, volume, job.params_dict())
+    try:
+        volume = load_series([p for _, p in members])
+        findings = run_registered(job.analysis, volume, job.params_dict(), settings=settings)
+    except AnalysisError as err:  # unknown analysis, or data it does not accept: a re-run cannot help
+        raise PermanentJobError(str(err)) from err
     context = ResultContext(
         job_key=job.key, output_dir=Path(settings.storage.path) / "results" / f"job-{job.id}",
         destinations=[settings.destination(n).capabilities for n in job.destination_names()
