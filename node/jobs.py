@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
 
@@ -257,19 +258,33 @@ class EmbeddedWorker:
         env = dict(os.environ, AINODE_SETTINGS_JSON=self.settings.model_dump_json())
         cmd = [sys.executable, "-m", "workers.tasks", str(job_id)]
         self._child = subprocess.Popen(cmd, env=env)
-        try:
-            self._child.wait(timeout=hard)
-        except subprocess.TimeoutExpired:
-            self._child.kill()
-            self._child.wait()
-            from workers.tasks import mark_time_limit_exceeded
+        # The hard limit counts from the moment the child claims the job, not from its start-up
+        # (importing the analysis stack can take seconds on a busy machine).
+        started: float | None = None
+        while self._child.poll() is None:
+            if self._stop.wait(0.2):
+                self._child.kill()
+                self._child.wait()
+                return
+            if started is None and self._claimed_by(job_id, self._child.pid):
+                started = time.monotonic()
+            if started is not None and time.monotonic() - started > hard:
+                self._child.kill()
+                self._child.wait()
+                from workers.tasks import mark_time_limit_exceeded
 
-            mark_time_limit_exceeded(self.settings, job_id, hard, soft=False)
-        if self._child.returncode not in (0, None) and not self._stop.is_set():
+                mark_time_limit_exceeded(self.settings, job_id, hard, soft=False)
+                return
+        if self._child.returncode != 0:
             log.warning("embedded job %s child exited with %s", job_id, self._child.returncode)
             from workers.tasks import release_crashed_job
 
             release_crashed_job(self.settings, job_id, f"worker process exited with {self._child.returncode}")
+
+    def _claimed_by(self, job_id: int, pid: int) -> bool:
+        with session_scope(engine_for(self.settings.database.url)) as session:
+            job = session.get(Job, job_id)
+            return job is not None and job.state == RUNNING and job.worker.endswith(f":{pid}")
 
 
 def start_services(settings: Settings) -> list[Callable[[], None]]:

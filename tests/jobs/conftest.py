@@ -130,11 +130,20 @@ class RedisServer:
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def _redis_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def redis_server(_redis_process: RedisServer) -> RedisServer:
+    """The module's private Redis, running and empty (job ids restart at 1 in every test's database)."""
+    if _redis_process.proc is None or _redis_process.proc.poll() is not None:
+        _redis_process.start()
+    _redis_process.flushall()
+    return _redis_process
 
 
 def env_for_children() -> dict[str, str]:

@@ -89,9 +89,10 @@ def test_broker_flushed_with_jobs_queued_every_job_completes_once(make_settings,
     jobs = [_route(settings, f"1.2.4.4{i}", "FLUSH")[0] for i in range(4)]
     assert all(j.published_at for j in jobs)
     redis_server.flushall()  # the broker forgets every queued message
-    workers(node_dir / "ainode.yaml")
+    worker = workers(node_dir / "ainode.yaml")
     assert wait_for(lambda: reconciler.reconcile(settings) >= 0 and
-                    all(_job(settings, j.id).state == "succeeded" for j in jobs), 180, interval=1.0)
+                    all(_job(settings, j.id).state == "succeeded" for j in jobs), 180, interval=1.0), \
+        str([(j.id, _job(settings, j.id).state, _job(settings, j.id).error) for j in jobs]) + worker.output()[-3000:]
     lines = record.read_text().splitlines()
     assert sorted(int(line.split()[1]) for line in lines) == sorted(j.id for j in jobs)  # each exactly once
 
