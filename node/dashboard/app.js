@@ -36,7 +36,7 @@ const STAGES = ["receiving", "completion", "routing", "queue_wait", "analysis", 
 async function overview() {
   const [o, studies] = await Promise.all([api("/api/overview"), api("/api/studies?limit=50")]);
   document.getElementById("node-name").textContent = `${o.node.ae_title} · port ${o.node.port} · broker ${o.node.broker}`;
-  const flow = ["received", "ready", "queued", "running", "delivered", "failed"]
+  const flow = ["received", "ready", "queued", "running", "delivered", "done", "failed", "unrouted"]
     .map(p => `<div class="phase ${p}" id="phase-${p}"><b>${o.phases[p] || 0}</b>${p}</div>`).join("");
   const rows = studies.map(s => `<tr class="study-row" data-phase="${esc(s.phase)}">
       <td><a href="#/study/${encodeURIComponent(s.study_uid)}">${esc(s.description || s.study_uid)}</a></td>
@@ -60,7 +60,7 @@ async function study(uid) {
       <td><button data-act="rerun" data-id="${j.id}">Re-run</button>${["dead", "failed"].includes(j.state) ? ` <button data-act="retry" data-id="${j.id}">Retry</button>` : ""}</td></tr>`);
   const dels = s.deliveries.map(d => `<tr><td>${d.id}</td><td>${esc(d.destination)}</td><td>${esc(d.kind)}</td><td>${badge(d.state)}</td>
       <td>${d.retries}</td><td>${esc(d.last_status)}</td><td class="error">${esc(d.reason)}</td></tr>`);
-  const slices = s.key_slices.map(k => `<figure><img class="key-slice" alt="slice ${k}" src="/api/studies/${encodeURIComponent(uid)}/slices/${k}.png"><figcaption>slice ${k}</figcaption></figure>`);
+  const slices = s.key_slices.map(k => `<figure><img class="key-slice" alt="slice ${k}" data-src="/api/studies/${encodeURIComponent(uid)}/slices/${k}.png"><figcaption>slice ${k}</figcaption></figure>`);
   view.innerHTML = `
     <section><h2>Study ${esc(s.description || "")} ${badge(s.phase)}</h2><p>${esc(s.study_uid)} · ${s.instances} instances from ${esc(s.calling_ae)} · ready: ${esc(s.ready_reason)}</p>
       ${table(STAGES, [`<tr id="timings">${STAGES.map(k => `<td>${secs(s.timings_s[k])}</td>`).join("")}</tr>`])}</section>
@@ -68,6 +68,11 @@ async function study(uid) {
     <section><h2>Jobs</h2>${table(["#", "Rule", "Analysis", "State", "Attempts", "Worker", "Model", "Error", ""], jobs)}</section>
     <section><h2>Deliveries</h2>${table(["#", "Destination", "Object", "State", "Retries", "Status", "Reason"], dels)}
       <button id="resend">Re-send results</button></section>`;
+  // <img> cannot send the bearer token: fetch each PNG with it and show the blob.
+  view.querySelectorAll("img.key-slice").forEach(async img => {
+    const res = await fetch(img.dataset.src, { headers: headers() });
+    if (res.ok) img.src = URL.createObjectURL(await res.blob());
+  });
   view.querySelectorAll("button[data-act]").forEach(b => b.addEventListener("click", () => action(`/api/jobs/${b.dataset.id}/${b.dataset.act}`)));
   document.getElementById("resend").addEventListener("click", () => action(`/api/studies/${encodeURIComponent(uid)}/resend`));
 }
