@@ -171,7 +171,7 @@ def test_pacs(folder: Path) -> Any:
 # --- the node -----------------------------------------------------------------------------------
 
 
-def node_config(workdir: Path, pacs_port: int) -> dict[str, Any]:
+def node_config(workdir: Path, pacs_port: int, analysis: str = ANALYSIS) -> dict[str, Any]:
     """Embedded defaults on loopback, with one rule sending CT segmentations to the test PACS."""
     return {
         "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": free_port(), "receivers": 1},
@@ -182,7 +182,7 @@ def node_config(workdir: Path, pacs_port: int) -> dict[str, Any]:
         "destinations": [{"name": "test-pacs", "ae_title": PACS_AE, "host": "127.0.0.1", "port": pacs_port,
                           "retry_initial_s": 1, "retry_max_s": 10}],
         "timers": {"series_quiet_s": 2, "study_quiet_s": 3},
-        "rules": [{"name": "ct-organs", "match": {"modality": "CT"}, "analyses": [ANALYSIS],
+        "rules": [{"name": "ct-organs", "match": {"modality": "CT"}, "analyses": [analysis],
                    "priority": "stat", "destinations": ["test-pacs"]}],
         "api": {"host": "127.0.0.1", "port": free_port()},
         "audit": {"path": str(workdir / "audit.log")},
@@ -330,24 +330,24 @@ def write_key_slice(config_path: Path, study_uid: str, target: Path) -> int | No
     return k
 
 
-def run_demo(out: Path | None, workdir: Path | None) -> int:
-    """Run the demo; 0 when every result object reached the test PACS."""
+def run_demo(out: Path | None, workdir: Path | None, analysis: str = ANALYSIS) -> int:
+    """Run the demo with ``analysis`` on CT; 0 when every result object reached the test PACS."""
     own_folder = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ainode-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     console.rule("ainode demo")
     console.print(f"work folder: {workdir}")
-    from workers.registry import get_analysis
+    from workers.registry import available_analyses
 
-    weights = getattr(get_analysis(ANALYSIS), "weights", None)
+    weights = getattr(available_analyses().get(analysis), "weights", None)
     if weights is not None and not Path(weights).exists():
-        console.print(f"{ANALYSIS} has no trained weights at {weights}; run `ainode train {ANALYSIS}` first", style="red")
+        console.print(f"{analysis} has no trained weights at {weights}; train it first (`ainode train`)", style="red")
         return 1
     pacs = node = None
     try:
         pacs = test_pacs(workdir / "pacs")
         console.print(f"test PACS: {pacs.name} ({PACS_AE} on port {pacs.dicom_port})")
-        node = DemoNode(workdir, node_config(workdir, pacs.dicom_port))
+        node = DemoNode(workdir, node_config(workdir, pacs.dicom_port, analysis))
         node.start()
         console.print(f"node: AINODE on port {node.config['node']['port']}, dashboard {node.api}/dashboard/")
         study_uid, paths = make_study(workdir / "phantom")

@@ -1,0 +1,52 @@
+"""`ainode demo --out DIR` end to end: Orthanc as the test PACS, the real model, results checked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+from PIL import Image
+
+from tests.helpers import REPO_ROOT
+from tests.results.validators import dciodvfy_errors
+
+pytestmark = pytest.mark.slow
+
+SEG, COMPREHENSIVE_3D_SR, KOS = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def test_demo_delivers_every_result_to_the_test_pacs(tmp_path: Path):
+    from workers.models.segmentation import WEIGHTS
+
+    if not WEIGHTS.exists():
+        pytest.skip(f"the ct-segmentation weights are not in this checkout ({WEIGHTS}); `ainode train` makes them")
+    out = tmp_path / "demo-out"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "node.cli", "demo", "--out", str(out), "--workdir", str(tmp_path / "work")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "Timeline per stage" in proc.stderr and "all " in proc.stderr
+    objects = sorted(out.glob("*.dcm"))
+    classes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in objects}
+    assert {SEG, KOS} <= classes and any(c.startswith("1.2.840.10008.5.1.4.1.1.88.") and c != KOS for c in classes)
+    for path in objects:
+        assert dciodvfy_errors(path) == [], path
+        # Results go back into the source study (IHE AIR), which is the phantom's.
+        assert pydicom.dcmread(path, stop_before_pixels=True).PatientID == "DEMO0001"
+    png = Image.open(out / "key-slice.png")
+    assert png.size[0] >= 256 and png.mode == "RGB"
+    # The overlay is drawn: some pixels are coloured (grey CT pixels have R == G == B).
+    pixels = png.get_flattened_data() if hasattr(png, "get_flattened_data") else png.getdata()
+    assert sum(1 for r, g, b in pixels if not (r == g == b)) > 50
+
+
+def test_demo_fails_when_the_test_pacs_gets_nothing(tmp_path: Path, capsys):
+    """A demo whose analysis produces no result objects must say so and exit non-zero."""
+    from node.demo import run_demo
+
+    assert run_demo(None, tmp_path / "work", analysis="count-instances") == 1
+    assert "the node produced no result objects" in capsys.readouterr().err.replace("\n", " ")
