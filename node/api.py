@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import shutil
+import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -604,17 +605,9 @@ def workers_data(settings: Settings, engine: Any) -> dict[str, Any]:
                                    .where(jobs.Job.worker == worker, jobs.Job.state == "running")) or 0
                 seen.append({"worker": worker, "last_heartbeat": iso(beat), "jobs": n, "running": running,
                              "analyses": analyses})
-    gpus: list[dict[str, Any]] = []
-    try:
-        import torch
+    from node.metrics import gpu_status
 
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                free, total = torch.cuda.mem_get_info(i)
-                gpus.append({"index": i, "name": torch.cuda.get_device_name(i), "memory_used_bytes": total - free,
-                             "memory_total_bytes": total})
-    except Exception:  # noqa: BLE001 - no torch or no driver: no GPUs to show
-        pass
+    gpus = gpu_status()
     return {"workers": seen, "gpus": gpus, "analyses": _installed_analyses(settings),
             "mode": "embedded" if not settings.broker.url else "celery"}
 
@@ -677,4 +670,8 @@ def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], No
                                             source_host="", destination_ae=settings.node.ae_title)
         first[0] = False
 
-    return [("audit-arrivals", 2.0, audit_arrivals)]
+    from node.metrics import record_gpu
+
+    host = socket.gethostname()
+    # The embedded worker runs on this machine: its GPUs' memory and utilisation go to /metrics.
+    return [("audit-arrivals", 2.0, audit_arrivals), ("gpu-sample", 15.0, lambda: record_gpu(host))]

@@ -60,22 +60,51 @@ AUDIT_DROPPED = Counter("ainode_audit_messages_dropped", "Audit messages dropped
 API_REQUESTS = Counter("ainode_api_requests", "Admin API requests by method and status", ["method", "status"])
 
 
-def record_gpu(worker: str) -> None:
-    """Sample this process's CUDA memory into the GPU gauges (no-op without CUDA)."""
-    try:
-        import torch
-    except ImportError:
-        return
-    if not torch.cuda.is_available():
-        return
-    for index in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(index)
-        GPU_MEMORY_USED.labels(worker, str(index)).set(total - free)
-        GPU_MEMORY_TOTAL.labels(worker, str(index)).set(total)
+NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=index,name,memory.used,memory.total,utilization.gpu",
+                    "--format=csv,noheader,nounits"]
+
+
+def parse_nvidia_smi(text: str) -> list[dict[str, Any]]:
+    """Rows of ``nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu`` (MiB, %)."""
+    gpus = []
+    for line in text.strip().splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 5:
+            continue
+        index, name, used, total, util = fields
         try:
-            GPU_UTILISATION.labels(worker, str(index)).set(torch.cuda.utilization(index) / 100.0)
-        except Exception:  # noqa: BLE001 - utilisation needs pynvml; memory is still useful
-            pass
+            gpus.append({"index": int(index), "name": name, "memory_used_bytes": int(float(used)) * 1024**2,
+                         "memory_total_bytes": int(float(total)) * 1024**2,
+                         "utilisation": float(util) / 100.0 if util.replace(".", "").isdigit() else None})
+        except ValueError:
+            continue
+    return gpus
+
+
+def gpu_status() -> list[dict[str, Any]]:
+    """This machine's GPUs from nvidia-smi (no CUDA context is created); [] without NVIDIA driver."""
+    import shutil
+    import subprocess
+
+    if shutil.which(NVIDIA_SMI_QUERY[0]) is None:
+        return []
+    try:
+        out = subprocess.run(NVIDIA_SMI_QUERY, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_nvidia_smi(out.stdout) if out.returncode == 0 else []
+
+
+def record_gpu(worker: str) -> list[dict[str, Any]]:
+    """Sample this machine's GPUs into the GPU gauges (labelled with ``worker``); returns them."""
+    gpus = gpu_status()
+    for gpu in gpus:
+        device = str(gpu["index"])
+        GPU_MEMORY_USED.labels(worker, device).set(gpu["memory_used_bytes"])
+        GPU_MEMORY_TOTAL.labels(worker, device).set(gpu["memory_total_bytes"])
+        if gpu["utilisation"] is not None:
+            GPU_UTILISATION.labels(worker, device).set(gpu["utilisation"])
+    return gpus
 
 
 # --- numbers from the database ---------------------------------------------------------------
