@@ -176,6 +176,26 @@ def big_instance_run(work: Path, megabytes: int, receivers: int) -> dict[str, fl
             "peak_rss_over_size": round(peak * 1024 / size, 2)}
 
 
+def fsync_latency_ms(folder: Path, rounds: int = 20, size: int = 512 * 1024) -> float:
+    """Median cost of the durable-write recipe for one slice on this disk, in the same run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    payload, times = os.urandom(size), []
+    for i in range(rounds):
+        start = time.perf_counter()
+        tmp, final = folder / f"{i}.part", folder / f"{i}.dcm"
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        fd = os.open(folder, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        times.append(time.perf_counter() - start)
+    shutil.rmtree(folder, ignore_errors=True)
+    return round(float(np.median(times)) * 1000, 2)
+
+
 def main() -> int:
     """Run the benchmark; print a summary and, last, one JSON line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +214,8 @@ def main() -> int:
         print(f"{len(files)} files, {total_mb:.1f} MB", file=sys.stderr)
         result: dict = {"files": len(files), "megabytes": round(total_mb, 1), "cpu_cores": os.cpu_count(),
                         "dcmtk_mbps": {}, "ainode_mbps": {}, "ratio": {}, "ainode_peak_rss_mib": {}}
+        result["durable_write_ms_median"] = fsync_latency_ms(work / "fsync")
+        result["load_average_1min"] = round(os.getloadavg()[0], 2)
         for assoc in (1, args.parallel):
             dcmtk = min(dcmtk_run(files, assoc, work) for _ in range(args.repeat))
             runs = [ainode_run(files, assoc, work, args.receivers) for _ in range(args.repeat)]

@@ -31,7 +31,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom import uid as dcm_uid
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, _config, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -76,8 +76,9 @@ TRANSFER_SYNTAXES = [
     dcm_uid.HTJ2K,
 ]
 
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1432.1.0"
-IMPLEMENTATION_VERSION = "AINODE_010"
+# The file meta names the implementation that received the data (as the conformance statement).
+IMPLEMENTATION_CLASS_UID = PYNETDICOM_IMPLEMENTATION_UID
+IMPLEMENTATION_VERSION = PYNETDICOM_IMPLEMENTATION_VERSION
 
 # The header fields the index needs: everything else stays unparsed.
 HEADER_KEYWORDS = (
