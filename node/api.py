@@ -28,7 +28,7 @@ from typing import Any, Callable
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from node import audit
@@ -668,7 +668,37 @@ def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], No
             if not first[0]:  # studies completed before this start were audited by the last run
                 audit.instances_transferred(imported=True, study_uid=uid, instances=count, source_ae=calling,
                                             source_host="", destination_ae=settings.node.ae_title)
+        audit_exports(first[0])
         first[0] = False
+
+    sent: set[tuple[str, str, str]] = set()
+
+    def audit_exports(quiet: bool) -> None:
+        # Result objects that reached a destination: one Instances Transferred (export) message per
+        # job, destination and study, once all of that group's objects are delivered.
+        dispatcher = _dispatcher_module()
+        if dispatcher is None:
+            return
+        D = dispatcher.Delivery
+        with session_scope(engine_for(settings.database.url)) as s:
+            groups = s.execute(select(D.job_id, D.destination, D.study_instance_uid, func.count(),
+                                      func.sum(case((D.state == "delivered", 1), else_=0)))
+                               .group_by(D.job_id, D.destination, D.study_instance_uid)).all()
+        for job_id, destination, study_uid, total, delivered in groups:
+            key = (str(job_id), destination, study_uid)
+            if key in sent or delivered != total:
+                continue
+            sent.add(key)
+            if quiet:
+                continue
+            try:
+                dest = settings.destination(destination)
+                dest_ae, dest_host = dest.ae_title or dest.url or destination, dest.host or ""
+            except KeyError:
+                dest_ae, dest_host = destination, ""
+            audit.instances_transferred(imported=False, study_uid=study_uid, instances=int(total),
+                                        source_ae=settings.node.ae_title, source_host=socket.gethostname(),
+                                        destination_ae=dest_ae, destination_host=dest_host)
 
     from node.metrics import record_gpu
 

@@ -37,6 +37,10 @@ def test_demo_delivers_every_result_to_the_test_pacs(tmp_path: Path):
         assert dciodvfy_errors(path) == [], path
         # Results go back into the source study (IHE AIR), which is the phantom's.
         assert pydicom.dcmread(path, stop_before_pixels=True).PatientID == "DEMO0001"
+    # The node's audit trail: application start and stop, and the phantom study's arrival.
+    trail = (tmp_path / "work" / "audit.log").read_text()
+    assert trail.count('csd-code="110100"') == 2 and 'EventActionCode="C" ' in trail and 'csd-code="110104"' in trail
+    assert "Demo^Phantom" not in trail and "DEMO0001" not in trail
     png = Image.open(out / "key-slice.png")
     assert png.size[0] >= 256 and png.mode == "RGB"
     # The overlay is drawn: some pixels are coloured (grey CT pixels have R == G == B).
