@@ -235,10 +235,20 @@ class EmbeddedWorker:
     def _next_job(self) -> int | None:
         stale = utcnow() - timedelta(seconds=self.settings.jobs.heartbeat_timeout_s)
         with session_scope(engine_for(self.settings.database.url)) as session:
-            return session.scalar(
+            waiting = session.scalar(
                 select(Job.id).where(or_(Job.state.in_((QUEUED, RETRYING)),
                                          (Job.state == RUNNING) & (Job.heartbeat_at < stale)))
                 .where(Job.queue == ANALYSIS_QUEUE).order_by(Job.priority_rank, Job.id).limit(1))
+            if waiting is not None:
+                return waiting
+            # A job whose child died with the node (kill -9, power cut) need not wait for the heartbeat
+            # timeout: its process is known to be gone.
+            from workers.tasks import _owner_gone
+
+            for job_id, worker in session.execute(select(Job.id, Job.worker).where(Job.state == RUNNING)):
+                if _owner_gone(worker):
+                    return job_id
+        return None
 
     def _loop(self) -> None:
         while not self._stop.is_set():

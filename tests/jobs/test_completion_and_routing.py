@@ -20,7 +20,8 @@ CT_RULE = {"name": "ct-count", "match": {"modality": "CT"}, "analyses": ["count-
 def _study(settings, uid):
     with session_scope(engine_for(settings.database.url)) as session:
         study = session.scalar(select(Study).where(Study.study_uid == uid))
-        session.expunge(study)
+        if study is not None:
+            session.expunge(study)
         return study
 
 
@@ -224,3 +225,23 @@ def test_status_summary_counts_jobs_and_lists_dead_ones(make_settings):
         summary = status_summary(session)
     assert summary["jobs"]["dead"] == 1 and summary["jobs"]["queued"] == 0
     assert summary["dead"][0]["error"].startswith("RuntimeError: boom")
+
+
+def test_high_water_mark_removes_the_oldest_finished_studies_first(make_settings):
+    # A mark no disk is below: every finished study goes, oldest first; one still waiting stays.
+    settings = make_settings(rules=[CT_RULE], storage={"path": "store", "high_water_mark": 0.000001,
+                                                       "retention_days": 0})
+    for uid, age in (("1.2.3.201", 50), ("1.2.3.202", 40)):
+        add_study(settings, study_uid=uid, age=timedelta(seconds=age))
+    add_study(settings, study_uid="1.2.3.203", age=timedelta(seconds=0))
+    assembler.tick(settings)
+    with session_scope(engine_for(settings.database.url)) as session:
+        for job in session.scalars(select(Job)):
+            job.state = "succeeded"
+        for study in session.scalars(select(Study).where(Study.state == "routed")):
+            study.state = "done"
+    assert retention.apply_retention(settings) == {"unrouted": 0, "expired": 0, "high_water": 2}
+    assert _study(settings, "1.2.3.201") is None and _study(settings, "1.2.3.202") is None
+    assert _study(settings, "1.2.3.203").state == "received"
+    # The jobs stay as the record of what ran; they no longer point at removed rows.
+    assert {j.study_pk for j in _jobs(settings)} == {None}

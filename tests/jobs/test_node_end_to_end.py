@@ -173,3 +173,27 @@ def test_rules_reload_on_sighup_without_restarting_the_node(tmp_path):
                                 cwd=ROOT, env=env_for_children(), capture_output=True, text=True, timeout=300)
         report = json.loads(status.stdout)
         assert report["jobs"]["jobs"]["succeeded"] == 1 and report["assembler"]["studies_done"] == 1
+
+
+def test_node_killed_mid_job_reruns_it_after_restart(tmp_path):
+    # Embedded worker, a one-hour heartbeat timeout: the re-run comes from knowing the old
+    # process is gone, not from waiting out the timeout.
+    record = tmp_path / "completions.txt"
+    node = NodeProcess(tmp_path / "node", {
+        "rules": [{"name": "ct-sleep", "match": {"modality": "CT"},
+                   "analyses": [{"name": "sleep", "params": {"seconds": 4, "record": str(record)}}]}],
+        "timers": {"series_quiet_s": 1, "study_quiet_s": 2},
+        "jobs": {"heartbeat_timeout_s": 3600}})
+    node.start()
+    try:
+        study = make_ct_study(tmp_path / "study", 2)
+        storescu(node, tmp_path / "study")
+        uid = study[0].StudyInstanceUID
+        assert wait_for(lambda: [s for s, *_ in job_states(node, uid)] == ["running"], 180), node.log_text()[-3000:]
+        node.kill()
+        node.start()
+        assert wait_for(lambda: [s for s, *_ in job_states(node, uid)] == ["succeeded"], 180), node.log_text()[-3000:]
+        [(state, attempts, result)] = job_states(node, uid)
+        assert attempts == 2 and len(record.read_text().splitlines()) == 1
+    finally:
+        node.stop()
