@@ -39,7 +39,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from node import metrics, store
+from node import audit, metrics, store
 from node.index import Instance, Patient, Series, Study, utcnow
 from node.settings import Peer, Settings
 
@@ -578,6 +578,10 @@ class Receiver:
 
     def _reject(self, assoc: Any, result: int, source: int, diagnostic: int) -> None:
         metrics.ASSOCIATIONS.labels("rejected").inc()
+        if result == 0x01:  # permanent: a peer we do not know (limits are transient, not security)
+            audit.security_alert(audit.NODE_AUTHENTICATION, user=str(assoc.requestor.primitive.calling_ae_title).strip(),
+                                 address=str(assoc.requestor.address), outcome=audit.MINOR_FAILURE,
+                                 detail="association rejected: calling AE title or address not allowed")
         assoc.acse.send_reject(result, source, diagnostic)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()

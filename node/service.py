@@ -100,6 +100,9 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     dispose_engines()  # connections are never shared across fork
     from node.receiver import Receiver
 
+    from node import audit
+
+    audit.configure(settings.audit, settings.node.ae_title)  # refused peers are Security Alerts
     receiver = Receiver(settings, engine_for(settings.database.url), slots, row, mpps_handlers(settings))
     try:
         server = receiver.start()
@@ -112,6 +115,7 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     server.shutdown()
     _drain(server)
     receiver.committer.stop()
+    audit.trail().close(timeout=1.0)
     dispose_engines()
     logging.shutdown()
     os._exit(0)

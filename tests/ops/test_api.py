@@ -104,6 +104,9 @@ def test_metrics_after_a_push(running_node, tmp_path: Path):
     echo = subprocess.run(["echoscu", "-aet", "STRANGER", "-aec", "AINODE", "127.0.0.1", str(node.port)],
                           capture_output=True, text=True)
     assert echo.returncode != 0
+    assert wait_for(lambda: 'UserID="STRANGER"' in audit_text(node), 30), audit_text(node)[-2000:]
+    alert = next(line for line in audit_text(node).splitlines() if 'UserID="STRANGER"' in line)
+    assert 'csd-code="110113"' in alert and 'csd-code="110126"' in alert and 'EventOutcomeIndicator="4"' in alert
     wait_phase(client, uid, ("done",))
     text = client.get("/metrics").decode()
     assert metric(text, "ainode_instances_received_total") == 4.0, text[:3000]
