@@ -531,6 +531,18 @@ class ReusePortServer(ThreadedAssociationServer):
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; with TLS the handshake happens later, on the association's thread.
+
+        pynetdicom wraps the socket with an immediate handshake in the accept loop, so one peer
+        that connects and sends nothing would stall every other connection to this receiver.
+        """
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client.settimeout(self.ae.acse_timeout)  # a silent TLS peer cannot hold a thread forever
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
 
 @dataclass
 class Receiver:

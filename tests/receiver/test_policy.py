@@ -188,3 +188,19 @@ def test_index_on_postgresql(tmp_path):
         dispose_engines()
         with psycopg.connect("host=127.0.0.1 user=postgres dbname=test", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_silent_tls_peer_does_not_block_others(tmp_path, tls_files):
+    import socket
+
+    (server_crt, server_key), client = tls_files
+    tls = {"enabled": True, "certificate": str(server_crt), "private_key": str(server_key)}
+    with NodeProcess(tmp_path / "n", {"node": {"tls": tls, "receivers": 1}}) as node:
+        silent = socket.create_connection(("127.0.0.1", node.port))  # connects, never says hello
+        try:
+            assoc = _open(node, "PYNETDICOM", _client_context(server_crt))
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+        finally:
+            silent.close()
