@@ -67,6 +67,18 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _flat(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    # Nested summaries (jobs by state, deliveries by destination) read best as dotted rows.
+    rows: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows.extend(_flat(value, name + "."))
+        else:
+            rows.append((name, value))
+    return rows
+
+
 def print_status(settings: Settings, as_json: bool) -> int:
     """Print the status (a table, or JSON with --json); 0 on success."""
     report = collect_status(settings)
@@ -79,7 +91,7 @@ def print_status(settings: Settings, as_json: bool) -> int:
     table.add_column("item")
     table.add_column("value", justify="right")
     for section, values in report.items():
-        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+        for key, value in _flat(values if isinstance(values, dict) else {"": values}):
             if key.endswith("bytes") and isinstance(value, int):
                 value = _human(value)
             table.add_row(section, str(key), str(value))
