@@ -3,7 +3,7 @@
 Two sources make up ``/metrics`` (served by ``node.api``):
 
 1. **Live instruments** defined here with prometheus-client (``ASSOCIATIONS``, ``INSTANCES_RECEIVED``,
-   ``STAGE_SECONDS``...). Stages import and increment them. ``ainode serve`` forks receiver
+   ``BYTES_RECEIVED``, ``STAGE_SECONDS``, GPU gauges...). Stages import and increment them. ``ainode serve`` forks receiver
    processes, so `ainode serve` sets ``PROMETHEUS_MULTIPROC_DIR`` to a fresh private folder before
    prometheus-client is first imported (node/cli.py): every process of the node, receivers and
    embedded job processes included, writes its samples there (prometheus multiprocess mode) and
@@ -11,7 +11,8 @@ Two sources make up ``/metrics`` (served by ``node.api``):
    they are scraped on their own (see docs/operations.md).
 2. **The database** (``DatabaseCollector``): instances and bytes stored, jobs per state and
    priority (queue depth), deliveries and their retries, and stage latencies computed from the
-   timestamps every stage already records. These survive restarts and are exact across any number
+   timestamps every stage already records. Job outcomes and delivery retries are counted only
+   here: the rows are the truth, and workers on other machines need no metrics path to the node. These survive restarts and are exact across any number
    of receiver processes and machines, so they are the numbers to alert on; names end in
    ``_stored``/``_total`` as Prometheus conventions ask.
 """
@@ -44,12 +45,10 @@ ASSOCIATIONS = Counter("ainode_associations", "DICOM associations requested, by 
                        ["outcome"])  # outcome: accepted | rejected
 INSTANCES_RECEIVED = Counter("ainode_instances_received", "Instances acknowledged with C-STORE Success")
 BYTES_RECEIVED = Counter("ainode_bytes_received", "Bytes of instances acknowledged with Success")
-STORE_FAILURES = Counter("ainode_store_failures", "C-STORE requests answered with a failure status", ["status"])
-STAGE_SECONDS = Histogram("ainode_stage_seconds", "Time spent in one pipeline stage (live)", ["stage"],
+# Live latency of work done inside the node's processes, e.g. stage="store": C-STORE data set
+# received -> durable on disk and indexed (the time before we may answer Success).
+STAGE_SECONDS = Histogram("ainode_stage_seconds", "Time spent in one pipeline step (live)", ["stage"],
                           buckets=LATENCY_BUCKETS)
-JOB_OUTCOMES = Counter("ainode_job_outcomes", "Job attempts that ended, by outcome and analysis",
-                       ["outcome", "analysis"])
-DELIVERY_RETRIES = Counter("ainode_delivery_retries", "Delivery attempts that will be retried", ["destination"])
 GPU_MEMORY_USED = Gauge("ainode_gpu_memory_used_bytes", "GPU memory in use on a worker", ["worker", "device"],
                         multiprocess_mode="livemax")
 GPU_MEMORY_TOTAL = Gauge("ainode_gpu_memory_total_bytes", "GPU memory of a worker's device", ["worker", "device"],

@@ -635,6 +635,10 @@ class Receiver:
             return _status(PROCESSING_FAILURE, "internal error")
 
     def _store(self, event: Any) -> int | Dataset:
+        with metrics.STAGE_SECONDS.labels("store").time():
+            return self._store_timed(event)
+
+    def _store_timed(self, event: Any) -> int | Dataset:
         req = event.request
         sop_class, sop_instance = str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or "")
         if not (store.valid_uid(sop_class) and store.valid_uid(sop_instance)):

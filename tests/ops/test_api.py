@@ -116,6 +116,7 @@ def test_metrics_after_a_push(running_node, tmp_path: Path):
     assert metric(text, "ainode_associations_total", 'outcome="accepted"') >= 1
     assert metric(text, "ainode_associations_total", 'outcome="rejected"') >= 1
     assert metric(text, "ainode_instances_stored") == 4.0
+    assert metric(text, "ainode_stage_seconds_count", 'stage="store"') == 4.0
     assert metric(text, "ainode_jobs", 'state="succeeded"') == 1.0
     assert metric(text, "ainode_queue_depth", 'priority="routine"') == 0.0
     assert metric(text, "ainode_pipeline_stage_seconds_count", 'stage="analysis"') == 1.0
