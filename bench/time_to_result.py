@@ -1,0 +1,256 @@
+"""Benchmark: time from the last acknowledged instance of a study to every result stored in the PACS.
+
+Runs the node as deployed (`ainode serve`, a private Redis, one warm `ainode worker`) with Orthanc
+as the PACS, pushes a 300-slice phantom CT over DICOM with MPPS (pynetdicom as the modality), and
+measures from the last C-STORE response to the last result object acknowledged by Orthanc
+(outbox rows' ``delivered_at``), split by stage:
+
+- ready:     last acknowledgement → study ready (MPPS COMPLETED, index ``ready_at``)
+- queued:    ready → job started on the worker (routing, job row, Celery message)
+- load / inference / write: the job's run on the worker, split in the proportions measured by
+  replaying the same analysis in this process (the node records only the job's total run time)
+- deliver:   job finished → last result acknowledged by the PACS
+
+Peer comparison in the same run: DCMTK storescu sending the same result files to the same Orthanc
+(the floor for the deliver stage), and storescu pushing the source study to Orthanc.
+
+The last line printed is JSON: {"time_to_result_s", "stages", "device", ...}.
+Usage: python bench/time_to_result.py [--json] [--slices 300] [--size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+import yaml
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from completion import _epoch, free_port, push, wait_port  # noqa: E402  (sibling benchmark helpers)
+
+ANALYSIS = "ct-segmentation"
+
+
+def device_name() -> str:
+    """The accelerator the worker uses, else the CPU."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda: {torch.cuda.get_device_name(0)}"
+    except Exception:  # noqa: BLE001 - no torch: CPU
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu} x {os.cpu_count()} cores"
+
+
+def write_phantom(slices: int, size: int, seed: int = 7) -> list[Path]:
+    """The phantom CT study as DICOM files, rendered once and kept in the temp folder.
+
+    Rendering 300 slices takes minutes on a small CPU and is not part of the measurement; the
+    study is re-pushed with fresh UIDs on every run so the node never sees it as a duplicate.
+    """
+    from workers import phantoms
+
+    folder = Path(tempfile.gettempdir()) / f"ainode-phantom-{slices}x{size}x{size}-{seed}"
+    done = folder / "complete"
+    if not done.exists():
+        spacing = (375.0 / slices, 384.0 / size, 384.0 / size)
+        phantom = phantoms.make_ct_phantom(seed, shape=(slices, size, size), spacing=spacing)
+        phantoms.write_ct_series(phantom, folder)
+        done.write_text("ok")
+    return sorted(folder.glob("*.dcm"))
+
+
+def fresh_uids(files: list[Path]) -> list[pydicom.Dataset]:
+    """The study read back with new study/series/instance UIDs (a new acquisition each run)."""
+    from pydicom.uid import generate_uid
+
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        out.append(ds)
+    return out
+
+
+def start_orthanc(work: Path) -> tuple[subprocess.Popen, int, int]:
+    dicom_port, http_port = free_port(), free_port()
+    cfg = work / "orthanc.json"
+    cfg.write_text(json.dumps({
+        "Name": "bench-pacs", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
+        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [], "DicomModalities": {}}))
+    proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(http_port)
+    wait_port(dicom_port)
+    return proc, dicom_port, http_port
+
+
+def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str, float]:
+    """Epoch times of the study's stages once every outbox row of its job is delivered."""
+    engine = create_engine(db_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            job = conn.execute(text("SELECT id, state, created_at, started_at, finished_at, error FROM jobs "
+                                    "WHERE study_uid = :u ORDER BY id LIMIT 1"), {"u": study_uid}).first()
+            if job and job[1] in ("failed", "dead"):
+                raise RuntimeError(f"job {job[0]} {job[1]}: {job[5]}")
+            rows = conn.execute(text("SELECT state, delivered_at FROM deliveries WHERE job_id = :j"),
+                                {"j": str(job[0]) if job else ""}).all() if job else []
+            ready = conn.execute(text("SELECT ready_at FROM studies WHERE study_uid = :u"),
+                                 {"u": study_uid}).first()
+        if rows and all(r[0] == "delivered" for r in rows) and job[4] is not None:
+            return {"ready": _epoch(ready[0]) if ready and ready[0] else _epoch(job[2]),
+                    "created": _epoch(job[2]), "started": _epoch(job[3]), "finished": _epoch(job[4]),
+                    "delivered": max(_epoch(r[1]) for r in rows), "objects": len(rows)}
+        if rows and any(r[0] == "failed" for r in rows):
+            raise RuntimeError("a result delivery failed")
+        time.sleep(0.05)
+    raise RuntimeError("results did not arrive in time")
+
+
+def replay_split(files: list[Path], work: Path) -> dict[str, float]:
+    """load / inference / write seconds of the same analysis replayed in this process."""
+    from workers.imaging import load_series
+    from workers.registry import run_analysis
+    from workers.results import ResultContext, write_results
+
+    t0 = time.perf_counter()
+    volume = load_series(files)
+    t1 = time.perf_counter()
+    findings = run_analysis(ANALYSIS, volume, {})
+    t2 = time.perf_counter()
+    write_results(findings, ResultContext(job_key="replay", output_dir=work / "replay"))
+    t3 = time.perf_counter()
+    return {"load": t1 - t0, "inference": t2 - t1, "write": t3 - t2}
+
+
+def storescu_seconds(port: int, files: list[Path]) -> float:
+    t0 = time.perf_counter()
+    # -R: propose exactly the SOP classes of the files (SEG, SR, KOS are not in the default list).
+    subprocess.run(["storescu", "-R", "-aet", "PEER", "-aec", "ORTHANC", "127.0.0.1", str(port), *map(str, files)],
+                   check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=256, help="rows and columns of each slice")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ainode-ttr-"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("AINODE_CONFIG", None)
+    procs: list[subprocess.Popen] = []
+    try:
+        files = write_phantom(args.slices, args.size)
+        warm_files = write_phantom(48, 64, seed=8)
+        orthanc, pacs_port, _ = start_orthanc(work)
+        procs.append(orthanc)
+        redis_port, dicom_port = free_port(), free_port()
+        procs.append(subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+                                       "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL))
+        wait_port(redis_port)
+        db_url = f"sqlite:///{work / 'ainode.db'}"
+        config = {
+            "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": dicom_port, "receivers": 1,
+                     "accept_unknown_peers": True},
+            "storage": {"path": str(work / "store"), "min_free_bytes": "16MiB"},
+            "database": {"url": db_url},
+            "broker": {"url": f"redis://127.0.0.1:{redis_port}/0"},
+            "destinations": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}],
+            "timers": {"series_quiet_s": 30, "study_quiet_s": 30},
+            "rules": [{"name": "ct", "match": {"modality": "CT"}, "analyses": [ANALYSIS], "destinations": ["pacs"]}],
+            "api": {"enabled": False}, "audit": {"sink": "none"},
+        }
+        cfg = work / "ainode.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        procs.append(subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "-c", str(cfg)], cwd=ROOT, env=env,
+                                      stdout=(work / "node.log").open("wb"), stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "node.cli", "worker", "-c", str(cfg), "--queues", "gpu,cpu"],
+                                      cwd=ROOT, env=env, stdout=(work / "worker.log").open("wb"),
+                                      stderr=subprocess.STDOUT))
+        wait_port(dicom_port)
+
+        # Warm-up study: the worker loads the model once, as it would in service.
+        warm = fresh_uids(warm_files)
+        push(dicom_port, "AINODE", warm, mpps=True)
+        wait_results(db_url, warm[0].StudyInstanceUID)
+
+        study = fresh_uids(files)
+        last_ack = push(dicom_port, "AINODE", study, mpps=True)
+        t = wait_results(db_url, study[0].StudyInstanceUID)
+        run_s = t["finished"] - t["started"]
+        split = replay_split(files, work)
+        share = sum(split.values()) or 1.0
+        stages = {
+            "ready": round(t["ready"] - last_ack, 3),
+            "queued": round(t["started"] - t["ready"], 3),
+            "load": round(run_s * split["load"] / share, 3),
+            "inference": round(run_s * split["inference"] / share, 3),
+            "write": round(run_s * split["write"] / share, 3),
+            "deliver": round(t["delivered"] - t["finished"], 3),
+        }
+        results_dir = work / "replay"
+        peer_results_s = storescu_seconds(pacs_port, sorted(results_dir.glob("*.dcm")))
+        peer_study_s = storescu_seconds(pacs_port, files)
+        total = t["delivered"] - last_ack
+        result = {
+            "time_to_result_s": round(total, 3),
+            "stages": stages,
+            "device": device_name(),
+            "goal_s": 5.0 if device_name().startswith("cuda") else 20.0,
+            "slices": args.slices, "size": args.size, "result_objects": t["objects"],
+            "job_run_s": round(run_s, 3),
+            "replay_split_s": {k: round(v, 3) for k, v in split.items()},
+            "peer_storescu_results_to_orthanc_s": round(peer_results_s, 3),
+            "peer_storescu_study_to_orthanc_s": round(peer_study_s, 3),
+        }
+        if not args.json:
+            print(f"work folder: {work}")
+            print(f"time to result: {result['time_to_result_s']} s (goal {result['goal_s']} s) on {result['device']}")
+            for name, value in stages.items():
+                print(f"  {name:10s} {value:8.3f} s")
+            print(f"peer: storescu of the same results to Orthanc {result['peer_storescu_results_to_orthanc_s']} s")
+        print(json.dumps(result))
+        return 0
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if args.json:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
