@@ -200,3 +200,24 @@ def test_capability_profiles_choose_fallbacks(ct, tmp_path):
     assert set(kinds) == {"sc"}
     sc = pydicom.dcmread(kinds["sc"][0])
     assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
+
+
+def test_reconstruction_and_measurement_only_results(ct, tmp_path):
+    from workers.findings import DerivedImage, Findings, Measurement
+
+    volume, _ = ct
+    recon = Findings(analysis="ct-denoise", algorithm_name="DenoiseNet", algorithm_version="1", model_sha256="2" * 64,
+                     volume=volume, kind="reconstruction",
+                     derived=[DerivedImage(volume.pixels, "AI denoised", "denoised")])
+    kinds = by_kind(write(recon, tmp_path / "r"))
+    assert set(kinds) == {"derived"}  # no report claiming "no finding" for a denoising job
+    for path in kinds["derived"][:2]:
+        assert dciodvfy_errors(path) == []
+    ef = Findings(analysis="ef", algorithm_name="EFNet", algorithm_version="1", model_sha256="3" * 64,
+                  volume=volume, kind="ejection_fraction",
+                  measurements=[Measurement(("10230-1", "LN", "Left ventricular Ejection fraction"), 57.0,
+                                            ("%", "UCUM", "percent"), tracking_id="lv-ef")])
+    sr = by_kind(write(ef, tmp_path / "e"))["sr"][0]
+    text = dsrdump(sr)
+    assert "Ejection fraction" in text and "Clinical finding absent" not in text
+    assert [e for e in sr_validator_errors(sr) if KNOWN_SR_VALIDATOR_LIMITATION not in e] == []

@@ -57,7 +57,10 @@ def build_results(findings: Findings, context: ResultContext | Mapping[str, Any]
         seg = write_seg(findings, sources, context, uids)
         if seg is not None:
             objects.append(seg)
-    if "sr" in kinds:
+    # A pure reconstruction has nothing to report: its derived series is the result.
+    reports = findings.kind != "reconstruction" or bool(findings.segments or findings.detections
+                                                        or findings.classifications or findings.measurements)
+    if "sr" in kinds and reports:
         objects.append(write_sr(findings, sources, context, uids, seg))
     if "gsps" in kinds:
         gsps = write_gsps(findings, sources, context, uids)

@@ -183,7 +183,8 @@ def measurement_groups(findings: Findings, seg: Dataset | None, sources: SourceI
     loose = loose_measurements_group(findings)
     if loose is not None:
         groups.append(loose)
-    if findings.empty:
+    # "Nothing found" is stated only for analyses that look for findings and reported no number.
+    if findings.empty and not findings.measurements and findings.kind != "reconstruction":
         groups.append(no_finding_group(findings))
     return groups
 
