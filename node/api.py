@@ -40,6 +40,7 @@ log = logging.getLogger("ainode.api")
 
 DASHBOARD = Path(__file__).resolve().parent / "dashboard"
 SECRET_KEYS = ("password", "token", "private_key")
+QUERY_AUDIT_INTERVAL_S = 300.0
 PHASES = ("received", "ready", "queued", "running", "delivered", "done", "unrouted", "failed")
 
 
@@ -222,11 +223,45 @@ def delivery_view(row: Any) -> dict[str, Any]:
     }
 
 
+def study_views(session: Session, studies: list[Study]) -> list[dict[str, Any]]:
+    """Views of many studies with three queries in all (the dashboard polls this every few seconds)."""
+    uids = [st.study_uid for st in studies]
+    jobs: dict[str, list[Any]] = {u: [] for u in uids}
+    deliveries: dict[str, list[Any]] = {u: [] for u in uids}
+    modalities: dict[int, set[str]] = {st.id: set() for st in studies}
+    for chunk in range(0, len(uids), 500):  # bounded IN lists
+        part = uids[chunk:chunk + 500]
+        if (mod := _jobs_module()) is not None:
+            for j in session.scalars(select(mod.Job).where(mod.Job.study_uid.in_(part)).order_by(mod.Job.id)):
+                jobs[j.study_uid].append(j)
+        if (mod := _dispatcher_module()) is not None:
+            for d in session.scalars(select(mod.Delivery).where(mod.Delivery.study_instance_uid.in_(part))):
+                deliveries[d.study_instance_uid].append(d)
+    ids = list(modalities)
+    for chunk in range(0, len(ids), 500):
+        for pk, modality in session.execute(select(Series.study_pk, Series.modality)
+                                            .where(Series.study_pk.in_(ids[chunk:chunk + 500]))):
+            if modality:
+                modalities[pk].add(modality)
+    return [_study_view(st, jobs[st.study_uid], deliveries[st.study_uid], sorted(modalities[st.id])) for st in studies]
+
+
 def study_view(session: Session, study: Study, detail: bool = False) -> dict[str, Any]:
     """A study with its phase, timings and rules matched (no patient names or IDs)."""
     jobs = _study_jobs(session, study.study_uid)
     deliveries = _study_deliveries(session, study.study_uid)
     modalities = sorted({m for (m,) in session.execute(select(Series.modality).where(Series.study_pk == study.id)) if m})
+    view = _study_view(study, jobs, deliveries, modalities)
+    if detail:
+        view["jobs"] = [job_view(j) for j in jobs]
+        view["deliveries"] = [delivery_view(d) for d in deliveries]
+        view["series"] = [{"series_uid": s.series_uid, "modality": s.modality, "description": s.description,
+                           "instances": s.instance_count, "state": s.state}
+                          for s in session.scalars(select(Series).where(Series.study_pk == study.id))]
+    return view
+
+
+def _study_view(study: Study, jobs: list[Any], deliveries: list[Any], modalities: list[str]) -> dict[str, Any]:
     view = {
         "study_uid": study.study_uid, "description": study.description, "modalities": modalities,
         "instances": study.instance_count, "calling_ae": study.calling_ae, "state": study.state,
@@ -237,12 +272,6 @@ def study_view(session: Session, study: Study, detail: bool = False) -> dict[str
         "failures": [f"job {j.id} ({j.analysis}): {j.error}" for j in jobs if j.state in ("dead", "failed")]
         + [f"delivery {d.id} to {d.destination}: {d.reason}" for d in deliveries if d.state == "failed"],
     }
-    if detail:
-        view["jobs"] = [job_view(j) for j in jobs]
-        view["deliveries"] = [delivery_view(d) for d in deliveries]
-        view["series"] = [{"series_uid": s.series_uid, "modality": s.modality, "description": s.description,
-                           "instances": s.instance_count, "state": s.state}
-                          for s in session.scalars(select(Series).where(Series.study_pk == study.id))]
     return view
 
 
@@ -258,6 +287,16 @@ def create_app(settings: Settings) -> FastAPI:
 
     def session() -> Any:
         return session_scope(engine)
+
+    last_query: dict[tuple[str, str, str], float] = {}
+
+    def query_audit(user: str, address: str, text: str) -> None:
+        # The dashboard repeats the same search every few seconds: one Query message per client
+        # and search every QUERY_AUDIT_INTERVAL_S keeps the trail readable.
+        key, now = (user, address, text), time.monotonic()
+        if now - last_query.get(key, -QUERY_AUDIT_INTERVAL_S) >= QUERY_AUDIT_INTERVAL_S:
+            last_query[key] = now
+            audit.query(user=user, address=address, text=text)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[..., Any]) -> Any:
@@ -300,10 +339,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/api/studies")
     def studies(request: Request, limit: int = 50, phase: str | None = None, user: str = reader) -> list[dict[str, Any]]:
         """The most recent studies with phase, timings and rules matched."""
-        audit.query(user=user, address=access.client(request), text=f"studies limit={limit} phase={phase or ''}")
+        query_audit(user, access.client(request), f"studies limit={limit} phase={phase or ''}")
         with session() as s:
             rows = s.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(max(1, min(limit, 500))))
-            out = [study_view(s, st) for st in rows]
+            out = study_views(s, list(rows))
         return [v for v in out if phase is None or v["phase"] == phase]
 
     @app.get("/api/studies/{study_uid}")
@@ -549,11 +588,10 @@ def overview_data(settings: Settings, engine: Any) -> dict[str, Any]:
     failures: list[dict[str, Any]] = []
     queue = {"stat": 0, "routine": 0, "low": 0}
     with session_scope(engine) as s:
-        for st in s.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(200)):
-            view = study_view(s, st)
+        for view in study_views(s, list(s.scalars(select(Study).order_by(Study.last_received_at.desc()).limit(200)))):
             phases[view["phase"]] = phases.get(view["phase"], 0) + 1
             if view["failures"]:
-                failures.append({"study_uid": st.study_uid, "reasons": view["failures"]})
+                failures.append({"study_uid": view["study_uid"], "reasons": view["failures"]})
         jobs = _jobs_module()
         if jobs is not None:
             for priority, n in s.execute(select(jobs.Job.priority, func.count())

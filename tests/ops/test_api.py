@@ -33,6 +33,10 @@ def test_study_flows_through_and_is_visible_with_timings(running_node, tmp_path:
     assert timings["analysis"] is not None and timings["total"] >= timings["analysis"]
     listed = client.get("/api/studies")
     assert [s["study_uid"] for s in listed] == [uid]
+    assert client.get("/api/studies") == listed
+    # Searches are audited (Query), the dashboard's repeated polling only once per interval.
+    assert wait_for(lambda: 'csd-code="110112"' in audit_text(node), 30)
+    assert audit_text(node).count('csd-code="110112"') == 1
     # No patient name or ID leaves through the API.
     assert "Ops^Patient" not in str(listed) and "OPS0001" not in str(view)
     overview = client.get("/api/overview")
