@@ -202,3 +202,23 @@ def test_pool_process_killed_mid_job_is_redelivered_by_celery(make_settings, red
     done = _job(settings, job.id)
     assert done.attempts == 2 and int(done.worker.rpartition(":")[2]) != first_pid
     assert len(record.read_text().splitlines()) == 1
+
+
+def test_reconciler_republishes_only_what_the_broker_lost(make_settings, redis_server):
+    from datetime import timedelta as td
+
+    from sqlalchemy import update
+
+    from node.index import utcnow
+
+    settings = make_settings(redis_server.url, rules=[_rule("r1"), _rule("s1", priority="stat"), _rule("l1", priority="low")])
+    jobs = [_route(settings, "1.2.4.101", "R1")[0], _route(settings, "1.2.4.102", "S1")[0],
+            _route(settings, "1.2.4.103", "L1")[0]]
+    with session_scope(engine_for(settings.database.url)) as session:  # as if published a minute ago
+        session.execute(update(Job).values(published_at=utcnow() - td(seconds=60)))
+    present = reconciler.broker_task_ids(settings)
+    assert present == {j.task_id for j in jobs}  # found in every priority list (stat, routine, low)
+    assert reconciler.reconcile(settings) == 0
+    redis_server.flushall()
+    assert reconciler.reconcile(settings) == 3
+    assert reconciler.broker_task_ids(settings) == {f"job-{j.id}-2" for j in jobs}
