@@ -131,8 +131,6 @@ class BuiltinPACS:
         ae = AE(ae_title=PACS_AE)
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
-        for cx in ae.supported_contexts:
-            cx.scp_role = True
 
         def on_store(event: Any) -> int:
             ds = event.dataset

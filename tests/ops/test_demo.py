@@ -54,3 +54,19 @@ def test_demo_fails_when_the_test_pacs_gets_nothing(tmp_path: Path, capsys):
 
     assert run_demo(None, tmp_path / "work", analysis="count-instances") == 1
     assert "the node produced no result objects" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_demo_without_orthanc_uses_the_builtin_storage_scp(tmp_path: Path, monkeypatch, capsys):
+    from workers.models.segmentation import WEIGHTS
+
+    if not WEIGHTS.exists():
+        pytest.skip(f"the ct-segmentation weights are not in this checkout ({WEIGHTS})")
+    import node.demo as demo
+
+    monkeypatch.setattr(demo, "orthanc_binary", lambda: None)
+    out = tmp_path / "out"
+    assert demo.run_demo(out, tmp_path / "work") == 0, capsys.readouterr().err[-3000:]
+    err = capsys.readouterr().err
+    assert "built-in storage SCP" in err
+    objects = sorted(out.glob("*.dcm"))
+    assert len(objects) >= 3 and all(dciodvfy_errors(p) == [] for p in objects)
