@@ -97,6 +97,7 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the main process's business
     dispose_engines()  # connections are never shared across fork
     from node.receiver import Receiver
 
@@ -237,6 +238,9 @@ def serve(settings: Settings) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # SIGHUP means "reload the rules", never "stop": ignored until the router installs its
+    # handler, and the receivers (forked next) inherit the ignore and keep serving.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pool = ReceiverPool(settings)
     if not pool.start():
         return 3

@@ -89,3 +89,19 @@ def test_ainode_echo_and_send(node, tmp_path):
 def test_sigterm_exits_cleanly(node):
     assert echoscu(node).returncode == 0
     assert node.stop() == 0
+
+
+def test_sighup_to_the_whole_node_keeps_it_serving(tmp_path):
+    """SIGHUP (rule reload) sent to the node's process group must stop neither the main process
+    nor the receiver processes, whatever moment it arrives at."""
+    import os
+    import signal
+
+    from tests.helpers import NodeProcess
+
+    with NodeProcess(tmp_path / "node", {"node": {"receivers": 2}}) as node:
+        os.killpg(node.proc.pid, signal.SIGHUP)
+        for _ in range(4):  # several associations, so both receivers answer
+            assert echoscu(node).returncode == 0
+        assert node.proc.poll() is None
+        assert node.stop() == 0
