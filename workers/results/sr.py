@@ -189,6 +189,18 @@ def measurement_groups(findings: Findings, seg: Dataset | None, sources: SourceI
     return groups
 
 
+def library_images(findings: Findings, sources: SourceImages) -> list[Dataset]:
+    """TID 1600 Image Library: the images the report's regions are drawn on (else the first one).
+
+    Every source image is listed in the evidence sequence anyway; describing all of them in the
+    library (fifteen content items each) made the SR of a 300-slice CT slow to build and to store.
+    """
+    last = len(sources.frames) - 1
+    ks = sorted({min(max(int(round(d.center_kji[0])), 0), last) for d in findings.detections})
+    images = list({sources.frames[k].sop_instance_uid: sources.header_of_slice(k) for k in ks}.values())
+    return images or [sources.first]
+
+
 def write_sr(findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory,
              seg: Dataset | None) -> Dataset:
     """The TID 1500 measurement report of the findings (always written, also when empty)."""
@@ -196,7 +208,7 @@ def write_sr(findings: Findings, sources: SourceImages, ctx: ResultContext, uids
         observation_context=observation_context(findings, ctx),
         procedure_reported=PROCEDURES.get(findings.volume.modality, IMAGING_PROCEDURE),
         imaging_measurements=measurement_groups(findings, seg, sources),
-        referenced_images=sources.headers,
+        referenced_images=library_images(findings, sources),
     )
     evidence = list(sources.headers) + ([seg] if seg is not None else [])
     sr = hd.sr.Comprehensive3DSR(
