@@ -280,7 +280,9 @@ def _study_view(study: Study, jobs: list[Any], deliveries: list[Any], modalities
 
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI application of one node (API under /api, dashboard at /, metrics at /metrics)."""
-    app = FastAPI(title="ainode admin API", version="1", description=__doc__)
+    # Swagger UI and ReDoc load their scripts from a CDN, which a hospital network does not reach:
+    # the OpenAPI document itself is served at /openapi.json.
+    app = FastAPI(title="ainode admin API", version="1", description=__doc__, docs_url=None, redoc_url=None)
     access = Access(settings)
     engine = engine_for(settings.database.url)
     reader, writer = Depends(access.read), Depends(access.write)
@@ -678,6 +680,13 @@ def _start_uvicorn(settings: Settings) -> Callable[[], None]:
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign] - the node owns signals
     thread = threading.Thread(target=server.run, name="api", daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:
+        log.error("admin API could not listen on %s:%d; the node runs without API, dashboard and /metrics",
+                  settings.api.host, settings.api.port)
+        return lambda: None
     log.info("admin API and dashboard on http://%s:%d/ (%s)", settings.api.host, settings.api.port,
              "token required" if settings.api.token else "read-only, local clients only")
 

@@ -138,3 +138,22 @@ def test_without_a_token_the_api_is_read_only(tmp_path: Path):
         status, body = client.post("/api/config/reload")
         assert status == 403 and "read-only" in body["detail"]
     assert yaml.safe_load(node.config_path.read_text())["api"]["token"] == ""
+
+
+def test_api_port_taken_leaves_the_node_receiving(tmp_path: Path):
+    import socket
+
+    from tests.ops.conftest import node_with_api
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    node = node_with_api(tmp_path / "node", {"api": {"port": blocker.getsockname()[1], "token": TOKEN}})
+    try:
+        with node:
+            assert wait_for(lambda: "admin API could not listen" in node.log_text(), 60), node.log_text()[-2000:]
+            uid = make_ct_study(tmp_path / "study", 2)
+            assert storescu(node, tmp_path / "study").returncode == 0
+    finally:
+        blocker.close()
+    assert uid
