@@ -6,6 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.helpers import wait_for
@@ -157,3 +158,21 @@ def test_api_port_taken_leaves_the_node_receiving(tmp_path: Path):
     finally:
         blocker.close()
     assert uid
+
+
+@pytest.mark.postgres
+def test_api_and_metrics_on_postgresql(tmp_path: Path, postgres_url: str):
+    from tests.ops.conftest import Client, node_with_api
+
+    node = node_with_api(tmp_path / "node", {"database": {"url": postgres_url}})
+    with node:
+        client = Client(node.config["api"]["port"])
+        assert wait_for(client.up, 120), node.log_text()[-2000:]
+        uid = make_ct_study(tmp_path / "study", 3)
+        assert storescu(node, tmp_path / "study").returncode == 0
+        view = wait_phase(client, uid, ("done", "failed"))
+        assert view["phase"] == "done" and view["rules_matched"] == ["ct-count"]
+        assert client.get("/api/overview")["phases"]["done"] == 1
+        text = client.get("/metrics").decode()
+        assert metric(text, "ainode_instances_stored") == 3.0
+        assert metric(text, "ainode_pipeline_stage_seconds_count", 'stage="analysis"') == 1.0
