@@ -83,7 +83,7 @@ def load_series(paths: Iterable[str | Path], allow_mixed_series: bool = False) -
         series_instance_uid=str(first.get("SeriesInstanceUID", "")),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
         modality=str(first.get("Modality", "OT")),
-        frame_time_s=frame_time if dynamic or len(frames) > 1 and frame_time else None,
+        frame_time_s=frame_time if (dynamic or len(frames) > 1) else None,
     )
 
 

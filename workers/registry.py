@@ -99,6 +99,8 @@ class Analysis:
     # Estimated GPU memory needed to load and run the model (checked before using CUDA).
     gpu_memory_bytes: int = 1 << 30
     source: str = "builtin"
+    # Writes one example input series (DICOM files) into a folder; used by bench/analysis.py.
+    example: Callable[[Path], list[Path]] | None = None
 
     def accepts(self, volume: Volume) -> str | None:
         """None when the volume suits this analysis, else the reason it does not."""
@@ -116,7 +118,7 @@ class Analysis:
 
 _lock = threading.RLock()
 _builtin: dict[str, Analysis] | None = None
-_models: dict[tuple[str, str, str], Any] = {}  # (analysis, sha256, device) -> loaded model
+_models: dict[tuple, Any] = {}  # (loader, weights, sha256, device) -> loaded model
 
 
 def builtin_analyses() -> dict[str, Analysis]:
@@ -207,8 +209,14 @@ def pick_device(analysis: Analysis, params: dict | None = None) -> str:
 
 
 def loaded_model(analysis: Analysis, device: str) -> Any:
-    """The analysis's model on ``device``, loaded once per worker process and kept."""
-    key = (analysis.name, _sha_of(analysis.weights), device)
+    """The analysis's model on ``device``, loaded once per worker process and kept.
+
+    Analyses sharing a loader and weight file (segmentation and detection) share one copy.
+    """
+    loader = f"{analysis.source}:{getattr(analysis.load, '__module__', '')}.{getattr(analysis.load, '__qualname__', '')}"
+    if analysis.source != "builtin":
+        loader += f":{analysis.name}"  # configured models: one loader closure per configuration
+    key = (loader, str(analysis.weights), _sha_of(analysis.weights), device)
     with _lock:
         if key not in _models:
             if not analysis.weights or not Path(analysis.weights).exists():

@@ -1,0 +1,91 @@
+"""CT segmentation U-Net: runs on CPU, masks land on the ground truth in every orientation and
+slice order, held-out Dice, and `ainode train segmentation --quick`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workers import registry
+from workers.imaging import load_series
+from workers.models import segmentation
+from workers.phantoms import make_ct_phantom, write_ct_series
+
+ROOT = Path(__file__).resolve().parents[2]
+ORGANS = ("lung", "liver", "spleen", "kidney", "spine")
+
+
+def _truth_on_volume(volume, phantom) -> np.ndarray:
+    """The phantom's labels re-indexed onto the loaded volume through patient coordinates."""
+    kji = np.round(volume.patient_to_index(phantom.grid.patient_points().reshape(-1, 3))).astype(int)
+    truth = np.zeros(volume.pixels.shape, dtype=np.uint8)
+    truth[kji[:, 0], kji[:, 1], kji[:, 2]] = phantom.labels.ravel()
+    return truth
+
+
+def test_runs_on_small_input_with_version_and_checksum(tmp_path):
+    phantom = make_ct_phantom(3, shape=(10, 32, 32), spacing=(8.0, 10.0, 10.0))
+    volume = load_series(write_ct_series(phantom, tmp_path))
+    findings = registry.run_analysis("ct-segmentation", volume, {"device": "cpu"})
+    assert findings.kind == "segmentation" and findings.segments
+    assert all(s.mask.shape == volume.pixels.shape and s.mask.dtype == bool for s in findings.segments)
+    assert findings.model_sha256 == registry.file_sha256(segmentation.WEIGHTS)
+    assert findings.algorithm_version == segmentation.VERSION
+    liver = next(m for m in findings.measurements if m.segment_label == "liver")
+    assert liver.unit[0] == "cm3" and liver.value > 100  # an adult-sized phantom liver
+    assert set(findings.timings_s) == {"load_model", "preprocess", "inference", "postprocess"}
+
+
+GEOMETRIES = [("axial", False, "slice"), ("axial", True, "shuffled"), ("coronal", False, "reversed"),
+              ("sagittal", True, "shuffled"), ("oblique", False, "shuffled")]
+
+
+@pytest.mark.parametrize("orientation,descending,order", GEOMETRIES)
+def test_predicted_mask_lands_on_ground_truth(tmp_path, orientation, descending, order):
+    """The geometry test: one patient's anatomy, scanned in several orientations and stored in
+    several slice orders; the predicted organs must cover the ground-truth voxels of each."""
+    phantom = make_ct_phantom(424242, shape=(40, 56, 56), spacing=(6.0, 6.5, 6.5), orientation=orientation,
+                              descending=descending)
+    volume = load_series(write_ct_series(phantom, tmp_path, instance_order=order, seed=1))
+    truth = _truth_on_volume(volume, phantom)
+    findings = registry.run_analysis("ct-segmentation", volume, {"device": "cpu"})
+    masks = {s.tracking_id: s.mask for s in findings.segments}
+    for value, organ in enumerate(ORGANS, start=1):
+        assert organ in masks, f"{organ} not found in the {orientation} series"
+        dice = segmentation.dice(masks[organ], truth == value)
+        assert dice >= 0.85, f"{organ} Dice {dice:.3f} in {orientation}/{order}"
+    # The liver's centre in patient mm does not depend on how the series was stored.
+    liver_centre = volume.index_to_patient(np.argwhere(masks["liver"]).mean(axis=0))[0]
+    true_centre = volume.index_to_patient(np.argwhere(truth == 2).mean(axis=0))[0]
+    assert np.linalg.norm(liver_centre - true_centre) < 3.0
+
+
+@pytest.mark.slow
+def test_held_out_dice():
+    """Held-out phantoms (seeds never used in training) of random spacing and orientation."""
+    metrics = segmentation.evaluate(range(900_000, 900_012))
+    print(metrics)
+    for organ in ORGANS:
+        assert metrics["per_class"][organ] >= 0.90, (organ, metrics)
+    for lesion in ("liver_lesion", "lung_nodule"):
+        assert metrics["global"][lesion] >= 0.75, (lesion, metrics)
+
+
+def test_train_quick_smoke(tmp_path):
+    out = tmp_path / "seg.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "node.cli", "train", "segmentation", "--quick", "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert '"steps"' in run.stdout
+    net = segmentation.build_network()
+    net.load_state_dict(torch.load(out, weights_only=True))
+    unknown = subprocess.run([sys.executable, "-m", "node.cli", "train", "no-such-model"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    assert unknown.returncode == 2 and "segmentation" in unknown.stderr
