@@ -149,8 +149,13 @@ def _random_patch(rng: np.random.Generator, image: np.ndarray, labels: np.ndarra
     return image[(slice(None), *sl)], labels[sl]
 
 
-def train(out: Path | None = None, quick: bool = False, minutes: float | None = None, seed: int = 0) -> dict:
-    """Train the U-Net on generated phantoms and save the weights; returns a training summary."""
+def train(out: Path | None = None, quick: bool = False, minutes: float | None = None, seed: int = 0,
+          resume_from: Path | None = None, max_lr: float = 3e-3, first_phantom: int = 0) -> dict:
+    """Train the U-Net on generated phantoms and save the weights; returns a training summary.
+
+    ``resume_from`` continues from earlier weights (the shipped weights were trained in two runs:
+    40 minutes from scratch, then a continuation on new phantoms at a lower learning rate).
+    """
     import torch
     from monai.losses import DiceCELoss
 
@@ -165,11 +170,12 @@ def train(out: Path | None = None, quick: bool = False, minutes: float | None = 
     started = time.monotonic()
     pool = []
     for s in range(n_phantoms):
-        p = training_phantom(TRAIN_SEEDS[s], shape)
+        p = training_phantom(TRAIN_SEEDS[first_phantom + s], shape)
         pool.append((intensity_channels(p.hu), p.labels.astype(np.int64)))
     log.info("generated %d phantoms in %.0f s", n_phantoms, time.monotonic() - started)
     net = build_network()
-    max_lr = 3e-3
+    if resume_from:
+        net.load_state_dict(torch.load(resume_from, map_location="cpu", weights_only=True))
     opt = torch.optim.AdamW(net.parameters(), lr=max_lr, weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     net.train()
