@@ -39,7 +39,7 @@ def test_runs_on_small_input_with_version_and_checksum(tmp_path):
     assert findings.model_sha256 == registry.file_sha256(segmentation.WEIGHTS)
     assert findings.algorithm_version == segmentation.VERSION
     liver = next(m for m in findings.measurements if m.segment_label == "liver")
-    assert liver.unit[0] == "cm3" and liver.value > 100  # an adult-sized phantom liver
+    assert liver.unit[0] == "cm3" and isinstance(liver.value, float) and liver.value > 10
     assert set(findings.timings_s) == {"load_model", "preprocess", "inference", "postprocess"}
 
 

@@ -98,7 +98,7 @@ def postprocess(volume: Volume, inputs: dict, probs: np.ndarray, params: dict) -
         category, ptype = codes_for(name)
         out.segments.append(Segment(label=name.replace("_", " "), mask=mask, property_type=ptype,
                                     property_category=category, tracking_id=name))
-        out.measurements.append(Measurement(name=("118565006", "SCT", "Volume"), value=round(mask.sum() * voxel_cm3, 2),
+        out.measurements.append(Measurement(name=("118565006", "SCT", "Volume"), value=round(float(mask.sum()) * voxel_cm3, 2),
                                             unit=("cm3", "UCUM", "cubic centimeter"),
                                             segment_label=name.replace("_", " "), finding_site=ptype, tracking_id=name))
     return out
