@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from workers import phantoms
-from workers.findings import SourceFrame, Volume
+from workers import imaging, phantoms, registry
+from workers.findings import Volume
 from workers.models import classification as cls_model
 from workers.phantoms_projection import (DX_FOR_PRESENTATION, Radiograph, add_nodule, attenuation_paths, expose,
                                          lung_thickness, projection_source, radiographs_of, write_dx)
@@ -20,18 +20,7 @@ HELD_OUT_SEED = 424_242  # training uses phantom seeds 10000-30999
 
 @pytest.fixture(scope="module")
 def model():
-    return cls_model.load_model(device="cpu")
-
-
-def dx_volume(path) -> Volume:
-    """A one-frame Volume from a stored DX image."""
-    ds = pydicom.dcmread(path)
-    px = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    spacing = [float(v) for v in ds.ImagerPixelSpacing]
-    return Volume(pixels=px[None], affine=np.diag([spacing[1], spacing[0], 1.0, 1.0]),
-                  sources=[SourceFrame(ds.SOPClassUID, ds.SOPInstanceUID, path)],
-                  study_instance_uid=ds.StudyInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
-                  frame_of_reference_uid="", modality=ds.Modality)
+    return cls_model.load("cpu")
 
 
 def test_analytic_nodule_equals_a_nodule_rendered_in_the_ct():
@@ -79,8 +68,7 @@ def test_dx_is_valid_dicom(tmp_path):
     assert "Error" not in report, report
 
 
-def test_model_runs_on_stored_dx_and_separates_an_obvious_case(model, tmp_path):
-    net, sha = model
+def test_registry_runs_it_on_stored_dx_and_separates_an_obvious_case(tmp_path):
     hu, lung, spacing = projection_source(HELD_OUT_SEED + 2)
     base = attenuation_paths(hu, spacing, 2.0)
     # A 22 mm nodule where the lung is thickest: an easy case for any working classifier.
@@ -89,20 +77,22 @@ def test_model_runs_on_stored_dx_and_separates_an_obvious_case(model, tmp_path):
     with_nodule = Radiograph(pixels=expose(add_nodule(base, row, col, 22.0, 2.0), 3e4, rng), pixel_spacing_mm=2.0,
                              nodule=True)
     without = Radiograph(pixels=expose(base, 3e4, rng), pixel_spacing_mm=2.0, nodule=False)
-    p_yes = cls_model.analyse(dx_volume(write_dx(with_nodule, tmp_path / "yes.dcm")), net, sha)
-    p_no = cls_model.analyse(dx_volume(write_dx(without, tmp_path / "no.dcm")), net, sha)
+    p_yes = registry.run_analysis("nodule-classification",
+                                  imaging.load_series([write_dx(with_nodule, tmp_path / "yes.dcm")]), {"device": "cpu"})
+    p_no = registry.run_analysis("nodule-classification",
+                                 imaging.load_series([write_dx(without, tmp_path / "no.dcm")]), {"device": "cpu"})
     (yes,), (no,) = p_yes.classifications, p_no.classifications
-    assert yes.finding == ("27925004", "SCT", "Nodule") and p_yes.kind == "classification" and len(sha) == 64
+    assert yes.finding == ("27925004", "SCT", "Nodule") and p_yes.kind == "classification"
+    assert len(p_yes.model_sha256) == 64
     assert yes.probability > no.probability
     assert yes.present and not no.present
 
 
-def test_wrong_modality_is_refused(model):
-    net, sha = model
+def test_wrong_modality_is_refused():
     volume = Volume(pixels=np.zeros((1, 64, 64), np.float32), affine=np.eye(4), sources=[],
                     study_instance_uid="1.2", series_instance_uid="1.2.3", frame_of_reference_uid="", modality="MR")
-    with pytest.raises(ValueError, match="DX/CR"):
-        cls_model.analyse(volume, net, sha)
+    with pytest.raises(registry.AnalysisError, match="accepts DX, CR"):
+        registry.run_analysis("nodule-classification", volume, {"device": "cpu"})
 
 
 def test_roc_auc_matches_its_definition():
@@ -112,8 +102,7 @@ def test_roc_auc_matches_its_definition():
 
 @pytest.mark.slow
 def test_held_out_auc_at_least_0_95(model):
-    net, _ = model
     shots = cls_model.training_radiographs(4, 60, seed=HELD_OUT_SEED)
-    metrics = cls_model.evaluate(net, shots)
+    metrics = cls_model.evaluate(model, shots)
     print(metrics)
     assert metrics["auc"] >= 0.95, metrics

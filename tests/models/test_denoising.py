@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from workers import phantoms
-from workers.findings import SourceFrame, Volume
+from workers import imaging, phantoms, registry
+from workers.findings import Volume
 from workers.models import denoising as dn
 
 HELD_OUT_SEED = 13_579  # training uses 4000-6000 + seed
@@ -15,13 +15,7 @@ HELD_OUT_SEED = 13_579  # training uses 4000-6000 + seed
 
 @pytest.fixture(scope="module")
 def model():
-    return dn.load_model(device="cpu")
-
-
-def ct_volume(ct: phantoms.CTPhantom) -> Volume:
-    sources = [SourceFrame("1.2.840.10008.5.1.4.1.1.2", f"1.2.3.{k}", f"slice{k}.dcm") for k in range(ct.hu.shape[0])]
-    return Volume(pixels=ct.hu, affine=ct.affine, sources=sources, study_instance_uid="1.2.3",
-                  series_instance_uid="1.2.3.4", frame_of_reference_uid="1.2.3.5", modality="CT")
+    return dn.load("cpu")
 
 
 def test_fbp_reconstructs_a_disk():
@@ -47,25 +41,23 @@ def test_low_dose_noise_follows_photon_statistics():
     assert abs(noise_lo[body].mean()) < 0.1 * noise_lo[body].std()
 
 
-def test_generator_returns_a_derived_series_on_the_source_geometry(model):
-    net, sha = model
+def test_registry_returns_a_derived_series_on_the_source_geometry(tmp_path):
     ct = phantoms.make_ct_phantom(HELD_OUT_SEED, shape=(4, 64, 64), spacing=(5.0, 5.5, 5.5))
-    volume = ct_volume(ct)
-    findings = dn.analyse(volume, net, sha)
+    volume = imaging.load_series(phantoms.write_ct_series(ct, tmp_path))
+    findings = registry.run_analysis("ct-denoising", volume, {"device": "cpu"})
     (derived,) = findings.derived
-    assert findings.kind == "reconstruction" and len(sha) == 64
+    assert findings.kind == "reconstruction" and len(findings.model_sha256) == 64
     assert derived.pixels.shape == volume.pixels.shape and derived.pixels.dtype == np.float32
     # HU stay HU: the denoised liver is still liver.
     liver = ct.labels == 2
     assert derived.pixels[liver].mean() == pytest.approx(volume.pixels[liver].mean(), abs=15)
 
 
-def test_non_ct_is_refused(model):
-    net, sha = model
+def test_non_ct_is_refused():
     volume = Volume(pixels=np.zeros((1, 32, 32), np.float32), affine=np.eye(4), sources=[], study_instance_uid="1",
                     series_instance_uid="2", frame_of_reference_uid="3", modality="MR")
-    with pytest.raises(ValueError, match="CT only"):
-        dn.analyse(volume, net, sha)
+    with pytest.raises(registry.AnalysisError, match="accepts CT"):
+        registry.run_analysis("ct-denoising", volume, {"device": "cpu"})
 
 
 def test_ssim_and_psnr_behave():
@@ -77,10 +69,9 @@ def test_ssim_and_psnr_behave():
 
 @pytest.mark.slow
 def test_held_out_beats_noisy_input_and_gaussian_filter(model):
-    net, _ = model
     clean, px = dn.training_slices(3, seed=HELD_OUT_SEED)
     noisy = dn.make_pairs(clean, px, seed=HELD_OUT_SEED)
-    metrics = dn.evaluate(net, clean, noisy)  # the Gaussian gets its best width on these very slices
+    metrics = dn.evaluate(model, clean, noisy)  # the Gaussian gets its best width on these very slices
     print(metrics)
     model = metrics["model"]
     assert model["psnr_db"] > metrics["noisy"]["psnr_db"] + 1.0, metrics

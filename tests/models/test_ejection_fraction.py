@@ -8,7 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from workers.findings import SourceFrame, Volume
+from workers import imaging, registry
+from workers.findings import Volume
 from workers.models import ejection_fraction as ef_model
 from workers.phantoms_dynamic import (US_MULTIFRAME_STORAGE, axis_shortening_for_ef, contraction, make_cine,
                                       make_cine_set, write_us_multiframe)
@@ -18,19 +19,7 @@ HELD_OUT_SEED = 987_654  # never used by training (training uses 1000-3000 + see
 
 @pytest.fixture(scope="module")
 def model():
-    return ef_model.load_model(device="cpu")
-
-
-def cine_volume(path) -> Volume:
-    """A cine Volume straight from a stored Ultrasound Multi-frame file (frame k = time)."""
-    ds = pydicom.dcmread(path)
-    frames = ds.pixel_array.astype(np.float32)
-    spacing_mm = float(ds.SequenceOfUltrasoundRegions[0].PhysicalDeltaX) * 10
-    affine = np.diag([spacing_mm, spacing_mm, 1.0, 1.0])
-    sources = [SourceFrame(ds.SOPClassUID, ds.SOPInstanceUID, path, n + 1) for n in range(len(frames))]
-    return Volume(pixels=frames, affine=affine, sources=sources, study_instance_uid=ds.StudyInstanceUID,
-                  series_instance_uid=ds.SeriesInstanceUID, frame_of_reference_uid="", modality=ds.Modality,
-                  frame_time_s=float(ds.FrameTime) / 1000)
+    return ef_model.load("cpu")
 
 
 def test_phantom_ground_truth_matches_its_volume_curve():
@@ -59,12 +48,13 @@ def test_us_multiframe_is_valid_dicom(tmp_path):
     assert "Error" not in report, report
 
 
-def test_model_runs_on_a_stored_cine_and_codes_the_measurement(model, tmp_path):
-    net, sha = model
+def test_registry_runs_it_on_a_stored_cine_and_codes_the_measurement(tmp_path):
     loop = make_cine(np.random.default_rng(HELD_OUT_SEED))
-    volume = cine_volume(write_us_multiframe(loop, tmp_path / "cine.dcm"))
-    findings = ef_model.analyse(volume, net, sha)
-    assert findings.kind == "ejection_fraction" and len(sha) == 64
+    volume = imaging.load_series([write_us_multiframe(loop, tmp_path / "cine.dcm")])
+    assert volume.pixels.shape == (32, 64, 64) and volume.frame_time_s == pytest.approx(loop.frame_time_s, rel=1e-3)
+    findings = registry.run_analysis("ejection-fraction", volume, {"device": "cpu"})
+    assert findings.kind == "ejection_fraction" and len(findings.model_sha256) == 64
+    assert findings.algorithm_version == ef_model.VERSION
     (m,) = findings.measurements
     assert m.name == ("10230-1", "LN", "Left ventricular Ejection fraction")
     assert m.unit == ("%", "UCUM", "%")
@@ -73,25 +63,43 @@ def test_model_runs_on_a_stored_cine_and_codes_the_measurement(model, tmp_path):
 
 
 def test_model_accepts_other_frame_counts_and_sizes(model):
-    net, _ = model
     loop = make_cine(np.random.default_rng(3), size=96, n_frames=40)
-    ef, rel = ef_model.predict_ef(net, loop.frames)
+    ef, rel = ef_model.predict_ef(model, loop.frames)
     assert rel.shape == (40,) and 0 <= ef <= 100
 
 
-def test_too_few_frames_is_refused_clearly(model):
-    net, sha = model
+def test_too_few_frames_or_wrong_modality_is_refused_clearly():
     volume = Volume(pixels=np.zeros((3, 64, 64), np.float32), affine=np.eye(4), sources=[],
                     study_instance_uid="1.2", series_instance_uid="1.2.3", frame_of_reference_uid="", modality="US")
-    with pytest.raises(ValueError, match="at least 8 frames"):
-        ef_model.analyse(volume, net, sha)
+    with pytest.raises(registry.AnalysisError, match="at least 8 frames"):
+        registry.run_analysis("ejection-fraction", volume, {"device": "cpu"})
+    volume.modality = "CT"
+    with pytest.raises(registry.AnalysisError, match="accepts US, MR"):
+        registry.run_analysis("ejection-fraction", volume, {"device": "cpu"})
 
 
 @pytest.mark.slow
 def test_held_out_mae_within_five_ef_points(model):
-    net, _ = model
     loops = make_cine_set(120, seed=HELD_OUT_SEED)
-    metrics = ef_model.evaluate(net, loops)
+    metrics = ef_model.evaluate(model, loops)
     print(metrics)
     assert metrics["mae_ef_points"] <= 5.0, metrics
     assert metrics["pearson_r"] >= 0.9, metrics
+
+
+def test_ainode_train_quick_reproduces_a_loadable_model(tmp_path):
+    """`ainode train ejection-fraction --quick` runs the real training code end to end (few steps)."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "node.cli", "train", "ejection-fraction", "--quick", "--out", str(tmp_path / "ef.pt")]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(root)))
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((tmp_path / "ef.json").read_text())
+    assert metrics["quick"] and metrics["test"]["n"] == 32
+    trained = ef_model.load("cpu", tmp_path / "ef.pt")
+    assert 0 <= ef_model.predict_ef(trained, make_cine(np.random.default_rng(0)).frames)[0] <= 100

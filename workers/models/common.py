@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
-import torch
+
+
+CARDS = Path(__file__).resolve().parents[2] / "docs" / "models"  # model cards
 
 
 def weights_dir() -> Path:
@@ -22,6 +25,17 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def inference_device() -> str:
-    """CUDA when present, else CPU: the same code runs on both."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def save_trained(state_dict: dict, out: Path | None, default_name: str, summary: dict) -> Path:
+    """Write weights to ``out`` (a file path; default: the shipped file) and the summary JSON beside them.
+
+    The summary gains the weight path and its SHA-256, so a card's numbers name the exact file.
+    """
+    import torch
+
+    path = Path(out) if out else weights_dir() / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, path)
+    summary["weights"] = str(path)
+    summary["sha256"] = file_sha256(path)
+    path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    return path

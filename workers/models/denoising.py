@@ -25,12 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.findings import DerivedImage, Findings, Volume
-from workers.models.common import file_sha256, inference_device, weights_dir
+from workers.findings import DerivedImage, Volume
+from workers.models.common import CARDS, save_trained, weights_dir
+from workers.registry import Analysis, Outputs, RunContext
 
-NAME = "ct-denoising"
+NAME = TRAIN_NAME = "ct-denoising"
 VERSION = "1.0.0"
 WEIGHTS = "ct_denoising.pt"
+CARD = CARDS / f"{NAME}.md"
 MU_WATER_PER_MM = 0.0195  # linear attenuation of water near 70 keV
 HU_SCALE = 1000.0  # network works on HU / 1000
 PSNR_RANGE_HU = 2000.0  # PSNR and SSIM over the [-1000, 1000] HU range
@@ -99,7 +101,7 @@ def simulate_low_dose(hu: np.ndarray, pixel_mm: float, photons: float, rng: np.r
 class DenoisingGenerator(nn.Module):
     """Residual CNN: predicts the noise in a slice (HU / 1000) and subtracts it."""
 
-    def __init__(self, width: int = 32, depth: int = 7):
+    def __init__(self, width: int = 24, depth: int = 6):
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU(inplace=True)]
         for _ in range(depth - 2):
@@ -114,7 +116,7 @@ class DenoisingGenerator(nn.Module):
 class PatchDiscriminator(nn.Module):
     """PatchGAN: a real/fake score per overlapping patch of the image."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 24):
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(1, width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
@@ -164,42 +166,51 @@ def gaussian_filter_slices(hu: np.ndarray, sigma: float) -> np.ndarray:
 # --- inference --------------------------------------------------------------------------------
 
 
-def load_model(path: Path | None = None, device: str | None = None) -> tuple[DenoisingGenerator, str]:
-    """Load the shipped (or given) generator weights; returns the model in eval mode and its SHA-256."""
-    path = Path(path) if path else weights_dir() / WEIGHTS
+def load(device: str = "cpu", path: Path | None = None) -> DenoisingGenerator:
+    """The trained generator on ``device`` (eval mode), from the shipped or a given weight file."""
     model = DenoisingGenerator()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model.to(device or inference_device()).eval()
-    return model, file_sha256(path)
+    model.load_state_dict(torch.load(path or weights_dir() / WEIGHTS, map_location="cpu", weights_only=True))
+    return model.to(device).eval()
 
 
-@torch.inference_mode()
-def denoise_slices(model: DenoisingGenerator, hu: np.ndarray, batch: int = 8) -> np.ndarray:
-    """Denoise (k, rows, cols) HU slices; returns the same shape in HU."""
-    device = next(model.parameters()).device
+def preprocess(volume: Volume, params: dict) -> np.ndarray:
+    """The slices in HU (the generator works slice by slice on any in-plane size)."""
+    return np.asarray(volume.pixels, dtype=np.float32)
+
+
+def infer(model: DenoisingGenerator, hu: np.ndarray, ctx: RunContext, batch: int = 8) -> np.ndarray:
+    """Denoised (k, rows, cols) slices in HU."""
     out = np.empty(hu.shape, dtype=np.float32)
-    for i in range(0, hu.shape[0], batch):
-        x = torch.as_tensor(np.asarray(hu[i:i + batch], dtype=np.float32) / HU_SCALE)[:, None].to(device)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            y = model(x)
-        out[i:i + batch] = y[:, 0].float().cpu().numpy() * HU_SCALE
+    with ctx.inference():
+        for i in range(0, hu.shape[0], batch):
+            x = torch.from_numpy(hu[i:i + batch] / HU_SCALE)[:, None].to(ctx.device)
+            out[i:i + batch] = model(x)[:, 0].float().cpu().numpy() * HU_SCALE
     return out
 
 
-def analyse(volume: Volume, model: DenoisingGenerator, sha256: str) -> Findings:
-    """Denoise a CT ``Volume`` slice by slice; the result is a derived series on the same geometry."""
-    if volume.modality != "CT":
-        raise ValueError(f"ct-denoising accepts CT only, got {volume.modality}")
-    t0 = time.perf_counter()
-    pixels = denoise_slices(model, volume.pixels)
-    findings = Findings(analysis=NAME, algorithm_name="ainode low-dose CT denoising GAN", algorithm_version=VERSION,
-                        model_sha256=sha256, volume=volume, kind="reconstruction")
-    findings.derived.append(DerivedImage(
-        pixels=pixels, series_description="Denoised (AI, GAN)",
+def postprocess(volume: Volume, hu: np.ndarray, denoised: np.ndarray, params: dict) -> Outputs:
+    """The denoised slices as a derived series on the source geometry."""
+    return Outputs(derived=[DerivedImage(
+        pixels=denoised, series_description="Denoised (AI, GAN)",
         derivation_description=f"Low-dose noise reduction by a CNN generator trained adversarially ({NAME} {VERSION})",
-        derivation_code=("113086", "DCM", "Image Processing")))
-    findings.timings_s["inference"] = time.perf_counter() - t0
-    return findings
+        derivation_code=("113086", "DCM", "Image Processing"))])
+
+
+def denoise_slices(model: DenoisingGenerator, hu: np.ndarray) -> np.ndarray:
+    """Denoise (k, rows, cols) HU slices; returns the same shape in HU."""
+    device = next(model.parameters()).device
+    return infer(model, np.asarray(hu, dtype=np.float32), RunContext(device=str(device.type)))
+
+
+def analyses() -> list[Analysis]:
+    """The low-dose CT denoising analysis (discovered by the registry)."""
+    return [Analysis(
+        name=NAME, task="reconstruction", modalities=("CT",), dimensionality="2d",
+        algorithm_name="ainode low-dose CT denoising GAN", version=VERSION,
+        load=load, preprocess=preprocess, infer=infer, postprocess=postprocess,
+        weights=weights_dir() / WEIGHTS, card=CARD, gpu_memory_bytes=512 << 20,
+        description="Low-dose CT noise reduction (generator trained with adversarial + L1 loss): derived series",
+    )]
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -250,7 +261,7 @@ def _random_patches(clean: np.ndarray, noisy: np.ndarray, n: int, size: int, gen
 
 
 def train_gan(clean: np.ndarray, noisy: np.ndarray, steps: int, validation: tuple[np.ndarray, np.ndarray],
-              seed: int = 0, adv_weight: float = 2e-3, patch: int = 48, log=print) -> DenoisingGenerator:
+              seed: int = 0, adv_weight: float = 2e-3, patch: int = 40, log=print) -> DenoisingGenerator:
     """Train the generator (L1 + adversarial) and discriminator (least squares) on random patches.
 
     Every tenth of the run the generator is scored on the validation slices; the best is kept.
@@ -264,7 +275,7 @@ def train_gan(clean: np.ndarray, noisy: np.ndarray, steps: int, validation: tupl
     warmup = steps // 5  # pixel loss only at first, so the discriminator meets sensible images
     best, best_state = -float("inf"), None
     for step in range(steps):
-        c, z = _random_patches(clean, noisy, 16, patch, gen_rng)
+        c, z = _random_patches(clean, noisy, 8, patch, gen_rng)
         fake = g(z)
         if step >= warmup:
             opt_d.zero_grad()
@@ -316,7 +327,7 @@ def training_slices(n_phantoms: int, seed: int, per_phantom: int = 6) -> tuple[n
 def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print) -> dict:
     """Train the denoising GAN on phantom slices; write weights + metrics JSON; return the metrics."""
     t_start = time.time()
-    n_train, n_val, n_test = (2, 1, 1) if quick else (40, 4, 6)
+    n_train, n_val, n_test = (2, 1, 1) if quick else (30, 3, 6)
     clean_tr, px_tr = training_slices(n_train, seed=4000 + seed)
     clean_va, px_va = training_slices(n_val, seed=5000 + seed)
     clean_te, px_te = training_slices(n_test, seed=6000 + seed)
@@ -324,15 +335,11 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
     noisy_va = make_pairs(clean_va, px_va, seed=2)
     noisy_te = make_pairs(clean_te, px_te, seed=3)
     log(f"slices: train {len(clean_tr)}, validation {len(clean_va)}, test {len(clean_te)}")
-    model = train_gan(clean_tr, noisy_tr, steps=40 if quick else 1500, validation=(clean_va, noisy_va), seed=seed,
+    model = train_gan(clean_tr, noisy_tr, steps=40 if quick else 1200, validation=(clean_va, noisy_va), seed=seed,
                       log=log)
     result = {"model": NAME, "version": VERSION, "test": evaluate(model, clean_te, noisy_te),
               "train_slices": int(len(clean_tr)), "train_seconds": round(time.time() - t_start, 1),
               "quick": quick, "seed": seed}
-    out_dir = Path(out) if out else weights_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out_dir / WEIGHTS)
-    result["sha256"] = file_sha256(out_dir / WEIGHTS)
-    (out_dir / WEIGHTS.replace(".pt", ".json")).write_text(json.dumps(result, indent=2) + "\n")
+    save_trained(model.state_dict(), out, WEIGHTS, result)
     log(json.dumps(result["test"]))
     return result

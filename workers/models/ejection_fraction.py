@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.findings import Findings, Measurement, Volume
-from workers.models.common import file_sha256, inference_device, weights_dir
+from workers.findings import Measurement, Volume
+from workers.models.common import CARDS, save_trained, weights_dir
+from workers.registry import Analysis, AnalysisError, Outputs, RunContext
 
-NAME = "ejection-fraction"
+NAME = TRAIN_NAME = "ejection-fraction"
 VERSION = "1.0.0"
 WEIGHTS = "ejection_fraction.pt"
+CARD = CARDS / f"{NAME}.md"
+MIN_FRAMES = 8
 INPUT_SIZE = 48  # frames are resampled to 48 x 48 pixels: enough for the cavity, cheap on a CPU
 LVEF_CODE = ("10230-1", "LN", "Left ventricular Ejection fraction")
 PERCENT = ("%", "UCUM", "%")
@@ -71,37 +74,49 @@ def prepare_cine(frames: np.ndarray, size: int = INPUT_SIZE) -> torch.Tensor:
     return (x / scale)[None]
 
 
-def load_model(path: Path | None = None, device: str | None = None) -> tuple[EchoEFNet, str]:
-    """Load the shipped (or given) weights; returns the model in eval mode and the file's SHA-256."""
-    path = Path(path) if path else weights_dir() / WEIGHTS
+def load(device: str = "cpu", path: Path | None = None) -> EchoEFNet:
+    """The trained network on ``device`` (eval mode), from the shipped or a given weight file."""
     model = EchoEFNet()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    model.to(device or inference_device()).eval()
-    return model, file_sha256(path)
+    model.load_state_dict(torch.load(path or weights_dir() / WEIGHTS, map_location="cpu", weights_only=True))
+    return model.to(device).eval()
 
 
-@torch.inference_mode()
-def predict_ef(model: EchoEFNet, frames: np.ndarray) -> tuple[float, np.ndarray]:
-    """Ejection fraction in percent and per-frame relative LV volume for one loop."""
-    device = next(model.parameters()).device
-    x = prepare_cine(frames).to(device)
-    with torch.autocast(device.type, enabled=device.type == "cuda"):
-        ef, rel = model(x)
+def preprocess(volume: Volume, params: dict) -> torch.Tensor:
+    """The loop as a (1, t, 48, 48) tensor; refuses loops too short to hold a cardiac cycle."""
+    if volume.pixels.ndim != 3 or volume.pixels.shape[0] < MIN_FRAMES:
+        raise AnalysisError(f"{NAME} needs a cine loop of at least {MIN_FRAMES} frames covering a heart beat, "
+                            f"got {volume.pixels.shape[0]} frame(s)")
+    return prepare_cine(volume.pixels)
+
+
+def infer(model: EchoEFNet, cine: torch.Tensor, ctx: RunContext) -> tuple[float, np.ndarray]:
+    """(EF in percent, per-frame relative LV volume)."""
+    with ctx.inference():
+        ef, rel = model(cine.to(ctx.device))
     return float(ef[0]) * 100.0, rel[0].float().cpu().numpy()
 
 
-def analyse(volume: Volume, model: EchoEFNet, sha256: str) -> Findings:
-    """Run the model on a cine ``Volume`` (k = frame) and return the EF as a Measurement."""
-    if volume.pixels.ndim != 3 or volume.pixels.shape[0] < 8:
-        raise ValueError(f"ejection fraction needs a cine loop of at least 8 frames, got shape {volume.pixels.shape}")
-    t0 = time.perf_counter()
-    ef, _ = predict_ef(model, volume.pixels)
-    findings = Findings(analysis=NAME, algorithm_name="ainode EchoEFNet (CNN+GRU)", algorithm_version=VERSION,
-                        model_sha256=sha256, volume=volume, kind="ejection_fraction")
-    findings.measurements.append(Measurement(name=LVEF_CODE, value=round(ef, 1), unit=PERCENT,
-                                             finding_site=LEFT_VENTRICLE, tracking_id="lvef"))
-    findings.timings_s["inference"] = time.perf_counter() - t0
-    return findings
+def postprocess(volume: Volume, inputs: torch.Tensor, raw: tuple[float, np.ndarray], params: dict) -> Outputs:
+    """The EF as a coded Measurement (LOINC 10230-1, UCUM %), site: left ventricle."""
+    return Outputs(measurements=[Measurement(name=LVEF_CODE, value=round(raw[0], 1), unit=PERCENT,
+                                             finding_site=LEFT_VENTRICLE, tracking_id="lvef")])
+
+
+def predict_ef(model: EchoEFNet, frames: np.ndarray) -> tuple[float, np.ndarray]:
+    """EF (percent) and per-frame relative volume for one loop of (t, rows, cols) pixels."""
+    device = next(model.parameters()).device
+    return infer(model, prepare_cine(frames), RunContext(device=str(device.type)))
+
+
+def analyses() -> list[Analysis]:
+    """The EF analysis (discovered by the registry)."""
+    return [Analysis(
+        name=NAME, task="ejection_fraction", modalities=("US", "MR"), dimensionality="2d+t",
+        algorithm_name="ainode EchoEFNet (CNN + GRU)", version=VERSION,
+        load=load, preprocess=preprocess, infer=infer, postprocess=postprocess,
+        weights=weights_dir() / WEIGHTS, card=CARD, gpu_memory_bytes=256 << 20,
+        description="Recurrent network over the frames of an apical long-axis cine: LV ejection fraction",
+    )]
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -173,10 +188,6 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
     result = {"model": NAME, "version": VERSION, "test": evaluate(model, test), "validation_mae": best,
               "train_loops": n_train, "epochs": epochs, "train_seconds": round(time.time() - t_start, 1),
               "quick": quick, "seed": seed}
-    out_dir = Path(out) if out else weights_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out_dir / WEIGHTS)
-    result["sha256"] = file_sha256(out_dir / WEIGHTS)
-    (out_dir / WEIGHTS.replace(".pt", ".json")).write_text(json.dumps(result, indent=2) + "\n")
+    save_trained(model.state_dict(), out, WEIGHTS, result)
     log(json.dumps(result["test"]))
     return result
