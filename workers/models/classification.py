@@ -57,7 +57,9 @@ class NoduleClassifier(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image (batch, 2, H, W) -> (image logit (batch,), cell logits (batch, H/8, W/8))."""
         cells = self.cell_logits(self.features(image))[:, 0]
-        return cells.flatten(1).amax(1), cells
+        # The outer ring of cells sees the zero padding and no lung: nodules are never there.
+        inner = cells[:, 1:-1, 1:-1] if min(cells.shape[1:]) > 2 else cells
+        return inner.flatten(1).amax(1), cells
 
 
 def prepare_radiograph(image: np.ndarray, size: int = INPUT_SIZE) -> torch.Tensor:
@@ -101,9 +103,19 @@ def infer(model: NoduleClassifier, images: torch.Tensor, ctx: RunContext, batch:
     return np.concatenate(out)
 
 
+def operating_threshold() -> float:
+    """The decision threshold chosen on validation radiographs at training time (0.5 if unknown)."""
+    summary = (weights_dir() / WEIGHTS).with_suffix(".json")
+    try:
+        return float(json.loads(summary.read_text())["threshold"])
+    except (OSError, KeyError, ValueError):
+        return 0.5
+
+
 def postprocess(volume: Volume, inputs: torch.Tensor, probs: np.ndarray, params: dict) -> Outputs:
-    """One Classification (finding: nodule, site: lung) per radiograph."""
-    threshold = float(params.get("threshold", 0.5))
+    """One Classification (finding: nodule, site: lung) per radiograph; ``params['threshold']`` overrides
+    the operating point chosen on validation."""
+    threshold = float(params.get("threshold", operating_threshold()))
     return Outputs(classifications=[Classification(label="Lung nodule", finding=NODULE, probability=float(p),
                                                    threshold=threshold, finding_site=LUNG) for p in probs])
 
@@ -141,13 +153,21 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def evaluate(model: NoduleClassifier, radiographs: list) -> dict:
-    """Held-out AUC, and sensitivity/specificity at 0.5, overall and for nodules >= 15 mm."""
+def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The probability threshold maximising sensitivity + specificity (Youden's J)."""
+    labels = np.asarray(labels, dtype=bool)
+    candidates = np.unique(probs)
+    j = [(probs[labels] >= t).mean() + (probs[~labels] < t).mean() for t in candidates]
+    return float(candidates[int(np.argmax(j))])
+
+
+def evaluate(model: NoduleClassifier, radiographs: list, threshold: float = 0.5) -> dict:
+    """Held-out AUC, and sensitivity/specificity at ``threshold``, overall and for nodules >= 15 mm."""
     probs = predict_probabilities(model, [r.pixels for r in radiographs])
     labels = np.array([r.nodule for r in radiographs])
-    pred = probs >= 0.5
+    pred = probs >= threshold
     big = np.array([r.nodule and r.nodules[0]["diameter_mm"] >= 15 for r in radiographs])
-    return {"n": len(radiographs), "positives": int(labels.sum()), "auc": roc_auc(probs, labels),
+    return {"n": len(radiographs), "positives": int(labels.sum()), "auc": roc_auc(probs, labels), "threshold": threshold,
             "sensitivity": float(pred[labels].mean()), "specificity": float((~pred[~labels]).mean()),
             "sensitivity_ge_15mm": float(pred[big].mean()) if big.any() else None}
 
@@ -164,16 +184,50 @@ def training_radiographs(n_phantoms: int, per_phantom: int, seed: int) -> list:
     return images
 
 
-def nodule_cells(radiograph, size: int = INPUT_SIZE, stride: int = 8) -> torch.Tensor:
-    """The cell-map target: 1 in the cell holding each nodule centre (on the resized grid), else 0."""
-    n = size // stride
-    target = torch.zeros(n, n)
+PATCH = 48  # training crops (input pixels); the central 2 x 2 cells decide a crop's label
+
+
+def nodule_centres(radiograph, size: int = INPUT_SIZE) -> list[tuple[int, int]]:
+    """Nodule centres on the resized (size x size) input grid."""
     rows, cols = radiograph.pixels.shape
-    for nodule in radiograph.nodules:
-        r = min(n - 1, int(nodule["row"] * size / rows) // stride)
-        c = min(n - 1, int(nodule["col"] * size / cols) // stride)
-        target[r, c] = 1.0
-    return target
+    return [(int(n["row"] * size / rows), int(n["col"] * size / cols)) for n in radiograph.nodules]
+
+
+def sample_crops(x: torch.Tensor, centres: list[list[tuple[int, int]]], n: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half crops centred (+-6 px) on a nodule, half nodule-free crops at places nodules occur.
+
+    Balanced crops give the small network many positive examples per step, where whole images give
+    one positive cell in 256; negatives are taken where nodules sit in other images (inside the
+    lungs) or anywhere, so the network learns what is not a nodule where it matters.
+    """
+    positives = [(i, c) for i, cs in enumerate(centres) for c in cs]
+    negatives = [i for i, cs in enumerate(centres) if not cs]
+    half, size = PATCH // 2, x.shape[-1]
+    crops, labels = [], []
+    for k in range(n):
+        if k % 2 == 0:
+            i, (r, c) = positives[int(torch.randint(len(positives), (1,), generator=gen))]
+            label = 1.0
+        else:
+            i = negatives[int(torch.randint(len(negatives), (1,), generator=gen))]
+            if torch.rand((), generator=gen) < 0.7:
+                r, c = positives[int(torch.randint(len(positives), (1,), generator=gen))][1]
+            else:
+                r, c = (int(v) for v in torch.randint(half, size - half, (2,), generator=gen))
+            label = 0.0
+        r, c = (int(v) + int(torch.randint(-6, 7, (1,), generator=gen)) for v in (r, c))
+        r, c = min(max(r, half), size - half), min(max(c, half), size - half)
+        crops.append(x[i, :, r - half:r + half, c - half:c + half])
+        labels.append(label)
+    return torch.stack(crops), torch.tensor(labels)
+
+
+def crop_logit(model: NoduleClassifier, crops: torch.Tensor) -> torch.Tensor:
+    """A crop's logit: the maximum over its central 2 x 2 cells (where a centred nodule lands)."""
+    _, cells = model(crops)
+    mid = cells.shape[-1] // 2
+    return cells[:, mid - 1:mid + 1, mid - 1:mid + 1].flatten(1).amax(1)
 
 
 def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print) -> dict:
@@ -181,42 +235,42 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
     t_start = time.time()
     torch.manual_seed(seed)
     (n_tr, per_tr), (n_va, per_va), (n_te, per_te) = ((2, 32), (1, 16), (1, 32)) if quick \
-        else ((20, 100), (3, 100), (6, 50))
+        else ((12, 100), (2, 100), (4, 50))
     train_set = training_radiographs(n_tr, per_tr, seed=10 + seed)
     val_set = training_radiographs(n_va, per_va, seed=20 + seed)
     test_set = training_radiographs(n_te, per_te, seed=30 + seed)
     x = torch.cat([prepare_radiograph(r.pixels) for r in train_set])
-    y = torch.tensor([float(r.nodule) for r in train_set])
-    cells = torch.stack([nodule_cells(r) for r in train_set])
+    centres = [nodule_centres(r) for r in train_set]
     log(f"radiographs: train {len(train_set)}, validation {len(val_set)}, test {len(test_set)}")
     model = NoduleClassifier()
-    epochs = 1 if quick else 6
+    steps, every = (20, 10) if quick else (900, 100)
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=epochs * ((len(x) + 31) // 32))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     best, best_state = -1.0, None
-    for epoch in range(epochs):
+    for step in range(steps):
         model.train()
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), 32):
-            idx = order[i:i + 32]
-            xb, cb = x[idx], cells[idx]
-            if torch.rand(()) < 0.5:  # left-right flip: a nodule can be in either lung
-                xb, cb = xb.flip(3), cb.flip(2)
-            logit, cell_logits = model(xb)
-            loss = F.binary_cross_entropy_with_logits(logit, y[idx]) \
-                + F.binary_cross_entropy_with_logits(cell_logits, cb, pos_weight=torch.tensor(20.0))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        metrics = evaluate(model, val_set)
-        log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, validation AUC {metrics['auc']:.3f}")
-        if metrics["auc"] >= best:
-            best = metrics["auc"]
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        xb, yb = sample_crops(x, centres, 64, gen)
+        if torch.rand((), generator=gen) < 0.5:  # left-right flip: a nodule can be in either lung
+            xb = xb.flip(3)
+        loss = F.binary_cross_entropy_with_logits(crop_logit(model, xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % every == 0:
+            metrics = evaluate(model, val_set)
+            log(f"step {step + 1}/{steps}: loss {loss.item():.3f}, validation AUC {metrics['auc']:.3f}")
+            if metrics["auc"] >= best:
+                best = metrics["auc"]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    result = {"model": NAME, "version": VERSION, "test": evaluate(model, test_set), "validation_auc": best,
-              "train_radiographs": len(train_set), "train_phantoms": n_tr, "epochs": epochs,
+    model.eval()
+    val_probs = predict_probabilities(model, [r.pixels for r in val_set])
+    threshold = youden_threshold(val_probs, np.array([r.nodule for r in val_set]))
+    result = {"model": NAME, "version": VERSION, "test": evaluate(model, test_set, threshold), "validation_auc": best,
+              "threshold": threshold,
+              "train_radiographs": len(train_set), "train_phantoms": n_tr, "steps": steps,
               "train_seconds": round(time.time() - t_start, 1), "quick": quick, "seed": seed}
     save_trained(model.state_dict(), out, WEIGHTS, result)
     log(json.dumps(result["test"]))
