@@ -29,7 +29,7 @@ app.conf.update(include=["workers.tasks"])
 
 # The settings this process runs with (set by configured_app / run_worker; inherited by forks).
 SETTINGS: Settings | None = None
-_configured_for: int | None = None
+_configured_for: dict[str, Any] | None = None
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -69,12 +69,29 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _drop_broker_connections() -> None:
+    # Celery caches a connection pool on the app and a producer pool on app.amqp; both are bound
+    # to the broker URL they were first made for (the same reset Celery does after a fork).
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+
+
 def configured_app(settings: Settings) -> Celery:
     """The Celery app configured for these settings (publisher side and worker side)."""
     global SETTINGS, _configured_for
-    if _configured_for != id(settings):
-        app.conf.update(celery_config(settings))
-        SETTINGS, _configured_for = settings, id(settings)
+    config = celery_config(settings)
+    # Compare the configuration itself, not id(settings): ids are reused after garbage collection.
+    if _configured_for != config:
+        # Pooled broker connections were opened for the previous broker: close them, or a
+        # publisher in a long-lived process keeps talking to the old (maybe dead) broker.
+        _drop_broker_connections()
+        app.conf.update(config)
+        _configured_for = config
+    SETTINGS = settings
     return app
 
 
