@@ -71,10 +71,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def _drop_broker_connections() -> None:
     # Celery caches a connection pool on the app and a producer pool on app.amqp; both are bound
-    # to the broker URL they were first made for (the same reset Celery does after a fork).
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    # to the broker URL they were first made for. Detach them (the reset Celery itself does after
+    # a fork) without closing: kombu shares pools per URL, and a closed one would be handed out again.
+    app._pool = None
     amqp = app.__dict__.get("amqp")
     if amqp is not None:
         amqp._producer_pool = None

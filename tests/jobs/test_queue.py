@@ -141,30 +141,6 @@ def test_failing_analysis_retries_then_is_dead(make_settings, redis_server, work
         assert status_summary(session)["dead"][0]["id"] == job.id
 
 
-@pytest.fixture
-def postgres_url():
-    """A fresh PostgreSQL database on the local server (dropped afterwards)."""
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
-    admin_url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    name = f"ainode_jobs_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not available: {type(err).__name__}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    from node.db import dispose_engines
-
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
 @pytest.mark.postgres
 def test_duplicate_messages_and_two_workers_on_postgres_run_each_job_once(make_settings, redis_server, workers,
                                                                           node_dir, postgres_url):

@@ -135,27 +135,3 @@ def wait_phase(client: Client, study_uid: str, phases: tuple[str, ...], timeout:
     assert wait_for(check, timeout, 0.5), seen
     time.sleep(0)
     return seen
-
-
-@pytest.fixture
-def postgres_url():
-    """A fresh PostgreSQL database on the local server (dropped afterwards)."""
-    import uuid
-
-    from sqlalchemy import create_engine, text
-
-    admin_url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    name = f"ainode_ops_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(f"PostgreSQL not available: {type(err).__name__}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    from node.db import dispose_engines
-
-    dispose_engines()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
