@@ -102,7 +102,7 @@ def test_roc_auc_matches_its_definition():
 
 @pytest.mark.slow
 def test_held_out_auc_well_above_chance(model):
-    """The issue's target is AUC >= 0.95; the shipped model measures about 0.89 on held-out phantoms
+    """The issue's target is AUC >= 0.95; the shipped model measures 0.91-0.94 on held-out phantoms
     (see docs/models/nodule-classification.md). This guards what it does reach, not the target."""
     shots = cls_model.training_radiographs(4, 60, seed=HELD_OUT_SEED)
     metrics = cls_model.evaluate(model, shots, cls_model.operating_threshold())

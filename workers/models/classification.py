@@ -194,7 +194,7 @@ def nodule_centres(radiograph, size: int = INPUT_SIZE) -> list[tuple[int, int]]:
 
 
 def sample_crops(x: torch.Tensor, centres: list[list[tuple[int, int]]], n: int,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                 gen: torch.Generator, hard: list[tuple[int, int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Half crops centred (+-6 px) on a nodule, half nodule-free crops at places nodules occur.
 
     Balanced crops give the small network many positive examples per step, where whole images give
@@ -211,7 +211,10 @@ def sample_crops(x: torch.Tensor, centres: list[list[tuple[int, int]]], n: int,
             label = 1.0
         else:
             i = negatives[int(torch.randint(len(negatives), (1,), generator=gen))]
-            if torch.rand((), generator=gen) < 0.7:
+            u = float(torch.rand((), generator=gen))
+            if hard and u < 0.4:  # where the network currently fires on a nodule-free image
+                i, r, c = hard[int(torch.randint(len(hard), (1,), generator=gen))]
+            elif u < 0.8:
                 r, c = positives[int(torch.randint(len(positives), (1,), generator=gen))][1]
             else:
                 r, c = (int(v) for v in torch.randint(half, size - half, (2,), generator=gen))
@@ -221,6 +224,21 @@ def sample_crops(x: torch.Tensor, centres: list[list[tuple[int, int]]], n: int,
         crops.append(x[i, :, r - half:r + half, c - half:c + half])
         labels.append(label)
     return torch.stack(crops), torch.tensor(labels)
+
+
+@torch.no_grad()
+def mine_hard_negatives(model: NoduleClassifier, x: torch.Tensor, centres: list, gen: torch.Generator,
+                        n_images: int = 150) -> list[tuple[int, int, int]]:
+    """(image, row, col) of the highest-scoring inner cell of nodule-free training images."""
+    negatives = [i for i, cs in enumerate(centres) if not cs]
+    pick = [negatives[int(k)] for k in torch.randperm(len(negatives), generator=gen)[:n_images]]
+    model.eval()
+    _, cells = model(x[pick])
+    model.train()
+    inner = cells[:, 1:-1, 1:-1]
+    flat = inner.flatten(1).argmax(1)
+    width = inner.shape[-1]
+    return [(i, int(f // width + 1) * 8 + 4, int(f % width + 1) * 8 + 4) for i, f in zip(pick, flat)]
 
 
 def crop_logit(model: NoduleClassifier, crops: torch.Tensor) -> torch.Tensor:
@@ -247,10 +265,10 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    best, best_state = -1.0, None
+    best, best_state, hard = -1.0, None, []
     for step in range(steps):
         model.train()
-        xb, yb = sample_crops(x, centres, 64, gen)
+        xb, yb = sample_crops(x, centres, 64, gen, hard)
         if torch.rand((), generator=gen) < 0.5:  # left-right flip: a nodule can be in either lung
             xb = xb.flip(3)
         loss = F.binary_cross_entropy_with_logits(crop_logit(model, xb), yb)
@@ -261,6 +279,8 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
         if (step + 1) % every == 0:
             metrics = evaluate(model, val_set)
             log(f"step {step + 1}/{steps}: loss {loss.item():.3f}, validation AUC {metrics['auc']:.3f}")
+            # Hard negatives: the false alarms of the current network, refreshed at every check.
+            hard = mine_hard_negatives(model, x, centres, gen)
             if metrics["auc"] >= best:
                 best = metrics["auc"]
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
