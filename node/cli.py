@@ -36,6 +36,20 @@ def settings_from(config: Optional[Path]) -> Settings:
     return resolve_paths(settings, base.resolve())
 
 
+def unknown_analyses(settings: Settings) -> list[str]:
+    """Rules naming an analysis that is neither built in, configured, nor a diagnostic one."""
+    from workers.registry import AnalysisError, available_analyses
+    from workers.tasks import DIAGNOSTIC_ANALYSES
+
+    try:
+        known = set(available_analyses(settings)) | set(DIAGNOSTIC_ANALYSES)
+    except AnalysisError as err:
+        return [f"analyses: {err}"]
+    return [f"rules[{i}].analyses[{j}]: unknown analysis {ref.name!r} (known: {', '.join(sorted(known))})"
+            for i, rule in enumerate(settings.rules) for j, ref in enumerate(rule.analyses)
+            if ref.name not in known]
+
+
 @config_app.command("check")
 def config_check(file: Path = typer.Argument(..., help="Configuration file to validate.")) -> None:
     """Validate a configuration file; print each error with its line and exit non-zero on any."""
@@ -46,6 +60,12 @@ def config_check(file: Path = typer.Argument(..., help="Configuration file to va
             console.print(line, markup=False, highlight=False)
         console.print(f"{len(err.errors)} error(s) in {file}", style="red")
         raise typer.Exit(1) from None
+    unknown = unknown_analyses(settings)
+    for line in unknown:
+        console.print(f"{file}: {line}", markup=False, highlight=False)
+    if unknown:
+        console.print(f"{len(unknown)} error(s) in {file}", style="red")
+        raise typer.Exit(1)
     typer.echo(f"{file}: OK ({len(settings.peers)} peers, {len(settings.destinations)} destinations, "
                f"{len(settings.rules)} rules, {len(settings.analyses)} analyses)")
 

@@ -63,3 +63,14 @@ def test_config_check_command_exit_codes(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 1
     assert "node.port: must be 1..65535" in res.stderr
+
+
+def test_config_check_rejects_unknown_analysis(tmp_path):
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("rules:\n  - name: r\n    analyses: [ct-segmentation, no-such-model]\n")
+    res = subprocess.run([sys.executable, "-m", "node.cli", "config", "check", str(cfg)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 1
+    assert "rules[0].analyses[1]: unknown analysis 'no-such-model'" in res.stderr
+    assert "ct-segmentation" in res.stderr  # listed among the known ones, not reported
+    assert "analyses[0]" not in res.stderr
