@@ -248,6 +248,10 @@ def _float(ds: Dataset, keyword: str) -> float | None:
 # --- the index --------------------------------------------------------------------------------
 
 
+# Storage Commitment Push Model SOP Class (PS3.4 J).
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+
+
 @dataclass
 class Arrival:
     """One received instance on its way into the index."""
@@ -553,6 +557,8 @@ class Receiver:
     slots: AssociationSlots
     row: int = 0
     mpps_handlers: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
+    # Storage Commitment reports from the PACS (it opens a new association and plays the SCP role).
+    commitment_handlers: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = Path(self.settings.storage.path)
@@ -715,6 +721,8 @@ class Receiver:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         if self.mpps_handlers:
             ae.add_supported_context(ModalityPerformedProcedureStep, TRANSFER_SYNTAXES[:4])
+        if self.commitment_handlers:
+            ae.add_supported_context(STORAGE_COMMITMENT_PUSH, TRANSFER_SYNTAXES[:4], scu_role=False, scp_role=True)
         return ae
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
@@ -725,6 +733,7 @@ class Receiver:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             *self.mpps_handlers,
+            *self.commitment_handlers,
         ]
 
     def start(self) -> ReusePortServer:

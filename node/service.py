@@ -77,6 +77,15 @@ def mpps_handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
     return list(hook(settings)) if callable(hook) else []
 
 
+def commitment_handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
+    """Storage Commitment N-EVENT-REPORT handlers, when a destination asks for commitment."""
+    if not any(d.storage_commitment for d in settings.destinations):
+        return []
+    from node.dispatcher import commitment_handlers as handlers
+
+    return list(handlers(settings))
+
+
 # --- receiver processes ----------------------------------------------------------------------
 
 
@@ -104,7 +113,8 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     from node import audit
 
     audit.configure(settings.audit, settings.node.ae_title)  # refused peers are Security Alerts
-    receiver = Receiver(settings, engine_for(settings.database.url), slots, row, mpps_handlers(settings))
+    receiver = Receiver(settings, engine_for(settings.database.url), slots, row, mpps_handlers(settings),
+                        commitment_handlers(settings))
     try:
         server = receiver.start()
     except OSError as err:

@@ -122,3 +122,28 @@ def test_storage_commitment_with_orthanc(tmp_path, ct):
             server.shutdown()
     finally:
         pacs.stop()
+
+
+def test_storage_commitment_report_is_received_by_ainode_serve(tmp_path, ct):
+    """The N-EVENT-REPORT that Orthanc sends on a new association reaches the running node."""
+    from tests.helpers import NodeProcess
+
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    placeholder = NodeProcess(node_dir)  # only to learn the port the node will listen on
+    pacs = Orthanc(tmp_path / "orthanc", modalities={"ainode": ("AINODE", placeholder.port)}).start()
+    try:
+        settings = make_settings(tmp_path, [orthanc_destination(pacs, storage_commitment=True)])
+        overrides = {"node": {"port": placeholder.port},
+                     "database": {"url": settings.database.url},
+                     "peers": [{"ae_title": pacs.aet, "hosts": ["127.0.0.1"]}],
+                     "destinations": [orthanc_destination(pacs, storage_commitment=True)]}
+        with NodeProcess(node_dir, overrides):
+            volume, _ = ct
+            outputs = write_results(segmentation_findings(volume), ResultContext(job_key="commit-serve",
+                                                                                 output_dir=tmp_path / "out"))
+            enqueue(settings, outputs, ["pacs"])
+            assert run_until_settled(settings)
+            assert wait_for(lambda: {r.commitment for r in rows(settings)} == {"committed"}, timeout=60)
+    finally:
+        pacs.stop()
