@@ -732,9 +732,21 @@ class Receiver:
             (evt.EVT_CONN_CLOSE, self.on_closed),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
-            *self.mpps_handlers,
+            *[(event, self._only_if_allowed("mpps", handler)) for event, handler in self.mpps_handlers],
             *self.commitment_handlers,
         ]
+
+    def _only_if_allowed(self, action: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap a DIMSE-N handler so a peer without ``action`` in its allow list is refused."""
+
+        def guarded(event: Any, *args: Any) -> Any:
+            if not self._allowed(event.assoc, action):
+                security_log.warning("%s refused: calling AE %r is not allowed it", action,
+                                     event.assoc.requestor.ae_title)
+                return NOT_AUTHORIZED, None
+            return handler(event, *args)
+
+        return guarded
 
     def start(self) -> ReusePortServer:
         """Bind the port (shared with the other receivers) and serve on a background thread."""

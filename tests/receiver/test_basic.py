@@ -105,3 +105,32 @@ def test_sighup_to_the_whole_node_keeps_it_serving(tmp_path):
             assert echoscu(node).returncode == 0
         assert node.proc.poll() is None
         assert node.stop() == 0
+
+
+def test_mpps_only_from_peers_allowed_to_send_it(tmp_path):
+    """A peer whose allow list lacks mpps is refused (0x0124); an allowed one is answered."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep
+
+    from tests.helpers import NodeProcess
+
+    peers = [{"ae_title": "STOREONLY", "hosts": ["127.0.0.1"], "allow": ["echo", "store"]},
+             {"ae_title": "MODALITY", "hosts": ["127.0.0.1"], "allow": ["echo", "store", "mpps"]}]
+    with NodeProcess(tmp_path / "node", {"peers": peers}) as node:
+        answers = {}
+        for aet in ("STOREONLY", "MODALITY"):
+            scu = AE(ae_title=aet)
+            scu.add_requested_context(ModalityPerformedProcedureStep)
+            assoc = scu.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+            assert assoc.is_established
+            step = Dataset()
+            step.PerformedProcedureStepStatus = "IN PROGRESS"
+            step.Modality = "CT"
+            step.ScheduledStepAttributesSequence = []
+            status, _ = assoc.send_n_create(step, ModalityPerformedProcedureStep, generate_uid())
+            answers[aet] = status.Status
+            assoc.release()
+        assert answers["STOREONLY"] == 0x0124
+        assert answers["MODALITY"] != 0x0124
