@@ -268,7 +268,12 @@ def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, setting
             if not Path(row.path).exists():
                 outcomes[row.id] = Outcome(FAILED, "missing", f"result file is gone: {row.path}")
                 continue
-            status = assoc.send_c_store(Path(row.path))
+            if not assoc.is_established:
+                break  # the peer went away between two objects: the rest count as not sent
+            try:
+                status = assoc.send_c_store(Path(row.path))
+            except RuntimeError:  # pynetdicom: the association ended as this request started
+                status = None
             if not status or "Status" not in status:
                 # No response: the association died mid-transfer; this and the rest retry.
                 outcomes[row.id] = Outcome(PENDING, "no-response", "association lost during C-STORE")
