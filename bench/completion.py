@@ -18,43 +18,26 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, ModalityPerformedProcedureStep
+from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on port {port}")
+from common import epoch, free_port, push, start_redis, stop_processes, wait_port  # noqa: E402
 
 
 def make_study(n: int) -> list[Dataset]:
@@ -86,47 +69,6 @@ def make_study(n: int) -> list[Dataset]:
     return out
 
 
-def push(port: int, called: str, study: list[Dataset], mpps: bool) -> float:
-    """C-STORE the study (wrapped in MPPS when asked); returns the epoch time of the last acknowledgement."""
-    ae = AE(ae_title="CT01")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    if mpps:
-        ae.add_requested_context(ModalityPerformedProcedureStep)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
-    if not assoc.is_established:
-        raise RuntimeError("association rejected")
-    step_uid = generate_uid()
-    if mpps:
-        create = Dataset()
-        create.PerformedProcedureStepStatus = "IN PROGRESS"
-        item = Dataset()
-        item.StudyInstanceUID = study[0].StudyInstanceUID
-        create.ScheduledStepAttributesSequence = [item]
-        status, _ = assoc.send_n_create(create, ModalityPerformedProcedureStep, step_uid)
-        assert status.Status == 0, f"N-CREATE 0x{status.Status:04X}"
-    last_ack = 0.0
-    for ds in study:
-        status = assoc.send_c_store(ds)
-        last_ack = time.time()
-        assert status.Status == 0, f"C-STORE 0x{status.Status:04X}"
-    if mpps:
-        done = Dataset()
-        done.PerformedProcedureStepStatus = "COMPLETED"
-        series = Dataset()
-        series.SeriesInstanceUID = study[0].SeriesInstanceUID
-        refs = []
-        for ds in study:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-            refs.append(ref)
-        series.ReferencedImageSequence = refs
-        done.PerformedSeriesSequence = [series]
-        status, _ = assoc.send_n_set(done, ModalityPerformedProcedureStep, step_uid)
-        assert status.Status == 0, f"N-SET 0x{status.Status:04X}"
-    assoc.release()
-    return last_ack
-
-
 def job_times(db_url: str, study_uid: str, timeout: float = 300) -> tuple[float, float]:
     """(published, started) epoch times of the study's first job, waiting until it has started."""
     engine = create_engine(db_url)
@@ -136,16 +78,9 @@ def job_times(db_url: str, study_uid: str, timeout: float = 300) -> tuple[float,
             row = conn.execute(text("SELECT published_at, started_at FROM jobs WHERE study_uid = :u ORDER BY id LIMIT 1"),
                                {"u": study_uid}).first()
         if row and row[0] and row[1]:
-            return _epoch(row[0]), _epoch(row[1])
+            return epoch(row[0]), epoch(row[1])
         time.sleep(0.05)
     raise RuntimeError("the job did not start")
-
-
-def _epoch(value: object) -> float:
-    dt = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
 
 
 def orthanc_stable_after(work: Path, study: list[Dataset], stable_age: int) -> float | None:
@@ -189,12 +124,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ainode-bench-"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("AINODE_CONFIG", None)
-    redis_port, dicom_port = free_port(), free_port()
+    dicom_port = free_port()
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
-                                       "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL))
-        wait_port(redis_port)
+        redis, redis_port = start_redis(work)
+        procs.append(redis)
         db_url = f"sqlite:///{work / 'ainode.db'}"
         config = {
             "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": dicom_port, "receivers": 1,
@@ -254,15 +188,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        if args.json:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_processes(procs, work if args.json else None)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from completion import _epoch, free_port, push, wait_port  # noqa: E402  (sibling benchmark helpers)
+from common import epoch as _epoch, free_port, push, start_redis, stop_processes, wait_port  # noqa: E402
 
 ANALYSIS = "ct-segmentation"
 
@@ -173,10 +172,9 @@ def main() -> int:
         warm_files = write_phantom(48, 64, seed=8)
         orthanc, pacs_port, _ = start_orthanc(work)
         procs.append(orthanc)
-        redis_port, dicom_port = free_port(), free_port()
-        procs.append(subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
-                                       "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL))
-        wait_port(redis_port)
+        redis, redis_port = start_redis(work)
+        procs.append(redis)
+        dicom_port = free_port()
         db_url = f"sqlite:///{work / 'ainode.db'}"
         config = {
             "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": dicom_port, "receivers": 1,
@@ -241,15 +239,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-        if args.json:
-            shutil.rmtree(work, ignore_errors=True)
+        stop_processes(procs, work if args.json else None)
 
 
 if __name__ == "__main__":
