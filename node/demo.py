@@ -5,7 +5,8 @@
    with one rule: CT → ct-segmentation → the test PACS.
 3. A generated CT phantom (``workers.phantoms``) pushed over C-STORE, with a progress bar.
 4. Wait for the results to reach the PACS; print the per-stage timeline and the result objects;
-   write a PNG of a key slice with the segmentation outline and lesion boxes.
+   write a PNG of the key slice (the largest lesion at its widest cross-section) with the
+   segmentation outline and lesion boxes.
 5. With ``--out``: copy every result object that reached the PACS there.
 
 Exit status 0 only when every result object the node produced is in the PACS.
@@ -316,8 +317,9 @@ def print_results(view: dict[str, Any], in_pacs: dict[str, bytes]) -> None:
     console.print(table)
 
 
-def write_key_slice(config_path: Path, study_uid: str, target: Path) -> int | None:
-    """Render the key slice with the overlay to ``target``; the slice index, or None."""
+def write_key_slice(config_path: Path, study_uid: str, target: Path) -> tuple[int, int]:
+    """Render the key slice (the largest lesion at its widest; ``node.keyslice.key_slices``, as on
+    the dashboard's study page) with the overlay to ``target``; (slice index, findings on it)."""
     from node.keyslice import key_slices, render_png, study_overlay
     from node.settings import load_settings, resolve_paths
 
@@ -325,7 +327,7 @@ def write_key_slice(config_path: Path, study_uid: str, target: Path) -> int | No
     overlay = study_overlay(settings, study_uid)
     k = key_slices(overlay, 1)[0]
     target.write_bytes(render_png(overlay, k))
-    return k
+    return k, len(overlay.marks_on(k))
 
 
 def run_demo(out: Path | None, workdir: Path | None, analysis: str = ANALYSIS) -> int:
@@ -382,8 +384,9 @@ def _finish(view: dict[str, Any], in_pacs: dict[str, bytes], node: DemoNode, stu
     png = (out or workdir) / "key-slice.png"
     png.parent.mkdir(parents=True, exist_ok=True)
     try:
-        k = write_key_slice(node.config_path, study_uid, png)
-        console.print(f"key slice {k} with the segmentation overlay: {png}")
+        k, found = write_key_slice(node.config_path, study_uid, png)
+        console.print(f"key slice {k} ({found} finding(s) boxed, the largest lesion at its widest) "
+                      f"with the segmentation overlay: {png}")
     except Exception as err:  # noqa: BLE001 - the picture is a bonus; the results decide the outcome
         console.print(f"key slice not rendered: {err}", style="yellow")
     if out is not None:

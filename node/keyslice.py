@@ -1,8 +1,13 @@
 """Key slices of a study with its results drawn on them: segmentation outlines and detection boxes.
 
 The dashboard's study page and ``ainode demo`` show these PNGs. They are rendered server-side
-from the stored source instances and the result SEG the analysis wrote (numpy + Pillow), so what
-is drawn is exactly what the PACS received, on the exact source pixels the SEG references.
+from the stored source instances and the result objects the analysis wrote (numpy + Pillow): SEG
+masks, and the image regions (boxes, points) of detections in TID 1500 SRs. What is drawn is
+exactly what the PACS received, on the exact source pixels the results reference.
+
+Which slices are key (``key_slices``), as a radiologist reads a study: the largest lesion at its
+widest cross-section first, then the next largest lesions likewise; a tie goes to the slice with
+the most findings on it. Without lesions, the slices with the most segmented area; else the middle.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,7 @@ from node.index import Instance, Series, Study
 from node.settings import Settings
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_SOP_CLASS_PREFIX, KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.88.59"
 # Soft-tissue window: organs and lesions of the abdomen are told apart here.
 WINDOW = (-160.0, 240.0)
 COLOURS = [(255, 80, 80), (80, 200, 255), (255, 220, 60), (120, 255, 120), (255, 120, 255),
@@ -37,20 +44,59 @@ class NoImages(LookupError):
     """The study has no stored images to draw on."""
 
 
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels of the source slice
+
+
+@dataclass
+class Mark:
+    """One finding on one slice: a lesion's cross-section (SEG) or a detection's region (SR)."""
+
+    k: int
+    label: str
+    box: Box
+    area: float  # in-plane size in pixels: the lesion's cross-section, or the disc inside the box
+
+
 @dataclass
 class StudyOverlay:
-    """A study's image stack (by source SOP Instance UID) and the masks of its result segments."""
+    """A study's image stack (by source SOP Instance UID), its result segments' masks and the
+    detections of its result SRs."""
 
     pixels: np.ndarray  # (k, rows, cols) modality units
     sop_uids: list[str]
     segments: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)  # number -> (label, bool mask)
+    detections: list[Mark] = field(default_factory=list)
 
-    def area_per_slice(self, lesions_only: bool = False) -> np.ndarray:
-        """Voxels of (lesion) segments on each slice."""
-        total = np.zeros(len(self.sop_uids), dtype=np.int64)
+    @cached_property
+    def lesions(self) -> list[list[Mark]]:
+        """Each lesion of the lesion-type segments (a 3D connected region): its cross-section per slice."""
+        found = []
         for label, mask in self.segments.values():
-            if lesions_only and not is_lesion(label):
+            if not is_lesion(label):
                 continue
+            regions, n = ndimage.label(mask)
+            for number, where in enumerate(ndimage.find_objects(regions), start=1):
+                if where is None:
+                    continue
+                marks = []
+                for dk, plane in enumerate(regions[where] == number):
+                    area = int(plane.sum())
+                    if area:
+                        rows, cols = np.nonzero(plane)
+                        j0, i0 = where[1].start + int(rows.min()), where[2].start + int(cols.min())
+                        j1, i1 = where[1].start + int(rows.max()) + 1, where[2].start + int(cols.max()) + 1
+                        marks.append(Mark(where[0].start + dk, label, (i0 - 2, j0 - 2, i1 + 1, j1 + 1), area))
+                found.append(marks)
+        return found
+
+    def marks_on(self, k: int) -> list[Mark]:
+        """The findings on slice k: lesion cross-sections and detections."""
+        return [m for lesion in self.lesions for m in lesion if m.k == k] + [d for d in self.detections if d.k == k]
+
+    def area_per_slice(self) -> np.ndarray:
+        """Segmented voxels (every segment) on each slice."""
+        total = np.zeros(len(self.sop_uids), dtype=np.int64)
+        for _, mask in self.segments.values():
             total += mask.reshape(len(self.sop_uids), -1).sum(axis=1)
         return total
 
@@ -136,19 +182,59 @@ _cache: "OrderedDict[str, StudyOverlay]" = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+def _sr_marks(path: Path, index: dict[str, int]) -> list[Mark]:
+    """The image regions (TID 1410 SCOORD box or point) of an SR's measurement groups on the slices."""
+    marks: list[Mark] = []
+
+    def walk(items: list) -> None:
+        label = next((str(i.ConceptCodeSequence[0].CodeMeaning) for i in items if i.ValueType == "CODE"
+                      and i.ConceptNameCodeSequence[0].CodeMeaning == "Finding"), None)
+        label = label or next((str(i.TextValue) for i in items if i.ValueType == "TEXT"
+                               and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"), "finding")
+        for item in items:
+            if item.ValueType == "CONTAINER":
+                walk(list(item.get("ContentSequence", [])))
+            elif item.ValueType == "SCOORD":
+                refs = [r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                        for r in item.get("ContentSequence", []) if r.ValueType == "IMAGE"]
+                k = index.get(refs[0]) if refs else None
+                if k is None:
+                    continue
+                xy = np.asarray(item.GraphicData, dtype=float).reshape(-1, 2)
+                (x0, y0), (x1, y1) = xy.min(axis=0), xy.max(axis=0)
+                area = np.pi / 4 * (x1 - x0) * (y1 - y0) if item.GraphicType != "POINT" else 0.0
+                pad = 2 if area else 4  # a point gets a small box around it
+                box = (int(np.floor(x0)) - pad, int(np.floor(y0)) - pad, int(np.ceil(x1)) + pad, int(np.ceil(y1)) + pad)
+                marks.append(Mark(k, label.lower(), box, float(area)))
+
+    walk(list(pydicom.dcmread(path).get("ContentSequence", [])))
+    return marks
+
+
+def overlay_from_files(images: list[Path], results: list[Path]) -> StudyOverlay:
+    """The overlay of result objects (SEG masks, SR detections; others ignored) on a series' images."""
+    pixels, uids = _load_stack(images)
+    overlay = StudyOverlay(pixels, uids)
+    index = {uid: k for k, uid in enumerate(uids)}
+    for path in results:
+        sop_class = _sop_class(path)
+        if sop_class == SEG_SOP_CLASS:
+            for entry in _seg_masks(path, uids, pixels.shape).values():
+                overlay.segments[len(overlay.segments) + 1] = entry
+        elif sop_class.startswith(SR_SOP_CLASS_PREFIX) and sop_class != KOS_SOP_CLASS:
+            overlay.detections += _sr_marks(path, index)
+    return overlay
+
+
 def study_overlay(settings: Settings, study_uid: str) -> StudyOverlay:
-    """The study's largest series and every result SEG's masks on it (a few studies cached)."""
-    seg_files = [p for p in result_files(settings, study_uid) if _is_seg(p)]
-    key = study_uid + "|" + "|".join(sorted(str(p) for p in seg_files))
+    """The study's largest series with its results drawn from its jobs' outputs (a few studies cached)."""
+    results = sorted(result_files(settings, study_uid))
+    key = study_uid + "|" + "|".join(str(p) for p in results)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    pixels, uids = _load_stack(_largest_series_files(settings, study_uid))
-    overlay = StudyOverlay(pixels, uids)
-    for path in seg_files:
-        for number, entry in _seg_masks(path, uids, pixels.shape).items():
-            overlay.segments[len(overlay.segments) + 1] = entry
+    overlay = overlay_from_files(_largest_series_files(settings, study_uid), results)
     with _cache_lock:
         _cache[key] = overlay
         while len(_cache) > 4:
@@ -156,40 +242,36 @@ def study_overlay(settings: Settings, study_uid: str) -> StudyOverlay:
     return overlay
 
 
-def _is_seg(path: Path) -> bool:
+def _sop_class(path: Path) -> str:
     try:
-        return str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID) == SEG_SOP_CLASS
-    except Exception:  # noqa: BLE001 - not DICOM: not a SEG
-        return False
+        return str(pydicom.dcmread(path, stop_before_pixels=True).SOPClassUID)
+    except Exception:  # noqa: BLE001 - not DICOM: nothing to draw
+        return ""
 
 
 def key_slices(overlay: StudyOverlay, count: int = 3) -> list[int]:
-    """Slices to look at first: most lesion area, then most segmented area, else the middle."""
+    """Slices to look at first: each lesion at its widest cross-section, the largest lesion first
+    (a tie: the slice with more findings); then the most segmented area; else the middle slice."""
+    findings = np.zeros(len(overlay.sop_uids), dtype=np.int64)
+    for k in {m.k for lesion in overlay.lesions for m in lesion} | {d.k for d in overlay.detections}:
+        findings[k] = len(overlay.marks_on(k))
+    widest = [max(lesion, key=lambda m: (m.area, findings[m.k], -m.k)) for lesion in overlay.lesions if lesion]
+    widest += overlay.detections
+    ranked = [m.k for m in sorted(widest, key=lambda m: (-m.area, -findings[m.k], m.k))]
+    area = overlay.area_per_slice()
+    ranked += [int(k) for k in np.argsort(-area, kind="stable") if area[k] > 0]
     chosen: list[int] = []
-    for lesions_only in (True, False):
-        area = overlay.area_per_slice(lesions_only)
-        for k in np.argsort(-area, kind="stable"):
-            if area[k] == 0 or len(chosen) >= count:
-                break
-            if all(abs(int(k) - c) > 2 for c in chosen):
-                chosen.append(int(k))
-    if not chosen:
-        chosen.append(len(overlay.sop_uids) // 2)
-    return chosen
+    for k in ranked:
+        if len(chosen) >= count:
+            break
+        if all(abs(k - c) > 2 for c in chosen):
+            chosen.append(k)
+    return chosen or [len(overlay.sop_uids) // 2]
 
 
-def detections_on(overlay: StudyOverlay, k: int) -> list[tuple[str, tuple[int, int, int, int]]]:
-    """Boxes (label, (x0, y0, x1, y1)) around each connected lesion region on slice k."""
-    boxes = []
-    for label, mask in overlay.segments.values():
-        if not is_lesion(label):
-            continue
-        regions, _ = ndimage.label(mask[k])
-        for found in ndimage.find_objects(regions):
-            if found is not None:
-                rows, cols = found
-                boxes.append((label, (cols.start - 2, rows.start - 2, cols.stop + 1, rows.stop + 1)))
-    return boxes
+def detections_on(overlay: StudyOverlay, k: int) -> list[tuple[str, Box]]:
+    """Boxes (label, (x0, y0, x1, y1)) around each lesion cross-section and detection on slice k."""
+    return [(m.label, m.box) for m in overlay.marks_on(k)]
 
 
 def render_png(overlay: StudyOverlay, k: int, scale: int | None = None) -> bytes:
