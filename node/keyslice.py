@@ -5,8 +5,8 @@ from the stored source instances and the result objects the analysis wrote (nump
 masks, and the image regions (boxes, points) of detections in TID 1500 SRs. What is drawn is
 exactly what the PACS received, on the exact source pixels the results reference.
 
-Which slices are key (``key_slices``), as a radiologist reads a study: the largest lesion at its
-widest cross-section first, then the next largest lesions likewise; a tie goes to the slice with
+Which slices are key (``key_slices``), as a radiologist reads a study: the largest lesion (by
+volume) at its widest cross-section first, then the next largest lesions likewise; a tie goes to the slice with
 the most findings on it. Without lesions, the slices with the most segmented area; else the middle.
 """
 
@@ -55,6 +55,7 @@ class Mark:
     label: str
     box: Box
     area: float  # in-plane size in pixels: the lesion's cross-section, or the disc inside the box
+    volume_mm3: float = 0.0  # the whole finding: the lesion's volume, or the ball inside the box
 
 
 @dataclass
@@ -66,10 +67,12 @@ class StudyOverlay:
     sop_uids: list[str]
     segments: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)  # number -> (label, bool mask)
     detections: list[Mark] = field(default_factory=list)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm: slice step, row, column
 
     @cached_property
     def lesions(self) -> list[list[Mark]]:
         """Each lesion of the lesion-type segments (a 3D connected region): its cross-section per slice."""
+        voxel_mm3 = float(np.prod(self.spacing))
         found = []
         for label, mask in self.segments.values():
             if not is_lesion(label):
@@ -79,13 +82,15 @@ class StudyOverlay:
                 if where is None:
                     continue
                 marks = []
-                for dk, plane in enumerate(regions[where] == number):
+                inside = regions[where] == number
+                volume = float(inside.sum()) * voxel_mm3
+                for dk, plane in enumerate(inside):
                     area = int(plane.sum())
                     if area:
                         rows, cols = np.nonzero(plane)
                         j0, i0 = where[1].start + int(rows.min()), where[2].start + int(cols.min())
                         j1, i1 = where[1].start + int(rows.max()) + 1, where[2].start + int(cols.max()) + 1
-                        marks.append(Mark(where[0].start + dk, label, (i0 - 2, j0 - 2, i1 + 1, j1 + 1), area))
+                        marks.append(Mark(where[0].start + dk, label, (i0 - 2, j0 - 2, i1 + 1, j1 + 1), area, volume))
                 found.append(marks)
         return found
 
@@ -135,8 +140,9 @@ def result_files(settings: Settings, study_uid: str) -> list[Path]:
     return [p for p in out if p.exists()]
 
 
-def _load_stack(files: list[Path]) -> tuple[np.ndarray, list[str]]:
-    slices = []
+def _load_stack(files: list[Path]) -> tuple[np.ndarray, list[str], tuple[float, float, float]]:
+    """Pixels (k, rows, cols) sorted along the slice normal, their SOP Instance UIDs, spacing in mm."""
+    slices, pixel_mm = [], (1.0, 1.0)
     for path in files:
         ds = pydicom.dcmread(path)
         if "PixelData" not in ds:
@@ -146,10 +152,12 @@ def _load_stack(files: list[Path]) -> tuple[np.ndarray, list[str]]:
         normal = np.cross(orientation[:3], orientation[3:])
         values = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
         slices.append((float(np.dot(normal, position)), ds.SOPInstanceUID, values))
+        pixel_mm = tuple(float(v) for v in ds.get("PixelSpacing", pixel_mm))
     if not slices:
         raise NoImages("the study has no images")
     slices.sort(key=lambda s: s[0])
-    return np.stack([s[2] for s in slices]), [s[1] for s in slices]
+    step = float(np.median(np.diff([s[0] for s in slices]))) if len(slices) > 1 else 1.0
+    return np.stack([s[2] for s in slices]), [s[1] for s in slices], (abs(step) or 1.0, *pixel_mm)
 
 
 def _seg_masks(path: Path, sop_uids: list[str], shape: tuple[int, int, int]) -> dict[int, tuple[str, np.ndarray]]:
@@ -182,7 +190,7 @@ _cache: "OrderedDict[str, StudyOverlay]" = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def _sr_marks(path: Path, index: dict[str, int]) -> list[Mark]:
+def _sr_marks(path: Path, index: dict[str, int], spacing: tuple[float, float, float]) -> list[Mark]:
     """The image regions (TID 1410 SCOORD box or point) of an SR's measurement groups on the slices."""
     marks: list[Mark] = []
 
@@ -203,9 +211,10 @@ def _sr_marks(path: Path, index: dict[str, int]) -> list[Mark]:
                 xy = np.asarray(item.GraphicData, dtype=float).reshape(-1, 2)
                 (x0, y0), (x1, y1) = xy.min(axis=0), xy.max(axis=0)
                 area = np.pi / 4 * (x1 - x0) * (y1 - y0) if item.GraphicType != "POINT" else 0.0
+                diameter_mm = ((x1 - x0) * spacing[2] + (y1 - y0) * spacing[1]) / 2
                 pad = 2 if area else 4  # a point gets a small box around it
                 box = (int(np.floor(x0)) - pad, int(np.floor(y0)) - pad, int(np.ceil(x1)) + pad, int(np.ceil(y1)) + pad)
-                marks.append(Mark(k, label.lower(), box, float(area)))
+                marks.append(Mark(k, label.lower(), box, float(area), float(np.pi / 6 * diameter_mm ** 3)))
 
     walk(list(pydicom.dcmread(path).get("ContentSequence", [])))
     return marks
@@ -213,8 +222,8 @@ def _sr_marks(path: Path, index: dict[str, int]) -> list[Mark]:
 
 def overlay_from_files(images: list[Path], results: list[Path]) -> StudyOverlay:
     """The overlay of result objects (SEG masks, SR detections; others ignored) on a series' images."""
-    pixels, uids = _load_stack(images)
-    overlay = StudyOverlay(pixels, uids)
+    pixels, uids, spacing = _load_stack(images)
+    overlay = StudyOverlay(pixels, uids, spacing=spacing)
     index = {uid: k for k, uid in enumerate(uids)}
     for path in results:
         sop_class = _sop_class(path)
@@ -222,7 +231,7 @@ def overlay_from_files(images: list[Path], results: list[Path]) -> StudyOverlay:
             for entry in _seg_masks(path, uids, pixels.shape).values():
                 overlay.segments[len(overlay.segments) + 1] = entry
         elif sop_class.startswith(SR_SOP_CLASS_PREFIX) and sop_class != KOS_SOP_CLASS:
-            overlay.detections += _sr_marks(path, index)
+            overlay.detections += _sr_marks(path, index, spacing)
     return overlay
 
 
@@ -250,14 +259,16 @@ def _sop_class(path: Path) -> str:
 
 
 def key_slices(overlay: StudyOverlay, count: int = 3) -> list[int]:
-    """Slices to look at first: each lesion at its widest cross-section, the largest lesion first
-    (a tie: the slice with more findings); then the most segmented area; else the middle slice."""
+    """Slices to look at first: each lesion at its widest cross-section, the largest (by volume)
+    first, a tie going to the slice with more findings; then the most segmented area; else the
+    middle slice. Volume, not a single cross-section, decides which lesion is largest: a flat
+    speck at the edge of the scan must not outrank a real lesion."""
     findings = np.zeros(len(overlay.sop_uids), dtype=np.int64)
     for k in {m.k for lesion in overlay.lesions for m in lesion} | {d.k for d in overlay.detections}:
         findings[k] = len(overlay.marks_on(k))
     widest = [max(lesion, key=lambda m: (m.area, findings[m.k], -m.k)) for lesion in overlay.lesions if lesion]
     widest += overlay.detections
-    ranked = [m.k for m in sorted(widest, key=lambda m: (-m.area, -findings[m.k], m.k))]
+    ranked = [m.k for m in sorted(widest, key=lambda m: (-m.volume_mm3, -m.area, -findings[m.k], m.k))]
     area = overlay.area_per_slice()
     ranked += [int(k) for k in np.argsort(-area, kind="stable") if area[k] > 0]
     chosen: list[int] = []

@@ -100,3 +100,19 @@ def test_a_tie_goes_to_the_slice_with_more_findings_and_no_findings_means_the_mi
     organ[6, 2:30, 2:30] = True
     overlay = StudyOverlay(pixels, [str(k) for k in range(20)], {1: ("liver", organ)})
     assert key_slices(overlay, 1) == [6]
+
+
+def test_a_flat_speck_with_a_wider_cross_section_does_not_outrank_a_larger_lesion():
+    """What the demo's phantom showed: false-positive specks on the first slice, one of them wider
+    on that slice than the real liver lesion is on any; the lesion (by volume) is the key slice."""
+    shape = (30, 64, 64)
+    speck = np.zeros(shape, bool)
+    speck[0, 5:10, 5:11] = True  # 30 pixels, all on slice 0
+    lesion = ball(shape, (18, 40, 40), 3.0, 3.5)  # ~ 28 pixels at its widest, ~ 120 voxels
+    overlay = StudyOverlay(np.zeros(shape, np.float32), [str(k) for k in range(shape[0])],
+                           {1: ("liver lesion", lesion), 2: ("lung nodule", speck)}, spacing=(2.5, 0.8, 0.8))
+    widest = {m.label: m for lesion_marks in overlay.lesions for m in lesion_marks if m.area == max(
+        x.area for x in lesion_marks)}
+    assert widest["lung nodule"].area > widest["liver lesion"].area
+    assert widest["liver lesion"].volume_mm3 > widest["lung nodule"].volume_mm3
+    assert key_slices(overlay, 2) == [18, 0]
