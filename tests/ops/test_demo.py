@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,8 @@ def test_demo_delivers_every_result_to_the_test_pacs(tmp_path: Path):
     trail = (tmp_path / "work" / "audit.log").read_text()
     assert trail.count('csd-code="110100"') == 2 and 'EventActionCode="C" ' in trail and 'csd-code="110104"' in trail
     assert "Demo^Phantom" not in trail and "DEMO0001" not in trail
+    # The key slice shows a finding (the largest lesion at its widest), not an empty slice.
+    assert re.search(r"key slice \d+ \([1-9]\d* finding", proc.stderr), proc.stderr[-3000:]
     png = Image.open(out / "key-slice.png")
     assert png.size[0] >= 256 and png.mode == "RGB"
     # The overlay is drawn: some pixels are coloured (grey CT pixels have R == G == B).
