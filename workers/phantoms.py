@@ -159,8 +159,13 @@ def make_anatomy(rng: np.random.Generator, liver_lesions: tuple[int, int] = (0, 
             radii = tuple(float(d / 2 * rng.uniform(0.85, 1.15)) for _ in range(3))
             centre = _point_in(rng, host, margin=min(0.8, max(radii) / min(host.radii) + 0.15))
             lesions.append(Lesion(kind, tuple(float(c) for c in centre), radii))
-    return Anatomy(body=body, fat_mm=rng.uniform(8, 20), organs=organs,
-                   spine_center=(sh() / 2, s(95.0)), spine_radius=s(17.0), lesions=lesions)
+    fat_mm = rng.uniform(8, 20)
+    spine_x, spine_y, spine_r = sh() / 2, s(95.0), s(17.0)
+    # The spine's centre lies inside the body wall: the jitter alone could push it through,
+    # leaving a sliver of "spine" labels with soft-tissue values.
+    spine_y = min(spine_y, body[1] - fat_mm - 2.0)
+    return Anatomy(body=body, fat_mm=fat_mm, organs=organs,
+                   spine_center=(spine_x, spine_y), spine_radius=spine_r, lesions=lesions)
 
 
 def _tissue_at(anatomy: Anatomy, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -190,6 +195,12 @@ def _tissue_at(anatomy: Anatomy, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarra
     for lesion in anatomy.lesions:
         paint(Ellipsoid(lesion.center_mm, lesion.radii_mm).inside(xyz), lesion.kind, lesion.label)
     return hu, label
+
+
+def labels_at(anatomy: Anatomy, grid: Grid) -> np.ndarray:
+    """Exact labels (see LABELS) at the voxel centres of any grid: ground truth for a model's own
+    working grid, without interpolating the labels of another grid."""
+    return _tissue_at(anatomy, grid.patient_points())[1]
 
 
 # --- grids ------------------------------------------------------------------------------------
