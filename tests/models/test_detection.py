@@ -10,7 +10,7 @@ from workers.imaging import load_series
 from workers.models import detection
 from workers.phantoms import make_ct_phantom, write_ct_series
 
-HELD_OUT = range(900_000, 900_010)  # never used for training (seeds 0-47) or tuning (800_000+)
+HELD_OUT = range(900_000, 900_010)  # never used for training (seeds < 100_000) or tuning (800_000+)
 
 
 @pytest.mark.parametrize("orientation,order", [("axial", "shuffled"), ("sagittal", "reversed")])

@@ -23,7 +23,7 @@ from workers.models import segmentation
 from workers.registry import Analysis, Outputs, RunContext, codes_for
 
 NAME = "ct-lesion-detection"
-VERSION = "1.0.0"
+VERSION = "2.0.0"
 CARD = Path(__file__).resolve().parents[2] / "docs" / "models" / "ct-lesion-detection.md"
 LIVER, LUNG = 6, 7
 SITES = {LIVER: ("10200004", "SCT", "Liver"), LUNG: ("39607008", "SCT", "Lung")}

@@ -25,24 +25,24 @@ from workers.registry import Analysis, Outputs, RunContext, codes_for
 log = logging.getLogger(__name__)
 
 NAME = "ct-segmentation"
-VERSION = "1.0.0"
+VERSION = "2.0.0"
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "ct_segmentation.pt"
 CARD = Path(__file__).resolve().parents[2] / "docs" / "models" / "ct-segmentation.md"
 SPACING_MM = 4.0
 N_CLASSES = 1 + len(phantoms.LABELS)
-CHANNELS = (8, 16, 32, 64)
+CHANNELS = (16, 32, 64, 128)
 ROI = (64, 64, 64)
-TRAIN_PATCH = (48, 48, 48)
-TRAIN_SHAPE = (60, 84, 84)  # phantoms rendered directly on the working grid for training
+TRAIN_PATCH = (48, 48, 48)  # CPU training patches
+TRAIN_PATCH_GPU = (64, 64, 64)  # GPU training patches (the inference window)
 WINDOWS = ((-160.0, 240.0), (-1024.0, 600.0))
 
 
-def build_network():
+def build_network(channels: tuple[int, ...] = CHANNELS):
     """The 3D U-Net (MONAI): 2 input windows, one output channel per class."""
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=3, in_channels=len(WINDOWS), out_channels=N_CLASSES, channels=CHANNELS,
-                strides=(2, 2, 2), num_res_units=1, norm="instance")
+    return UNet(spatial_dims=3, in_channels=len(WINDOWS), out_channels=N_CLASSES, channels=channels,
+                strides=(2,) * (len(channels) - 1), num_res_units=1, norm="instance")
 
 
 def intensity_channels(hu: np.ndarray) -> np.ndarray:
@@ -124,86 +124,171 @@ def analyses() -> list[Analysis]:
 
 # --- training and evaluation ------------------------------------------------------------------
 
-TRAIN_SEEDS = range(0, 10_000)
+TRAIN_SEEDS = range(0, 100_000)  # held-out seeds are 900_000+, tuning seeds 800_000+
 HELD_OUT_SEEDS = range(900_000, 900_100)
 
 
-def training_phantom(seed: int, shape: tuple[int, int, int] = TRAIN_SHAPE) -> phantoms.CTPhantom:
-    """A training phantom rendered on the working grid (axial, 4 mm), rich in lesions."""
-    return phantoms.make_ct_phantom(seed, shape=shape, spacing=(SPACING_MM,) * 3, orientation="axial",
-                                    noise_hu=float(np.random.default_rng(seed).uniform(8, 25)),
-                                    liver_lesions=(1, 4), lung_nodules=(1, 4))
+def training_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One training example exactly as the network meets a series at inference.
+
+    A lesion-rich phantom is rendered on a random source geometry (orientation, slice order,
+    spacing 2-6.5 mm in-plane and 1.5-7 mm between slices, field of view and centre, so the body's
+    ends and the air beyond them appear), goes through ``preprocess`` like any series, and is paired
+    with the exact labels at the working grid's voxel centres (0 outside the source's field of
+    view). Returns (image (2, k, j, i) float32, labels (k, j, i) uint8), padded to at least
+    ``TRAIN_PATCH``.
+    """
+    from workers.findings import SourceFrame
+
+    rng = np.random.default_rng(seed + 7_000_001)
+    orientation = str(rng.choice(["axial", "axial", "coronal", "sagittal", "oblique"]))
+    in_plane, thick = float(rng.uniform(2.0, 6.5)), float(rng.uniform(1.5, 7.0))
+    n = min(112, int(rng.uniform(300, 420) / in_plane))
+    slices = min(112, int(rng.uniform(180, 380) / thick))
+    centre = (float(rng.uniform(-20, 20)), float(10 + rng.uniform(-20, 20)), float(-10 + rng.uniform(-60, 60)))
+    anatomy = phantoms.make_anatomy(np.random.default_rng(seed), liver_lesions=(1, 4), lung_nodules=(1, 4))
+    grid = phantoms.make_grid((slices, n, n), (thick, in_plane, in_plane), orientation,  # type: ignore[arg-type]
+                              descending=bool(rng.integers(2)), center_mm=centre, rng=rng)
+    phantom = phantoms.render(anatomy, grid, rng, noise_hu=float(rng.uniform(8, 25)))
+    volume = Volume(phantom.hu, phantom.affine, [SourceFrame("", "", Path("."))] * slices, "", "", "", "CT")
+    inputs = preprocess(volume, {})
+    shape = inputs["image"].shape[1:]
+    labels = phantoms.labels_at(anatomy, phantoms.Grid(shape, inputs["affine"]))
+    labels[~_inside_source(volume, shape, inputs["affine"])] = 0
+    pad = [(0, max(0, want - have)) for want, have in zip(TRAIN_PATCH_GPU, shape)]
+    return np.pad(inputs["image"], [(0, 0)] + pad), np.pad(labels, pad)
 
 
-def _random_patch(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray):
-    """A training patch; half of them centred on a lesion voxel so small lesions are learned."""
+def _inside_source(volume: Volume, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """Voxels of a grid whose centre lies inside the source series' field of view."""
+    to_src = np.linalg.inv(volume.affine) @ affine
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
+    ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ to_src.T
+    limits = volume.pixels.shape[::-1]  # (i, j, k) sizes
+    return np.all([(ijk[..., a] >= -0.5) & (ijk[..., a] <= limits[a] - 0.5) for a in range(3)], axis=0)
+
+
+def _random_patch(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, size: tuple[int, int, int]):
+    """A training patch; half of them centred (+-8 voxels) on a lesion voxel so small lesions are learned."""
     shape = np.asarray(labels.shape)
-    size = np.asarray(TRAIN_PATCH)
+    size_a = np.asarray(size)
     lesion_voxels = np.argwhere(labels >= 6)
     if len(lesion_voxels) and rng.random() < 0.5:
-        centre = lesion_voxels[rng.integers(len(lesion_voxels))]
+        centre = lesion_voxels[rng.integers(len(lesion_voxels))] + rng.integers(-8, 9, 3)
     else:
-        centre = rng.integers(size // 2, shape - size // 2 + 1)
-    start = np.clip(centre - size // 2 + rng.integers(-8, 9, 3), 0, shape - size)
-    sl = tuple(slice(s, s + n) for s, n in zip(start, size))
+        centre = rng.integers(size_a // 2, shape - size_a // 2 + 1)
+    start = np.clip(centre - size_a // 2, 0, shape - size_a)
+    sl = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, size_a))
     return image[(slice(None), *sl)], labels[sl]
 
 
-def train(out: Path | None = None, quick: bool = False, minutes: float | None = None, seed: int = 0,
-          resume_from: Path | None = None, max_lr: float = 3e-3, first_phantom: int = 0) -> dict:
-    """Train the U-Net on generated phantoms and save the weights; returns a training summary.
+class _CaseStream:
+    """Training cases generated by a process pool in the background; the trainer samples the cases
+    ready so far (replacing the oldest once ``keep`` are held), so the GPU never waits for phantoms."""
 
-    ``resume_from`` continues from earlier weights (the shipped weights were trained in two runs:
-    40 minutes from scratch, then a continuation on new phantoms at a lower learning rate).
+    def __init__(self, seeds: range, workers: int, keep: int):
+        import multiprocessing
+        import threading
+
+        self.cases: list[tuple[np.ndarray, np.ndarray]] = []
+        self.made = 0
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._pool = multiprocessing.get_context("spawn").Pool(workers)
+        self._results = self._pool.imap_unordered(training_case, seeds)
+        self._thread = threading.Thread(target=self._collect, daemon=True)
+        self._thread.start()
+
+    def _collect(self) -> None:
+        for case in self._results:
+            with self._lock:
+                if len(self.cases) < self._keep:
+                    self.cases.append(case)
+                else:
+                    self.cases[self.made % self._keep] = case
+                self.made += 1
+
+    def wait_for(self, n: int) -> None:
+        """Block until ``n`` cases exist (or all seeds are done)."""
+        while len(self.cases) < n and self._thread.is_alive():
+            time.sleep(0.2)
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            return self.cases[int(rng.integers(len(self.cases)))]
+
+    def close(self) -> None:
+        self._pool.terminate()
+
+
+
+def train(out: Path | None = None, quick: bool = False, minutes: float | None = None, seed: int = 0,
+          resume_from: Path | None = None, max_lr: float = 3e-3, device: str | None = None,
+          workers: int | None = None, channels: tuple[int, ...] = CHANNELS) -> dict:
+    """Train the U-Net on generated phantoms (``training_case``) and save the weights; returns a summary.
+
+    On a CUDA device (picked automatically when there is one) phantoms are generated by all CPU
+    cores while the GPU trains on 64-cubed patches in batches of 8 with bf16 autocast; on the CPU a
+    fixed set of cases is generated first and the network trains on 48-cubed patches, 2 at a time.
+    The learning-rate schedule follows the clock (``minutes``), not a step count, so it anneals by
+    the end of the budget whatever the machine's speed.
     """
+    import os
+
     import torch
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rng = np.random.default_rng(seed)
-    n_phantoms, max_steps = (2, 20) if quick else (24, 20_000)
-    shape = (TRAIN_PATCH[0] + 4, TRAIN_PATCH[1] + 8, TRAIN_PATCH[2] + 8) if quick else TRAIN_SHAPE
-    # The schedule follows the clock, not a step count: on a shared CPU the step rate varies,
-    # and the learning rate must still anneal by the end of the time budget.
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.startswith("cuda")
+    workers = workers or max(1, (os.cpu_count() or 2) - (1 if gpu else 0))
+    patch, batch = (TRAIN_PATCH_GPU, 8) if gpu else (TRAIN_PATCH, 2)
+    n_cases = 2 if quick else (len(TRAIN_SEEDS) if gpu else 48)
     budget_s = 60 * (minutes if minutes is not None else (1 if quick else 40))
     started = time.monotonic()
-    pool = []
-    for s in range(n_phantoms):
-        p = training_phantom(TRAIN_SEEDS[first_phantom + s], shape)
-        pool.append((intensity_channels(p.hu), p.labels.astype(np.int64)))
-    log.info("generated %d phantoms in %.0f s", n_phantoms, time.monotonic() - started)
-    net = build_network()
+    stream = _CaseStream(range(TRAIN_SEEDS.start, TRAIN_SEEDS.start + n_cases), workers,
+                         keep=2000 if gpu else n_cases)
+    stream.wait_for(min(n_cases, 32 if gpu else n_cases))
+    log.info("%d training cases ready after %.0f s", len(stream.cases), time.monotonic() - started)
+    net = build_network(channels)
     if resume_from:
         net.load_state_dict(torch.load(resume_from, map_location="cpu", weights_only=True))
+    net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=max_lr, weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     net.train()
-    losses = []
+    losses: list[float] = []
     step = 0
     train_start = time.monotonic()
     train_budget = max(1.0, budget_s - (train_start - started))
-    for step in range(1, max_steps + 1):
+    while True:
         fraction = min(1.0, (time.monotonic() - train_start) / train_budget)
-        if fraction >= 1 and step > 3:  # a few steps even when phantom generation ate the budget
+        if fraction >= 1 and step >= 3:  # a few steps even when phantom generation ate the budget
             break
-        warm = min(1.0, step / 50)
+        step += 1
+        warm = min(1.0, step / 100)
         for group in opt.param_groups:
             group["lr"] = max_lr * warm * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * fraction)))
-        batch = [_random_patch(rng, *pool[rng.integers(len(pool))]) for _ in range(2)]
-        x = torch.from_numpy(np.stack([b[0] for b in batch]))
-        y = torch.from_numpy(np.stack([b[1] for b in batch])[:, None])
-        opt.zero_grad()
-        loss = loss_fn(net(x), y)
+        pairs = [_random_patch(rng, *stream.sample(rng), patch if not quick else TRAIN_PATCH) for _ in range(batch)]
+        x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device, non_blocking=True)
+        y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)[:, None]).to(device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+            logits = net(x)
+        loss = loss_fn(logits.float(), y)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
         if step % 50 == 0:
-            log.info("step %d loss %.4f (%.0f s)", step, np.mean(losses[-50:]), time.monotonic() - started)
+            log.info("step %d loss %.4f (%.0f s, %d cases made)", step, np.mean(losses[-50:]),
+                     time.monotonic() - started, stream.made)
+    stream.close()
     out = Path(out) if out else WEIGHTS
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, out)
-    summary = {"model": NAME, "version": VERSION, "steps": step, "phantoms": n_phantoms,
+    summary = {"model": NAME, "version": VERSION, "steps": step, "batch": batch, "patch": list(patch),
+               "cases_generated": stream.made, "channels": list(channels), "device": device,
                "final_loss": float(np.mean(losses[-50:])), "seconds": round(time.monotonic() - started, 1),
                "weights": str(out)}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
