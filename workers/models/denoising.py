@@ -210,7 +210,16 @@ def analyses() -> list[Analysis]:
         load=load, preprocess=preprocess, infer=infer, postprocess=postprocess,
         weights=weights_dir() / WEIGHTS, card=CARD, gpu_memory_bytes=512 << 20,
         description="Low-dose CT noise reduction (generator trained with adversarial + L1 loss): derived series",
+        example=example_series,
     )]
+
+
+def example_series(folder: Path, shape: tuple[int, int, int] = (80, 256, 256),
+                   spacing: tuple[float, float, float] = (3.0, 1.4, 1.4)) -> list[Path]:
+    """A clinical-sized phantom CT series (benchmarks): 80 x 256 x 256 at 3 x 1.4 x 1.4 mm."""
+    from workers import phantoms
+
+    return phantoms.write_ct_series(phantoms.make_ct_phantom(321, shape=shape, spacing=spacing), folder)
 
 
 # --- training ---------------------------------------------------------------------------------

@@ -116,7 +116,15 @@ def analyses() -> list[Analysis]:
         load=load, preprocess=preprocess, infer=infer, postprocess=postprocess,
         weights=weights_dir() / WEIGHTS, card=CARD, gpu_memory_bytes=256 << 20,
         description="Recurrent network over the frames of an apical long-axis cine: LV ejection fraction",
+        example=example_cine,
     )]
+
+
+def example_cine(folder: Path) -> list[Path]:
+    """One phantom ultrasound cine loop (multi-frame US) written into ``folder`` (benchmarks)."""
+    from workers.phantoms_dynamic import make_cine, write_us_multiframe
+
+    return [write_us_multiframe(make_cine(np.random.default_rng(31_337)), Path(folder) / "cine.dcm")]
 
 
 # --- training ---------------------------------------------------------------------------------
