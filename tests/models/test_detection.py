@@ -36,11 +36,12 @@ def test_large_liver_lesion_is_found_where_it_is(tmp_path, orientation, order):
 def test_held_out_sensitivity_and_false_positives():
     """Lesions >= 10 mm on held-out phantoms of random geometry.
 
-    Target: sensitivity >= 0.9 at <= 1 FP/study. Measured (model card): 0.905 at 16.6 FP/study, so
-    the FP target is NOT met; these floors guard against regression only.
+    Target: sensitivity >= 0.9 at <= 1 FP/study. Measured on 100 held-out phantoms (model card):
+    0.902 at 0.91 FP/study. On these first 10: 0.952 at 1.8 (ten studies are too few for the FP
+    rate), so the floors guard against regression.
     """
     metrics = detection.evaluate(HELD_OUT)
     print(metrics)
     assert metrics["lesions"] >= 10
     assert metrics["sensitivity"] >= 0.85, metrics
-    assert metrics["fp_per_study"] <= 20.0, metrics
+    assert metrics["fp_per_study"] <= 3.0, metrics
