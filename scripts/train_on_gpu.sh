@@ -7,7 +7,7 @@
 #   scripts/train_on_gpu.sh [DIR] [SEGMENTATION_MINUTES]
 set -euo pipefail
 out=${1:-trained}
-minutes=${2:-7.3}
+minutes=${2:-7.5}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
