@@ -115,6 +115,7 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     audit.configure(settings.audit, settings.node.ae_title)  # refused peers are Security Alerts
     receiver = Receiver(settings, engine_for(settings.database.url), slots, row, mpps_handlers(settings),
                         commitment_handlers(settings))
+    receiver.recover()  # what this receiver's predecessor answered but did not index
     try:
         server = receiver.start()
     except OSError as err:
@@ -125,7 +126,7 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     # Stop accepting; associations already open run to their end (peer release or timeouts).
     server.shutdown()
     _drain(server)
-    receiver.committer.stop()
+    receiver.indexer.stop()
     audit.trail().close(timeout=1.0)
     dispose_engines()
     logging.shutdown()
@@ -144,6 +145,18 @@ def _drain(server: Any) -> None:
 
     while any(busy(a) for a in server.active_associations):
         time.sleep(0.05)
+
+
+def recover_landed(settings: Settings) -> None:
+    """Index every instance answered Success before a crash but not indexed (before receivers run)."""
+    from node.receiver import Indexer, recover_all
+
+    indexer = Indexer(engine_for(settings.database.url), settings.storage.path, settings.node.duplicate_policy,
+                      background=False)
+    try:
+        recover_all(indexer, settings.node.ae_title)
+    except Exception as err:  # each receiver tries its own share again in the background
+        log.error("indexing landed instances failed: %s", type(err).__name__)
 
 
 class ReceiverPool:
@@ -244,6 +257,7 @@ def serve(settings: Settings) -> int:
     configure_logging()
     init_db(settings.database.url)
     store.prepare_root(settings.storage.path)
+    recover_landed(settings)
     dispose_engines()  # the receivers fork next: no open connections may cross the fork
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -5,23 +5,39 @@ the data set exactly as the sender encoded it. Writing follows one recipe so a c
 leave half a file where a reader looks: temp file in ``<root>/.incoming`` (same filesystem), write,
 flush, fsync, atomic rename into place, fsync of the folder. Paths come from SHA-256 hashes of the
 study, series and SOP Instance UIDs and of the content, never from UID text, so no peer can steer where we write.
+
+Received instances take two steps (see ``IncomingFile`` and ``node.receiver``):
+
+1. *Landing* (before the sender is answered): the data set is written into a temp file while it
+   arrives, then flushed (fdatasync), renamed into ``<root>/.landed`` and the folder fsynced.
+   From here on the instance survives kill -9 and power loss.
+2. *Placing* (after the answer, in batches): the landed file is hard-linked at its final path,
+   the final folders are fsynced, the index rows committed, and only then the landed name
+   removed. A landed file is therefore the durable record of "answered, maybe not indexed yet":
+   at start the receiver indexes and places whatever is still there (``landed_files``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import re
 import shutil
 import tempfile
+import itertools
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 # PS3.5 9.1: digits and dots, at most 64 characters, no empty component, no leading zero.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 INCOMING = ".incoming"
+LANDED = ".landed"
 
 
 class OutOfSpace(Exception):
@@ -72,18 +88,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def prepare_root(root: Path) -> None:
-    """Create the storage root and its incoming folder; remove temp files a crash left behind.
+def prepare_root(root: Path, prefix: str = "") -> None:
+    """Create the storage root and its incoming and landing folders; remove temp files a crash
+    left behind (only those named ``prefix*``: a restarted receiver cleans up only its own).
 
-    Only call this when no receiver is writing (at service start, before receivers fork).
+    With an empty prefix, only call this when no receiver is writing (service start).
     """
+    root = Path(root)
     incoming = root / INCOMING
-    incoming.mkdir(parents=True, exist_ok=True)
+    for folder in (incoming, root / LANDED):
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(folder.parent)
     for leftover in incoming.iterdir():
-        try:
-            leftover.unlink()
-        except OSError:
-            pass
+        if leftover.name.startswith(prefix):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
 
 
 _durable_dirs: set[Path] = set()
@@ -145,6 +167,283 @@ def write_durable(root: Path, relpath: str, chunks: Iterable[bytes | memoryview]
         raise
     _fsync_dir(target.parent)
     return size
+
+
+# --- receiving straight to disk ---------------------------------------------------------------
+
+try:
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+except (OSError, AttributeError):  # not Linux/glibc: writeback simply starts at the flush
+    _sync_file_range = None
+_SYNC_FILE_RANGE_WRITE = 2
+_landed_counter = itertools.count()
+_WRITEBACK_STEP = 256 * 1024
+
+
+class IncomingFile:
+    """One data set being received into a temp file, written back while it arrives.
+
+    The file is ``meta`` (preamble + file meta) followed by the data set's fragments. Writeback
+    of what has arrived is started every 256 KiB (sync_file_range), so the flush before the
+    answer waits only for the tail. A write error (disk full) turns the file into a discard:
+    the temp file is removed at once and the rest of the data set is only counted. The content
+    hash is not computed on the way in (it costs as much as the rest of the answer path); the
+    Indexer computes it from the landed file.
+    """
+
+    def __init__(self, root: Path, prefix: str, meta: bytes):
+        self.root = root
+        fd, path = tempfile.mkstemp(dir=root / INCOMING, prefix=prefix, suffix=".part")
+        self.fd: int | None = fd
+        self.path = Path(path)
+        self.meta_len = len(meta)
+        self.data_len = 0
+        self.error: BaseException | None = None
+        self.known_sha: object = None  # for the receiver: the index's hash for this UID, if any
+        self._sha256: str | None = None
+        self._pos = 0
+        self._started = 0
+        self._write(memoryview(meta))
+
+    def _write(self, view: memoryview) -> None:
+        while view:
+            written = os.write(self.fd, view)  # type: ignore[arg-type]
+            self._pos += written
+            view = view[written:]
+        if _sync_file_range is not None and self._pos - self._started >= _WRITEBACK_STEP:
+            _sync_file_range(self.fd, self._started, self._pos - self._started, _SYNC_FILE_RANGE_WRITE)
+            self._started = self._pos
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Append one fragment of the data set."""
+        self.data_len += len(data)
+        if self.fd is None:
+            return
+        try:
+            self._write(memoryview(data))
+        except OSError as err:
+            self.error = OutOfSpace("disk full while writing") if err.errno in (errno.ENOSPC, errno.EDQUOT) else err
+            self.discard()
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the data set (computed on first use, from the file)."""
+        if self._sha256 is None:
+            with self.data_set_view() as view:
+                self._sha256 = hashlib.sha256(view).hexdigest()
+        return self._sha256
+
+    @property
+    def size(self) -> int:
+        """Bytes in the file: meta + data set."""
+        return self.meta_len + self.data_len
+
+    def data_set_view(self) -> "MappedDataSet":
+        """The received data set, memory-mapped (for parsing the header)."""
+        return MappedDataSet(self.fd, self.meta_len)  # type: ignore[arg-type]
+
+    def discard(self) -> None:
+        """Close and remove the temp file (idempotent)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def land(self, dirsync: "DirSync") -> Path:
+        """Make the file durable under ``.landed/name``; returns that path."""
+        try:
+            os.fdatasync(self.fd)  # type: ignore[arg-type]
+        except OSError as err:
+            self.discard()
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace("disk full while writing") from err
+            raise
+        os.close(self.fd)  # type: ignore[arg-type]
+        self.fd = None
+        # The temp name is unique among live temp files; time and a counter keep it unique
+        # among landed files left by earlier processes with the same prefix.
+        landed = self.root / LANDED / f"{self.path.stem}-{time.time_ns():x}-{next(_landed_counter):x}.dcm"
+        try:
+            os.replace(self.path, landed)
+        except OSError:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            raise
+        dirsync.sync(landed.parent)
+        return landed
+
+
+class DataSetBuffer:
+    """A data set arriving into memory, fragment by fragment, for the journal (``node.journal``).
+
+    The fragments are kept as they came (views of the received PDUs, no copy) and joined once
+    when complete. Past ``spill_at`` bytes the data set goes to an ``IncomingFile`` instead
+    (``file``), so a large instance never sits in memory.
+    """
+
+    def __init__(self, root: Path, prefix: str, meta: bytes, spill_at: int):
+        self.root, self.prefix, self.meta = root, prefix, meta
+        self.spill_at = spill_at
+        self.parts: list[bytes | memoryview] = []
+        self.data_len = 0
+        self.file: IncomingFile | None = None
+        self.error: BaseException | None = None
+        self.known_sha: object = None  # for the receiver: the index's hash for this UID, if any
+
+    def write(self, data: memoryview | bytes) -> None:
+        """Take the next fragment (kept by reference: it must not change afterwards)."""
+        if self.file is not None:
+            self.file.write(data)
+            return
+        self.data_len += len(data)
+        if self.error is not None:
+            return
+        self.parts.append(data)
+        if self.data_len > self.spill_at:
+            self._spill()
+
+    def _spill(self) -> None:
+        parts, self.parts = self.parts, []
+        try:
+            self.file = IncomingFile(self.root, self.prefix, self.meta)
+        except OSError as err:
+            self.error = OutOfSpace("disk full while writing") if err.errno in (errno.ENOSPC, errno.EDQUOT) else err
+            return
+        self.file.known_sha = self.known_sha
+        for part in parts:
+            self.file.write(part)
+
+    def data(self) -> bytes:
+        """The whole data set (joined once)."""
+        if len(self.parts) != 1 or not isinstance(self.parts[0], bytes):
+            self.parts = [b"".join(self.parts)]
+        return self.parts[0]  # type: ignore[return-value]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the instance file: meta + data set."""
+        return len(self.meta) + self.data_len
+
+    def discard(self) -> None:
+        """Drop what arrived (idempotent)."""
+        self.parts = []
+        if self.file is not None:
+            self.file.discard()
+
+
+class MappedDataSet:
+    """A read-only memory map of a data set in a file, from ``offset``; use as a context manager."""
+
+    def __init__(self, fd: int, offset: int):
+        size = os.fstat(fd).st_size
+        self._map = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size > offset else None
+        self._view = memoryview(self._map)[offset:] if self._map is not None else memoryview(b"")
+
+    def __enter__(self) -> memoryview:
+        return self._view
+
+    def __exit__(self, *_exc: object) -> None:
+        self._view.release()
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view escaped (in a traceback); the GC closes it later
+                pass
+
+
+class GroupSync:
+    """An fsync-like call shared by every thread that needs one at the same time (group commit).
+
+    ``sync(key, flush)`` returns once a ``flush()`` has completed that started after the call:
+    everything written before the call is durable. Threads arriving while a flush runs share
+    the next one instead of each queueing their own.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._state: dict[object, list[int]] = {}  # key -> [requested, done, busy]
+
+    def sync(self, key: object, flush: Callable[[], None]) -> None:
+        """Flush (or share a flush that starts after now); raises what the flush raised."""
+        with self._cond:
+            state = self._state.setdefault(key, [0, 0, 0])
+            state[0] += 1
+            ticket = state[0]
+            while state[1] < ticket:
+                if state[2]:
+                    self._cond.wait()
+                    continue
+                state[2], target = 1, state[0]
+                self._cond.release()
+                try:
+                    flush()
+                    done = True
+                finally:
+                    self._cond.acquire()
+                    state[2] = 0
+                    self._cond.notify_all()
+                if done:
+                    state[1] = max(state[1], target)
+
+
+class DirSync(GroupSync):
+    """Folder fsyncs shared by the threads that need one at the same time."""
+
+    def sync(self, folder: Path, flush: Callable[[], None] | None = None) -> None:  # type: ignore[override]
+        """fsync ``folder`` (or share an fsync that starts after now)."""
+        super().sync(folder, flush or (lambda: _fsync_dir(folder)))
+
+
+def data_set_sha256(path: Path, offset: int) -> str:
+    """Hex SHA-256 of a file's bytes from ``offset`` (an instance file's data set)."""
+    with open(path, "rb") as fh:
+        with MappedDataSet(fh.fileno(), offset) as view:
+            return hashlib.sha256(view).hexdigest()
+
+
+def place(root: Path, landed: Path, relpath: str) -> bool:
+    """Hard-link a landed file at its final path (folders made durable); False if already there.
+
+    The caller fsyncs the final folder before the index row is committed, then calls
+    ``unland``. A file already at ``relpath`` has the same content (the name holds its hash).
+    """
+    target = root / relpath
+    _make_dirs_durable(root, target.parent)
+    try:
+        os.link(landed, target)
+    except FileExistsError:
+        return False
+    return True
+
+
+def unland(landed: Path) -> None:
+    """Forget a landed file once its instance is placed and indexed (no fsync needed: a landed
+    file that comes back after a crash is recognised as already indexed)."""
+    try:
+        os.unlink(landed)
+    except FileNotFoundError:
+        pass
+
+
+def landed_files(root: Path, prefix: str = "") -> Iterator[Path]:
+    """Landed files (answered, maybe not indexed), oldest first."""
+    folder = Path(root) / LANDED
+    if not folder.is_dir():
+        return iter(())
+    found = [p for p in folder.iterdir() if p.name.startswith(prefix) and p.suffix == ".dcm"]
+    return iter(sorted(found, key=lambda p: p.stat().st_mtime_ns))
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder (its entries become durable)."""
+    _fsync_dir(path)
 
 
 def remove_file(root: Path, relpath: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import NodeProcess
+from tests.helpers import NodeProcess, wait_for
 
 
 @pytest.fixture
@@ -55,16 +55,44 @@ def store_file(node: NodeProcess, path: Path, aet: str = "PYNETDICOM") -> int | 
     return getattr(status, "Status", None)
 
 
+def settled(node: NodeProcess, timeout: float = 120.0) -> None:
+    """Wait until every instance answered Success is indexed and placed.
+
+    The node answers once an instance is durable (landed) and indexes it just after, so the
+    index may trail the answers by a batch; a landed file is removed only after its row is
+    committed, so an empty landing folder means the index has caught up.
+    """
+    landed = node.storage / ".landed"
+    assert wait_for(lambda: not landed.is_dir() or not any(landed.iterdir()), timeout), "instances left unindexed"
+    assert wait_for(lambda: _journals_retired(node), timeout), "journal records left unindexed"
+
+
+def _journals_retired(node: NodeProcess) -> bool:
+    from node import journal
+
+    for path in journal.journal_files(node.storage):
+        jrnl, records = journal.Journal.open(path, create=False)
+        jrnl.close()
+        if records:
+            return False
+    return True
+
+
 def stored_files(node: NodeProcess) -> list[Path]:
-    """Every file under the storage root, temp files included."""
-    return sorted(p for p in node.storage.rglob("*") if p.is_file())
+    """Every file under the storage root, temp and landed files included, once the index caught
+    up (not the receivers' journals: preallocated files of their own, see node/journal.py)."""
+    settled(node)
+    journals = node.storage / ".journal"
+    return sorted(p for p in node.storage.rglob("*") if p.is_file() and journals not in p.parents)
 
 
 def index_count(node: NodeProcess) -> int:
-    """Instances in the node's index."""
+    """Instances in the node's index (once it caught up with the answers)."""
     from sqlalchemy import create_engine, func, select
 
     from node.index import Instance
+
+    settled(node)
 
     engine = create_engine(node.database_url)
     with engine.connect() as conn:

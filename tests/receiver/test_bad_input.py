@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from node.index import Instance
 from tests.helpers import NodeProcess
-from tests.receiver.conftest import echoscu, index_count, store_file, stored_files, storescu
+from tests.receiver.conftest import echoscu, index_count, settled, store_file, stored_files, storescu
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 
@@ -38,6 +38,7 @@ def _variant(folder: Path, name: str, meta_uid: str | None = None, **changes) ->
 
 
 def _instance_rows(node) -> list[Instance]:
+    settled(node)
     engine = create_engine(node.database_url)
     with Session(engine) as s:
         rows = list(s.scalars(select(Instance)))

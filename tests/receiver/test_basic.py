@@ -13,10 +13,11 @@ from sqlalchemy.orm import Session
 
 from node.index import Instance, Series, Study
 from tests.helpers import REPO_ROOT
-from tests.receiver.conftest import echoscu, storescu
+from tests.receiver.conftest import echoscu, settled, storescu
 
 
 def _rows(node) -> list[Instance]:
+    settled(node)
     engine = create_engine(node.database_url)
     with Session(engine) as s:
         rows = list(s.scalars(select(Instance)))

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from node.index import Instance
 from tests.helpers import NodeProcess, wait_for
+from tests.receiver.conftest import settled
 
 
 def _series(n: int) -> list[Dataset]:
@@ -98,6 +99,7 @@ def test_kill_minus_nine_during_push(tmp_path):
     again: list[str] = []
     _push(node.port, retry, again, stop_on_failure=False)
     assert len(again) == len(retry)
+    settled(node)
     engine = create_engine(node.database_url)
     with Session(engine) as s:
         assert len(list(s.scalars(select(Instance.id)))) == 300

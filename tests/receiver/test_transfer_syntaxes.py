@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from node.index import Instance
 from tests.helpers import NodeProcess, free_port, port_open, wait_for
-from tests.receiver.conftest import storescu
+from tests.receiver.conftest import settled, storescu
 
 # (file in pydicom's test data, storescu option proposing its transfer syntax)
 CASES = [
@@ -108,6 +108,7 @@ def test_transfer_syntax_stored_as_sent(node, reference_scp, tmp_path, name, pro
     assert wait_for(lambda: len(set(ref_dir.iterdir()) - before) == 1, 30)
     (ref_file,) = set(ref_dir.iterdir()) - before
 
+    settled(node)
     engine = create_engine(node.database_url)
     with Session(engine) as s:
         row = s.scalar(select(Instance).where(Instance.sop_instance_uid == src.SOPInstanceUID))
