@@ -3,8 +3,10 @@
 Both receivers get the same files from the same storescu, over 1 and over N parallel
 associations, in one run. storescp runs with TCP_NODELAY=1 (without it DCMTK waits on delayed
 ACKs on loopback) and with --fork for parallel associations; it does not fsync. ainode runs as
-configured in production: durable writes (fsync + atomic rename + directory fsync) and index
-commits before each Success. A second part sends one large multi-frame instance (default 1 GiB)
+configured in production: every instance is durable (flushed to its receiver's journal, or for
+large ones to its own file) before its Success; the index rows follow just after, and the
+benchmark also reports how long after the last answer the index held every instance
+(``ainode_index_lag_s``). A second part sends one large multi-frame instance (default 1 GiB)
 and reports the receiving process's peak RSS.
 
     python bench/ingest.py --json          # last line: JSON with dcmtk_mbps, ainode_mbps, ratio
@@ -141,21 +143,27 @@ def ainode_node(work: Path, name: str, receivers: int) -> NodeProcess:
                                      "storage": {"min_free_bytes": "1GiB"}}).start()
 
 
-def ainode_run(files: list[Path], associations: int, work: Path, receivers: int) -> tuple[float, int]:
-    """Seconds for ainode to receive and index ``files``, and its receivers' peak RSS (KiB)."""
+def ainode_run(files: list[Path], associations: int, work: Path, receivers: int) -> tuple[float, int, float]:
+    """Seconds for ainode to answer ``files`` (each durable), its receivers' peak RSS (KiB), and
+    seconds from the last answer until the index held every instance."""
+    import sqlite3
+
     node = ainode_node(work, f"ainode-{associations}", receivers)
+    db = sqlite3.connect(node.database_url.split("///", 1)[1], timeout=30)
     try:
         seconds = push(node.port, node.ae_title, files, associations)
+        answered = time.perf_counter()
+        wait_for(lambda: db.execute("select count(*) from instances").fetchone()[0] >= len(files), 120, 0.01)
+        lag = time.perf_counter() - answered
         rss = _peak_rss_kib(node.proc.pid)
     finally:
         node.stop()
-    import sqlite3
-
-    count = sqlite3.connect(node.database_url.split("///", 1)[1]).execute("select count(*) from instances").fetchone()[0]
+    count = db.execute("select count(*) from instances").fetchone()[0]
+    db.close()
     if count != len(files):
         raise RuntimeError(f"ainode indexed {count} of {len(files)} instances")
     shutil.rmtree(node.workdir, ignore_errors=True)
-    return seconds, rss
+    return seconds, rss, lag
 
 
 def big_instance_run(work: Path, megabytes: int, receivers: int) -> dict[str, float]:
@@ -213,7 +221,8 @@ def main() -> int:
         total_mb = sum(p.stat().st_size for p in files) / 1e6
         print(f"{len(files)} files, {total_mb:.1f} MB", file=sys.stderr)
         result: dict = {"files": len(files), "megabytes": round(total_mb, 1), "cpu_cores": os.cpu_count(),
-                        "dcmtk_mbps": {}, "ainode_mbps": {}, "ratio": {}, "ainode_peak_rss_mib": {}}
+                        "dcmtk_mbps": {}, "ainode_mbps": {}, "ratio": {}, "dcmtk_ips": {}, "ainode_ips": {},
+                        "ainode_index_lag_s": {}, "ainode_peak_rss_mib": {}}
         result["durable_write_ms_median"] = fsync_latency_ms(work / "fsync")
         result["load_average_1min"] = round(os.getloadavg()[0], 2)
         for assoc in (1, args.parallel):
@@ -224,12 +233,16 @@ def main() -> int:
             result["dcmtk_mbps"][key] = round(total_mb / dcmtk, 1)
             result["ainode_mbps"][key] = round(total_mb / ours, 1)
             result["ratio"][key] = round(dcmtk / ours, 2)
+            result["dcmtk_ips"][key] = round(len(files) / dcmtk)
+            result["ainode_ips"][key] = round(len(files) / ours)
+            result["ainode_index_lag_s"][key] = round(max(r[2] for r in runs), 3)
             result["ainode_peak_rss_mib"][key] = round(rss / 1024, 1)
             print(f"{assoc} association(s): DCMTK {total_mb / dcmtk:.1f} MB/s, ainode {total_mb / ours:.1f} MB/s "
                   f"(ratio {dcmtk / ours:.2f})", file=sys.stderr)
         if args.big_mb:
             result["large_instance"] = big_instance_run(work, args.big_mb, args.receivers)
             print(f"large instance: {result['large_instance']}", file=sys.stderr)
+        result["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

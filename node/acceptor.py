@@ -290,8 +290,15 @@ class FastDUL(DULServiceProvider):
             LOGGER.error("unable to decode a P-DATA-TF PDU")
             self.event_queue.put("Evt19")
             return
+        pdu = _PDataTF(items)
+        if (self.state_machine.current_state == "Sta6" and self.event_queue.empty()
+                and not self.assoc._handlers.get(evt.EVT_FSM_TRANSITION)):
+            # Evt10 in Sta6 is DT-2 (hand the data to DIMSE), staying in Sta6: do it here
+            # instead of through two queues and the state machine, once per PDU.
+            self.assoc.dimse.receive_primitive(pdu.to_primitive())
+            return
         self.event_queue.put("Evt10")
-        self._recv_pdu.put(_PDataTF(items))  # type: ignore[arg-type]
+        self._recv_pdu.put(pdu)  # type: ignore[arg-type]
 
     def _pdu_events_bound(self) -> bool:
         handlers = self.assoc._handlers

@@ -88,11 +88,12 @@ class Journal:
     # -- opening, recovery
 
     @classmethod
-    def open(cls, path: Path, size: int = DEFAULT_SIZE, create: bool = True) -> tuple["Journal", list[Record]]:
+    def open(cls, path: Path, size: int | None = None, create: bool = True) -> tuple["Journal", list[Record]]:
         """Open (creating and zero-filling it if needed) and recover: the journal and its
         unretired valid records, oldest first. Those must be indexed, then retired.
         ``create=False`` only inspects an existing journal (FileNotFoundError otherwise)."""
         path = Path(path)
+        size = size or DEFAULT_SIZE
         if create and (not path.exists() or path.stat().st_size < size):
             _create(path, size)
         else:
@@ -203,6 +204,11 @@ class Journal:
     def checkpoint_due(self) -> bool:
         """Records were retired since the last checkpoint."""
         return self._retired_since_checkpoint
+
+    def live_bytes(self) -> int:
+        """Bytes of the ring held by records not retired yet."""
+        with self._lock:
+            return sum(span for _, span in self._live.values())
 
     def live(self) -> int:
         """Records not retired yet."""

@@ -43,7 +43,7 @@ from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTAT
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import Connection, Engine, bindparam, case, func, insert, literal, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, case, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from node import acceptor, audit, journal, metrics, store
@@ -334,6 +334,7 @@ class Arrival:
     failures: int = 0
     retry_at: float = 0.0
     queued_at: float = 0.0
+    recovered: bool = False  # from a crash: its final file may be there but incomplete
     _stored: store.StoredFile | None = None
 
     def digest(self) -> str:
@@ -378,6 +379,31 @@ def _get_or_create(conn: Connection, table: Any, where: Any, values: Callable[[]
 _PATIENTS, _STUDIES, _SERIES, _INSTANCES = (m.__table__ for m in (Patient, Study, Series, Instance))
 
 
+def _count_update(table: Any) -> Any:
+    # instance_count += :n; last_received_at = the later of the stored time and :t.
+    at = bindparam("t", type_=table.c.last_received_at.type)
+    return (update(table).where(table.c.id == bindparam("pk"))
+            .values(instance_count=func.coalesce(table.c.instance_count, 0) + bindparam("n"),
+                    last_received_at=case((table.c.last_received_at.is_(None), at),
+                                          (table.c.last_received_at < at, at), else_=table.c.last_received_at)))
+
+
+# Built once: SQLAlchemy then reuses the compiled statements (building them per batch cost more
+# than the database work).
+_SELECT_EXISTING = (select(_INSTANCES.c.id, _INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256, _INSTANCES.c.path)
+                    .where(_INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True))))
+_SELECT_SERIES = (select(_SERIES.c.id, _SERIES.c.study_pk)
+                  .where(_SERIES.c.series_uid == bindparam("uid")))
+_INSERT_INSTANCES = insert(_INSTANCES)
+_UPDATE_INSTANCE = (update(_INSTANCES).where(_INSTANCES.c.id == bindparam("pk"))
+                    .values(path=bindparam("path"), size_bytes=bindparam("size_bytes"), sha256=bindparam("sha256"),
+                            transfer_syntax_uid=bindparam("transfer_syntax_uid"),
+                            received_at=bindparam("received_at", type_=_INSTANCES.c.received_at.type),
+                            calling_ae=bindparam("calling_ae")))
+_UPDATE_SERIES_COUNT = _count_update(_SERIES)
+_UPDATE_STUDY_COUNT = _count_update(_STUDIES)
+
+
 def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
     """Record arrivals in the index (in the caller's transaction); sets each ``outcome``.
 
@@ -386,9 +412,7 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
     """
     uids = sorted({a.header.SOPInstanceUID for a in arrivals})
     existing: dict[str, dict[str, Any]] = {
-        row.sop_instance_uid: dict(row._mapping) for row in conn.execute(
-            select(_INSTANCES.c.id, _INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256, _INSTANCES.c.path)
-            .where(_INSTANCES.c.sop_instance_uid.in_(uids)))}
+        row.sop_instance_uid: dict(row._mapping) for row in conn.execute(_SELECT_EXISTING, {"uids": uids})}
     series_ids: dict[str, tuple[int, int]] = {}  # series UID -> (series id, study id)
     new_rows: list[dict[str, Any]] = []
     counts: dict[tuple[int, int], list[Any]] = {}  # (series id, study id) -> [count, last time]
@@ -407,7 +431,7 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
                               transfer_syntax_uid=arrival.transfer_syntax, received_at=arrival.received_at,
                               calling_ae=arrival.calling_ae)
                 if row.get("id") is not None:
-                    conn.execute(update(_INSTANCES).where(_INSTANCES.c.id == row["id"]).values(**values))
+                    conn.execute(_UPDATE_INSTANCE, {"pk": row["id"], **values})
                 else:  # inserted earlier in this batch
                     row["pending"].update(values)
                 row.update(sha256=stored.sha256, path=stored.relpath)
@@ -427,34 +451,23 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
         count[1] = max(count[1], arrival.received_at)
         arrival.outcome = "new"
     if new_rows:
-        conn.execute(insert(_INSTANCES), new_rows)
+        conn.execute(_INSERT_INSTANCES, new_rows)
     # Counters and times move with the rows in the same transaction: the assembler's quiet
     # timers read last_received_at.
     per_study: dict[int, list[Any]] = {}
     for (series_pk, study_pk), (n, last) in counts.items():
-        conn.execute(update(_SERIES).where(_SERIES.c.id == series_pk).values(
-            instance_count=func.coalesce(_SERIES.c.instance_count, 0) + n,
-            last_received_at=_later(_SERIES.c.last_received_at, last)))
+        conn.execute(_UPDATE_SERIES_COUNT, {"pk": series_pk, "n": n, "t": last})
         total = per_study.setdefault(study_pk, [0, last])
         total[0] += n
         total[1] = max(total[1], last)
     for study_pk, (n, last) in per_study.items():
-        conn.execute(update(_STUDIES).where(_STUDIES.c.id == study_pk).values(
-            instance_count=func.coalesce(_STUDIES.c.instance_count, 0) + n,
-            last_received_at=_later(_STUDIES.c.last_received_at, last)))
-
-
-def _later(column: Any, value: datetime) -> Any:
-    # The later of the stored time and ``value`` (a recovered instance may be older).
-    bound = literal(value, column.type)
-    return case((column.is_(None), bound), (column < bound, bound), else_=column)
+        conn.execute(_UPDATE_STUDY_COUNT, {"pk": study_pk, "n": n, "t": last})
 
 
 def _series_of(conn: Connection, arrival: Arrival) -> tuple[int, int]:
     """(series id, study id) of an arrival's series, creating patient, study and series rows."""
     ds, now = arrival.header, arrival.received_at
-    row = conn.execute(select(_SERIES.c.id, _SERIES.c.study_pk)
-                       .where(_SERIES.c.series_uid == ds.SeriesInstanceUID)).first()
+    row = conn.execute(_SELECT_SERIES, {"uid": ds.SeriesInstanceUID}).first()
     if row is not None:
         return row.id, row.study_pk
     patient_id, issuer = _text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64)
@@ -523,7 +536,9 @@ class Indexer:
         self._pending: dict[str, Arrival] = {}  # SOP Instance UID -> answered, not indexed yet
         self._stopping = False
         self._busy = False
-        self._journals: set[journal.Journal] = set()
+        self._unsynced: list[Arrival] = []  # placed and indexed, files not yet flushed
+        self._synced_at = time.monotonic()
+        self._sync_interval = 0.5
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
@@ -582,45 +597,64 @@ class Indexer:
 
     # -- the batches
 
-    def process(self, arrivals: list[Arrival]) -> None:
+    def process(self, arrivals: list[Arrival], durable: bool = False) -> None:
         """Place and index ``arrivals`` now (one transaction); raises what failed.
 
-        Journal records are written out as files first (all written, then all flushed: the
-        first flush commits the filesystem journal for the others), landed files are linked;
-        then the final folders are fsynced, the rows committed, and the records retired.
+        Journal records are written out as instance files and landed files linked, at their
+        final paths, and the rows committed: readers see them at once. The files are made
+        durable later, many at a time (``make_durable``: one filesystem sync instead of a
+        flush per file); until then the journal record or landed file stays, and recovery
+        rewrites the file from it. ``durable=True`` makes this batch durable before returning.
         """
-        folders = set()
-        written: list[tuple[Arrival, Path]] = []
-        try:
-            for arrival in arrivals:
-                if arrival.record is not None:
-                    written.append((arrival, self._write_out(arrival)))
-            for _, temp in written:
-                fd = os.open(temp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            for arrival, temp in written:
-                store.place(self.root, temp, arrival.stored.relpath)
-                folders.add((self.root / arrival.stored.relpath).parent)
-        finally:
-            for _, temp in written:
-                store.unland(temp)
         for arrival in arrivals:
-            if arrival.landed is not None:
-                store.place(self.root, arrival.landed, arrival.stored.relpath)
-                folders.add((self.root / arrival.stored.relpath).parent)
-        for folder in folders:
-            store.fsync_dir(folder)
+            if arrival.record is not None:
+                temp = self._write_out(arrival)
+                try:
+                    store.place(self.root, temp, arrival.stored.relpath, replace=arrival.recovered)
+                finally:
+                    store.unland(temp)
+            elif arrival.landed is not None:
+                store.place(self.root, arrival.landed, arrival.stored.relpath, replace=arrival.recovered)
         self._commit(arrivals)
         for arrival in arrivals:
             self._settle(arrival)
-        journals = {a.record.journal for a in arrivals if a.record is not None}
-        for jrnl in journals:
-            jrnl.retire([a.record for a in arrivals if a.record is not None and a.record.journal is jrnl])
-            jrnl.checkpoint(min_interval=0.5)  # and when idle (_run): it costs a flush
-            self._journals.add(jrnl)
+        with self._cond:
+            self._unsynced.extend(a for a in arrivals if a.record is not None or a.landed is not None)
+        if durable or self._durability_due():
+            self.make_durable()
+
+    def _durability_due(self) -> bool:
+        with self._cond:
+            if not self._unsynced:
+                return False
+            if time.monotonic() - self._synced_at >= self._sync_interval:
+                return True
+            journals = {a.record.journal for a in self._unsynced if a.record is not None}
+        return any(j.live_bytes() * 2 > j.size for j in journals)
+
+    def make_durable(self) -> None:
+        """Make every placed file durable, then drop the journal records and landed files that
+        were its durable copy (checkpointing the journals)."""
+        with self._cond:
+            batch, self._unsynced = self._unsynced, []
+            self._synced_at = time.monotonic()
+        if not batch:
+            return
+        try:
+            store.sync_files(self.root, [self.root / a.stored.relpath for a in batch])
+        except BaseException:
+            with self._cond:
+                self._unsynced[:0] = batch
+            raise
+        journals: dict[journal.Journal, list[journal.Record]] = {}
+        for arrival in batch:
+            if arrival.record is not None:
+                journals.setdefault(arrival.record.journal, []).append(arrival.record)
+            elif arrival.landed is not None:
+                store.unland(arrival.landed)
+        for jrnl, records in journals.items():
+            jrnl.retire(records)
+            jrnl.checkpoint()
 
     def _write_out(self, arrival: Arrival) -> Path:
         """An instance file (not yet flushed) in the incoming folder, from a journal record."""
@@ -694,8 +728,8 @@ class Indexer:
                         continue
                     self._busy = True
                     return [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))]
-                if any(j.checkpoint_due for j in self._journals):
-                    return []  # idle: time to write the journals' checkpoints
+                if self._unsynced:
+                    return []  # idle: time to make what was placed durable
                 if self._stopping:
                     return None
                 self._busy = False
@@ -707,13 +741,17 @@ class Indexer:
         while True:
             batch = self._take()
             if batch is None:
+                try:
+                    self.make_durable()
+                except OSError as err:
+                    log.error("flushing placed instances failed: %s", err.strerror)
                 return
             if not batch:
-                for jrnl in list(self._journals):
-                    try:
-                        jrnl.checkpoint()
-                    except OSError as err:
-                        log.error("journal checkpoint failed: %s", err.strerror)
+                try:
+                    self.make_durable()
+                except OSError as err:
+                    log.error("flushing placed instances failed: %s", err.strerror)
+                    time.sleep(1.0)
                 continue
             try:
                 self.process(batch)
@@ -751,7 +789,7 @@ def arrival_from_landed(path: Path, called_ae: str) -> Arrival:
     stat = path.stat()
     return Arrival(header, transfer_syntax, stat.st_size, offset, str(meta.get("SourceApplicationEntityTitle", "")).strip(),
                    called_ae, received_at=datetime.fromtimestamp(stat.st_mtime, timezone.utc), landed=path,
-                   sha256=digest)
+                   sha256=digest, recovered=True)
 
 
 def arrival_from_record(record: journal.Record, called_ae: str) -> Arrival:
@@ -774,7 +812,7 @@ def arrival_from_record(record: journal.Record, called_ae: str) -> Arrival:
     received = (datetime.fromtimestamp(record.received_ns / 1e9, timezone.utc) if record.received_ns else utcnow())
     return Arrival(header, transfer_syntax, record.payload_len, record.meta_len,
                    str(meta.get("SourceApplicationEntityTitle", "")).strip(), called_ae,
-                   received_at=received, record=record, sha256=digest)
+                   received_at=received, record=record, sha256=digest, recovered=True)
 
 
 def recover_journal(indexer: Indexer, called_ae: str, path: Path) -> tuple[journal.Journal | None, int]:
@@ -794,7 +832,7 @@ def recover_journal(indexer: Indexer, called_ae: str, path: Path) -> tuple[journ
                       type(err).__name__)
             jrnl.retire([record])
     for start in range(0, len(arrivals), 64):
-        indexer.process(arrivals[start:start + 64])
+        indexer.process(arrivals[start:start + 64], durable=True)
     jrnl.checkpoint()
     if arrivals:
         log.warning("%d instance(s) answered before a restart were indexed from journal %s", len(arrivals), path.name)
@@ -830,13 +868,13 @@ def recover_landed(indexer: Indexer, called_ae: str, prefix: str = "", synchrono
         if synchronous:
             batch.append(arrival)
             if len(batch) >= 64:
-                indexer.process(batch)
+                indexer.process(batch, durable=True)
                 batch = []
         else:
             indexer.reserve(timeout=3600)
             indexer.submit(arrival)
     if batch:
-        indexer.process(batch)
+        indexer.process(batch, durable=True)
     if found:
         log.warning("%d instance(s) answered before a restart were indexed from the landing folder", found)
     return found

@@ -408,19 +408,66 @@ def data_set_sha256(path: Path, offset: int) -> str:
             return hashlib.sha256(view).hexdigest()
 
 
-def place(root: Path, landed: Path, relpath: str) -> bool:
-    """Hard-link a landed file at its final path (folders made durable); False if already there.
-
-    The caller fsyncs the final folder before the index row is committed, then calls
-    ``unland``. A file already at ``relpath`` has the same content (the name holds its hash).
+def place(root: Path, source: Path, relpath: str, replace: bool = False) -> bool:
+    """Hard-link ``source`` (a landed or written-out file) at its final path; False if a file
+    was already there. That file has the same content (the name holds its hash) and is left
+    alone, unless ``replace`` (recovery after a crash: it may be incomplete, so it is replaced).
+    The new folders are durable; the file and its entry become durable with ``sync_files``.
     """
     target = root / relpath
     _make_dirs_durable(root, target.parent)
+    if replace:
+        tmp = target.with_name(target.name + ".replace")
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.link(source, tmp)
+        os.replace(tmp, target)
+        return True
     try:
-        os.link(landed, target)
+        os.link(source, target)
     except FileExistsError:
         return False
     return True
+
+
+try:
+    _syncfs = _libc.syncfs  # type: ignore[name-defined]
+    _syncfs.argtypes = [ctypes.c_int]
+except (NameError, AttributeError):
+    _syncfs = None
+
+
+def sync_files(root: Path, paths: list[Path]) -> None:
+    """Make ``paths`` (files under ``root``) and their folder entries durable.
+
+    One syncfs(2) of the storage filesystem when there are several: one disk flush for the
+    lot, where fsyncing each file would flush the disk once per file. (It also writes out
+    whatever else is dirty on that filesystem: keep the store on its own filesystem.)
+    Otherwise, or without syncfs, fsync each file and folder.
+    """
+    if len(paths) > 1 and _syncfs is not None:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # removed since (duplicate policy): nothing to keep
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for folder in {p.parent for p in paths}:
+        if folder.is_dir():
+            _fsync_dir(folder)
 
 
 def unland(landed: Path) -> None:

@@ -105,3 +105,67 @@ def test_kill_minus_nine_during_push(tmp_path):
         assert len(list(s.scalars(select(Instance.id)))) == 300
     engine.dispose()
     assert node.stop() == 0
+
+
+def _multiframe(frames: int) -> Dataset:
+    """One large instance (512x512 16-bit frames): received straight into a file, not the journal."""
+    ds = _series(1)[0]
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = frames
+    ds.PixelData = np.random.default_rng(3).integers(0, 4096, (frames, 512, 512), dtype=np.uint16).tobytes()
+    return ds
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_between_success_and_index_row(tmp_path):
+    """Success answers wait for durability, not for the index row: kill the node while every
+    answered instance is still unindexed (the index is locked), restart, and each is indexed
+    from the journal or the landing folder, placed, and taken up by the later stages."""
+    import sqlite3
+
+    datasets = _series(40)
+    big = _multiframe(40)  # 20 MiB: over the journal's per-instance limit
+    big.StudyInstanceUID, big.SeriesInstanceUID = datasets[0].StudyInstanceUID, generate_uid()
+    overrides = {"node": {"receivers": 1}, "timers": {"series_quiet_s": 1, "study_quiet_s": 1}}
+    node = NodeProcess(tmp_path / "n", overrides).start()
+    lock = sqlite3.connect(node.database_url.split("///", 1)[1], timeout=30, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the index takes no writes: rows cannot be committed
+    try:
+        acked: list[str] = []
+        _push(node.port, datasets + [big], acked)
+        assert len(acked) == 41, "every instance is answered Success without its index row"
+        assert lock.execute("select count(*) from instances").fetchone()[0] == 0
+        assert list((node.storage / ".landed").iterdir()), "the large instance waits in the landing folder"
+    finally:
+        node.kill()  # SIGKILL: the receivers die with their answered, unindexed instances
+        lock.execute("ROLLBACK")
+        lock.close()
+
+    node.start()  # the node indexes what it finds before it listens again
+    engine = create_engine(node.database_url)
+    with Session(engine) as s:
+        rows = {r.sop_instance_uid: r for r in s.scalars(select(Instance))}
+    assert rows.keys() == set(acked), "every acknowledged instance is indexed after the restart"
+    log = node.log_text()
+    assert "40 instance(s) answered before a restart were indexed from journal" in log, log[-3000:]
+    assert "1 instance(s) answered before a restart were indexed from the landing folder" in log
+    for ds in datasets + [big]:
+        row = rows[ds.SOPInstanceUID]
+        path = node.storage / row.path
+        assert path.is_file() and path.stat().st_size == row.size_bytes
+        assert _data_set_sha(path) == row.sha256
+    settled(node)
+    assert not list((node.storage / ".landed").iterdir())
+    # ...and taken up by the next stages: the study completes on its quiet timer.
+    from node.index import Study
+
+    def study_state() -> str:
+        with Session(engine) as s:
+            return s.scalar(select(Study.state).where(Study.study_uid == datasets[0].StudyInstanceUID))
+
+    assert wait_for(lambda: study_state() != "received", 60), study_state()
+    with Session(engine) as s:
+        study = s.scalar(select(Study).where(Study.study_uid == datasets[0].StudyInstanceUID))
+        assert study.instance_count == 41
+    engine.dispose()
+    assert node.stop() == 0
