@@ -128,6 +128,12 @@ def _make_dirs_durable(root: Path, folder: Path) -> None:
         _durable_dirs.add(level)
 
 
+def _forget_dirs(folder: Path) -> None:
+    while folder in _durable_dirs:
+        _durable_dirs.discard(folder)
+        folder = folder.parent
+
+
 @dataclass(frozen=True)
 class StoredFile:
     """What the store wrote: relative path, size on disk and the data set's SHA-256."""
@@ -416,6 +422,9 @@ def place(root: Path, source: Path, relpath: str, replace: bool = False) -> bool
     """
     target = root / relpath
     _make_dirs_durable(root, target.parent)
+    if not target.parent.is_dir():  # removed since we made it (retention): make it again
+        _forget_dirs(target.parent)
+        _make_dirs_durable(root, target.parent)
     if replace:
         tmp = target.with_name(target.name + ".replace")
         try:
