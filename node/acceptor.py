@@ -37,6 +37,7 @@ from copy import deepcopy
 from datetime import datetime
 from typing import Any, Protocol
 
+import pynetdicom
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
@@ -48,6 +49,10 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 LOGGER = logging.getLogger("ainode.acceptor")
+
+# The private pynetdicom methods overridden here are those of 3.0.x: with any other version the
+# receiver falls back to plain pynetdicom (slower, same answers).
+SUPPORTED = pynetdicom.__version__.startswith("3.0.")
 
 # How long a reactor waits before re-checking its timers when nothing wakes it (seconds). The
 # ARTIM and network idle timers are seconds long, so this only bounds their precision.

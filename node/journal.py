@@ -179,6 +179,28 @@ class Journal:
         """A view of the whole journal (through its memory map)."""
         return memoryview(self._map)
 
+    def copy_to(self, record: Record, fd: int) -> None:
+        """Write a record's payload into the file ``fd`` (kernel-side copy where possible) and
+        start its writeback."""
+        offset, left = record.offset + BLOCK, record.payload_len
+        try:
+            while left:
+                copied = os.copy_file_range(self._fd, fd, left, offset)
+                if not copied:
+                    raise OSError("short copy from the journal")
+                offset += copied
+                left -= copied
+        except (AttributeError, OSError) as err:  # no copy_file_range here: through the map
+            if isinstance(err, OSError) and err.errno not in (None, 18, 22, 38, 95):  # EXDEV EINVAL ENOSYS EOPNOTSUPP
+                raise
+            view = self.view()[offset:record.offset + BLOCK + record.payload_len]
+            try:
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                view.release()
+        _start_writeback(fd, record.payload_len)
+
     def retire(self, records: list[Record]) -> None:
         """These records' instances are placed and indexed: their space may be reused."""
         with self._lock:
@@ -222,6 +244,13 @@ class Journal:
         except BufferError:  # a payload view is still held; the GC closes the map later
             pass
         os.close(self._fd)
+
+
+def _start_writeback(fd: int, length: int) -> None:
+    from node.store import _SYNC_FILE_RANGE_WRITE, _sync_file_range
+
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _create(path: Path, size: int) -> None:

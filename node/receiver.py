@@ -22,6 +22,7 @@ import os
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 import warnings
@@ -657,18 +658,20 @@ class Indexer:
             jrnl.checkpoint()
 
     def _write_out(self, arrival: Arrival) -> Path:
-        """An instance file (not yet flushed) in the incoming folder, from a journal record."""
-        payload = arrival.record.payload()  # type: ignore[union-attr]
+        """An instance file (not yet flushed) in the incoming folder, from a journal record:
+        copied inside the kernel (copy_file_range), starting its writeback."""
+        record = arrival.record
+        fd, name = tempfile.mkstemp(dir=self.root / store.INCOMING, prefix=self.prefix + "place-", suffix=".part")
         try:
-            sink = store.IncomingFile(self.root, self.prefix + "place-", b"")
-            sink.write(payload)
-            if sink.error is not None:
-                raise sink.error
-            os.close(sink.fd)  # type: ignore[arg-type]
-            sink.fd = None
-            return sink.path
-        finally:
-            payload.release()
+            record.journal.copy_to(record, fd)  # type: ignore[union-attr]
+        except OSError as err:
+            os.close(fd)
+            os.unlink(name)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise store.OutOfSpace("disk full while placing") from err
+            raise
+        os.close(fd)
+        return Path(name)
 
     def _settle(self, arrival: Arrival) -> None:
         name = instance_tag(arrival.header.SOPInstanceUID)
@@ -1300,7 +1303,7 @@ class Receiver:
         server = ae.make_server((node.host, node.port), ae_title=node.ae_title,
                                 ssl_context=tls_context(self.settings), evt_handlers=self.handlers(),
                                 server_class=ReusePortServer,
-                                request_handler=acceptor.request_handler_class(self))
+                                **({"request_handler": acceptor.request_handler_class(self)} if acceptor.SUPPORTED else {}))
         ae._servers.append(server)
         threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
         return server
