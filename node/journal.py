@@ -146,8 +146,9 @@ class Journal:
 
     # -- the answer path
 
-    def append(self, meta: bytes, data: bytes | memoryview, received_ns: int = 0) -> Record:
-        """Write a record and flush it (shared with concurrent appends); durable on return."""
+    def append(self, meta: bytes, data: bytes | memoryview, received_ns: int = 0, crc: int | None = None) -> Record:
+        """Write a record and flush it (shared with concurrent appends); durable on return.
+        ``crc``: the CRC-32 of meta + data when the caller computed it already."""
         length = len(meta) + len(data)
         if length > self.max_payload:
             raise JournalFull("instance too large for the journal")
@@ -162,7 +163,8 @@ class Journal:
             self._head = offset + span
             self._live[seq] = (offset, span)
         try:
-            crc = zlib.crc32(data, zlib.crc32(meta))
+            if crc is None:
+                crc = zlib.crc32(data, zlib.crc32(meta))
             header = _HEADER.pack(_RECORD_MAGIC, seq, length, len(meta), crc, received_ns)
             header += struct.pack("<I", zlib.crc32(header))
             os.pwritev(self._fd, [header.ljust(BLOCK, b"\0"), meta, data], offset)

@@ -521,8 +521,8 @@ class Indexer:
     (A700) instead of filling the disk unindexed.
     """
 
-    def __init__(self, engine: Engine, root: Path, policy: str, max_batch: int = 64,
-                 max_waiting: int = 4096, background: bool = True, linger: float = 0.025, prefix: str = ""):
+    def __init__(self, engine: Engine, root: Path, policy: str, max_batch: int = 128,
+                 max_waiting: int = 4096, background: bool = True, linger: float = 0.1, prefix: str = ""):
         self._engine = engine
         self.root = Path(root)
         self.prefix = prefix
@@ -1213,7 +1213,7 @@ class Receiver:
             record = landed = None
             if in_memory:
                 try:
-                    record = self.journal.append(sink.meta, data, time.time_ns())  # type: ignore[union-attr]
+                    record = self.journal.append(sink.meta, data, time.time_ns(), sink.crc32)  # type: ignore[union-attr]
                 except journal.JournalFull:  # the ring is busy: this one takes the per-file way
                     spilled = store.IncomingFile(self.root, self.prefix, sink.meta)
                     spilled.write(data)

@@ -22,14 +22,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import itertools
 import mmap
 import os
 import re
 import shutil
 import tempfile
-import itertools
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -302,6 +303,7 @@ class DataSetBuffer:
         self.file: IncomingFile | None = None
         self.error: BaseException | None = None
         self.known_sha: object = None  # for the receiver: the index's hash for this UID, if any
+        self.crc32 = zlib.crc32(meta)  # of meta + data set, for the journal record, as it arrives
 
     def write(self, data: memoryview | bytes) -> None:
         """Take the next fragment (kept by reference: it must not change afterwards)."""
@@ -312,6 +314,7 @@ class DataSetBuffer:
         if self.error is not None:
             return
         self.parts.append(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
         if self.data_len > self.spill_at:
             self._spill()
 
