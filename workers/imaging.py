@@ -340,6 +340,102 @@ def resample_back(volume: Volume, work_affine: np.ndarray, data: np.ndarray, ord
     return np.stack([ndimage.map_coordinates(c, coords, order=order, mode="nearest") for c in data]).astype(np.float32)
 
 
+def argmax_on_source(volume: Volume, work_affine: np.ndarray, data: np.ndarray,
+                     chunk_voxels: int = 1 << 20) -> np.ndarray:
+    """Arg-max over the channels of ``data`` (C, k, j, i on a working grid) sampled trilinearly at
+    every source voxel: the labels of ``resample_back(volume, work_affine, data).argmax(0)``
+    without interpolating C full-resolution volumes.
+
+    A trilinear sample is a convex combination of the 8 corners of its working-grid cell, so where
+    one channel is the largest at all 8 corners it is the largest at every point of the cell: those
+    voxels take the cell's label by a lookup. Only voxels in cells whose corners disagree (organ
+    boundaries, a few percent of a CT) are interpolated, in float64 like scipy. Outside the working
+    grid the nearest edge value is used (scipy's ``mode="nearest"``). When the source axes are
+    parallel to the working axes (axial, coronal, sagittal, any slice order) the cell of a voxel
+    comes from three 1D index arrays; oblique and tilted sources compute it per voxel.
+    """
+    to_work = np.linalg.inv(work_affine) @ volume.affine  # source (i, j, k) -> working (i, j, k)
+    n_classes = int(data.shape[0])
+    work_shape = data.shape[1:]  # (k, j, i)
+    label_dtype = np.uint8 if n_classes < 255 else np.int32
+    mixed = n_classes  # cell label meaning "the corners disagree"
+    corner_labels = data.argmax(axis=0).astype(label_dtype)
+    cells = _cell_labels(corner_labels, mixed)
+    values = np.ascontiguousarray(np.moveaxis(data, 0, -1), dtype=np.float64)  # (k, j, i, C)
+    shape = volume.pixels.shape
+    out = np.empty(shape, dtype=label_dtype)
+    slab = max(1, int(chunk_voxels // max(1, shape[1] * shape[2])))
+    perm = _axis_permutation(to_work[:3, :3])
+    for k0 in range(0, shape[0], slab):
+        k1 = min(shape[0], k0 + slab)
+        if perm is not None:
+            # Working axis perm[s] varies along source axis s only: one 1D array per axis, shaped
+            # to broadcast over the slab (k, j, i).
+            counts = (shape[2], shape[1], k1 - k0)
+            starts = (0, 0, k0)
+            coords: list[np.ndarray] = [np.empty(0)] * 3
+            for s in range(3):
+                w = perm[s]
+                index = np.arange(starts[s], starts[s] + counts[s], dtype=np.float64)
+                view = [1, 1, 1]
+                view[2 - s] = counts[s]
+                coords[w] = (to_work[w, s] * index + to_work[w, 3]).reshape(view)
+        else:
+            k, j, i = np.meshgrid(np.arange(k0, k1, dtype=np.float64), np.arange(shape[1], dtype=np.float64),
+                                  np.arange(shape[2], dtype=np.float64), indexing="ij", sparse=True)
+            coords = [to_work[w, 0] * i + to_work[w, 1] * j + to_work[w, 2] * k + to_work[w, 3] for w in range(3)]
+        # Per working axis (k, j, i order): lower corner, upper corner, weight of the upper one.
+        lo, hi, frac = zip(*(_corner_indices(coords[w], work_shape[2 - w]) for w in (2, 1, 0)))
+        labels = cells[lo[0], lo[1], lo[2]]
+        labels = np.broadcast_to(labels, (k1 - k0, shape[1], shape[2]))
+        where = np.nonzero(labels == mixed)
+        if len(where[0]):
+            labels = labels.copy()
+            pick = [(np.broadcast_to(a, labels.shape)[where], np.broadcast_to(b, labels.shape)[where],
+                     np.broadcast_to(f, labels.shape)[where]) for a, b, f in zip(lo, hi, frac)]
+            total = np.zeros((len(where[0]), n_classes))
+            for corner in range(8):
+                idx, weight = [], np.ones(len(where[0]))
+                for axis, (a, b, f) in enumerate(pick):
+                    upper = (corner >> (2 - axis)) & 1
+                    idx.append(b if upper else a)
+                    weight = weight * (f if upper else 1 - f)
+                total += weight[:, None] * values[idx[0], idx[1], idx[2]]
+            labels[where] = total.argmax(axis=1)
+        out[k0:k1] = labels
+    return out
+
+
+def _cell_labels(labels: np.ndarray, mixed: int) -> np.ndarray:
+    """Per working-grid cell (corner voxel (a, b, c) to (a+1, b+1, c+1)): the label all 8 corners
+    share, or ``mixed``. An axis of one voxel has one (degenerate) cell."""
+    ends = [(slice(0, max(n - 1, 1)), slice(min(1, n - 1), n)) for n in labels.shape]
+    first = labels[ends[0][0], ends[1][0], ends[2][0]]
+    same = np.ones(first.shape, dtype=bool)
+    for a in ends[0]:
+        for b in ends[1]:
+            for c in ends[2]:
+                same &= labels[a, b, c] == first
+    return np.where(same, first, mixed).astype(labels.dtype)
+
+
+def _corner_indices(position: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For fractional positions along a working axis of n voxels: lower and upper corner index and
+    the upper corner's weight; positions outside are clamped (the edge value, scipy "nearest")."""
+    p = np.clip(position, 0, n - 1)
+    lo = np.minimum(np.floor(p).astype(np.intp), max(n - 2, 0))
+    return lo, np.minimum(lo + 1, n - 1), p - lo
+
+
+def _axis_permutation(m: np.ndarray, tolerance: float = 1e-9) -> list[int] | None:
+    """For a source → working index matrix that maps each source axis onto one working axis,
+    ``perm[s]`` = the working axis of source axis s (0 = i, 1 = j, 2 = k); None when oblique."""
+    nonzero = np.abs(m) > tolerance * np.abs(m).max()
+    if not (nonzero.sum(axis=0) == 1).all() or not (nonzero.sum(axis=1) == 1).all():
+        return None
+    return [int(np.flatnonzero(nonzero[:, s])[0]) for s in range(3)]
+
+
 def canonical_grid(volume: Volume, spacing: float) -> tuple[tuple[int, int, int], np.ndarray]:
     """An axis-aligned grid (i -> patient left, j -> posterior, k -> superior) of isotropic
     ``spacing`` covering the volume's extent: models see every series as if it were axial."""

