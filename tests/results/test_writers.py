@@ -87,6 +87,36 @@ def test_seg_round_trip_dice_and_structure(ct, tmp_path):
     assert dice(decoded, truth) == 1.0
 
 
+def test_seg_from_label_array_equals_stacked_segments_and_overlaps_still_work(ct, tmp_path, monkeypatch):
+    """Disjoint segments go to highdicom as one label array: the frames and per-frame groups are
+    those of the stacked boolean segments; overlapping segments still take the stacked path."""
+    from workers.findings import Segment
+    from workers.results import seg as seg_writer
+
+    volume, _ = ct
+    findings = segmentation_findings(volume)
+    liver = findings.segments[0]
+    lower = liver.mask.copy()
+    lower[: lower.shape[0] // 2] = False
+    upper = liver.mask & ~lower
+    findings.segments = [Segment("upper", upper, liver.property_type, tracking_id="upper"),
+                         Segment("lower", lower, liver.property_type, tracking_id="lower")]
+    fast = pydicom.dcmread(by_kind(write(findings, tmp_path / "a"))["seg"][0])
+    monkeypatch.setattr(seg_writer, "_label_array", lambda segments: None)
+    stacked = pydicom.dcmread(by_kind(write(findings, tmp_path / "b"))["seg"][0])
+    monkeypatch.undo()
+    assert fast.PixelData == stacked.PixelData and fast.NumberOfFrames == stacked.NumberOfFrames
+    assert fast.PerFrameFunctionalGroupsSequence == stacked.PerFrameFunctionalGroupsSequence
+    assert fast.SegmentsOverlap == "NO"
+    findings.segments.append(Segment("whole", liver.mask, liver.property_type, tracking_id="whole"))
+    path = by_kind(write(findings, tmp_path / "c"))["seg"][0]
+    assert pydicom.dcmread(path).SegmentsOverlap == "YES"
+    decoded = seg_mask_by_source(path, volume)
+    for n, segment in enumerate(findings.segments):
+        assert dice(decoded[..., n], segment.mask) == 1.0
+    assert dciodvfy_errors(path) == []
+
+
 @pytest.mark.parametrize("seg_type", ["LABELMAP", "FRACTIONAL"])
 def test_other_segmentation_types(ct, tmp_path, seg_type):
     volume, _ = ct

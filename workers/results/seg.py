@@ -46,8 +46,28 @@ def segment_description(number: int, segment: Segment, findings: Findings) -> hd
     )
 
 
+def _label_array(segments: list[Segment]) -> np.ndarray | None:
+    """(frames, rows, columns) segment numbers when no two segments share a voxel, else None."""
+    labels = np.zeros(segments[0].mask.shape, dtype=np.uint8 if len(segments) < 256 else np.uint16)
+    count = 0
+    for number, segment in enumerate(segments, 1):
+        mask = segment.mask.astype(bool, copy=False)
+        labels[mask] = number
+        count += int(np.count_nonzero(mask))
+    return labels if count == int(np.count_nonzero(labels)) else None
+
+
 def _pixel_array(segments: list[Segment], seg_type: str) -> np.ndarray:
-    """(frames, rows, columns, segments) for BINARY/FRACTIONAL; (frames, rows, columns) labels."""
+    """(frames, rows, columns, segments) for BINARY/FRACTIONAL; (frames, rows, columns) labels.
+
+    BINARY segments that do not overlap (one model's arg-max) go to highdicom as one label array
+    (same SEG, encoded frame by frame and segment by segment), which spares stacking a boolean
+    volume per segment and highdicom's overlap check over it.
+    """
+    if seg_type == "BINARY":
+        labels = _label_array(segments)
+        if labels is not None:
+            return labels
     stack = np.stack([s.mask.astype(bool) for s in segments], axis=-1)
     if seg_type == "LABELMAP":
         # Segments must not overlap in a label map: the first listed segment wins a voxel.
