@@ -135,12 +135,36 @@ def _init_db_beside_node(url: str) -> None:
             time.sleep(0.5)
 
 
+def threads_per_process(concurrency: int) -> int:
+    """CPU threads for each pool process's math libraries (torch, OpenMP, BLAS): the cores this
+    process may use shared among the pool processes, at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, concurrency))
+
+
+def share_cpu_threads(concurrency: int) -> int:
+    """Give each pool process its share of the cores, unless the operator set the variables.
+
+    torch, OpenMP and BLAS each default to one thread per core in every process, so N pool
+    processes on a small CPU would run N x cores threads that wait on each other. The pool
+    processes read these variables when they first import torch (after the fork).
+    """
+    threads = threads_per_process(concurrency)
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(variable, str(threads))
+    return int(os.environ["OMP_NUM_THREADS"])
+
+
 def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     """Run a Celery worker consuming the given queues until stopped; returns its exit code."""
     if not settings.broker.url:
         log.error("broker.url is empty: `ainode serve` runs jobs itself (embedded worker); "
                   "set broker.url to run separate workers")
         return 2
+    log.info("%d pool process(es), %d CPU thread(s) each", max(1, concurrency), share_cpu_threads(concurrency))
     _init_db_beside_node(settings.database.url)
     configured_app(settings)
     import workers.tasks  # noqa: F401 - registers the tasks

@@ -1,0 +1,28 @@
+"""Each Celery pool process gets its share of the CPU cores for torch / OpenMP / BLAS threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from workers import celery_app
+
+
+def test_threads_are_shared_among_pool_processes(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [celery_app.threads_per_process(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+
+
+def test_pool_processes_import_torch_with_their_share(monkeypatch):
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    assert celery_app.share_cpu_threads(2) == 2
+    # A process started now (as a pool process importing torch after the fork) uses 2 threads.
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "2"
+    # The operator's own setting wins.
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert celery_app.share_cpu_threads(1) == 3
