@@ -386,11 +386,15 @@ def argmax_on_source(volume: Volume, work_affine: np.ndarray, data: np.ndarray,
             coords = [to_work[w, 0] * i + to_work[w, 1] * j + to_work[w, 2] * k + to_work[w, 3] for w in range(3)]
         # Per working axis (k, j, i order): lower corner, upper corner, weight of the upper one.
         lo, hi, frac = zip(*(_corner_indices(coords[w], work_shape[2 - w]) for w in (2, 1, 0)))
-        labels = cells[lo[0], lo[1], lo[2]]
-        labels = np.broadcast_to(labels, (k1 - k0, shape[1], shape[2]))
+        if perm is not None:
+            # Separable lookup: take along each working axis, then put the axes in source order
+            # (slab dimension t holds source axis 2 - t, which runs along working axis perm[2 - t]).
+            labels = cells.take(lo[0].ravel(), 0).take(lo[1].ravel(), 1).take(lo[2].ravel(), 2)
+            labels = labels.transpose([2 - perm[2 - t] for t in range(3)])
+        else:
+            labels = cells[lo[0], lo[1], lo[2]]
         where = np.nonzero(labels == mixed)
         if len(where[0]):
-            labels = labels.copy()
             pick = [(np.broadcast_to(a, labels.shape)[where], np.broadcast_to(b, labels.shape)[where],
                      np.broadcast_to(f, labels.shape)[where]) for a, b, f in zip(lo, hi, frac)]
             total = np.zeros((len(where[0]), n_classes))
