@@ -39,7 +39,7 @@ CONCATENATION = ("ConcatenationUID", "SOPInstanceUIDOfConcatenationSource", "Con
 ENHANCED_STALE = ("SmallestImagePixelValue", "LargestImagePixelValue", "ContributingEquipmentSequence",
                   *CONCATENATION)
 # Image Type / Frame Type value 4 (Derived Pixel Contrast) of a frame whose pixels a model
-# recomputed from one source frame (PS3.3 C.8.16.1.4, defined term for filtered images).
+# recomputed from one source frame: the enhanced image modules' defined term for filtered images.
 DERIVED_PIXEL_CONTRAST = "FILTERED"
 
 
@@ -125,7 +125,9 @@ def _frame_rescale(source: Dataset, frame: int) -> tuple[float | None, float | N
     for group in groups:
         items = group.get("PixelValueTransformationSequence")
         if items:
-            return items[0].get("RescaleSlope"), items[0].get("RescaleIntercept")
+            slope, intercept = items[0].get("RescaleSlope"), items[0].get("RescaleIntercept")
+            return (None if slope in (None, "") else float(slope),
+                    None if intercept in (None, "") else float(intercept))
     return None, None
 
 
