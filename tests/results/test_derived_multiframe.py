@@ -113,3 +113,28 @@ def test_derived_ultrasound_cine(tmp_path):
     back = load_series(paths)
     np.testing.assert_array_equal(back.pixels, np.rint(derived))
     assert back.frame_time_s == pytest.approx(volume.frame_time_s)
+
+
+def test_per_frame_rescale_is_kept_frame_by_frame(tmp_path):
+    """Frames with their own Pixel Value Transformation: each derived frame is stored through its
+    source frame's rescale, so the stored values stay in range and read back exactly."""
+    from pydicom.dataset import Dataset
+
+    path = write_enhanced_ct(make_ct_phantom(4, shape=(6, 32, 32), spacing=(5.0, 5.5, 5.5)), tmp_path / "e.dcm")
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array.astype(np.int32) - 1024
+    del ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+    intercepts = [-1024 - 100 * n for n in range(6)]
+    for n, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        item = Dataset()
+        item.RescaleIntercept, item.RescaleSlope, item.RescaleType = str(intercepts[n]), "1", "HU"
+        group.PixelValueTransformationSequence = [item]
+    ds.PixelData = (hu - np.array(intercepts)[:, None, None]).astype(np.uint16).tobytes()
+    ds.save_as(path)
+    volume = load_series([path])
+    np.testing.assert_array_equal(volume.pixels, hu)
+    paths = write(reconstruction(volume, volume.pixels + 5), tmp_path / "out")
+    assert dciodvfy_errors(paths[0]) == []
+    derived = pydicom.dcmread(paths[0])
+    np.testing.assert_array_equal(derived.pixel_array.astype(np.int32), hu + 5 - np.array(intercepts)[:, None, None])
+    np.testing.assert_array_equal(load_series(paths).pixels, hu + 5)
