@@ -15,10 +15,11 @@ def test_threads_are_shared_among_pool_processes(monkeypatch):
 
 
 def test_pool_processes_import_torch_with_their_share(monkeypatch):
-    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
     assert celery_app.share_cpu_threads(2) == 2
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # waiting threads sleep, not spin
     # A process started now (as a pool process importing torch after the fork) uses 2 threads.
     out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
                          capture_output=True, text=True, check=True).stdout
