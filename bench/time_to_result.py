@@ -165,6 +165,10 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=256, help="rows and columns of each slice")
     args = parser.parse_args()
+    # The replay in this process runs with the worker's CPU thread settings (set before torch loads).
+    from workers.celery_app import share_cpu_threads
+
+    share_cpu_threads(1)
 
     work = Path(tempfile.mkdtemp(prefix="ainode-ttr-"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
