@@ -301,6 +301,31 @@ def lesion_mask(phantom: CTPhantom, lesion: Lesion) -> np.ndarray:
 # --- DICOM ------------------------------------------------------------------------------------
 
 
+def phantom_header(ds, *, modality: str, study_description: str, series_description: str, body_part: str,
+                   patient_name: str, patient_id: str, study_uid: str | None, series_uid: str | None,
+                   instance_number: int) -> None:
+    """Patient, study, series and equipment attributes shared by the single-object phantom writers
+    (DX, US cine): today's dates, an anonymous sex and birth date, one series numbered 1."""
+    from pydicom.uid import generate_uid
+
+    now = _dt.datetime.now()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber = ""
+    ds.Modality = modality
+    ds.Manufacturer = "ainode phantoms"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription, ds.SeriesDescription = study_description, series_description
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, "", "O"
+    ds.BodyPartExamined = body_part
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+
+
 def write_ct_series(phantom: CTPhantom, folder: str | Path, *, patient_id: str = "PHANTOM001",
                     patient_name: str = "Phantom^Test", study_uid: str | None = None,
                     series_uid: str | None = None, frame_of_reference_uid: str | None = None,

@@ -161,6 +161,8 @@ def write_us_multiframe(loop: CineLoop, path: Path, *, study_uid: str | None = N
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+    from workers.phantoms import phantom_header
+
     now = _dt.datetime.now()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = US_MULTIFRAME_STORAGE
@@ -168,29 +170,13 @@ def write_us_multiframe(loop: CineLoop, path: Path, *, study_uid: str | None = N
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = US_MULTIFRAME_STORAGE
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.ImageType = ["ORIGINAL", "PRIMARY", "TTE", "0001"]  # transthoracic echo, 2D (B-mode)
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDateTime = now.strftime("%Y%m%d")
+    phantom_header(ds, modality="US", study_description="Echocardiography phantom",
+                   series_description="Apical long-axis cine", body_part="HEART", patient_name=patient_name,
+                   patient_id=patient_id, study_uid=study_uid, series_uid=series_uid, instance_number=instance_number)
     ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-    ds.AccessionNumber = ""
-    ds.Modality = "US"
-    ds.Manufacturer = "ainode phantoms"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "Echocardiography phantom"
-    ds.SeriesDescription = "Apical long-axis cine"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.BodyPartExamined = "HEART"
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance_number
     ds.PatientOrientation = ""
     ds.LossyImageCompression = "00"
     # Cine and Multi-frame modules: frames are equally spaced in time.

@@ -15,7 +15,6 @@ therefore gives many radiographs (with and without nodules, different doses) che
 
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,31 +138,21 @@ def write_dx(radiograph: Radiograph, path: Path, *, study_uid: str | None = None
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    now = _dt.datetime.now()
+    from workers.phantoms import phantom_header
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = DX_FOR_PRESENTATION
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-    ds.AccessionNumber = ""
-    ds.Modality = "DX"
+    phantom_header(ds, modality="DX", study_description="Chest radiograph phantom", series_description="Chest PA",
+                   body_part="CHEST", patient_name=patient_name, patient_id=patient_id, study_uid=study_uid,
+                   series_uid=series_uid, instance_number=instance_number)
     ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.Manufacturer = "ainode phantoms"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "Chest radiograph phantom"
-    ds.SeriesDescription = "Chest PA"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
     ds.ImageLaterality = "U"
     region = Dataset()
@@ -174,11 +163,6 @@ def write_dx(radiograph: Radiograph, path: Path, *, study_uid: str | None = None
     view.ViewModifierCodeSequence = Sequence()
     ds.ViewCodeSequence = Sequence([view])
     ds.PatientOrientation = ["L", "F"]  # displayed facing the patient: columns run to the left, rows to the feet
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance_number
     ds.AcquisitionContextSequence = Sequence()
     ds.DetectorType = "SCINTILLATOR"
     ds.ImagerPixelSpacing = [f"{radiograph.pixel_spacing_mm:.4f}"] * 2
