@@ -136,13 +136,14 @@ _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
 def _walk(buf: memoryview, pos: int, end: int, implicit: bool, little: bool, stop_at: int | None,
-          pixel_at: list[int] | None = None, uids: dict[int, tuple[int, int]] | None = None) -> int:
+          pixel_at: list[int] | None = None, uids: dict[int, tuple[int, int, bytes]] | None = None) -> int:
     """Walk element headers from ``pos``; return where the walk stopped.
 
     Checks that every declared length fits in the buffer, so a truncated data set is caught
     without reading any value. ``stop_at`` is an item/sequence delimiter tag that ends the walk;
     ``pixel_at`` receives the offset of the top-level Pixel Data element, ``uids`` the (offset,
-    length) of the top-level UID elements in ``_UID_TAGS``.
+    length, VR) of the top-level elements the index needs (``_INDEX_TAGS``; VR ``b""`` when
+    implicit).
     """
     u16 = "<H" if little else ">H"
     u32 = "<I" if little else ">I"
@@ -171,8 +172,8 @@ def _walk(buf: memoryview, pos: int, end: int, implicit: bool, little: bool, sto
                 length = struct.unpack_from(u16, buf, pos + 6)[0]
                 header = 8
         pos += header
-        if uids is not None and tag in _UID_TAGS and length != 0xFFFFFFFF:
-            uids[tag] = (pos, length)
+        if uids is not None and tag in _INDEX_TAGS and length != 0xFFFFFFFF:
+            uids[tag] = (pos, length, vr)
         if length == 0xFFFFFFFF:
             pos = _walk_items(buf, pos, end, implicit, little, encapsulated=(tag == _PIXEL_DATA))
         else:
@@ -207,20 +208,31 @@ def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, little: boo
 
 _UID_TAGS = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID",
              0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID"}
+_INDEX_TAGS = {int(tag): keyword for tag, keyword in zip(HEADER_TAGS, HEADER_KEYWORDS)}
+# Value representations whose bytes are the text itself (PS3.5 6.2); ASCII text of these is
+# decoded here, anything else by pydicom.
+_TEXT_VRS = frozenset({b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"IS", b"LO", b"LT", b"PN", b"SH", b"ST",
+                       b"TM", b"UC", b"UI", b"UT", b""})
 _MISSING: Any = object()
 
 
 class Header:
     """The fields of a data set the index needs.
 
-    The four UIDs the answer depends on are decoded straight from the bytes; everything else
-    is parsed by pydicom on first use (by the Indexer, after the sender has its answer).
-    Supports ``get(keyword)`` and attribute access like a pydicom Dataset.
+    Found by the walk that checks the encoding (``read_header``) and decoded straight from the
+    bytes when they are ASCII text, which they nearly always are: the four UIDs the answer
+    depends on at once, the rest when the Indexer asks. Values come back as text (several
+    values joined by backslashes, as encoded), which is what the index stores. A value in
+    another character set or an unexpected VR is decoded by pydicom (the whole header parsed
+    once, only the index's fields). Supports ``get(keyword)`` and attribute access like a
+    pydicom Dataset.
     """
 
-    def __init__(self, raw: bytes, implicit: bool, little: bool, uids: dict[str, str]):
+    def __init__(self, raw: bytes, implicit: bool, little: bool, uids: dict[str, str],
+                 fields: dict[str, tuple[int, int, bytes]] | None = None):
         self._raw, self._implicit, self._little = raw, implicit, little
         self._uids = uids
+        self._fields = fields or {}
         self._dataset: Dataset | None = None
 
     def get(self, keyword: str, default: Any = None) -> Any:
@@ -229,6 +241,13 @@ class Header:
             return self._uids[keyword]
         if keyword in _UID_KEYWORDS:
             return default
+        where = self._fields.get(keyword)
+        if where is None:
+            return default
+        pos, length, vr = where
+        value = self._raw[pos:pos + length]
+        if vr in _TEXT_VRS and value.isascii():
+            return value.decode("ascii").rstrip("\x00 ")
         return self.dataset().get(keyword, default)
 
     def __getattr__(self, name: str) -> Any:
@@ -267,16 +286,17 @@ def read_header(encoded: memoryview, transfer_syntax: str) -> Header:
         raise Unparseable("empty data set")
     try:
         pixel_at: list[int] = []
-        found: dict[int, tuple[int, int]] = {}
+        found: dict[int, tuple[int, int, bytes]] = {}
         _walk(encoded, 0, len(encoded), implicit, little, stop_at=None, pixel_at=pixel_at, uids=found)
     except Unparseable:
         raise
     except Exception as err:  # struct errors on garbage
         raise Unparseable(f"{type(err).__name__}") from None
     uids = {_UID_TAGS[tag]: bytes(encoded[pos:pos + length]).decode("ascii", "replace").rstrip("\x00 ")
-            for tag, (pos, length) in found.items()}
+            for tag, (pos, length, _) in found.items() if tag in _UID_TAGS}
+    fields = {_INDEX_TAGS[tag]: where for tag, where in found.items() if tag not in _UID_TAGS}
     # Copy only the header for the parser, never the pixel data.
-    return Header(bytes(encoded[:pixel_at[0]] if pixel_at else encoded), implicit, little, uids)
+    return Header(bytes(encoded[:pixel_at[0]] if pixel_at else encoded), implicit, little, uids, fields)
 
 
 def _before_pixels(tag: Any, _vr: Any, _length: int) -> bool:
@@ -295,8 +315,16 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+        if value in (None, ""):
+            return None
+        if isinstance(value, str):  # IS as text: "12", " 12 ", also "12.0" as pydicom reads it
+            try:
+                return int(value)
+            except ValueError:
+                number = float(value)
+                return int(number) if number.is_integer() else None
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
