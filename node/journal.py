@@ -11,11 +11,15 @@ its final path, fsyncs it and its folder, commits the index row — in batches, 
 path — and only then *retires* the record, whose space the ring reuses.
 
 Layout (all little endian): block 0 holds the checkpoint (every record with a smaller sequence
-number is retired); records start on 4 KiB boundaries: a 4 KiB header block (magic, sequence
-number, payload length, meta length, CRC-32 of the payload, CRC-32 of the header) then the
-payload. Recovery (``Journal.open``) scans every block for valid headers at or above the
-checkpoint whose payload checks out: those are the instances possibly answered and not yet
-indexed. A torn record (crash during its write) fails its checksum and was never answered.
+number is retired); records start on 4 KiB boundaries: a 4 KiB header block then the payload.
+The header (version 2) holds magic, sequence number, payload length, meta length, CRC-32 of the
+file meta, receive time, SHA-256 of the data set, CRC-32 of the header. The SHA-256 is the one
+the index keeps for the instance: the receiver computes it while the data set arrives, so one
+pass over the bytes both guards the record and names its content (version 1 records, with a
+CRC-32 of the whole payload instead, are still read back). Recovery (``Journal.open``) scans
+every block for valid headers at or above the checkpoint whose payload checks out: those are
+the instances possibly answered and not yet indexed. A torn record (crash during its write)
+fails its checksum and was never answered.
 
 Instances that do not fit (over a quarter of the journal, or the ring is full of records not
 yet indexed) take the slower per-file path (``store.IncomingFile``).
@@ -23,6 +27,7 @@ yet indexed) take the slower per-file path (``store.IncomingFile``).
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import struct
@@ -38,9 +43,13 @@ BLOCK = 4096
 DEFAULT_SIZE = 64 * 1024 * 1024
 FOLDER = ".journal"
 _CHECKPOINT = struct.Struct("<8sQI")  # magic, first live sequence number, crc32
-_HEADER = struct.Struct("<8sQQIIQ")  # magic, seq, payload length, meta length, payload crc32, time (ns)
+_HEADER_V1 = struct.Struct("<8sQQIIQ")  # magic, seq, payload length, meta length, payload crc32, time (ns)
+# magic, seq, payload length, meta length, meta crc32, time (ns), data set sha256
+_HEADER = struct.Struct("<8sQQIIQ32s")
 _CHECKPOINT_MAGIC = b"AINJCKP1"
-_RECORD_MAGIC = b"AINJREC1"
+_RECORD_MAGIC_V1 = b"AINJREC1"
+_RECORD_MAGIC = b"AINJREC2"
+_MAGIC_PREFIX = b"AINJREC"
 
 
 class JournalFull(Exception):
@@ -61,6 +70,7 @@ class Record:
     meta_len: int
     payload_len: int
     received_ns: int = 0
+    sha256: str | None = None  # hex SHA-256 of the data set (version 2 records)
 
     def payload(self) -> memoryview:
         """The payload, read through the journal's memory map (release it when done)."""
@@ -113,7 +123,7 @@ class Journal:
         view = memoryview(self._map)
         try:
             for offset in range(BLOCK, self.size - BLOCK + 1, BLOCK):
-                if view[offset:offset + 8] != _RECORD_MAGIC:
+                if view[offset:offset + 7] != _MAGIC_PREFIX:
                     continue
                 record = self._record_at(view, offset)
                 if record is None:
@@ -133,22 +143,36 @@ class Journal:
         return found
 
     def _record_at(self, view: memoryview, offset: int) -> Record | None:
-        header = bytes(view[offset:offset + _HEADER.size + 4])
-        magic, seq, length, meta_len, payload_crc, received_ns = _HEADER.unpack_from(header)
-        (header_crc,) = struct.unpack_from("<I", header, _HEADER.size)
-        if zlib.crc32(header[:_HEADER.size]) != header_crc:
+        magic = bytes(view[offset:offset + 8])
+        layout = _HEADER if magic == _RECORD_MAGIC else _HEADER_V1 if magic == _RECORD_MAGIC_V1 else None
+        if layout is None:
             return None
+        header = bytes(view[offset:offset + layout.size + 4])
+        (header_crc,) = struct.unpack_from("<I", header, layout.size)
+        if zlib.crc32(header[:layout.size]) != header_crc:
+            return None
+        fields = layout.unpack_from(header)
+        _, seq, length, meta_len, crc, received_ns = fields[:6]
         if meta_len > length or offset + BLOCK + length > self.size:
             return None
-        if zlib.crc32(view[offset + BLOCK:offset + BLOCK + length]) != payload_crc:
+        start = offset + BLOCK
+        if layout is _HEADER_V1:
+            if zlib.crc32(view[start:start + length]) != crc:
+                return None  # torn: this record was never answered
+            return Record(self, seq, offset, meta_len, length, received_ns)
+        digest = fields[6]
+        if (zlib.crc32(view[start:start + meta_len]) != crc
+                or hashlib.sha256(view[start + meta_len:start + length]).digest() != digest):
             return None  # torn: this record was never answered
-        return Record(self, seq, offset, meta_len, length, received_ns)
+        return Record(self, seq, offset, meta_len, length, received_ns, digest.hex())
 
     # -- the answer path
 
-    def append(self, meta: bytes, data: bytes | memoryview, received_ns: int = 0, crc: int | None = None) -> Record:
+    def append(self, meta: bytes, data: bytes | memoryview, received_ns: int = 0,
+               sha256: bytes | None = None) -> Record:
         """Write a record and flush it (shared with concurrent appends); durable on return.
-        ``crc``: the CRC-32 of meta + data when the caller computed it already."""
+        ``sha256``: the data set's SHA-256 (digest bytes) when the caller computed it already
+        (the receiver does, while the data set arrives)."""
         length = len(meta) + len(data)
         if length > self.max_payload:
             raise JournalFull("instance too large for the journal")
@@ -163,9 +187,9 @@ class Journal:
             self._head = offset + span
             self._live[seq] = (offset, span)
         try:
-            if crc is None:
-                crc = zlib.crc32(data, zlib.crc32(meta))
-            header = _HEADER.pack(_RECORD_MAGIC, seq, length, len(meta), crc, received_ns)
+            if sha256 is None:
+                sha256 = hashlib.sha256(data).digest()
+            header = _HEADER.pack(_RECORD_MAGIC, seq, length, len(meta), zlib.crc32(meta), received_ns, sha256)
             header += struct.pack("<I", zlib.crc32(header))
             os.pwritev(self._fd, [header.ljust(BLOCK, b"\0"), meta, data], offset)
             self._sync.sync(self, lambda: os.fdatasync(self._fd))
@@ -173,7 +197,7 @@ class Journal:
             with self._lock:
                 self._live.pop(seq, None)
             raise
-        return Record(self, seq, offset, len(meta), length, received_ns)
+        return Record(self, seq, offset, len(meta), length, received_ns, sha256.hex())
 
     # -- the indexer's side
 

@@ -833,7 +833,7 @@ def arrival_from_record(record: journal.Record, called_ae: str) -> Arrival:
         transfer_syntax = str(meta.TransferSyntaxUID)
         data = payload[record.meta_len:]
         header = read_header(data, transfer_syntax)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = record.sha256 or hashlib.sha256(data).hexdigest()  # version 2: checked by the scan
         data.release()
     finally:
         payload.release()
@@ -1046,6 +1046,7 @@ class Receiver:
     def __post_init__(self) -> None:
         self.root = Path(self.settings.storage.path)
         self.reserve = int(self.settings.storage.min_free_bytes)
+        self.space = store.SpaceGuard(self.root, self.reserve)
         self.prefix = f"r{self.row}-"  # this process's temp and landed files
         self.policy = self.settings.node.duplicate_policy
         self.indexer = Indexer(self.engine, self.root, self.policy, prefix=self.prefix)
@@ -1145,7 +1146,7 @@ class Receiver:
         if context is None:
             return _Refusal(PROCESSING_FAILURE, "no such presentation context")
         try:
-            store.ensure_space(self.root, self.reserve)
+            self.space.check()
             meta = _file_meta(req.sop_class_uid, req.sop_instance_uid, str(context.transfer_syntax[0]),
                               assoc.requestor.ae_title)
             spill_at = self.journal.max_payload - len(meta) if self.journal is not None else 0
@@ -1227,7 +1228,7 @@ class Receiver:
         sha = None
         existing = self._known_sha(sop_instance, sink.known_sha)
         if existing is not None:  # a duplicate (rare): only now is the content hash needed
-            sha = hashlib.sha256(data).hexdigest() if in_memory else sink.sha256
+            sha = sink.sha256
             if existing == sha:
                 log.info("instance %s: identical duplicate, nothing changed", name)
                 return SUCCESS
@@ -1235,13 +1236,13 @@ class Receiver:
                 log.warning("instance %s: duplicate with different content; first copy kept (policy keep_first)", name)
                 return WARNING_DUPLICATE_DISCARDED, "duplicate SOP Instance UID with different content: first copy kept"
         # The reserve still holds with this file written (the journal's file comes next).
-        store.ensure_space(self.root, self.reserve + (sink.size if in_memory else 0))
+        self.space.check(sink.size if in_memory else 0)
         self.indexer.reserve()
         try:
             record = landed = None
             if in_memory:
                 try:
-                    record = self.journal.append(sink.meta, data, time.time_ns(), sink.crc32)  # type: ignore[union-attr]
+                    record = self.journal.append(sink.meta, data, time.time_ns(), sink.digest)  # type: ignore[union-attr]
                 except journal.JournalFull:  # the ring is busy: this one takes the per-file way
                     spilled = store.IncomingFile(self.root, self.prefix, sink.meta)
                     spilled.write(data)
@@ -1256,7 +1257,7 @@ class Receiver:
         # Durable from here: the sender may be answered. The index row follows (Indexer).
         self.indexer.submit(Arrival(header, transfer_syntax, sink.size, len(sink.meta) if in_memory and record else sink.meta_len,
                                     str(assoc.requestor.ae_title).strip(), str(assoc.acceptor.ae_title).strip(),
-                                    landed=landed, record=record, sha256=sha))
+                                    landed=landed, record=record, sha256=record.sha256 if record else sha))
         metrics.INSTANCES_RECEIVED.inc()
         metrics.BYTES_RECEIVED.inc(sink.size)
         return SUCCESS

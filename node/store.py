@@ -30,7 +30,6 @@ import shutil
 import tempfile
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -79,6 +78,30 @@ def ensure_space(root: Path, reserve: int, needed: int = 0) -> None:
     """Raise OutOfSpace when writing ``needed`` bytes would leave less than ``reserve`` free."""
     if free_bytes(root) - needed < reserve:
         raise OutOfSpace(f"free space under the reserve of {reserve} bytes")
+
+
+class SpaceGuard:
+    """``ensure_space`` for the receive path, asking the filesystem less often.
+
+    Far from the reserve, a free-space figure at most ``max_age`` seconds old is good enough:
+    in that time all receivers together write far less than ``margin``. Within ``margin`` of
+    the reserve every check asks the filesystem again, so the refusal (A700) comes exactly
+    where ``ensure_space`` would refuse.
+    """
+
+    def __init__(self, root: Path, reserve: int, margin: int = 256 * 1024 * 1024, max_age: float = 0.1):
+        self.root, self.reserve, self.margin, self.max_age = Path(root), reserve, margin, max_age
+        self._free = 0
+        self._at = float("-inf")
+
+    def check(self, needed: int = 0) -> None:
+        """Raise OutOfSpace when writing ``needed`` bytes would leave less than the reserve free."""
+        now = time.monotonic()
+        if now - self._at > self.max_age or self._free - needed < self.reserve + self.margin:
+            self._free = free_bytes(self.root)
+            self._at = now
+        if self._free - needed < self.reserve:
+            raise OutOfSpace(f"free space under the reserve of {self.reserve} bytes")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -291,8 +314,11 @@ class DataSetBuffer:
     """A data set arriving into memory, fragment by fragment, for the journal (``node.journal``).
 
     The fragments are kept as they came (views of the received PDUs, no copy) and joined once
-    when complete. Past ``spill_at`` bytes the data set goes to an ``IncomingFile`` instead
-    (``file``), so a large instance never sits in memory.
+    when complete. Their SHA-256 is computed as they arrive (hashlib releases the GIL, so this
+    overlaps the rest of the receiver's work): it guards the journal record and is the content
+    hash the index keeps, so nothing reads the bytes again for it. Past ``spill_at`` bytes the
+    data set goes to an ``IncomingFile`` instead (``file``), so a large instance never sits in
+    memory.
     """
 
     def __init__(self, root: Path, prefix: str, meta: bytes, spill_at: int):
@@ -303,7 +329,7 @@ class DataSetBuffer:
         self.file: IncomingFile | None = None
         self.error: BaseException | None = None
         self.known_sha: object = None  # for the receiver: the index's hash for this UID, if any
-        self.crc32 = zlib.crc32(meta)  # of meta + data set, for the journal record, as it arrives
+        self._hash = hashlib.sha256()  # of the data set, as it arrives
 
     def write(self, data: memoryview | bytes) -> None:
         """Take the next fragment (kept by reference: it must not change afterwards)."""
@@ -314,9 +340,19 @@ class DataSetBuffer:
         if self.error is not None:
             return
         self.parts.append(data)
-        self.crc32 = zlib.crc32(data, self.crc32)
+        self._hash.update(data)
         if self.data_len > self.spill_at:
             self._spill()
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 of the data set received so far (digest bytes)."""
+        return self._hash.digest()
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the data set received so far."""
+        return self._hash.hexdigest()
 
     def _spill(self) -> None:
         parts, self.parts = self.parts, []

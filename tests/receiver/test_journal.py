@@ -72,3 +72,47 @@ def test_ring_wraps_and_never_overwrites_live_records(tmp_path):
     jrnl.checkpoint()
     jrnl.close()
     assert _open(path, size=64 * journal.BLOCK)[1] == []
+
+
+def test_record_carries_the_data_sets_sha256(tmp_path):
+    import hashlib
+
+    path = tmp_path / "j.wal"
+    jrnl, _ = _open(path)
+    data = os.urandom(7000)
+    written = jrnl.append(b"META", data)
+    given = jrnl.append(b"META", data, sha256=hashlib.sha256(data).digest())
+    jrnl.close()
+    assert written.sha256 == given.sha256 == hashlib.sha256(data).hexdigest()
+    _, found = _open(path)
+    assert [r.sha256 for r in found] == [written.sha256] * 2
+
+
+def test_a_wrong_sha256_is_a_torn_record(tmp_path):
+    path = tmp_path / "j.wal"
+    jrnl, _ = _open(path)
+    jrnl.append(b"META", b"a" * 5000, sha256=b"\0" * 32)
+    jrnl.close()
+    assert _open(path)[1] == []
+
+
+def test_version_1_records_are_still_recovered(tmp_path):
+    """A journal written before the SHA-256 header (CRC-32 of the whole payload) reads back."""
+    import struct
+    import zlib
+
+    path = tmp_path / "j.wal"
+    jrnl, _ = _open(path)
+    jrnl.close()
+    meta, data = b"META", os.urandom(6000)
+    payload = meta + data
+    header = journal._HEADER_V1.pack(journal._RECORD_MAGIC_V1, 7, len(payload), len(meta), zlib.crc32(payload), 42)
+    header += struct.pack("<I", zlib.crc32(header))
+    with open(path, "r+b") as fh:
+        fh.seek(journal.BLOCK)
+        fh.write(header.ljust(journal.BLOCK, b"\0") + payload)
+    again, found = _open(path)
+    assert [(r.seq, r.meta_len, r.payload_len, r.received_ns, r.sha256) for r in found] == [(7, 4, 6004, 42, None)]
+    assert bytes(found[0].payload()) == payload
+    assert again.append(b"M", b"x").seq == 8
+    again.close()
