@@ -33,7 +33,8 @@ class Radiograph:
     pixels: np.ndarray  # (rows, cols) float32, line integral -log(I/I0) (dimensionless)
     pixel_spacing_mm: float  # isotropic, at the detector
     nodule: bool
-    nodules: list[dict] = field(default_factory=list)  # row, col (pixels), diameter_mm
+    nodules: list[dict] = field(default_factory=list)  # row, col (pixels), diameter_mm, overlap
+    photons: float = 0.0  # incident photons per pixel (the dose), kept for error analysis
 
 
 def attenuation_paths(hu: np.ndarray, spacing_kji: tuple[float, float, float], pixel_mm: float) -> np.ndarray:
@@ -95,6 +96,7 @@ def radiographs_of(hu: np.ndarray, lung_mask: np.ndarray, spacing_kji: tuple[flo
     """
     base = attenuation_paths(hu, spacing_kji, pixel_mm)
     thick = lung_thickness(lung_mask, spacing_kji, pixel_mm)
+    clear_field = float(np.median(base[thick > 100])) if (thick > 100).any() else float(np.median(base))
     images = []
     for _ in range(n):
         paths, nodules = base, []
@@ -103,10 +105,13 @@ def radiographs_of(hu: np.ndarray, lung_mask: np.ndarray, spacing_kji: tuple[flo
             where = place_nodule(thick, diameter, rng)
             if where is not None:
                 paths = add_nodule(base, where[0], where[1], diameter, pixel_mm)
-                nodules.append({"row": where[0], "col": where[1], "diameter_mm": diameter})
+                # How much denser the ray through the nodule is than the clear lung field (line
+                # integral): high where it projects over the diaphragm dome or the mediastinum.
+                overlap = float(base[where] - clear_field)
+                nodules.append({"row": where[0], "col": where[1], "diameter_mm": diameter, "overlap": overlap})
         photons = float(np.exp(rng.uniform(np.log(photons_range[0]), np.log(photons_range[1]))))
         images.append(Radiograph(pixels=expose(paths, photons, rng), pixel_spacing_mm=pixel_mm,
-                                 nodule=bool(nodules), nodules=nodules))
+                                 nodule=bool(nodules), nodules=nodules, photons=photons))
     return images
 
 

@@ -172,14 +172,26 @@ def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 def evaluate(model: NoduleClassifier, radiographs: list, threshold: float = 0.5) -> dict:
-    """Held-out AUC, and sensitivity/specificity at ``threshold``, overall and for nodules >= 15 mm."""
+    """Held-out AUC, and sensitivity/specificity at ``threshold``, overall and for nodules >= 15 mm.
+
+    ``auc_by_overlap`` splits the nodules by how much denser their ray is than the clear lung field
+    (``overlap``, line integral): clear (< 0.3), partly (0.3-0.8) or largely (>= 0.8) hidden by the
+    diaphragm dome or mediastinum; each AUC is against all nodule-free images.
+    """
     probs = predict_probabilities(model, [r.pixels for r in radiographs])
     labels = np.array([r.nodule for r in radiographs])
     pred = probs >= threshold
     big = np.array([r.nodule and r.nodules[0]["diameter_mm"] >= 15 for r in radiographs])
+    overlap = np.array([r.nodules[0].get("overlap", np.nan) if r.nodule else np.nan for r in radiographs])
+    by_overlap = {}
+    for name, lo, hi in (("clear", -np.inf, 0.3), ("partly_hidden", 0.3, 0.8), ("largely_hidden", 0.8, np.inf)):
+        group = labels & (overlap >= lo) & (overlap < hi)
+        if group.any():
+            keep = group | ~labels
+            by_overlap[name] = {"n": int(group.sum()), "auc": roc_auc(probs[keep], labels[keep])}
     return {"n": len(radiographs), "positives": int(labels.sum()), "auc": roc_auc(probs, labels), "threshold": threshold,
             "sensitivity": float(pred[labels].mean()), "specificity": float((~pred[~labels]).mean()),
-            "sensitivity_ge_15mm": float(pred[big].mean()) if big.any() else None}
+            "sensitivity_ge_15mm": float(pred[big].mean()) if big.any() else None, "auc_by_overlap": by_overlap}
 
 
 def training_radiographs(n_phantoms: int, per_phantom: int, seed: int, workers: int = 1) -> list:
