@@ -100,12 +100,37 @@ def test_roc_auc_matches_its_definition():
     assert cls_model.roc_auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
 
 
+def test_platt_scaling_recovers_the_model_that_made_the_labels():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(4.0, 3.0, 20_000)
+    labels = rng.random(20_000) < 1 / (1 + np.exp(-(0.5 * logits - 2.0)))
+    scale, offset = cls_model.fit_platt(logits, labels)
+    assert scale == pytest.approx(0.5, abs=0.05) and offset == pytest.approx(-2.0, abs=0.15)
+
+
+def test_calibration_error_of_a_perfect_and_a_confident_wrong_forecast():
+    labels = np.array([0, 1] * 50)
+    assert cls_model.calibration_error(np.full(100, 0.5), labels) == pytest.approx(0.0)
+    assert cls_model.calibration_error(np.full(100, 0.99), labels) == pytest.approx(0.49)
+
+
 @pytest.mark.slow
-def test_held_out_auc_well_above_chance(model):
-    """The issue's target is AUC >= 0.95; the shipped model measures 0.91-0.94 on held-out phantoms
-    (see docs/models/nodule-classification.md). This guards what it does reach, not the target."""
+def test_held_out_auc_well_above_chance_and_probabilities_calibrated(model):
+    """The issue's target is AUC >= 0.95; the shipped model measures 0.90-0.94 on held-out phantoms
+    (see docs/models/nodule-classification.md). This guards what it does reach, not the target, and
+    that the shipped Platt scaling makes the probabilities mean what they say (uncalibrated, the
+    expected calibration error was 0.48 on 800 held-out radiographs, 0.04 calibrated)."""
     shots = cls_model.training_radiographs(4, 60, seed=HELD_OUT_SEED)
     metrics = cls_model.evaluate(model, shots, cls_model.operating_threshold())
     print(metrics)
     assert metrics["auc"] >= 0.80, metrics
+    shipped = model.calibration
+    try:
+        model.calibration = (1.0, 0.0)
+        raw = cls_model.evaluate(model, shots, 0.5)
+    finally:
+        model.calibration = shipped
+    assert raw["auc"] == pytest.approx(metrics["auc"])  # calibration is monotonic
+    assert metrics["calibration_error"] < raw["calibration_error"] / 2, (metrics, raw)
+    assert metrics["brier"] < raw["brier"] / 2, (metrics, raw)
     assert metrics["specificity"] >= 0.8, metrics

@@ -26,7 +26,7 @@ from workers.models.common import CARDS, save_trained, weights_dir
 from workers.registry import Analysis, Outputs, RunContext
 
 NAME = TRAIN_NAME = "nodule-classification"
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1.0: same weights, Platt-calibrated probabilities
 WEIGHTS = "nodule_classification.pt"
 CARD = CARDS / f"{NAME}.md"
 INPUT_SIZE = 128
@@ -53,6 +53,9 @@ class NoduleClassifier(nn.Module):
             cin = w
         self.features = nn.Sequential(*layers)
         self.cell_logits = nn.Conv2d(cin, 1, 1)
+        # Platt scaling (scale, offset) of the image logit, fitted on validation radiographs after
+        # training (``fit_platt``): without it the max-over-cells logit puts most images above 0.99.
+        self.calibration: tuple[float, float] = (1.0, 0.0)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image (batch, 2, H, W) -> (image logit (batch,), cell logits (batch, H/8, W/8))."""
@@ -83,10 +86,20 @@ def prepare_radiograph(image: np.ndarray, size: int = INPUT_SIZE) -> torch.Tenso
 
 
 def load(device: str = "cpu", path: Path | None = None) -> NoduleClassifier:
-    """The trained network on ``device`` (eval mode), from the shipped or a given weight file."""
+    """The trained network on ``device`` (eval mode), from the shipped or a given weight file, with the
+    calibration stored in the summary JSON beside it (none if absent)."""
+    path = Path(path or weights_dir() / WEIGHTS)
     model = NoduleClassifier()
-    model.load_state_dict(torch.load(path or weights_dir() / WEIGHTS, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.calibration = _summary(path).get("calibration_platt", (1.0, 0.0))
     return model.to(device).eval()
+
+
+def _summary(weights: Path) -> dict:
+    try:
+        return json.loads(weights.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def preprocess(volume: Volume, params: dict) -> torch.Tensor:
@@ -95,21 +108,23 @@ def preprocess(volume: Volume, params: dict) -> torch.Tensor:
 
 
 def infer(model: NoduleClassifier, images: torch.Tensor, ctx: RunContext, batch: int = 64) -> np.ndarray:
-    """Nodule probability per image."""
+    """Calibrated nodule probability per image."""
+    scale, offset = model.calibration
+    return 0.5 * (1 + np.tanh((scale * image_logits(model, images, ctx, batch) + offset) / 2))  # sigmoid
+
+
+def image_logits(model: NoduleClassifier, images: torch.Tensor, ctx: RunContext, batch: int = 64) -> np.ndarray:
+    """The network's raw image logit per image (before calibration)."""
     out = []
     with ctx.inference():
         for i in range(0, len(images), batch):
-            out.append(torch.sigmoid(model(images[i:i + batch].to(ctx.device))[0].float()).cpu().numpy())
-    return np.concatenate(out)
+            out.append(model(images[i:i + batch].to(ctx.device))[0].float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
 
 
 def operating_threshold() -> float:
-    """The decision threshold chosen on validation radiographs at training time (0.5 if unknown)."""
-    summary = (weights_dir() / WEIGHTS).with_suffix(".json")
-    try:
-        return float(json.loads(summary.read_text())["threshold"])
-    except (OSError, KeyError, ValueError):
-        return 0.5
+    """The decision threshold (calibrated probability) chosen on validation radiographs (0.5 if unknown)."""
+    return float(_summary(weights_dir() / WEIGHTS).get("threshold", 0.5))
 
 
 def postprocess(volume: Volume, inputs: torch.Tensor, probs: np.ndarray, params: dict) -> Outputs:
@@ -171,6 +186,32 @@ def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(candidates[int(np.argmax(j))])
 
 
+def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Scale and offset of ``sigmoid(scale * logit + offset)`` that maximise the likelihood of ``labels``
+    (Platt scaling: a one-feature logistic regression, lightly regularised)."""
+    from scipy.optimize import minimize
+
+    x, y = np.asarray(logits, dtype=float), np.asarray(labels, dtype=float)
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = w[0] * x + w[1]
+        p = 0.5 * (1 + np.tanh(z / 2))  # sigmoid without overflow
+        value = float(np.sum(np.logaddexp(0, z) - y * z) + 1e-3 * (w @ w) / 2)
+        return value, np.array([np.sum((p - y) * x), np.sum(p - y)]) + 1e-3 * w
+
+    w = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B").x
+    return float(w[0]), float(w[1])
+
+
+def calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: the mean |predicted - observed| rate over equal-width probability bins,
+    weighted by how many images fall in each."""
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels, dtype=float)
+    which = np.minimum((probs * bins).astype(int), bins - 1)
+    return float(sum(abs(probs[which == b].mean() - labels[which == b].mean()) * (which == b).sum()
+                     for b in range(bins) if (which == b).any()) / len(probs))
+
+
 def evaluate(model: NoduleClassifier, radiographs: list, threshold: float = 0.5) -> dict:
     """Held-out AUC, and sensitivity/specificity at ``threshold``, overall and for nodules >= 15 mm.
 
@@ -191,7 +232,15 @@ def evaluate(model: NoduleClassifier, radiographs: list, threshold: float = 0.5)
             by_overlap[name] = {"n": int(group.sum()), "auc": roc_auc(probs[keep], labels[keep])}
     return {"n": len(radiographs), "positives": int(labels.sum()), "auc": roc_auc(probs, labels), "threshold": threshold,
             "sensitivity": float(pred[labels].mean()), "specificity": float((~pred[~labels]).mean()),
-            "sensitivity_ge_15mm": float(pred[big].mean()) if big.any() else None, "auc_by_overlap": by_overlap}
+            "sensitivity_ge_15mm": float(pred[big].mean()) if big.any() else None, "auc_by_overlap": by_overlap,
+            "brier": float(np.mean((probs - labels) ** 2)), "calibration_error": calibration_error(probs, labels)}
+
+
+def validation_logits(model: NoduleClassifier, radiographs: list) -> np.ndarray:
+    """Raw image logits of ``radiographs`` (what ``fit_platt`` calibrates)."""
+    device = next(model.parameters()).device
+    images = torch.cat([prepare_radiograph(r.pixels) for r in radiographs])
+    return image_logits(model, images, RunContext(device=str(device.type)))
 
 
 def training_radiographs(n_phantoms: int, per_phantom: int, seed: int, workers: int = 1) -> list:
@@ -337,10 +386,12 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     model.eval()
+    val_labels = np.array([r.nodule for r in val_set])
+    model.calibration = fit_platt(validation_logits(model, val_set), val_labels)
     val_probs = predict_probabilities(model, [r.pixels for r in val_set])
-    threshold = youden_threshold(val_probs, np.array([r.nodule for r in val_set]))
+    threshold = youden_threshold(val_probs, val_labels)
     result = {"model": NAME, "version": VERSION, "test": evaluate(model, test_set, threshold), "validation_auc": best,
-              "threshold": threshold, "device": device,
+              "threshold": threshold, "calibration_platt": list(model.calibration), "device": device,
               "train_radiographs": len(train_set), "train_phantoms": n_tr, "steps": steps, "crops_per_step": crops,
               "train_seconds": round(time.time() - t_start, 1), "quick": quick, "seed": seed}
     save_trained({k: v.cpu() for k, v in model.state_dict().items()}, out, WEIGHTS, result)
