@@ -15,7 +15,7 @@ import pytest
 
 from workers import imaging, registry
 from workers.findings import SourceFrame, Volume
-from workers.models import segmentation
+from workers.models import generic, segmentation
 from workers.phantoms import make_ct_phantom
 
 
@@ -89,4 +89,24 @@ def test_model_labels_fast_path_equal_exact_path(orientation, descending):
     fast = segmentation.labels_on_source(volume, inputs, probs)
     assert fast.shape == exact.shape and fast.dtype == np.uint8
     assert len(np.unique(exact)) >= 4  # organs were found: the comparison covers boundaries
+    np.testing.assert_array_equal(fast, exact)
+
+
+@pytest.mark.parametrize("output", ["softmax", "sigmoid"])
+def test_configured_models_labels_equal_exact_path(output):
+    """A hospital's own segmentation model (``generic``) resampled to its spacing: the fast labels
+    are those of sampling every class map back and applying the arg-max or the threshold."""
+    rng = np.random.default_rng(21)
+    probs = rng.random((3, 10, 12, 12)).astype(np.float32)
+    if output == "softmax":
+        probs /= probs.sum(axis=0)
+    work = np.eye(4)
+    work[:3, :3] *= 4.0
+    work[:3, 3] = -20.0
+    phantom = make_ct_phantom(5, shape=(18, 20, 22), spacing=(3.0, 2.2, 2.2), orientation="oblique", noise_hu=0)
+    volume = _volume(phantom.hu, phantom.affine)
+    fast = generic.source_labels(volume, work, probs, output, threshold=0.6)
+    back = imaging.resample_back(volume, work, probs, order=1)
+    exact = back.argmax(axis=0) if output == "softmax" else np.where(back.max(axis=0) >= 0.6, back.argmax(axis=0) + 1, 0)
+    assert len(np.unique(exact)) == (4 if output == "sigmoid" else 3)  # every label occurs
     np.testing.assert_array_equal(fast, exact)
