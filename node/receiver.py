@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sqlite3
 import ssl
 import struct
 import tempfile
@@ -598,7 +599,11 @@ class Indexer:
         with self._cond:
             self._pending[arrival.header.SOPInstanceUID] = arrival
             self._queue.append(arrival)
-            self._cond.notify_all()
+            # Wake the indexer only when it must act now: the first arrival starts its linger
+            # timer, a full batch ends it. In between it sleeps until the timer runs out; waking
+            # it per arrival cost two thread switches and a GIL hand-over on the answer path.
+            if len(self._queue) == 1 or len(self._queue) >= self._max_batch:
+                self._cond.notify_all()
 
     def pending(self, sop_instance_uid: str) -> Arrival | None:
         """The latest answered instance with this UID not indexed yet, if there is one."""
@@ -1339,10 +1344,12 @@ class Receiver:
 
 
 class _ShaLookup:
-    """The indexed content hash of a SOP Instance UID: one read on a pooled DBAPI connection.
+    """The indexed content hash of a SOP Instance UID: one read per instance, while it arrives.
 
-    Plain DBAPI, not SQLAlchemy Core: this runs for every instance while it arrives, and Core's
-    statement handling costs several times the query itself on SQLite.
+    SQLite: one connection of this process's own, kept open and shared under a lock (a query
+    takes microseconds; checking a connection out of SQLAlchemy's pool and back took several
+    times that). Other databases: plain DBAPI on a pooled connection (Core's statement
+    handling costs several times the query itself).
     """
 
     def __init__(self, engine: Engine):
@@ -1351,8 +1358,14 @@ class _ShaLookup:
         table = Instance.__table__.name
         self._sql = f"SELECT sha256 FROM {table} WHERE sop_instance_uid = {mark}" if mark else None
         self._core = select(Instance.sha256).where(Instance.sop_instance_uid == bindparam("uid"))
+        database = engine.url.database
+        self._sqlite_path = database if engine.dialect.name == "sqlite" and database not in (None, "", ":memory:") else None
+        self._sqlite: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
 
     def __call__(self, sop_instance: str) -> str | None:
+        if self._sqlite_path is not None and self._sql is not None:
+            return self._from_sqlite(sop_instance)
         if self._sql is None:
             with self._engine.connect() as conn:
                 return conn.execute(self._core, {"uid": sop_instance}).scalar()
@@ -1366,6 +1379,21 @@ class _ShaLookup:
                 cursor.close()
         finally:
             raw.close()
+        return row[0] if row else None
+
+    def _from_sqlite(self, sop_instance: str) -> str | None:
+        with self._lock:
+            if self._sqlite is None:
+                # Autocommit reads: each query is its own read transaction, so this connection
+                # never holds back the WAL checkpoints of the writers.
+                self._sqlite = sqlite3.connect(self._sqlite_path, timeout=30, check_same_thread=False,
+                                               isolation_level=None)
+            try:
+                row = self._sqlite.execute(self._sql, (sop_instance,)).fetchone()  # type: ignore[arg-type]
+            except sqlite3.Error:
+                self._sqlite.close()  # open a fresh one next time
+                self._sqlite = None
+                raise
         return row[0] if row else None
 
 
