@@ -52,15 +52,21 @@ def test_separable_path_equals_scipy_on_random_axis_aligned_grids(seed):
     np.testing.assert_array_equal(fast, _exact(volume, work, probs))
 
 
-def test_oblique_path_matches_scipy_on_random_probabilities():
-    rng = np.random.default_rng(11)
-    probs = rng.random((4, 10, 12, 12)).astype(np.float32)
-    probs /= probs.sum(axis=0)
+def _oblique_case(seed: int, channels: int, normalise: bool = True) -> tuple[Volume, np.ndarray, np.ndarray]:
+    """An oblique phantom series, a 4 mm working grid over it and random class maps on that grid."""
+    rng = np.random.default_rng(seed)
+    probs = rng.random((channels, 10, 12, 12)).astype(np.float32)
+    if normalise:
+        probs /= probs.sum(axis=0)
     work = np.eye(4)
     work[:3, :3] *= 4.0
     work[:3, 3] = -20.0
     phantom = make_ct_phantom(5, shape=(18, 20, 22), spacing=(3.0, 2.2, 2.2), orientation="oblique", noise_hu=0)
-    volume = _volume(phantom.hu, phantom.affine)
+    return _volume(phantom.hu, phantom.affine), work, probs
+
+
+def test_oblique_path_matches_scipy_on_random_probabilities():
+    volume, work, probs = _oblique_case(11, 4)
     fast = imaging.argmax_on_source(volume, work, probs, chunk_voxels=3000)
     np.testing.assert_array_equal(fast, _exact(volume, work, probs))
 
@@ -96,15 +102,7 @@ def test_model_labels_fast_path_equal_exact_path(orientation, descending):
 def test_configured_models_labels_equal_exact_path(output):
     """A hospital's own segmentation model (``generic``) resampled to its spacing: the fast labels
     are those of sampling every class map back and applying the arg-max or the threshold."""
-    rng = np.random.default_rng(21)
-    probs = rng.random((3, 10, 12, 12)).astype(np.float32)
-    if output == "softmax":
-        probs /= probs.sum(axis=0)
-    work = np.eye(4)
-    work[:3, :3] *= 4.0
-    work[:3, 3] = -20.0
-    phantom = make_ct_phantom(5, shape=(18, 20, 22), spacing=(3.0, 2.2, 2.2), orientation="oblique", noise_hu=0)
-    volume = _volume(phantom.hu, phantom.affine)
+    volume, work, probs = _oblique_case(21, 3, normalise=output == "softmax")
     fast = generic.source_labels(volume, work, probs, output, threshold=0.6)
     back = imaging.resample_back(volume, work, probs, order=1)
     exact = back.argmax(axis=0) if output == "softmax" else np.where(back.max(axis=0) >= 0.6, back.argmax(axis=0) + 1, 0)
