@@ -280,29 +280,29 @@ def make_ct_phantom(seed: int, shape: tuple[int, int, int] = (48, 64, 64),
 
 
 def random_ct_phantom(seed: int, max_shape: int = 64) -> CTPhantom:
-    """A phantom with random spacing, orientation, slice order and noise (for robustness tests)."""
-    rng = np.random.default_rng(seed + 1_000_003)
-    orientation = str(rng.choice(["axial", "axial", "coronal", "sagittal", "oblique"]))
-    in_plane = float(rng.uniform(4.5, 6.5))
-    thick = float(rng.uniform(3.0, 7.0))
-    fov = 360.0
-    n = min(max_shape, int(fov / in_plane))
-    shape = (min(max_shape, int(260 / thick)), n, n)
-    return make_ct_phantom(seed, shape, (thick, in_plane, in_plane), orientation,  # type: ignore[arg-type]
-                           descending=bool(rng.integers(2)), noise_hu=float(rng.uniform(8, 25)))
+    """A phantom with random spacing, orientation, slice order and noise (for robustness tests):
+    4.5-6.5 mm in-plane, 3-7 mm slices, at most ``max_shape`` voxels along each axis."""
+    return _phantom_on_random_grid(seed, (4.5, 6.5), (3.0, 7.0), max_shape)
 
 
 def clinical_ct_phantom(seed: int) -> CTPhantom:
-    """Like ``random_ct_phantom`` on a finer, less clipped grid: 1.5-2.5 mm in-plane over a 360 mm
+    """Like ``random_ct_phantom`` on a finer, unclipped grid: 1.5-2.5 mm in-plane over a 360 mm
     field, 2-5 mm slices over 260 mm (up to 240 x 240 x 130 voxels). Still coarser than a
     diagnostic CT (0.6-0.9 mm in-plane), but lesions of 6-15 mm span several voxels, so per-lesion
     scores measure the segmentation rather than the partial volume of one or two voxels."""
+    return _phantom_on_random_grid(seed, (1.5, 2.5), (2.0, 5.0), None)
+
+
+def _phantom_on_random_grid(seed: int, in_plane_mm: tuple[float, float], slice_mm: tuple[float, float],
+                            max_shape: int | None) -> CTPhantom:
     rng = np.random.default_rng(seed + 1_000_003)
     orientation = str(rng.choice(["axial", "axial", "coronal", "sagittal", "oblique"]))
-    in_plane = float(rng.uniform(1.5, 2.5))
-    thick = float(rng.uniform(2.0, 5.0))
-    n = int(360 / in_plane)
-    return make_ct_phantom(seed, (int(260 / thick), n, n), (thick, in_plane, in_plane), orientation,  # type: ignore[arg-type]
+    in_plane = float(rng.uniform(*in_plane_mm))
+    thick = float(rng.uniform(*slice_mm))
+    cap = max_shape or 1 << 30
+    n = min(cap, int(360.0 / in_plane))
+    shape = (min(cap, int(260 / thick)), n, n)
+    return make_ct_phantom(seed, shape, (thick, in_plane, in_plane), orientation,  # type: ignore[arg-type]
                            descending=bool(rng.integers(2)), noise_hu=float(rng.uniform(8, 25)))
 
 

@@ -109,8 +109,13 @@ def preprocess(volume: Volume, params: dict) -> torch.Tensor:
 
 def infer(model: NoduleClassifier, images: torch.Tensor, ctx: RunContext, batch: int = 64) -> np.ndarray:
     """Calibrated nodule probability per image."""
+    return calibrated(model, image_logits(model, images, ctx, batch))
+
+
+def calibrated(model: NoduleClassifier, logits: np.ndarray) -> np.ndarray:
+    """Image logits -> probabilities through the model's Platt calibration."""
     scale, offset = model.calibration
-    return 0.5 * (1 + np.tanh((scale * image_logits(model, images, ctx, batch) + offset) / 2))  # sigmoid
+    return 0.5 * (1 + np.tanh((scale * logits + offset) / 2))  # sigmoid without overflow
 
 
 def image_logits(model: NoduleClassifier, images: torch.Tensor, ctx: RunContext, batch: int = 64) -> np.ndarray:
@@ -387,9 +392,9 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
     model.load_state_dict(best_state)
     model.eval()
     val_labels = np.array([r.nodule for r in val_set])
-    model.calibration = fit_platt(validation_logits(model, val_set), val_labels)
-    val_probs = predict_probabilities(model, [r.pixels for r in val_set])
-    threshold = youden_threshold(val_probs, val_labels)
+    val_logits = validation_logits(model, val_set)
+    model.calibration = fit_platt(val_logits, val_labels)
+    threshold = youden_threshold(calibrated(model, val_logits), val_labels)
     result = {"model": NAME, "version": VERSION, "test": evaluate(model, test_set, threshold), "validation_auc": best,
               "threshold": threshold, "calibration_platt": list(model.calibration), "device": device,
               "train_radiographs": len(train_set), "train_phantoms": n_tr, "steps": steps, "crops_per_step": crops,
