@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 from sqlalchemy import DateTime, ForeignKey, Integer, String, Text, func, or_, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from node.db import Base, engine_for, session_scope
+from node.db import Base, ChangeGate, engine_for, session_scope
 from node.index import utcnow
 from node.settings import AnalysisSettings, Settings
 
@@ -251,7 +251,11 @@ class EmbeddedWorker:
         return None
 
     def _loop(self) -> None:
+        gate = ChangeGate(self.settings.database.url)  # an idle queue costs one cheap read per poll
         while not self._stop.is_set():
+            if not gate.due():
+                self._stop.wait(self.poll_s)
+                continue
             try:
                 job_id = self._next_job()
             except Exception:  # noqa: BLE001 - a locked or restarting database: try again
