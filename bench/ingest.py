@@ -13,7 +13,10 @@ CPU time per instance (``*_cpu_ms_per_instance``, from /proc) judges code change
 the rates on a shared machine: ainode's counts every process of the node from the first request
 until the index holds every instance (``ainode_receivers_cpu_ms_per_instance``: without the
 node's main process, whose background stages tick whatever arrives); storescp's includes its
-forked association children. ``journal_flush_ms_median`` is the disk's price of durability per
+forked association children. ``ratio_ceiling_if_cpu_bound`` is the ratio the two CPU figures
+allow when both receivers saturate the machine with their senders (CPU seconds per instance of
+storescp + its storescu over ainode + its storescu): with parallel associations on a small
+machine the measured ratio cannot pass it. ``journal_flush_ms_median`` is the disk's price of durability per
 answer with one association: a 512 KiB write into a preallocated file and its ``fdatasync``.
 ``--no-flush`` adds a clearly labelled diagnosis run with flushes disabled (libeatmydata).
 
@@ -375,6 +378,11 @@ def main() -> int:
             result["ainode_receivers_cpu_ms_per_instance"][key] = _ms_per_instance(
                 min(r["receivers_cpu_s"] for r in runs), n)
             result["storescu_cpu_ms_per_instance"][key] = _ms_per_instance(min(r["sender_cpu_s"] for r in runs), n)
+            # Where both saturate the cores (parallel associations on a small machine), the
+            # ratio cannot exceed what the CPU per instance allows, senders included.
+            peer_cpu = min(r[1] for r in dcmtk_runs) + min(r[2] for r in dcmtk_runs)
+            own_cpu = min(r["cpu_s"] for r in runs) + min(r["sender_cpu_s"] for r in runs)
+            result.setdefault("ratio_ceiling_if_cpu_bound", {})[key] = round(peer_cpu / own_cpu, 2)
             result["ainode_index_lag_s"][key] = round(max(r["lag_s"] for r in runs), 3)
             result["ainode_peak_rss_mib"][key] = round(max(r["rss_kib"] for r in runs) / 1024, 1)
             print(f"{assoc} association(s): DCMTK {total_mb / dcmtk:.1f} MB/s, ainode {total_mb / ours:.1f} MB/s "
