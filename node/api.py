@@ -32,7 +32,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from node import audit
-from node.db import engine_for, session_scope
+from node.db import ChangeGate, engine_for, session_scope
 from node.index import Instance, Series, Study
 from node.settings import ConfigError, Settings, load_settings
 
@@ -701,9 +701,10 @@ def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], No
     """Audit each study's arrival once it is complete (DICOM Instances Transferred, import)."""
     seen: set[int] = set()
     first = [True]
+    changes = ChangeGate(settings.database.url)  # both scans read only committed rows
 
     def audit_arrivals() -> None:
-        if audit.trail() is None:
+        if audit.trail() is None or not changes.due():
             return
         with session_scope(engine_for(settings.database.url)) as s:
             rows = s.execute(select(Study.id, Study.study_uid, Study.instance_count, Study.calling_ae)
