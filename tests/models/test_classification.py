@@ -8,6 +8,7 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from workers import imaging, phantoms, registry
 from workers.findings import Volume
@@ -134,3 +135,26 @@ def test_held_out_auc_well_above_chance_and_probabilities_calibrated(model):
     assert metrics["calibration_error"] < raw["calibration_error"] / 2, (metrics, raw)
     assert metrics["brier"] < raw["brier"] / 2, (metrics, raw)
     assert metrics["specificity"] >= 0.8, metrics
+
+
+def test_periodic_validation_leaves_batchnorm_statistics_alone_and_training_resumes():
+    """``train`` validates every 100 steps: in eval mode, so the validation images neither are normalised
+    by their own batch statistics nor change BatchNorm's running averages (the checkpoint kept carries
+    them), and the network is in training mode again afterwards."""
+    torch.manual_seed(0)
+    net = cls_model.NoduleClassifier()
+    net.train()
+    net(torch.randn(8, 2, 48, 48))  # running statistics away from their initial 0 / 1
+    images = torch.randn(6, 2, 128, 128) * 3 + 1  # statistics unlike the training batch's
+    labels = np.array([0, 1, 0, 1, 1, 0], dtype=bool)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    auc, logits = cls_model.validation_check(net, images, labels)
+    after = net.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k  # running_mean / running_var / num_batches_tracked
+    assert net.training and all(m.training for m in net.modules())
+    net.eval()
+    with torch.no_grad():
+        expected = net(images)[0].double().numpy()
+    assert np.allclose(logits, expected, atol=1e-5)  # the scores the deployed (eval-mode) network gives
+    assert auc == pytest.approx(cls_model.roc_auc(expected, labels))

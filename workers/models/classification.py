@@ -241,11 +241,32 @@ def evaluate(model: NoduleClassifier, radiographs: list, threshold: float = 0.5)
             "brier": float(np.mean((probs - labels) ** 2)), "calibration_error": calibration_error(probs, labels)}
 
 
-def validation_logits(model: NoduleClassifier, radiographs: list) -> np.ndarray:
-    """Raw image logits of ``radiographs`` (what ``fit_platt`` calibrates)."""
+def validation_logits(model: NoduleClassifier, radiographs: list | torch.Tensor) -> np.ndarray:
+    """Raw image logits of ``radiographs`` (or their prepared images), what ``fit_platt`` calibrates,
+    with the network in eval mode (BatchNorm uses and keeps its running statistics); the network is
+    left in the mode it was in."""
     device = next(model.parameters()).device
-    images = torch.cat([prepare_radiograph(r.pixels) for r in radiographs])
-    return image_logits(model, images, RunContext(device=str(device.type)))
+    images = radiographs if isinstance(radiographs, torch.Tensor) else \
+        torch.cat([prepare_radiograph(r.pixels) for r in radiographs])
+    was_training = model.training
+    model.eval()
+    try:
+        return image_logits(model, images, RunContext(device=str(device.type)))
+    finally:
+        model.train(was_training)
+
+
+def validation_check(model: NoduleClassifier, images: torch.Tensor, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """The periodic validation inside ``train``: (AUC, image logits) of the prepared validation images.
+
+    Runs in eval mode, so the validation images are normalised by BatchNorm's running statistics and
+    do not change them (in training mode they were normalised by their own batch statistics and folded
+    into the running averages, and the checkpoint kept was chosen on scores the deployed network does
+    not give); the network is back in training mode afterwards.
+    """
+    logits = validation_logits(model, images)
+    model.train()
+    return roc_auc(logits, labels), logits
 
 
 def training_radiographs(n_phantoms: int, per_phantom: int, seed: int, workers: int = 1) -> list:
@@ -339,7 +360,7 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
     On a CUDA device (picked automatically when there is one) the run is larger: 400 training
     phantoms x 16 radiographs (anatomy varies more than dose and nodule place, and the network
     overfits few anatomies), 3,000 steps of 128 crops; on the CPU 12 x 100 and 900 steps of 64.
-    The weights kept are those of the best validation AUC.
+    The weights kept are those of the best validation AUC, measured in eval mode (``validation_check``).
     """
     import os
 
@@ -362,7 +383,9 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of tiny ops: many threads only contend (badly, on a busy machine)
     x = torch.cat([prepare_radiograph(r.pixels) for r in train_set]).to(device)
+    val_x = torch.cat([prepare_radiograph(r.pixels) for r in val_set])
     torch.set_num_threads(threads)
+    val_labels = np.array([r.nodule for r in val_set])
     centres = [nodule_centres(r) for r in train_set]
     log(f"radiographs: train {len(train_set)}, validation {len(val_set)}, test {len(test_set)} "
         f"({time.time() - t_start:.0f} s); training on {device}")
@@ -382,17 +405,16 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
         opt.step()
         sched.step()
         if (step + 1) % every == 0:
-            metrics = evaluate(model, val_set)
-            log(f"step {step + 1}/{steps}: loss {loss.item():.3f}, validation AUC {metrics['auc']:.3f}")
+            auc, _ = validation_check(model, val_x, val_labels)
+            log(f"step {step + 1}/{steps}: loss {loss.item():.3f}, validation AUC {auc:.3f}")
             # Hard negatives: the false alarms of the current network, refreshed at every check.
             hard = mine_hard_negatives(model, x, centres, gen)
-            if metrics["auc"] >= best:
-                best = metrics["auc"]
+            if auc >= best:
+                best = auc
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     model.eval()
-    val_labels = np.array([r.nodule for r in val_set])
-    val_logits = validation_logits(model, val_set)
+    val_logits = validation_logits(model, val_x)
     model.calibration = fit_platt(val_logits, val_labels)
     threshold = youden_threshold(calibrated(model, val_logits), val_labels)
     result = {"model": NAME, "version": VERSION, "test": evaluate(model, test_set, threshold), "validation_auc": best,
