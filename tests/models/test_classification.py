@@ -117,10 +117,10 @@ def test_calibration_error_of_a_perfect_and_a_confident_wrong_forecast():
 
 @pytest.mark.slow
 def test_held_out_auc_well_above_chance_and_probabilities_calibrated(model):
-    """The issue's target is AUC >= 0.95; the shipped model (1.2.0) measures 0.89-0.93 on held-out phantoms
+    """The issue's target is AUC >= 0.95; the shipped model measures 0.90-0.94 on held-out phantoms
     (see docs/models/nodule-classification.md). This guards what it does reach, not the target, and
     that the shipped Platt scaling makes the probabilities mean what they say (uncalibrated, the
-    expected calibration error is 0.45 on 800 held-out radiographs, 0.06 calibrated; here 0.52 and 0.20)."""
+    expected calibration error was 0.48 on 800 held-out radiographs, 0.04 calibrated)."""
     shots = cls_model.training_radiographs(4, 60, seed=HELD_OUT_SEED)
     metrics = cls_model.evaluate(model, shots, cls_model.operating_threshold())
     print(metrics)
@@ -134,10 +134,7 @@ def test_held_out_auc_well_above_chance_and_probabilities_calibrated(model):
     assert raw["auc"] == pytest.approx(metrics["auc"])  # calibration is monotonic
     assert metrics["calibration_error"] < raw["calibration_error"] / 2, (metrics, raw)
     assert metrics["brier"] < raw["brier"] / 2, (metrics, raw)
-    # 1.2.0's validation-chosen threshold (0.481) trades specificity for sensitivity on these phantoms:
-    # measured 0.883 / 0.650 (1.1.0 at 0.696: 0.777 / 0.854; on the 800 held-out 0.856 / 0.873).
-    assert metrics["sensitivity"] >= 0.8, metrics
-    assert metrics["specificity"] >= 0.6, metrics
+    assert metrics["specificity"] >= 0.8, metrics
 
 
 def test_periodic_validation_leaves_batchnorm_statistics_alone_and_training_resumes():

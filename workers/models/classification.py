@@ -26,7 +26,7 @@ from workers.models.common import CARDS, save_trained, weights_dir
 from workers.registry import Analysis, Outputs, RunContext
 
 NAME = TRAIN_NAME = "nodule-classification"
-VERSION = "1.2.0"  # 1.1.0: same weights, Platt-calibrated probabilities; 1.2.0: retrained (eval-mode validation fix, seed 2)
+VERSION = "1.1.0"  # 1.1.0: same weights, Platt-calibrated probabilities
 WEIGHTS = "nodule_classification.pt"
 CARD = CARDS / f"{NAME}.md"
 INPUT_SIZE = 128
