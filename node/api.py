@@ -21,7 +21,7 @@ import shutil
 import socket
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -697,59 +697,91 @@ def _start_uvicorn(settings: Settings) -> Callable[[], None]:
     return stop
 
 
-def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], None]]]:
-    """Audit each study's arrival once it is complete (DICOM Instances Transferred, import)."""
-    seen: set[int] = set()
-    first = [True]
-    changes = ChangeGate(settings.database.url)  # both scans read only committed rows
+class TransferAuditor:
+    """DICOM Instances Transferred messages: one per study once it is complete (import, from its
+    modality) and one per job, destination and study once all its result objects are delivered
+    (export, to the PACS).
 
-    def audit_arrivals() -> None:
-        if audit.trail() is None or not changes.due():
+    A node runs for years, so a pass reads only what changed lately: studies that became ready,
+    and delivery groups with an object delivered, since ``WINDOW_S`` before the previous pass
+    (the overlap covers rows committed after the timestamp they carry), through indexes on those
+    times; and it remembers what it reported only for that window. Neither the scans nor the
+    memory grow with the history the database holds. Passes run only after a commit
+    (``db.ChangeGate``). The first pass after a start reports nothing: what completed before was
+    the previous run's to report. A study completed again after late arrivals is reported again.
+    """
+
+    WINDOW_S = 300.0
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.gate = ChangeGate(settings.database.url)
+        self.since: datetime | None = None  # None until the first pass
+        self.reported: dict[tuple, datetime] = {}  # what was reported (or skipped) -> when it completed
+
+    def __call__(self) -> None:
+        if audit.trail() is None or not self.gate.due():
             return
-        with session_scope(engine_for(settings.database.url)) as s:
-            rows = s.execute(select(Study.id, Study.study_uid, Study.instance_count, Study.calling_ae)
-                             .where(Study.ready_at.is_not(None))).all()
-        for pk, uid, count, calling in rows:
-            if pk in seen:
-                continue
-            seen.add(pk)
-            if not first[0]:  # studies completed before this start were audited by the last run
+        started = datetime.now(timezone.utc)
+        quiet = self.since is None
+        since = self.since or started - timedelta(seconds=self.WINDOW_S)
+        self._imports(since, quiet)
+        self._exports(since, quiet)
+        self.since = started - timedelta(seconds=self.WINDOW_S)
+        self.reported = {key: at for key, at in self.reported.items() if _aware(at) >= self.since}
+
+    def _first_time(self, key: tuple, completed_at: datetime) -> bool:
+        if key in self.reported:
+            return False
+        self.reported[key] = completed_at
+        return True
+
+    def _imports(self, since: datetime, quiet: bool) -> None:
+        with session_scope(engine_for(self.settings.database.url)) as s:
+            rows = s.execute(select(Study.id, Study.ready_at, Study.study_uid, Study.instance_count, Study.calling_ae)
+                             .where(Study.ready_at >= since)).all()
+        for pk, ready_at, uid, count, calling in rows:
+            if self._first_time(("study", pk, ready_at), ready_at) and not quiet:
                 audit.instances_transferred(imported=True, study_uid=uid, instances=count, source_ae=calling,
-                                            source_host="", destination_ae=settings.node.ae_title)
-        audit_exports(first[0])
-        first[0] = False
+                                            source_host="", destination_ae=self.settings.node.ae_title)
 
-    sent: set[tuple[str, str, str]] = set()
-
-    def audit_exports(quiet: bool) -> None:
-        # Result objects that reached a destination: one Instances Transferred (export) message per
-        # job, destination and study, once all of that group's objects are delivered.
+    def _exports(self, since: datetime, quiet: bool) -> None:
         dispatcher = _dispatcher_module()
         if dispatcher is None:
             return
         D = dispatcher.Delivery
-        with session_scope(engine_for(settings.database.url)) as s:
-            groups = s.execute(select(D.job_id, D.destination, D.study_instance_uid, func.count(),
-                                      func.sum(case((D.state == "delivered", 1), else_=0)))
-                               .group_by(D.job_id, D.destination, D.study_instance_uid)).all()
-        for job_id, destination, study_uid, total, delivered in groups:
-            key = (str(job_id), destination, study_uid)
-            if key in sent or delivered != total:
+        group = (D.job_id, D.destination, D.study_instance_uid)
+        recent = select(*group).where(D.delivered_at >= since).distinct().subquery()
+        with session_scope(engine_for(self.settings.database.url)) as s:
+            groups = s.execute(
+                select(*group, func.count(), func.sum(case((D.state == "delivered", 1), else_=0)), func.max(D.delivered_at))
+                .join(recent, (D.job_id == recent.c.job_id) & (D.destination == recent.c.destination)
+                      & (D.study_instance_uid == recent.c.study_instance_uid))
+                .group_by(*group)).all()
+        host = socket.gethostname()
+        for job_id, destination, study_uid, total, delivered, last in groups:
+            if delivered != total or not self._first_time(("export", str(job_id), destination, study_uid), last):
                 continue
-            sent.add(key)
             if quiet:
                 continue
             try:
-                dest = settings.destination(destination)
+                dest = self.settings.destination(destination)
                 dest_ae, dest_host = dest.ae_title or dest.url or destination, dest.host or ""
             except KeyError:
                 dest_ae, dest_host = destination, ""
             audit.instances_transferred(imported=False, study_uid=study_uid, instances=int(total),
-                                        source_ae=settings.node.ae_title, source_host=socket.gethostname(),
+                                        source_ae=self.settings.node.ae_title, source_host=host,
                                         destination_ae=dest_ae, destination_host=dest_host)
 
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)  # SQLite returns naive UTC
+
+
+def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], None]]]:
+    """Audit completed studies and delivered results (DICOM Instances Transferred); sample the GPUs."""
     from node.metrics import record_gpu
 
     host = socket.gethostname()
     # The embedded worker runs on this machine: its GPUs' memory and utilisation go to /metrics.
-    return [("audit-arrivals", 2.0, audit_arrivals), ("gpu-sample", 15.0, lambda: record_gpu(host))]
+    return [("audit-transfers", 2.0, TransferAuditor(settings)), ("gpu-sample", 15.0, lambda: record_gpu(host))]

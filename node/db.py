@@ -59,6 +59,11 @@ def init_db(url: str) -> Engine:
 
     engine = engine_for(url)
     Base.metadata.create_all(engine)
+    # create_all skips tables that exist: indexes added to a table since its database was made
+    # (an upgraded node) are created here.
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(engine, checkfirst=True)
     return engine
 
 

@@ -77,7 +77,7 @@ class Delivery(Base):
     last_status: Mapped[str] = mapped_column(String(32), default="")
     reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
     # Storage Commitment: "", "requested", "committed", "failed".
     commitment: Mapped[str] = mapped_column(String(16), default="")
     transaction_uid: Mapped[str] = mapped_column(String(64), default="")

@@ -52,7 +52,7 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     # Pipeline state: received -> ready -> routed | unrouted -> (jobs) -> done; see node/assembler.
     state: Mapped[str] = mapped_column(String(16), default="received", index=True)
-    ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
     ready_reason: Mapped[str] = mapped_column(String(64), default="")
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list["Series"]] = relationship(back_populates="study")
