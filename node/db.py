@@ -33,13 +33,21 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
+def sqlite_file(url: str) -> str | None:
+    """The database file of an SQLite URL; None for an in-memory database or another server."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1]
+    return path if path and path != ":memory:" else None
+
+
 def engine_for(url: str) -> Engine:
     """One engine per URL and process; creates the SQLite file's folder when needed."""
     if url in _engines:
         return _engines[url]
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
+        path = sqlite_file(url)
+        if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -124,8 +132,8 @@ class ChangeGate:
 
     def _read_token(self) -> object:
         if self.url.startswith("sqlite"):
-            path = self.url.split("///", 1)[-1]
-            if not path or path == ":memory:":
+            path = sqlite_file(self.url)
+            if path is None:
                 return None  # in memory: no token to read, every pass is due
             if self._sqlite is None:
                 # Its own autocommit connection: data_version is per connection and only
