@@ -33,7 +33,8 @@ from sqlalchemy.orm import Session
 
 from node import audit
 from node.db import ChangeGate, engine_for, session_scope
-from node.index import Instance, Series, Study
+from node.index import Instance, Series, Study, utcnow
+from node.jobs import aware
 from node.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("ainode.api")
@@ -722,13 +723,13 @@ class TransferAuditor:
     def __call__(self) -> None:
         if audit.trail() is None or not self.gate.due():
             return
-        started = datetime.now(timezone.utc)
+        started = utcnow()
         quiet = self.since is None
         since = self.since or started - timedelta(seconds=self.WINDOW_S)
         self._imports(since, quiet)
         self._exports(since, quiet)
         self.since = started - timedelta(seconds=self.WINDOW_S)
-        self.reported = {key: at for key, at in self.reported.items() if _aware(at) >= self.since}
+        self.reported = {key: at for key, at in self.reported.items() if aware(at) >= self.since}
 
     def _first_time(self, key: tuple, completed_at: datetime) -> bool:
         if key in self.reported:
@@ -760,9 +761,7 @@ class TransferAuditor:
                 .group_by(*group)).all()
         host = socket.gethostname()
         for job_id, destination, study_uid, total, delivered, last in groups:
-            if delivered != total or not self._first_time(("export", str(job_id), destination, study_uid), last):
-                continue
-            if quiet:
+            if delivered != total or not self._first_time(("export", str(job_id), destination, study_uid), last) or quiet:
                 continue
             try:
                 dest = self.settings.destination(destination)
@@ -772,10 +771,6 @@ class TransferAuditor:
             audit.instances_transferred(imported=False, study_uid=study_uid, instances=int(total),
                                         source_ae=self.settings.node.ae_title, source_host=host,
                                         destination_ae=dest_ae, destination_host=dest_host)
-
-
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)  # SQLite returns naive UTC
 
 
 def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], None]]]:
