@@ -621,10 +621,9 @@ def _installed_analyses(settings: Settings) -> list[dict[str, Any]]:
     global _analyses_cache
     if _analyses_cache is None:
         try:
-            from workers.registry import available_analyses
+            from workers.registry import available_analyses, weights_present
 
-            _analyses_cache = [{"name": a.name, "version": getattr(a, "version", ""),
-                                "weights": bool(getattr(a, "weights", None) and Path(a.weights).exists())}
+            _analyses_cache = [{"name": a.name, "version": getattr(a, "version", ""), "weights": weights_present(a)}
                                for a in available_analyses(settings).values()]
         except Exception as err:  # noqa: BLE001 - the analysis side may not be installed on this machine
             log.warning("installed analyses unknown: %s", type(err).__name__)
@@ -708,45 +707,48 @@ class TransferAuditor:
     (the overlap covers rows committed after the timestamp they carry), through indexes on those
     times; and it remembers what it reported only for that window. Neither the scans nor the
     memory grow with the history the database holds. Passes run only after a commit
-    (``db.ChangeGate``). The first pass after a start reports nothing: what completed before was
-    the previous run's to report. A study completed again after late arrivals is reported again.
+    (``db.ChangeGate``). What completed before this auditor was made is the previous run's to
+    report (its last pass runs when the node stops: ``run_at_stop``); what completed after, even
+    before the first pass, is this run's. A study completed again after late arrivals is reported
+    again.
     """
 
     WINDOW_S = 300.0
+    run_at_stop = True  # ``ainode serve`` runs one last pass after the other stages have stopped
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.gate = ChangeGate(settings.database.url)
-        self.since: datetime | None = None  # None until the first pass
+        self.started = utcnow()
+        self.since = self.started - timedelta(seconds=self.WINDOW_S)
         self.reported: dict[tuple, datetime] = {}  # what was reported (or skipped) -> when it completed
 
     def __call__(self) -> None:
         if audit.trail() is None or not self.gate.due():
             return
         started = utcnow()
-        quiet = self.since is None
-        since = self.since or started - timedelta(seconds=self.WINDOW_S)
-        self._imports(since, quiet)
-        self._exports(since, quiet)
+        self._imports(self.since)
+        self._exports(self.since)
         self.since = started - timedelta(seconds=self.WINDOW_S)
         self.reported = {key: at for key, at in self.reported.items() if aware(at) >= self.since}
 
-    def _first_time(self, key: tuple, completed_at: datetime) -> bool:
+    def _to_report(self, key: tuple, completed_at: datetime) -> bool:
+        """True the first time ``key`` is seen, unless it completed before this run began."""
         if key in self.reported:
             return False
         self.reported[key] = completed_at
-        return True
+        return aware(completed_at) >= self.started
 
-    def _imports(self, since: datetime, quiet: bool) -> None:
+    def _imports(self, since: datetime) -> None:
         with session_scope(engine_for(self.settings.database.url)) as s:
             rows = s.execute(select(Study.id, Study.ready_at, Study.study_uid, Study.instance_count, Study.calling_ae)
                              .where(Study.ready_at >= since)).all()
         for pk, ready_at, uid, count, calling in rows:
-            if self._first_time(("study", pk, ready_at), ready_at) and not quiet:
+            if self._to_report(("study", pk, ready_at), ready_at):
                 audit.instances_transferred(imported=True, study_uid=uid, instances=count, source_ae=calling,
                                             source_host="", destination_ae=self.settings.node.ae_title)
 
-    def _exports(self, since: datetime, quiet: bool) -> None:
+    def _exports(self, since: datetime) -> None:
         dispatcher = _dispatcher_module()
         if dispatcher is None:
             return
@@ -761,7 +763,7 @@ class TransferAuditor:
                 .group_by(*group)).all()
         host = socket.gethostname()
         for job_id, destination, study_uid, total, delivered, last in groups:
-            if delivered != total or not self._first_time(("export", str(job_id), destination, study_uid), last) or quiet:
+            if delivered != total or not self._to_report(("export", str(job_id), destination, study_uid), last):
                 continue
             try:
                 dest = self.settings.destination(destination)

@@ -224,9 +224,29 @@ def _run_periodic(name: str, interval: float, func: Callable[[], None], stop: th
             log.error("periodic task %s failed: %s", name, type(err).__name__)
 
 
-def start_periodic(settings: Settings, stop: threading.Event) -> list[threading.Thread]:
+class PeriodicTasks:
+    """The threads running every stage's periodic tasks, and the last passes some want at a stop."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.at_stop: list[tuple[str, Callable[[], None]]] = []
+
+    def finish(self, timeout: float = 5.0) -> None:
+        """Wait for the threads (the stop event is set), then run the passes marked ``run_at_stop``
+        once more, in order: they see what the other stages did up to their last moment (the
+        audit's last transfers would otherwise belong to no run)."""
+        for t in self.threads:
+            t.join(timeout=timeout)
+        for name, func in self.at_stop:
+            try:
+                func()
+            except Exception as err:
+                log.error("last pass of %s failed: %s", name, type(err).__name__)
+
+
+def start_periodic(settings: Settings, stop: threading.Event) -> PeriodicTasks:
     """One thread per (name, interval, function) from every stage's ``periodic_tasks``."""
-    threads = []
+    tasks_run = PeriodicTasks()
     for module_name, hook in stage_hooks("periodic_tasks"):
         try:
             tasks = hook(settings) or []
@@ -237,8 +257,10 @@ def start_periodic(settings: Settings, stop: threading.Event) -> list[threading.
             t = threading.Thread(target=_run_periodic, args=(name, float(interval), func, stop),
                                  name=f"periodic-{name}", daemon=True)
             t.start()
-            threads.append(t)
-    return threads
+            tasks_run.threads.append(t)
+            if getattr(func, "run_at_stop", False):
+                tasks_run.at_stop.append((name, func))
+    return tasks_run
 
 
 def start_stage_services(settings: Settings) -> list[Callable[[], None]]:
@@ -268,19 +290,18 @@ def serve(settings: Settings) -> int:
     pool = ReceiverPool(settings)
     if not pool.start():
         return 3
-    threads = start_periodic(settings, stop)
+    periodic = start_periodic(settings, stop)
     stoppers = start_stage_services(settings)
     while not stop.wait(0.5):
         pool.supervise()
     log.info("stopping: receivers finish their open associations")
     pool.stop()
+    periodic.finish()  # before the services stop: the audit trail takes the last pass's messages
     for stopper in stoppers:
         try:
             stopper()
         except Exception as err:
             log.error("stopping a service failed: %s", type(err).__name__)
-    for t in threads:
-        t.join(timeout=5)
     dispose_engines()
     log.info("stopped")
     return 0

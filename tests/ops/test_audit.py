@@ -13,7 +13,7 @@ import pytest
 from node import audit
 from node.settings import AuditSettings
 from tests.helpers import free_port, wait_for
-from tests.ops.conftest import Client, make_ct_study, node_with_api, storescu, wait_phase
+from tests.ops.conftest import Client, audit_text, make_ct_study, node_with_api, storescu, wait_phase
 
 
 def test_messages_follow_the_dicom_audit_schema_shape(tmp_path: Path):
@@ -135,3 +135,44 @@ def test_node_receives_while_its_audit_fifo_is_blocked(tmp_path: Path):
             assert "audit sink file unavailable" in node.log_text()
     finally:
         os.close(reader)
+
+
+def _mark_ready(node, study_uid: str) -> None:
+    """A completed study, written into the running node's index the way the assembler leaves it."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import update
+
+    from node.db import dispose_engines, engine_for, session_scope
+    from node.index import Study
+    from tests.jobs.conftest import add_study, settings_from
+
+    settings = settings_from(node.config_path)
+    add_study(settings, study_uid=study_uid, state="routed")
+    with session_scope(engine_for(settings.database.url)) as s:
+        s.execute(update(Study).where(Study.study_uid == study_uid).values(ready_at=datetime.now(timezone.utc)))
+    dispose_engines()
+
+
+def _imports_of(node, study_uid: str) -> list[str]:
+    return [line for line in audit_text(node).splitlines()
+            if study_uid in line and 'csd-code="110104"' in line and 'EventActionCode="C"' in line]
+
+
+def test_a_study_completed_just_before_a_stop_is_audited_once(tmp_path: Path):
+    """The node's last audit pass runs at the stop, after the other stages: a study that completed
+    between the last periodic pass and SIGTERM is reported by that run, and not again after a restart;
+    one that completes after the restart, before the new run's first pass, is the new run's."""
+    node = node_with_api(tmp_path / "node")
+    api_up = Client(node.config["api"]["port"]).up  # the API starts after the periodic tasks
+    with node:
+        assert wait_for(api_up, 120), node.log_text()[-3000:]
+        _mark_ready(node, "1.2.3.900")
+        assert node.stop() == 0
+        assert len(_imports_of(node, "1.2.3.900")) == 1, audit_text(node)[-3000:]
+        node.start()
+        assert wait_for(api_up, 120), node.log_text()[-3000:]
+        _mark_ready(node, "1.2.3.901")
+        assert wait_for(lambda: _imports_of(node, "1.2.3.901"), 120), audit_text(node)[-3000:]
+    assert len(_imports_of(node, "1.2.3.900")) == 1
+    assert len(_imports_of(node, "1.2.3.901")) == 1
