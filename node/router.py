@@ -248,15 +248,18 @@ class RuleBook:
         return True
 
 
-_books: dict[int, RuleBook] = {}
+# Keyed by id() but holding the settings object too: while an entry exists its id cannot be
+# reused by a new settings object after garbage collection (which once handed a test's new
+# settings the previous test's rules).
+_books: dict[int, tuple[Settings, RuleBook]] = {}
 
 
 def rule_book(settings: Settings) -> RuleBook:
     """The rule book of this settings object (one per node process)."""
-    book = _books.get(id(settings))
-    if book is None:
-        book = _books[id(settings)] = RuleBook(settings)
-    return book
+    entry = _books.get(id(settings))
+    if entry is None or entry[0] is not settings:
+        entry = _books[id(settings)] = (settings, RuleBook(settings))
+    return entry[1]
 
 
 def current_rules(settings: Settings) -> list[Rule]:

@@ -115,3 +115,18 @@ def test_rules_reload_on_change_and_keep_old_rules_on_error(tmp_path, caplog):
     os.utime(cfg, (time.time() + 10, time.time() + 10))
     book.request_reload()
     assert book.check() and [r.name for r in book.rules] == ["three"]
+
+
+def test_rule_book_belongs_to_its_settings_object_even_when_an_id_is_reused(tmp_path):
+    from node import router
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = settings_from(write_config(tmp_path / "a", rules=[{"name": "old", "match": {}, "analyses": ["count-instances"]}]))
+    second = settings_from(write_config(tmp_path / "b", rules=[{"name": "new", "match": {}, "analyses": ["count-instances"]}]))
+    # What garbage collection can do: a new settings object gets the id of one that had a book.
+    router._books[id(second)] = (first, RuleBook(first))
+    try:
+        assert [r.name for r in router.current_rules(second)] == ["new"]
+    finally:
+        router._books.pop(id(second), None)
