@@ -116,15 +116,17 @@ def test_calibration_error_of_a_perfect_and_a_confident_wrong_forecast():
 
 
 @pytest.mark.slow
-def test_held_out_auc_well_above_chance_and_probabilities_calibrated(model):
-    """The issue's target is AUC >= 0.95; the shipped model measures 0.90-0.94 on held-out phantoms
-    (see docs/models/nodule-classification.md). This guards what it does reach, not the target, and
-    that the shipped Platt scaling makes the probabilities mean what they say (uncalibrated, the
-    expected calibration error was 0.48 on 800 held-out radiographs, 0.04 calibrated)."""
+def test_held_out_auc_and_calibrated_probabilities(model):
+    """Version 2.0.0 measures AUC 0.959 on 800 held-out radiographs (32 phantoms) and 0.929 on these
+    240 of 4 other phantoms (see docs/models/nodule-classification.md); the floors sit about 0.05
+    below what it measures here. A radiologist reads the probability in the SR, so it must mean what
+    it says: expected calibration error 0.055 and Brier score 0.098 measured here."""
     shots = cls_model.training_radiographs(4, 60, seed=HELD_OUT_SEED)
     metrics = cls_model.evaluate(model, shots, cls_model.operating_threshold())
     print(metrics)
-    assert metrics["auc"] >= 0.80, metrics
+    assert metrics["auc"] >= 0.88, metrics
+    assert metrics["specificity"] >= 0.8 and metrics["sensitivity"] >= 0.75, metrics
+    assert metrics["calibration_error"] < 0.10 and metrics["brier"] < 0.14, metrics
     shipped = model.calibration
     try:
         model.calibration = (1.0, 0.0)
@@ -132,20 +134,41 @@ def test_held_out_auc_well_above_chance_and_probabilities_calibrated(model):
     finally:
         model.calibration = shipped
     assert raw["auc"] == pytest.approx(metrics["auc"])  # calibration is monotonic
-    assert metrics["calibration_error"] < raw["calibration_error"] / 2, (metrics, raw)
-    assert metrics["brier"] < raw["brier"] / 2, (metrics, raw)
-    assert metrics["specificity"] >= 0.8, metrics
+
+
+def test_training_target_is_a_disc_on_each_nodule():
+    """The map's target marks each nodule where it is and as large as it is, on the 128 x 192 input grid."""
+    shot = Radiograph(pixels=np.zeros((130, 190), np.float32), pixel_spacing_mm=2.0, nodule=True,
+                      nodules=[{"row": 65, "col": 47, "diameter_mm": 20.0}])
+    empty = Radiograph(pixels=np.zeros((130, 190), np.float32), pixel_spacing_mm=2.0, nodule=False)
+    discs = cls_model.nodule_discs([shot, empty])
+    assert discs.shape == (2, 128, 192) and discs[1].sum() == 0
+    rows, cols = torch.nonzero(discs[0], as_tuple=True)
+    assert abs(rows.float().mean() - 65 * 128 / 130) < 1 and abs(cols.float().mean() - 47.5 * 192 / 190) < 1
+    radius_px = 10.0 / 2.0 * 128 / 130  # 10 mm radius at 2 mm pixels, rows scaled to the input grid
+    assert discs[0].sum() == pytest.approx(np.pi * radius_px ** 2, rel=0.15)
+
+
+def test_image_logit_ignores_the_border_and_single_pixels():
+    nodule_map = torch.full((3, 128, 192), -5.0)
+    nodule_map[0, 2, 100] = 9.0  # in the border ring: zero padding, never a nodule
+    nodule_map[1, 60, 100] = 9.0  # one pixel alone is smoothed away to 1/9 of its excess
+    nodule_map[2, 59:62, 99:102] = 9.0  # a blob
+    logits = cls_model.image_logit(nodule_map)
+    assert logits[0] == pytest.approx(-5.0)
+    assert logits[1] == pytest.approx(-5.0 + 14.0 / 9)
+    assert logits[2] == pytest.approx(9.0)
 
 
 def test_periodic_validation_leaves_batchnorm_statistics_alone_and_training_resumes():
-    """``train`` validates every 100 steps: in eval mode, so the validation images neither are normalised
+    """``train`` validates every 250 steps: in eval mode, so the validation images neither are normalised
     by their own batch statistics nor change BatchNorm's running averages (the checkpoint kept carries
     them), and the network is in training mode again afterwards."""
     torch.manual_seed(0)
     net = cls_model.NoduleClassifier()
     net.train()
     net(torch.randn(8, 2, 48, 48))  # running statistics away from their initial 0 / 1
-    images = torch.randn(6, 2, 128, 128) * 3 + 1  # statistics unlike the training batch's
+    images = torch.randn(6, 2, 128, 192) * 3 + 1  # statistics unlike the training batch's
     labels = np.array([0, 1, 0, 1, 1, 0], dtype=bool)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     auc, logits = cls_model.validation_check(net, images, labels)
@@ -155,6 +178,6 @@ def test_periodic_validation_leaves_batchnorm_statistics_alone_and_training_resu
     assert net.training and all(m.training for m in net.modules())
     net.eval()
     with torch.no_grad():
-        expected = net(images)[0].double().numpy()
+        expected = ((net(images)[0] + net(images.flip(3))[0]) / 2).double().numpy()
     assert np.allclose(logits, expected, atol=1e-5)  # the scores the deployed (eval-mode) network gives
     assert auc == pytest.approx(cls_model.roc_auc(expected, labels))
