@@ -161,3 +161,11 @@ class NodeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def train_quick(model: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """`ainode train MODEL --quick --out OUT` as a user runs it (its own process); asserts it succeeded."""
+    run = subprocess.run([sys.executable, "-m", "node.cli", "train", model, "--quick", "--out", str(out)],
+                         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run

@@ -459,11 +459,18 @@ def resample_to_grid(volume: Volume, shape: tuple[int, int, int], affine: np.nda
                      fill: float | None = None) -> np.ndarray:
     """The volume's pixels sampled at every voxel of another grid (outside: ``fill``, default the
     volume's minimum, i.e. air for CT)."""
+    cval = float(volume.pixels.min()) if fill is None else fill
+    return sample_on_grid(volume.pixels, volume.affine, shape, affine, order=order, cval=cval)
+
+
+def sample_on_grid(data: np.ndarray, data_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
+                   order: int = 1, mode: str = "constant", cval: float = 0.0) -> np.ndarray:
+    """``data`` (k, j, i), placed in patient space by ``data_affine``, sampled at every voxel centre
+    of the grid (``shape``, ``affine``); outside it scipy's ``mode`` applies (``cval`` for constant)."""
     from scipy import ndimage
 
-    to_src = np.linalg.inv(volume.affine) @ affine  # target (i, j, k) -> source (i, j, k)
+    to_data = np.linalg.inv(data_affine) @ affine  # target (i, j, k) -> data (i, j, k)
     k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
-    ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ to_src.T
-    cval = float(volume.pixels.min()) if fill is None else fill
-    return ndimage.map_coordinates(volume.pixels, [ijk[..., 2], ijk[..., 1], ijk[..., 0]], order=order,
-                                   mode="constant", cval=cval).astype(np.float32)
+    ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ to_data.T
+    return ndimage.map_coordinates(data, [ijk[..., 2], ijk[..., 1], ijk[..., 0]], order=order,
+                                   mode=mode, cval=cval).astype(np.float32)

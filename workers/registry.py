@@ -80,7 +80,9 @@ class Analysis:
 
     ``load(device)`` returns the model object; ``preprocess(volume, params)`` returns model inputs;
     ``infer(model, inputs, ctx)`` returns raw outputs; ``postprocess(volume, inputs, raw, params)``
-    returns ``Outputs``. ``weights`` is the file whose sha256 is recorded with every result.
+    returns ``Outputs``. ``weights`` is the file whose sha256 is recorded with every result;
+    ``extra_weights`` are further files the model loads (a second-stage network), covered by the
+    same sha256.
     """
 
     name: str
@@ -94,6 +96,7 @@ class Analysis:
     infer: Callable[[Any, Any, RunContext], Any]
     postprocess: Callable[[Volume, Any, Any, dict], Outputs]
     weights: Path | None = None
+    extra_weights: tuple[Path, ...] = ()
     card: Path | None = None
     description: str = ""
     # Estimated GPU memory needed to load and run the model (checked before using CUDA).
@@ -160,13 +163,17 @@ def get_analysis(name: str, settings=None) -> Analysis:
 # --- running ----------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path | None) -> str:
-    """sha256 of a weight file (of every file, in name order, for a folder); '' when none."""
+def file_sha256(path: Path | tuple[Path, ...] | None) -> str:
+    """sha256 of a weight file (of every file, in name order, for a folder; of each file in turn
+    for a tuple of files); '' when none."""
     if path is None:
         return ""
-    path = Path(path)
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if isinstance(path, tuple):
+        files = [Path(p) for p in path]
+    else:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
@@ -174,13 +181,33 @@ def file_sha256(path: Path | None) -> str:
     return digest.hexdigest()
 
 
-_sha_cache: dict[tuple[str, float], str] = {}
+_sha_cache: dict[tuple, str] = {}
 
 
-def _sha_of(path: Path | None) -> str:
-    if path is None or not Path(path).exists():
+def weight_files(analysis: Analysis) -> tuple[Path, ...]:
+    """Every weight file the analysis loads: ``weights`` then ``extra_weights``."""
+    return tuple(Path(p) for p in (analysis.weights, *analysis.extra_weights) if p is not None)
+
+
+def weights_present(analysis: Analysis) -> bool:
+    """True when the analysis names weights and every one of its weight files exists."""
+    files = weight_files(analysis)
+    return bool(analysis.weights) and all(p.exists() for p in files)
+
+
+def analysis_sha256(analysis: Analysis) -> str:
+    """The sha256 recorded with results: of ``weights`` alone (a file or folder), or of every weight
+    file in turn when the analysis has ``extra_weights``; '' when a file is missing."""
+    if not analysis.extra_weights:
+        return _sha_of(analysis.weights)
+    return _sha_of(weight_files(analysis)) if weights_present(analysis) else ""
+
+
+def _sha_of(path: Path | tuple[Path, ...] | None) -> str:
+    paths = path if isinstance(path, tuple) else (path,)
+    if path is None or not all(Path(p).exists() for p in paths):
         return ""
-    key = (str(path), Path(path).stat().st_mtime)
+    key = tuple((str(p), Path(p).stat().st_mtime) for p in paths)
     if key not in _sha_cache:
         _sha_cache[key] = file_sha256(path)
     return _sha_cache[key]
@@ -216,11 +243,12 @@ def loaded_model(analysis: Analysis, device: str) -> Any:
     loader = f"{analysis.source}:{getattr(analysis.load, '__module__', '')}.{getattr(analysis.load, '__qualname__', '')}"
     if analysis.source != "builtin":
         loader += f":{analysis.name}"  # configured models: one loader closure per configuration
-    key = (loader, str(analysis.weights), _sha_of(analysis.weights), device)
+    key = (loader, str(analysis.weights), analysis_sha256(analysis), device)
     with _lock:
         if key not in _models:
-            if not analysis.weights or not Path(analysis.weights).exists():
-                raise AnalysisError(f"{analysis.name}: weights not found at {analysis.weights}; "
+            if not weights_present(analysis):
+                missing = [str(p) for p in weight_files(analysis) if not p.exists()] or [str(analysis.weights)]
+                raise AnalysisError(f"{analysis.name}: weights not found at {', '.join(missing)}; "
                                     f"run `ainode train` or fix the configured path")
             _models[key] = analysis.load(device)
         return _models[key]
@@ -254,7 +282,7 @@ def run_analysis(name: str, volume: Volume, params: dict | None = None, settings
     timings["postprocess"] = time.perf_counter() - t
     return Findings(
         analysis=analysis.name, algorithm_name=analysis.algorithm_name, algorithm_version=analysis.version,
-        model_sha256=_sha_of(analysis.weights), volume=volume, kind=analysis.task,
+        model_sha256=analysis_sha256(analysis), volume=volume, kind=analysis.task,
         segments=outputs.segments, detections=outputs.detections, classifications=outputs.classifications,
         measurements=outputs.measurements, derived=outputs.derived, timings_s=timings,
     )
@@ -400,7 +428,7 @@ def print_models(settings) -> int:
     missing = 0
     for name in sorted(found):
         a = found[name]
-        sha = _sha_of(a.weights)
+        sha = analysis_sha256(a)
         if not sha:
             missing += 1
         table.add_row(name, a.task, f"{'/'.join(a.modalities)} {a.dimensionality}", a.source, a.version,

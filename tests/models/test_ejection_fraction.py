@@ -10,6 +10,7 @@ import pytest
 
 from workers import imaging, registry
 from workers.findings import Volume
+from tests.helpers import train_quick
 from workers.models import ejection_fraction as ef_model
 from workers.phantoms_dynamic import (US_MULTIFRAME_STORAGE, axis_shortening_for_ef, contraction, make_cine,
                                       make_cine_set, write_us_multiframe)
@@ -90,15 +91,8 @@ def test_held_out_mae_within_five_ef_points(model):
 def test_ainode_train_quick_reproduces_a_loadable_model(tmp_path):
     """`ainode train ejection-fraction --quick` runs the real training code end to end (few steps)."""
     import json
-    import os
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    cmd = [sys.executable, "-m", "node.cli", "train", "ejection-fraction", "--quick", "--out", str(tmp_path / "ef.pt")]
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(root)))
-    assert out.returncode == 0, out.stderr
+    train_quick("ejection-fraction", tmp_path / "ef.pt")
     metrics = json.loads((tmp_path / "ef.json").read_text())
     assert metrics["quick"] and metrics["test"]["n"] == 32
     trained = ef_model.load("cpu", tmp_path / "ef.pt")

@@ -3,6 +3,8 @@ configuration, checksums and versions in findings, per-process model cache, clea
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -124,3 +126,21 @@ def test_ainode_models_lists_versions_and_checksums(tmp_path, external_models):
     assert "ct-segmentation" in run.stdout and "thr-onnx" in run.stdout
     assert registry.file_sha256(external_models / "threshold.onnx")[:12] in run.stdout
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_checksum_covers_every_weight_file_and_a_missing_one_is_named(tmp_path):
+    """A model made of two networks records one sha256 over both files; changing either changes it,
+    and a missing second file stops the analysis with its path instead of running half a model."""
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    first.write_bytes(b"first network")
+    second.write_bytes(b"second network")
+    analysis = dataclasses.replace(registry.get_analysis("ct-segmentation"), weights=first, extra_weights=(second,))
+    before = registry.analysis_sha256(analysis)
+    assert before == hashlib.sha256(b"first network" + b"second network").hexdigest()
+    second.write_bytes(b"second network, retrained")
+    os.utime(second, (1, 1))  # a new mtime, as a copied-in file would have
+    assert registry.analysis_sha256(analysis) not in ("", before)
+    second.unlink()
+    assert not registry.weights_present(analysis) and registry.analysis_sha256(analysis) == ""
+    with pytest.raises(registry.AnalysisError, match="b.pt"):
+        registry.loaded_model(analysis, "cpu")

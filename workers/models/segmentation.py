@@ -3,7 +3,8 @@
 Pipeline: the series is resampled onto an axis-aligned 4 mm grid (``imaging.canonical_grid``),
 intensities go to two windows (soft tissue and wide), MONAI sliding-window inference gives class
 probabilities, which are sampled back at every source voxel (trilinear) and arg-maxed, so the
-label mask lies exactly on the source images whatever their orientation or slice order.
+label mask lies exactly on the source images whatever their orientation or slice order. A second
+pass at 2 mm (``lesion_refinement.py``) then decides the lesion voxels around every lesion candidate.
 
 Classes: ``phantoms.LABELS`` (lung, liver, spleen, kidney, spine, liver lesion, lung nodule).
 Reference model for demonstration and pipeline verification, not for diagnosis.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from workers.registry import Analysis, Outputs, RunContext, codes_for
 log = logging.getLogger(__name__)
 
 NAME = "ct-segmentation"
-VERSION = "2.0.0"
+VERSION = "2.1.0"
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "ct_segmentation.pt"
 CARD = Path(__file__).resolve().parents[2] / "docs" / "models" / "ct-segmentation.md"
 SPACING_MM = 4.0
@@ -60,24 +62,53 @@ def load(device: str):
     return net.to(device).eval()
 
 
+@dataclass
+class Models:
+    """The 4 mm network and the 2 mm lesion refinement network (None: 4 mm lesion labels only)."""
+
+    net: object
+    refiner: object | None
+
+
+def load_with_refinement(device: str) -> Models:
+    """Both networks of the analysis on ``device`` (eval mode)."""
+    from workers.models import lesion_refinement
+
+    return Models(load(device), lesion_refinement.load(device))
+
+
 def preprocess(volume: Volume, params: dict) -> dict:
-    """Resample to the 4 mm axis-aligned working grid and window the intensities."""
+    """Resample to the 4 mm axis-aligned working grid and window the intensities (the volume is
+    kept for the 2 mm lesion pass, which cuts its patches from the source)."""
     shape, affine = imaging.canonical_grid(volume, SPACING_MM)
     hu = imaging.resample_to_grid(volume, shape, affine, order=1, fill=-1024.0)
-    return {"image": intensity_channels(hu), "affine": affine}
+    return {"image": intensity_channels(hu), "affine": affine, "volume": volume}
 
 
 def infer(model, inputs: dict, ctx: RunContext) -> np.ndarray:
-    """Class probabilities (C, k, j, i) on the working grid, by MONAI sliding-window inference."""
+    """Class probabilities (C, k, j, i) on the working grid, by MONAI sliding-window inference
+    (``model``: the 4 mm network, or the analysis's ``Models``, whose 4 mm network runs)."""
     import torch
     from monai.inferers import sliding_window_inference
 
+    model = model.net if isinstance(model, Models) else model
     x = torch.from_numpy(inputs["image"][None]).to(ctx.device)
     with ctx.inference():
         logits = sliding_window_inference(x, ROI, sw_batch_size=int(ctx.params.get("sw_batch_size", 2)),
                                           predictor=model, overlap=0.25, mode="gaussian")
         probs = torch.softmax(logits.float(), dim=1)[0]
     return probs.cpu().numpy()
+
+
+def infer_with_refinement(models: Models, inputs: dict, ctx: RunContext) -> dict:
+    """The 4 mm class probabilities and the 2 mm lesion patches around their lesion candidates."""
+    from workers.models import lesion_refinement
+
+    probs = infer(models.net, inputs, ctx)
+    if models.refiner is None or not ctx.params.get("refine_lesions", True):
+        return {"probs": probs, "patches": []}
+    patches = lesion_refinement.refine(models.refiner, inputs["volume"], probs, inputs["affine"], ctx.device)
+    return {"probs": probs, "patches": patches}
 
 
 def labels_on_source(volume: Volume, inputs: dict, probs: np.ndarray) -> np.ndarray:
@@ -90,9 +121,20 @@ def labels_on_source(volume: Volume, inputs: dict, probs: np.ndarray) -> np.ndar
     return imaging.argmax_on_source(volume, inputs["affine"], probs).astype(np.uint8)
 
 
-def postprocess(volume: Volume, inputs: dict, probs: np.ndarray, params: dict) -> Outputs:
+def refined_labels(volume: Volume, inputs: dict, raw: dict | np.ndarray) -> np.ndarray:
+    """Labels on the source grid: the 4 mm arg-max, with the 2 mm pass's lesion decision inside
+    its patches (``raw`` from ``infer_with_refinement``; a plain probability array: 4 mm only)."""
+    from workers.models import lesion_refinement
+
+    if isinstance(raw, np.ndarray):
+        return labels_on_source(volume, inputs, raw)
+    labels = labels_on_source(volume, inputs, raw["probs"])
+    return lesion_refinement.apply(volume, labels, raw["probs"], inputs["affine"], raw["patches"])
+
+
+def postprocess(volume: Volume, inputs: dict, raw: dict | np.ndarray, params: dict) -> Outputs:
     """One segment per class found, plus each structure's volume in cm3."""
-    labels = labels_on_source(volume, inputs, probs)
+    labels = refined_labels(volume, inputs, raw)
     voxel_cm3 = float(np.prod(volume.spacing)) / 1000.0
     out = Outputs()
     for value, name in phantoms.LABELS.items():
@@ -116,11 +158,13 @@ def example_series(folder: Path, shape: tuple[int, int, int] = (80, 256, 256),
 
 def analyses() -> list[Analysis]:
     """The CT segmentation analysis (discovered by the registry)."""
+    from workers.models import lesion_refinement
+
     return [Analysis(
         name=NAME, task="segmentation", modalities=("CT",), dimensionality="3d",
         algorithm_name="ainode CT organ and lesion U-Net", version=VERSION,
-        load=load, preprocess=preprocess, infer=infer, postprocess=postprocess,
-        weights=WEIGHTS, card=CARD, gpu_memory_bytes=1 << 30,
+        load=load_with_refinement, preprocess=preprocess, infer=infer_with_refinement, postprocess=postprocess,
+        weights=WEIGHTS, extra_weights=(lesion_refinement.WEIGHTS,), card=CARD, gpu_memory_bytes=1 << 30,
         description="3D U-Net: lung, liver, spleen, kidney, spine, liver lesions, lung nodules on CT",
         example=example_series,
     )]
@@ -142,6 +186,18 @@ def training_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
     view). Returns (image (2, k, j, i) float32, labels (k, j, i) uint8), padded to at least
     ``TRAIN_PATCH``.
     """
+    anatomy, volume = training_series(seed)
+    inputs = preprocess(volume, {})
+    shape = inputs["image"].shape[1:]
+    labels = phantoms.labels_at(anatomy, phantoms.Grid(shape, inputs["affine"]))
+    labels[~_inside_source(volume, shape, inputs["affine"])] = 0
+    pad = [(0, max(0, want - have)) for want, have in zip(TRAIN_PATCH_GPU, shape)]
+    return np.pad(inputs["image"], [(0, 0)] + pad), np.pad(labels, pad)
+
+
+def training_series(seed: int) -> tuple[phantoms.Anatomy, Volume]:
+    """The lesion-rich anatomy and the series rendered from it on a random source geometry that
+    ``training_case`` (and the lesion refinement's training) start from."""
     from workers.findings import SourceFrame
 
     rng = np.random.default_rng(seed + 7_000_001)
@@ -154,13 +210,7 @@ def training_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
     grid = phantoms.make_grid((slices, n, n), (thick, in_plane, in_plane), orientation,  # type: ignore[arg-type]
                               descending=bool(rng.integers(2)), center_mm=centre, rng=rng)
     phantom = phantoms.render(anatomy, grid, rng, noise_hu=float(rng.uniform(8, 25)))
-    volume = Volume(phantom.hu, phantom.affine, [SourceFrame("", "", Path("."))] * slices, "", "", "", "CT")
-    inputs = preprocess(volume, {})
-    shape = inputs["image"].shape[1:]
-    labels = phantoms.labels_at(anatomy, phantoms.Grid(shape, inputs["affine"]))
-    labels[~_inside_source(volume, shape, inputs["affine"])] = 0
-    pad = [(0, max(0, want - have)) for want, have in zip(TRAIN_PATCH_GPU, shape)]
-    return np.pad(inputs["image"], [(0, 0)] + pad), np.pad(labels, pad)
+    return anatomy, Volume(phantom.hu, phantom.affine, [SourceFrame("", "", Path("."))] * slices, "", "", "", "CT")
 
 
 def _inside_source(volume: Volume, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
@@ -306,31 +356,70 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
 
 
-def evaluate(seeds, device: str = "cpu", phantom=None) -> dict:
+def evaluate(seeds, device: str = "cpu", phantom=None, refine: bool = True, refiner=None) -> dict:
     """Dice per class on held-out phantoms of random spacing/orientation, on the source grid.
 
     ``phantom`` makes the phantom of a seed: ``phantoms.random_ct_phantom`` (default: coarse
     4.5-6.5 mm grids of at most 64 voxels, quick enough for CI) or ``phantoms.clinical_ct_phantom``
     (1.5-2.5 mm). ``per_class`` is the mean of per-phantom Dice (phantoms where the class is
-    absent in both truth and prediction are skipped); ``global`` pools every voxel of the set.
+    absent in both truth and prediction are skipped); ``global`` pools every voxel of the set;
+    ``predicted_only`` counts phantoms with a lesion class predicted but not in the truth. With
+    ``refine`` (the default) these are the labels after the 2 mm lesion pass (``refiner``, a
+    network, else the shipped weights), and ``before_refinement`` scores the 4 mm labels alone in
+    the same run; ``refine_seconds`` is the time the 2 mm pass added (patches and labels).
     """
     from workers.findings import SourceFrame
+    from workers.models import lesion_refinement
 
     model = load(device)
+    if not refine:
+        refiner = None
+    elif refiner is None:
+        refiner = lesion_refinement.load(device)
     make = phantom or phantoms.random_ct_phantom
-    per: dict[str, list[float]] = {n: [] for n in phantoms.LABELS.values()}
-    pooled = {n: [0, 0] for n in phantoms.LABELS.values()}  # intersection, sum
+    scores = {"refined": _Scores(), "before": _Scores()}
+    refine_s = 0.0
     for s in seeds:
         p = make(s)
         vol = Volume(p.hu, p.affine, [SourceFrame("", "", Path("."))] * p.hu.shape[0], "", "", "", "CT")
         inputs = preprocess(vol, {})
-        pred = labels_on_source(vol, inputs, infer(model, inputs, RunContext(device)))
+        probs = infer(model, inputs, RunContext(device))
+        pred = labels_on_source(vol, inputs, probs)
+        scores["before"].add(p.labels, pred)
+        if refiner is not None:
+            t = time.perf_counter()
+            patches = lesion_refinement.refine(refiner, vol, probs, inputs["affine"], device)
+            pred = lesion_refinement.apply(vol, pred, probs, inputs["affine"], patches)
+            refine_s += time.perf_counter() - t
+        scores["refined"].add(p.labels, pred)
+    out = {**scores["refined"].summary(), "phantoms": len(list(seeds))}
+    if refiner is not None:
+        out["before_refinement"] = scores["before"].summary()
+        out["refine_seconds"] = round(refine_s, 1)
+    return out
+
+
+class _Scores:
+    """Per-phantom and pooled Dice of each class over a set of phantoms."""
+
+    def __init__(self) -> None:
+        self.per: dict[str, list[float]] = {n: [] for n in phantoms.LABELS.values()}
+        self.pooled = {n: [0, 0] for n in phantoms.LABELS.values()}  # intersection, sum
+        self.specks = {n: 0 for n in phantoms.LABELS.values()}  # phantoms with the class predicted only
+
+    def add(self, truth: np.ndarray, pred: np.ndarray) -> None:
+        """Score one phantom's predicted labels against its true labels."""
         for value, name in phantoms.LABELS.items():
-            t, q = p.labels == value, pred == value
+            t, q = truth == value, pred == value
             if t.any() or q.any():
-                per[name].append(dice(t, q))
-            pooled[name][0] += int(np.logical_and(t, q).sum())
-            pooled[name][1] += int(t.sum() + q.sum())
-    return {"per_class": {n: round(float(np.mean(v)), 4) if v else None for n, v in per.items()},
-            "global": {n: round(2 * i / s, 4) if s else None for n, (i, s) in pooled.items()},
-            "phantoms": len(list(seeds))}
+                self.per[name].append(dice(t, q))
+            self.specks[name] += int(q.any() and not t.any())
+            self.pooled[name][0] += int(np.logical_and(t, q).sum())
+            self.pooled[name][1] += int(t.sum() + q.sum())
+
+    def summary(self) -> dict:
+        """Mean per-phantom Dice, pooled Dice and the number of phantoms where the class is predicted
+        but absent from the truth (false specks, Dice 0), by class name."""
+        return {"per_class": {n: round(float(np.mean(v)), 4) if v else None for n, v in self.per.items()},
+                "global": {n: round(2 * i / s, 4) if s else None for n, (i, s) in self.pooled.items()},
+                "predicted_only": {n: self.specks[n] for n in phantoms.LESION_LABELS}}
