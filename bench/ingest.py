@@ -20,6 +20,11 @@ machine the measured ratio cannot pass it. ``journal_flush_ms_median`` is the di
 answer with one association: a 512 KiB write into a preallocated file and its ``fdatasync``.
 ``--no-flush`` adds a clearly labelled diagnosis run with flushes disabled (libeatmydata).
 
+When Orthanc is installed it is a second peer in the same run (``orthanc_ips``,
+``ratio_vs_orthanc``, ``orthanc_cpu_ms_per_instance``): a PACS that, like ainode, makes every
+instance durable before answering (its default ``SyncStorageArea`` flushes each file) and
+indexes it (SQLite).
+
     python bench/ingest.py --json          # last line: JSON with dcmtk_mbps, ainode_mbps, ratio
 """
 
@@ -198,6 +203,27 @@ def dcmtk_run(files: list[Path], associations: int, work: Path) -> tuple[float, 
         shutil.rmtree(out, ignore_errors=True)
 
 
+def orthanc_run(files: list[Path], associations: int, work: Path) -> tuple[float, float]:
+    """Seconds for Orthanc (a PACS: flushes each file and indexes it in SQLite before answering;
+    default configuration) to receive ``files``, and its CPU seconds until it answered the last."""
+    from node.demo import OrthancPACS, PACS_AE
+
+    pacs = OrthancPACS(work / f"orthanc-{associations}")
+    pacs.start()
+    try:
+        assert pacs.proc is not None
+        cpu0 = tree_cpu_s(pacs.proc.pid)
+        seconds = push(pacs.dicom_port, PACS_AE, files, associations)
+        cpu = tree_cpu_s(pacs.proc.pid) - cpu0
+        stored = json.loads(pacs._get("/statistics"))["CountInstances"]
+        if stored != len(files):
+            raise RuntimeError(f"Orthanc stored {stored} of {len(files)} instances")
+        return seconds, cpu
+    finally:
+        pacs.stop()
+        shutil.rmtree(pacs.folder, ignore_errors=True)
+
+
 def _peak_rss_kib(pid: int) -> int:
     """Peak resident set (VmHWM) of a process and its children, the largest one."""
     peak = 0
@@ -344,7 +370,11 @@ def main() -> int:
     ap.add_argument("--no-flush", action="store_true",
                     help="DIAGNOSIS ONLY: also run ainode with fsync/fdatasync disabled (libeatmydata), "
                          "reported apart as ainode_no_flush_*; never how ainode runs")
+    ap.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc peer (run when Orthanc is installed)")
     args = ap.parse_args()
+    from node.demo import orthanc_binary
+
+    with_orthanc = not args.no_orthanc and orthanc_binary() is not None
 
     work = Path(tempfile.mkdtemp(prefix="ainode-bench-"))
     try:
@@ -362,10 +392,12 @@ def main() -> int:
         result["load_average_1min"] = round(os.getloadavg()[0], 2)
         for assoc in (1, args.parallel):
             key = str(assoc)
-            dcmtk_runs, runs = [], []
-            for _ in range(args.repeat):  # interleaved, so both see the same minute of load
+            dcmtk_runs, runs, orthanc_runs = [], [], []
+            for _ in range(args.repeat):  # interleaved, so all see the same minute of load
                 dcmtk_runs.append(dcmtk_run(files, assoc, work))
                 runs.append(ainode_run(files, assoc, work, args.receivers))
+                if with_orthanc:
+                    orthanc_runs.append(orthanc_run(files, assoc, work))
             dcmtk = min(r[0] for r in dcmtk_runs)
             ours = min(r["seconds"] for r in runs)
             result["dcmtk_mbps"][key] = round(total_mb / dcmtk, 1)
@@ -383,6 +415,12 @@ def main() -> int:
             peer_cpu = min(r[1] for r in dcmtk_runs) + min(r[2] for r in dcmtk_runs)
             own_cpu = min(r["cpu_s"] for r in runs) + min(r["sender_cpu_s"] for r in runs)
             result.setdefault("ratio_ceiling_if_cpu_bound", {})[key] = round(peer_cpu / own_cpu, 2)
+            if orthanc_runs:
+                orthanc = min(r[0] for r in orthanc_runs)
+                result.setdefault("orthanc_ips", {})[key] = round(n / orthanc)
+                result.setdefault("ratio_vs_orthanc", {})[key] = round(orthanc / ours, 2)
+                result.setdefault("orthanc_cpu_ms_per_instance", {})[key] = _ms_per_instance(
+                    min(r[1] for r in orthanc_runs), n)
             result["ainode_index_lag_s"][key] = round(max(r["lag_s"] for r in runs), 3)
             result["ainode_peak_rss_mib"][key] = round(max(r["rss_kib"] for r in runs) / 1024, 1)
             print(f"{assoc} association(s): DCMTK {total_mb / dcmtk:.1f} MB/s, ainode {total_mb / ours:.1f} MB/s "
