@@ -567,13 +567,14 @@ def _key_slices(settings: Settings, study_uid: str) -> list[int]:
 def c_echo(calling_ae: str, ae_title: str, host: str, port: int) -> dict[str, Any]:
     """C-ECHO a remote AE: {'ok', 'result', 'round_trip_ms'}."""
     from pynetdicom import AE
+    from node.scu import associate
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(Verification)
     start = time.monotonic()
-    assoc = ae.associate(host, port, ae_title=ae_title)
+    assoc = associate(ae, host, port, ae_title=ae_title)
     if not assoc.is_established:
         return {"ok": False, "result": "association rejected" if assoc.is_rejected else "no answer or aborted",
                 "round_trip_ms": None}

@@ -251,11 +251,12 @@ def push(paths: list[Path], port: int) -> int:
     """C-STORE the files to the node on one association, with a progress bar; failures counted."""
     import pydicom
     from pynetdicom import AE
+    from node.scu import associate
     from pynetdicom.sop_class import CTImageStorage
 
     ae = AE(ae_title=MODALITY_AE)
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+    assoc = associate(ae, "127.0.0.1", port, ae_title="AINODE")
     if not assoc.is_established:
         raise RuntimeError("the node refused the association")
     failed = 0

@@ -238,6 +238,7 @@ def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, setting
     sender killed mid-batch re-sends only what was in flight).
     """
     from pynetdicom import AE
+    from node.scu import associate
     from pydicom.uid import ExplicitVRLittleEndian
 
     ae = AE(ae_title=calling_ae)
@@ -253,7 +254,7 @@ def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, setting
     kwargs: dict[str, Any] = {"ae_title": dest.ae_title}
     if dest.tls.enabled:
         kwargs["tls_args"] = (_tls_context(dest), dest.host)
-    assoc = ae.associate(dest.host, dest.port, **kwargs)
+    assoc = associate(ae, dest.host, dest.port, **kwargs)
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted \
             else "connection failed"
@@ -525,6 +526,7 @@ def request_commitment(settings: Settings, dest: Destination, rows: list[Deliver
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
     from pynetdicom import AE
+    from node.scu import associate
 
     transaction_uid = generate_uid(prefix=None)
     request = Dataset()
@@ -542,7 +544,7 @@ def request_commitment(settings: Settings, dest: Destination, rows: list[Deliver
                         .values(commitment="requested", transaction_uid=transaction_uid))
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = associate(ae, dest.host, dest.port, ae_title=dest.ae_title)
     reason = "association failed"
     if assoc.is_established:
         status, _ = assoc.send_n_action(request, 1, STORAGE_COMMITMENT_PUSH, "1.2.840.10008.1.20.1.1")

@@ -1030,6 +1030,8 @@ class ReusePortServer(ThreadedAssociationServer):
         that connects and sends nothing would stall every other connection to this receiver.
         """
         client, address = self.socket.accept()
+        # Answers go out at once, whatever pynetdicom writes in pieces (see scu.associate).
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             client.settimeout(self.ae.acse_timeout)  # a silent TLS peer cannot hold a thread forever
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom import uid as dcm_uid
 from pynetdicom import AE, _config
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -38,6 +40,24 @@ def parse_target(text: str) -> Target:
     return Target(m.group(1), m.group(2).strip("[]"), int(m.group(3)))
 
 
+def associate(ae: AE, host: str, port: int, **kwargs: Any) -> Association:
+    """``ae.associate`` with TCP_NODELAY on the established association's socket.
+
+    pynetdicom leaves Nagle's algorithm on. A C-STORE is written as a command PDU and then a data
+    set PDU; when the data set is smaller than a segment (an SR, a KOS, most SEGs), Nagle holds it
+    until the peer acknowledges the command, and the peer delays that acknowledgement: about 40 ms
+    per object (measured against Orthanc on loopback: 49 ms per small object, 8 ms with this).
+    """
+    assoc = ae.associate(host, port, **kwargs)
+    sock = getattr(assoc.dul.socket, "socket", None) if assoc.is_established else None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # not TCP (or already closed): nothing to tune
+            pass
+    return assoc
+
+
 def _quiet() -> None:
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
@@ -54,7 +74,7 @@ def echo(target: str, calling_ae: str) -> int:
         return 2
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(t.host, t.port, ae_title=t.ae_title)
+    assoc = associate(ae, t.host, t.port, ae_title=t.ae_title)
     if not assoc.is_established:
         console.print(f"association with {t.ae_title} at {t.host}:{t.port} failed "
                       f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})", style="red")
@@ -131,7 +151,7 @@ def _send_batch(t: Target, calling_ae: str, pairs: set[tuple[str, str]],
     ae = AE(ae_title=calling_ae)
     for sop_class, ts in sorted(pairs):
         ae.add_requested_context(sop_class, [dcm_uid.UID(ts)])
-    assoc = ae.associate(t.host, t.port, ae_title=t.ae_title)
+    assoc = associate(ae, t.host, t.port, ae_title=t.ae_title)
     if not assoc.is_established:
         console.print(f"association with {t.ae_title} at {t.host}:{t.port} failed", style="red")
         progress.advance(task, len(batch))

@@ -135,3 +135,34 @@ def test_mpps_only_from_peers_allowed_to_send_it(tmp_path):
             assoc.release()
         assert answers["STOREONLY"] == 0x0124
         assert answers["MODALITY"] != 0x0124
+
+
+def test_associations_send_without_nagle_delay(node):
+    """Both ends set TCP_NODELAY: a small data set after its command PDU must not wait for a
+    delayed ACK (~40 ms per result object otherwise)."""
+    import socket
+    from types import SimpleNamespace
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from node.receiver import ReusePortServer
+    from node.scu import associate
+
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = associate(ae, "127.0.0.1", node.port, ae_title=node.ae_title)
+    try:
+        assert assoc.is_established
+        assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        assoc.release()
+    # The receiver's accept: what its listening socket hands to an association.
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    accepted, _ = ReusePortServer.get_request(SimpleNamespace(socket=listener, ssl_context=None))
+    try:
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        for s in (accepted, peer, listener):
+            s.close()
