@@ -215,7 +215,7 @@ def orthanc_run(files: list[Path], associations: int, work: Path) -> tuple[float
         cpu0 = tree_cpu_s(pacs.proc.pid)
         seconds = push(pacs.dicom_port, PACS_AE, files, associations)
         cpu = tree_cpu_s(pacs.proc.pid) - cpu0
-        stored = json.loads(pacs._get("/statistics"))["CountInstances"]
+        stored = pacs.instance_count()
         if stored != len(files):
             raise RuntimeError(f"Orthanc stored {stored} of {len(files)} instances")
         return seconds, cpu

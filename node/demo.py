@@ -100,6 +100,10 @@ class OrthancPACS:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
             return r.read()
 
+    def instance_count(self) -> int:
+        """How many instances the PACS holds."""
+        return int(json.loads(self._get("/statistics"))["CountInstances"])
+
     def objects(self, study_uid: str) -> dict[str, bytes]:
         """SOP Instance UID -> file bytes of every instance of the study held by the PACS."""
         request = urllib.request.Request(
