@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 import torch  # noqa: E402
 
-from workers import imaging, registry  # noqa: E402
+from workers.analysis import imaging, registry  # noqa: E402
 
 
 def naive_load(paths: list[Path]) -> np.ndarray:

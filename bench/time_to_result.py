@@ -69,7 +69,7 @@ def write_phantom(slices: int, size: int, seed: int = 7) -> list[Path]:
     Rendering 300 slices takes minutes on a small CPU and is not part of the measurement; the
     study is re-pushed with fresh UIDs on every run so the node never sees it as a duplicate.
     """
-    from workers import phantoms
+    from workers.synthetic import phantoms
 
     folder = Path(tempfile.gettempdir()) / f"ainode-phantom-{slices}x{size}x{size}-{seed}"
     done = folder / "complete"
@@ -135,8 +135,8 @@ def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str
 def replay_split(files: list[Path], work: Path, warm_files: list[Path]) -> dict[str, float]:
     """load / inference / write seconds of the same analysis replayed in this process, warmed up
     first on the warm-up study as the worker was (model loaded, libraries imported)."""
-    from workers.imaging import load_series
-    from workers.registry import run_analysis
+    from workers.analysis.imaging import load_series
+    from workers.analysis.registry import run_analysis
     from workers.results import ResultContext, write_results
 
     write_results(run_analysis(ANALYSIS, load_series(warm_files), {}),

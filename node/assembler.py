@@ -23,11 +23,11 @@ import pydicom
 from sqlalchemy import ForeignKey, Integer, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from node import mpps
-from node.db import Base, ChangeGate, engine_for, session_scope
+from node.ingest import mpps
+from node.core.db import Base, ChangeGate, engine_for, session_scope
 from node.index import Instance, Series, Study, utcnow
-from node.jobs import aware
-from node.settings import Settings, Timers
+from node.jobs.table import aware
+from node.core.settings import Settings, Timers
 
 log = logging.getLogger("ainode.assembler")
 

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from node.settings import ConfigError, Settings, load_settings, resolve_paths
+from node.core.settings import ConfigError, Settings, load_settings, resolve_paths
 
 app = typer.Typer(help="ainode: a DICOM node that runs deep-learning analyses and returns DICOM results.",
                   no_args_is_help=True, add_completion=False)
@@ -38,7 +38,7 @@ def settings_from(config: Optional[Path]) -> Settings:
 
 def unknown_analyses(settings: Settings) -> list[str]:
     """Rules naming an analysis that is neither built in, configured, nor a diagnostic one."""
-    from workers.registry import AnalysisError, available_analyses
+    from workers.analysis.registry import AnalysisError, available_analyses
     from workers.tasks import DIAGNOSTIC_ANALYSES
 
     try:
@@ -99,7 +99,7 @@ def worker(config: Optional[Path] = ConfigOpt,
 def echo(target: str = typer.Argument(..., help="AE@HOST:PORT"),
          calling_ae: str = typer.Option("AINODE", "--aet", help="Our calling AE title.")) -> None:
     """C-ECHO a remote AE to test a link."""
-    from node.scu import echo as do_echo
+    from node.dispatch.scu import echo as do_echo
 
     raise typer.Exit(do_echo(target, calling_ae))
 
@@ -109,7 +109,7 @@ def send(target: str = typer.Argument(..., help="AE@HOST:PORT"),
          paths: list[Path] = typer.Argument(..., help="DICOM files or folders."),
          calling_ae: str = typer.Option("AINODE", "--aet", help="Our calling AE title.")) -> None:
     """C-STORE files to a remote AE, with a progress bar."""
-    from node.scu import send as do_send
+    from node.dispatch.scu import send as do_send
 
     raise typer.Exit(do_send(target, paths, calling_ae))
 
@@ -118,7 +118,7 @@ def send(target: str = typer.Argument(..., help="AE@HOST:PORT"),
 def status(config: Optional[Path] = ConfigOpt,
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """What the node holds and where each stage stands."""
-    from node.status import print_status
+    from node.admin.status import print_status
 
     raise typer.Exit(print_status(settings_from(config), as_json))
 
@@ -145,7 +145,7 @@ def train(model: str = typer.Argument(..., help="Reference model to train (see `
 @app.command()
 def models(config: Optional[Path] = ConfigOpt) -> None:
     """List the installed analyses with version, checksum and model card."""
-    from workers.registry import print_models
+    from workers.analysis.registry import print_models
 
     raise typer.Exit(print_models(settings_from(config)))
 

@@ -241,7 +241,7 @@ class DemoNode:
 
 def make_study(folder: Path) -> tuple[str, list[Path]]:
     """A generated abdomen CT phantom with lesions, written as a DICOM series."""
-    from workers import phantoms
+    from workers.synthetic import phantoms
 
     phantom = phantoms.make_ct_phantom(seed=2024, liver_lesions=(2, 2), lung_nodules=(1, 1))
     paths = phantoms.write_ct_series(phantom, folder, patient_id="DEMO0001", patient_name="Demo^Phantom",
@@ -255,7 +255,7 @@ def push(paths: list[Path], port: int) -> int:
     """C-STORE the files to the node on one association, with a progress bar; failures counted."""
     import pydicom
     from pynetdicom import AE
-    from node.scu import associate
+    from node.dispatch.scu import associate
     from pynetdicom.sop_class import CTImageStorage
 
     ae = AE(ae_title=MODALITY_AE)
@@ -329,8 +329,8 @@ def print_results(view: dict[str, Any], in_pacs: dict[str, bytes]) -> None:
 def write_key_slice(config_path: Path, study_uid: str, target: Path) -> tuple[int, int]:
     """Render the key slice (the largest lesion at its widest; ``node.keyslice.key_slices``, as on
     the dashboard's study page) with the overlay to ``target``; (slice index, findings on it)."""
-    from node.keyslice import key_slices, render_png, study_overlay
-    from node.settings import load_settings, resolve_paths
+    from node.admin.keyslice import key_slices, render_png, study_overlay
+    from node.core.settings import load_settings, resolve_paths
 
     settings = resolve_paths(load_settings(config_path), config_path.parent)
     overlay = study_overlay(settings, study_uid)
@@ -346,7 +346,7 @@ def run_demo(out: Path | None, workdir: Path | None, analysis: str = ANALYSIS) -
     workdir.mkdir(parents=True, exist_ok=True)
     console.rule("ainode demo")
     console.print(f"work folder: {workdir}")
-    from workers.registry import available_analyses
+    from workers.analysis.registry import available_analyses
 
     weights = getattr(available_analyses().get(analysis), "weights", None)
     if weights is not None and not Path(weights).exists():

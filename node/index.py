@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from node.db import Base
+from node.core.db import Base
 
 
 def utcnow() -> datetime:

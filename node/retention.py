@@ -18,10 +18,10 @@ from typing import Callable
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from node.db import engine_for, session_scope
+from node.core.db import engine_for, session_scope
 from node.index import Instance, Patient, Series, Study, utcnow
-from node.jobs import PENDING_STATES, Job
-from node.settings import Settings
+from node.jobs.table import PENDING_STATES, Job
+from node.core.settings import Settings
 
 log = logging.getLogger("ainode.retention")
 

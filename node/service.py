@@ -20,21 +20,21 @@ import threading
 import time
 from typing import Any, Callable
 
-from node import store
-from node.db import dispose_engines, engine_for, init_db
-from node.settings import Settings
+from node.ingest import store
+from node.core.db import dispose_engines, engine_for, init_db
+from node.core.settings import Settings
 
 log = logging.getLogger("ainode.service")
 
-STAGE_MODULES = ("node.assembler", "node.router", "node.jobs", "node.reconciler",
-                 "node.dispatcher", "node.api", "node.retention")
+STAGE_MODULES = ("node.assembler", "node.router", "node.jobs.table", "node.jobs.reconciler",
+                 "node.dispatch.outbox", "node.admin.api", "node.retention")
 _PR_SET_PDEATHSIG = 1
 _READY_TIMEOUT_S = 60.0
 
 
 def configure_logging() -> None:
     """One log format for every process; pynetdicom kept quiet (no identifiers)."""
-    from node.receiver import quiet_pynetdicom
+    from node.ingest.receiver import quiet_pynetdicom
 
     root = logging.getLogger()
     if not root.handlers:
@@ -70,7 +70,7 @@ def stage_hooks(name: str) -> list[Any]:
 def mpps_handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
     """MPPS event handlers from node.mpps, when that stage provides them."""
     try:
-        module = importlib.import_module("node.mpps")
+        module = importlib.import_module("node.ingest.mpps")
     except ImportError:
         return []
     hook = getattr(module, "handlers", None)
@@ -81,7 +81,7 @@ def commitment_handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any
     """Storage Commitment N-EVENT-REPORT handlers, when a destination asks for commitment."""
     if not any(d.storage_commitment for d in settings.destinations):
         return []
-    from node.dispatcher import commitment_handlers as handlers
+    from node.dispatch.outbox import commitment_handlers as handlers
 
     return list(handlers(settings))
 
@@ -108,9 +108,9 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the main process's business
     dispose_engines()  # connections are never shared across fork
-    from node.receiver import Receiver
+    from node.ingest.receiver import Receiver
 
-    from node import audit
+    from node.core import audit
 
     audit.configure(settings.audit, settings.node.ae_title)  # refused peers are Security Alerts
     receiver = Receiver(settings, engine_for(settings.database.url), slots, row, mpps_handlers(settings),
@@ -149,7 +149,7 @@ def _drain(server: Any) -> None:
 
 def recover_landed(settings: Settings) -> None:
     """Index every instance answered Success before a crash but not indexed (before receivers run)."""
-    from node.receiver import Indexer, recover_all
+    from node.ingest.receiver import Indexer, recover_all
 
     indexer = Indexer(engine_for(settings.database.url), settings.storage.path, settings.node.duplicate_policy,
                       background=False)
@@ -163,7 +163,7 @@ class ReceiverPool:
     """The receiver processes, supervised from the main process."""
 
     def __init__(self, settings: Settings):
-        from node.receiver import AssociationSlots
+        from node.ingest.receiver import AssociationSlots
 
         self.settings = settings
         self.count = receiver_count(settings)

@@ -23,7 +23,7 @@ def postgres_url() -> Iterator[str]:
     except Exception as err:  # noqa: BLE001
         pytest.skip(f"PostgreSQL not available: {type(err).__name__}")
     yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    from node.db import dispose_engines
+    from node.core.db import dispose_engines
 
     dispose_engines()
     with admin.connect() as conn:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from node.settings import ConfigError, load_settings
+from node.core.settings import ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "config" / "ainode.example.yaml"

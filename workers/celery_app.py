@@ -20,7 +20,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 from kombu import Queue
 
-from node.settings import Settings
+from node.core.settings import Settings
 
 log = logging.getLogger("ainode.worker")
 
@@ -34,7 +34,7 @@ _configured_for: dict[str, Any] | None = None
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery configuration derived from the node settings."""
-    from node.jobs import ANALYSIS_QUEUE, DELIVERY_QUEUE, PRIORITY_STEPS
+    from node.jobs.table import ANALYSIS_QUEUE, DELIVERY_QUEUE, PRIORITY_STEPS
 
     longest_hard = max([a.time_limit_s for a in settings.analyses] + [900])
     visibility = max(settings.broker.visibility_timeout_s, longest_hard + 60)
@@ -100,7 +100,7 @@ def current_settings() -> Settings:
     if SETTINGS is None:
         from pathlib import Path
 
-        from node.settings import load_settings, resolve_paths
+        from node.core.settings import load_settings, resolve_paths
 
         path = os.environ.get("AINODE_CONFIG")
         loaded = load_settings(path)
@@ -111,7 +111,7 @@ def current_settings() -> Settings:
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
     # A forked pool process must not share the parent's database connections.
-    from node.db import dispose_engines
+    from node.core.db import dispose_engines
 
     dispose_engines()
 
@@ -123,7 +123,7 @@ def _init_db_beside_node(url: str) -> None:
 
     from sqlalchemy.exc import OperationalError
 
-    from node.db import init_db
+    from node.core.db import init_db
 
     for attempt in range(5):
         try:

@@ -29,11 +29,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 from sqlalchemy import func, select, update
 
-from node.db import engine_for, session_scope
+from node.core.db import engine_for, session_scope
 from node.index import Instance, Series, Study, utcnow
-from node.jobs import (DEAD, FAILED, FINAL_STATES, PENDING_STATES, RETRYING, RUNNING, SUCCEEDED, Job, aware,
-                       publish_job, worker_identity)
-from node.settings import Settings
+from node.jobs.table import (DEAD, FAILED, FINAL_STATES, PENDING_STATES, RETRYING, RUNNING, SUCCEEDED, Job, aware, publish_job, worker_identity)
+from node.core.settings import Settings
 from workers.celery_app import app, current_settings
 
 log = logging.getLogger("ainode.tasks")
@@ -206,10 +205,10 @@ def run_diagnostic(job: Job, inputs: list[tuple[str, str, Path]], attempt: int) 
 
 def run_model_job(settings: Settings, job: Job, inputs: list[tuple[str, str, Path]]) -> tuple[list[Path], dict[str, Any]]:
     """The real path: load the series as a volume, run the analysis, write DICOM results."""
-    from workers.imaging import load_series
-    from workers.registry import AnalysisError
-    from workers.registry import run_analysis as run_registered
-    from node.settings import CapabilityProfile
+    from workers.analysis.imaging import load_series
+    from workers.analysis.registry import AnalysisError
+    from workers.analysis.registry import run_analysis as run_registered
+    from node.core.settings import CapabilityProfile
     from workers.results import write_results
     from workers.results.context import ResultContext
 
@@ -283,12 +282,12 @@ def _succeed(settings: Settings, job: Job, attempt: int, me: str, outputs: list[
             return "skipped"
         delivery_ids = []
         if outputs and job.destination_names():
-            from node.dispatcher import enqueue_results
+            from node.dispatch.outbox import enqueue_results
 
             delivery_ids = list(enqueue_results(session, job.id, outputs, job.destination_names(), settings=settings) or [])
         _mark_study_done(session, job.id)
     log.info("job %s succeeded (%d result objects)", job.id, len(outputs))
-    from node.jobs import publish_delivery
+    from node.jobs.table import publish_delivery
 
     for delivery_id in delivery_ids:
         if isinstance(delivery_id, int):
@@ -320,7 +319,7 @@ def run_analysis(self: Any, job_id: int) -> str:
 @app.task(name="ainode.deliver", acks_late=True, reject_on_worker_lost=True)
 def deliver(delivery_id: int) -> Any:
     """Send one result delivery (the dispatcher's outbox row decides what and where)."""
-    from node.dispatcher import deliver as dispatch
+    from node.dispatch.outbox import deliver as dispatch
 
     return dispatch(int(delivery_id), current_settings())
 

@@ -1,6 +1,6 @@
 """training: ``ainode train MODEL`` reproduces a reference model from generated phantoms.
 
-Each module in ``workers.models`` that defines ``train(out, quick) -> dict`` is a trainable model,
+Each module in ``workers.analysis.models`` that defines ``train(out, quick) -> dict`` is a trainable model,
 named by its ``TRAIN_NAME`` (else the module name), e.g. ``segmentation``. The summary the train
 function returns (steps, loss, seconds, weight path) is printed as JSON on stdout; everything else
 goes to stderr.
@@ -126,7 +126,7 @@ def _fmt(value: Any) -> str:
 
 def trainers() -> dict[str, Callable[..., dict]]:
     """Trainable models by name: {name: train(out, quick) -> summary}."""
-    import workers.models as pkg
+    import workers.analysis.models as pkg
 
     found: dict[str, Callable[..., dict]] = {}
     for info in pkgutil.iter_modules(pkg.__path__):

@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
-from node.db import dispose_engines, engine_for, init_db, session_scope
+from node.core.db import dispose_engines, engine_for, init_db, session_scope
 from node.index import Instance, Patient, Series, Study, utcnow
-from node.settings import Settings, load_settings, resolve_paths
+from node.core.settings import Settings, load_settings, resolve_paths
 from tests.helpers import free_port, port_open, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

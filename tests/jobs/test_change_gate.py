@@ -9,7 +9,7 @@ import time
 from sqlalchemy import text
 
 from node import assembler
-from node.db import ChangeGate, engine_for, init_db
+from node.core.db import ChangeGate, engine_for, init_db
 from tests.jobs.conftest import add_study
 
 CT_RULE = {"name": "ct-count", "match": {"modality": "CT"}, "analyses": ["count-instances"], "priority": "stat"}

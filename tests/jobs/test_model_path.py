@@ -36,7 +36,7 @@ class Threshold(torch.nn.Module):
 
 
 def test_job_runs_a_configured_model_and_records_results_for_delivery(tmp_path):
-    from workers import phantoms
+    from workers.synthetic import phantoms
 
     model = tmp_path / "threshold.pt"
     torch.jit.script(Threshold()).save(str(model))

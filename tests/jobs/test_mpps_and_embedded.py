@@ -10,10 +10,12 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select
 
-from node import assembler, jobs as node_jobs, mpps
-from node.db import engine_for, session_scope
+from node import assembler
+from node.jobs import table as node_jobs
+from node.ingest import mpps
+from node.core.db import engine_for, session_scope
 from node.index import Study
-from node.jobs import Job
+from node.jobs.table import Job
 from tests.helpers import free_port, wait_for
 from tests.jobs.conftest import add_study
 from tests.jobs.test_completion_and_routing import CT_RULE, _mpps_completed, _mpps_create

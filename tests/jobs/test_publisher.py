@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import redis
 
-from node.jobs import publish_delivery
-from node.settings import load_settings
+from node.jobs.table import publish_delivery
+from node.core.settings import load_settings
 from tests.jobs.conftest import RedisServer
 
 

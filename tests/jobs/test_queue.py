@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from node import assembler, reconciler
-from node.db import engine_for, session_scope
-from node.jobs import Job, status_summary
+from node import assembler
+from node.jobs import reconciler
+from node.core.db import engine_for, session_scope
+from node.jobs.table import Job, status_summary
 from tests.helpers import wait_for
 from tests.jobs.conftest import add_study
 
@@ -144,7 +145,7 @@ def test_failing_analysis_retries_then_is_dead(make_settings, redis_server, work
 @pytest.mark.postgres
 def test_duplicate_messages_and_two_workers_on_postgres_run_each_job_once(make_settings, redis_server, workers,
                                                                           node_dir, postgres_url):
-    from node.jobs import publish_job
+    from node.jobs.table import publish_job
 
     record = node_dir / "completions.txt"
     settings = make_settings(redis_server.url, database={"url": postgres_url},

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from sqlalchemy import inspect, text, update
 
-from node import api, audit
-from node.db import dispose_engines, engine_for, init_db, session_scope
-from node.dispatcher import Delivery
+from node.admin import api
+from node.core import audit
+from node.core.db import dispose_engines, engine_for, init_db, session_scope
+from node.dispatch.outbox import Delivery
 from node.index import Study
-from node.settings import AuditSettings
+from node.core.settings import AuditSettings
 from tests.jobs.conftest import add_study
 
 

@@ -10,11 +10,11 @@ import pydicom
 import pytest
 import torch
 
-from workers import imaging, phantoms, registry
-from workers.findings import Volume
-from workers.models import classification as cls_model
-from workers.phantoms_projection import (DX_FOR_PRESENTATION, Radiograph, add_nodule, attenuation_paths, expose,
-                                         lung_thickness, projection_source, radiographs_of, write_dx)
+from workers.analysis import imaging, registry
+from workers.synthetic import phantoms
+from workers.analysis.findings import Volume
+from workers.analysis.models import classification as cls_model
+from workers.synthetic.projection import (DX_FOR_PRESENTATION, Radiograph, add_nodule, attenuation_paths, expose, lung_thickness, projection_source, radiographs_of, write_dx)
 
 HELD_OUT_SEED = 424_242  # training uses phantom seeds 10000-30999
 

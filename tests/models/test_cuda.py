@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from workers import imaging, registry
-from workers.models import segmentation
+from workers.analysis import imaging, registry
+from workers.analysis.models import segmentation
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from workers import imaging, phantoms, registry
-from workers.findings import Volume
-from workers.models import denoising as dn
+from workers.analysis import imaging, registry
+from workers.synthetic import phantoms
+from workers.analysis.findings import Volume
+from workers.analysis.models import denoising as dn
 
 HELD_OUT_SEED = 13_579  # training uses 4000-6000 + seed
 

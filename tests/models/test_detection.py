@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers import registry
-from workers.imaging import load_series
-from workers.models import detection
-from workers.phantoms import make_ct_phantom, write_ct_series
+from workers.analysis import registry
+from workers.analysis.imaging import load_series
+from workers.analysis.models import detection
+from workers.synthetic.phantoms import make_ct_phantom, write_ct_series
 
 HELD_OUT = range(900_000, 900_010)  # never used for training (seeds < 100_000) or tuning (800_000+)
 

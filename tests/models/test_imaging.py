@@ -11,8 +11,8 @@ import pydicom
 import pytest
 from pydicom import uid as UID
 
-from workers.imaging import SeriesError, canonical_grid, load_series, resample_back, resample_to_grid
-from workers.phantoms import make_ct_phantom, write_ct_series
+from workers.analysis.imaging import SeriesError, canonical_grid, load_series, resample_back, resample_to_grid
+from workers.synthetic.phantoms import make_ct_phantom, write_ct_series
 
 DATA_STORE = Path(__import__("data_store").__file__).parent / "data"
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from workers import phantoms, registry
-from workers.findings import SourceFrame, Volume
-from workers.imaging import load_series
-from workers.models import lesion_refinement, segmentation
-from workers.registry import RunContext
+from workers.synthetic import phantoms
+from workers.analysis import registry
+from workers.analysis.findings import SourceFrame, Volume
+from workers.analysis.imaging import load_series
+from workers.analysis.models import lesion_refinement, segmentation
+from workers.analysis.registry import RunContext
 from tests.helpers import train_quick
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from node.settings import AnalysisSettings, Settings
-from workers import registry
-from workers.imaging import load_series
-from workers.phantoms import make_ct_phantom, write_ct_series
+from node.core.settings import AnalysisSettings, Settings
+from workers.analysis import registry
+from workers.analysis.imaging import load_series
+from workers.synthetic.phantoms import make_ct_phantom, write_ct_series
 
 ROOT = Path(__file__).resolve().parents[2]
 WINDOW = (-1024.0, 976.0)  # 0..1 over 2000 HU

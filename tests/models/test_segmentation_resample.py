@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers import imaging, registry
-from workers.findings import SourceFrame, Volume
-from workers.models import generic, segmentation
-from workers.phantoms import make_ct_phantom
+from workers.analysis import imaging, registry
+from workers.analysis.findings import SourceFrame, Volume
+from workers.analysis.models import generic, segmentation
+from workers.synthetic.phantoms import make_ct_phantom
 
 
 def _volume(pixels: np.ndarray, affine: np.ndarray) -> Volume:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from node import audit
-from node.settings import AuditSettings
+from node.core import audit
+from node.core.settings import AuditSettings
 from tests.helpers import free_port, wait_for
 from tests.ops.conftest import Client, audit_text, make_ct_study, node_with_api, storescu, wait_phase
 
@@ -143,7 +143,7 @@ def _mark_ready(node, study_uid: str) -> None:
 
     from sqlalchemy import update
 
-    from node.db import dispose_engines, engine_for, session_scope
+    from node.core.db import dispose_engines, engine_for, session_scope
     from node.index import Study
     from tests.jobs.conftest import add_study, settings_from
 

@@ -21,7 +21,7 @@ SEG, COMPREHENSIVE_3D_SR, KOS = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5
 
 
 def test_demo_delivers_every_result_to_the_test_pacs(tmp_path: Path):
-    from workers.models.segmentation import WEIGHTS
+    from workers.analysis.models.segmentation import WEIGHTS
 
     if not WEIGHTS.exists():
         pytest.skip(f"the ct-segmentation weights are not in this checkout ({WEIGHTS}); `ainode train` makes them")
@@ -60,7 +60,7 @@ def test_demo_fails_when_the_test_pacs_gets_nothing(tmp_path: Path, capsys):
 
 
 def test_demo_without_orthanc_uses_the_builtin_storage_scp(tmp_path: Path, monkeypatch, capsys):
-    from workers.models.segmentation import WEIGHTS
+    from workers.analysis.models.segmentation import WEIGHTS
 
     if not WEIGHTS.exists():
         pytest.skip(f"the ct-segmentation weights are not in this checkout ({WEIGHTS})")

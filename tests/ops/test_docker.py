@@ -20,7 +20,7 @@ import typer.main
 import yaml
 
 from node.cli import app as cli_app
-from node.settings import ConfigError, load_settings
+from node.core.settings import ConfigError, load_settings
 from tests.helpers import REPO_ROOT
 
 DOCKER = REPO_ROOT / "docker"
@@ -158,7 +158,7 @@ def test_the_cli_parser_check_can_fail():
 def test_ports_and_healthchecks_match_the_settings():
     from fastapi.testclient import TestClient
 
-    from node.api import create_app
+    from node.admin.api import create_app
 
     settings = settings_for("node")
     node = compose()["services"]["node"]

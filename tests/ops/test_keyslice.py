@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from node.keyslice import Mark, StudyOverlay, detections_on, key_slices, overlay_from_files, render_png
+from node.admin.keyslice import Mark, StudyOverlay, detections_on, key_slices, overlay_from_files, render_png
 from tests.results.synthetic import LIVER, NODULE, volume_of, write_ct_series
-from workers.findings import Detection, Findings, Segment
+from workers.analysis.findings import Detection, Findings, Segment
 from workers.results import ResultContext, write_results
 
 SHAPE = (24, 64, 64)

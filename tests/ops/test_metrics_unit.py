@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from node.metrics import gpu_status, parse_nvidia_smi
+from node.core.metrics import gpu_status, parse_nvidia_smi
 
 
 def test_nvidia_smi_rows_are_parsed_to_bytes_and_ratios():

@@ -115,7 +115,7 @@ def test_a_progress_callback_without_a_terminal_is_throttled_to_a_few_log_lines(
 def test_step_lines_from_the_logging_module_move_the_bar_even_without_a_total():
     """A time-budgeted trainer (ct-segmentation) logs 'step N loss ...' with the logging module."""
     console, buffer = live_console()
-    model_log = logging.getLogger("workers.models.fake_budgeted")
+    model_log = logging.getLogger("workers.analysis.models.fake_budgeted")
     model_log.setLevel(logging.INFO)
     with TrainingProgress("budgeted", console, live=True) as reporter:
         for step in (50, 100, 150):

@@ -68,7 +68,7 @@ def settled(node: NodeProcess, timeout: float = 120.0) -> None:
 
 
 def _journals_retired(node: NodeProcess) -> bool:
-    from node import journal
+    from node.ingest import journal
 
     for path in journal.journal_files(node.storage):
         jrnl, records = journal.Journal.open(path, create=False)

@@ -9,7 +9,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_files
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
-from node import receiver
+from node.ingest import receiver
 
 
 def _encoded(path: str) -> tuple[memoryview, str] | None:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from node import journal
+from node.ingest import journal
 
 
 def _open(path, size=1 << 20):

@@ -137,7 +137,7 @@ def test_tls_with_client_certificate(tmp_path, tls_files):
 
 
 def test_mpps_context_added_when_stage_provides_handlers(tmp_path):
-    from node import mpps
+    from node.ingest import mpps
 
     if not callable(getattr(mpps, "handlers", None)):
         pytest.skip("node.mpps has no handlers() yet")
@@ -183,7 +183,7 @@ def test_index_on_postgresql(tmp_path):
             assert index_count(node) == 2
             assert echoscu(node).returncode == 0
     finally:
-        from node.db import dispose_engines
+        from node.core.db import dispose_engines
 
         dispose_engines()
         with psycopg.connect("host=127.0.0.1 user=postgres dbname=test", autocommit=True) as conn:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node import store
+from node.ingest import store
 
 
 def test_guard_refuses_exactly_like_ensure_space_near_the_reserve(tmp_path, monkeypatch):

@@ -9,10 +9,9 @@ import pytest
 from pydicom.uid import CTImageStorage
 from sqlalchemy import select
 
-from node.db import init_db, session_scope
-from node.dispatcher import (DELIVERED, FAILED, PENDING, SKIPPED, Delivery, backoff_s, classify_dimse_status,
-                             deliver, deliver_due, enqueue_results, status_summary)
-from node.settings import CapabilityProfile, Settings
+from node.core.db import init_db, session_scope
+from node.dispatch.outbox import (DELIVERED, FAILED, PENDING, SKIPPED, Delivery, backoff_s, classify_dimse_status, deliver, deliver_due, enqueue_results, status_summary)
+from node.core.settings import CapabilityProfile, Settings
 from tests.helpers import wait_for
 from tests.results.peers import StoreSCP, StowServer
 from tests.results.synthetic import segmentation_findings

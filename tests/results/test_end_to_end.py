@@ -16,8 +16,8 @@ import pydicom
 import pytest
 
 from tests.helpers import NodeProcess, wait_for
-from workers import phantoms
-from workers.models import segmentation
+from workers.synthetic import phantoms
+from workers.analysis.models import segmentation
 
 pytestmark = pytest.mark.slow
 

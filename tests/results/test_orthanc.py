@@ -12,8 +12,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
-from node.dispatcher import DELIVERED, deliver_due
-from node.settings import CapabilityProfile
+from node.dispatch.outbox import DELIVERED, deliver_due
+from node.core.settings import CapabilityProfile
 from tests.helpers import wait_for
 from tests.results.peers import Orthanc
 from tests.results.synthetic import detection_findings, segmentation_findings, volume_of, write_ct_series
@@ -98,7 +98,7 @@ def test_storage_commitment_with_orthanc(tmp_path, ct):
     """N-ACTION to Orthanc; its N-EVENT-REPORT arrives on a new association and is recorded."""
     from pynetdicom import AE
 
-    from node.dispatcher import STORAGE_COMMITMENT_PUSH, commitment_handlers
+    from node.dispatch.outbox import STORAGE_COMMITMENT_PUSH, commitment_handlers
     from tests.helpers import free_port
 
     listener_port = free_port()

@@ -6,10 +6,10 @@ import pydicom
 import pytest
 import yaml
 
-from node.db import init_db, session_scope
-from node.dispatcher import DELIVERED, enqueue_results
-from node.jobs import publish_delivery
-from node.settings import CapabilityProfile, load_settings
+from node.core.db import init_db, session_scope
+from node.dispatch.outbox import DELIVERED, enqueue_results
+from node.jobs.table import publish_delivery
+from node.core.settings import CapabilityProfile, load_settings
 from tests.helpers import wait_for
 from tests.jobs.conftest import RedisServer, Worker
 from tests.results.peers import StoreSCP

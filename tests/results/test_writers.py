@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.settings import CapabilityProfile
+from node.core.settings import CapabilityProfile
 from tests.results.synthetic import detection_findings, segmentation_findings, volume_of, write_ct_series
 from tests.results.validators import dciodvfy_errors, dsrdump, sr_validator_errors
 from workers.results import ResultContext, kind_of, write_results
@@ -90,7 +90,7 @@ def test_seg_round_trip_dice_and_structure(ct, tmp_path):
 def test_seg_from_label_array_equals_stacked_segments_and_overlaps_still_work(ct, tmp_path, monkeypatch):
     """Disjoint segments go to highdicom as one label array: the frames and per-frame groups are
     those of the stacked boolean segments; overlapping segments still take the stacked path."""
-    from workers.findings import Segment
+    from workers.analysis.findings import Segment
     from workers.results import seg as seg_writer
 
     volume, _ = ct
@@ -233,7 +233,7 @@ def test_capability_profiles_choose_fallbacks(ct, tmp_path):
 
 
 def test_reconstruction_and_measurement_only_results(ct, tmp_path):
-    from workers.findings import DerivedImage, Findings, Measurement
+    from workers.analysis.findings import DerivedImage, Findings, Measurement
 
     volume, _ = ct
     recon = Findings(analysis="ct-denoise", algorithm_name="DenoiseNet", algorithm_version="1", model_sha256="2" * 64,

@@ -14,9 +14,8 @@ from typing import Any, Mapping
 
 from pydicom.dataset import Dataset
 
-from workers.findings import Findings
-from workers.results.context import (ALL_KINDS, ResultContext, ResultKind, UIDFactory,
-                                     kinds_for_destinations, wanted_kinds)
+from workers.analysis.findings import Findings
+from workers.results.context import (ALL_KINDS, ResultContext, ResultKind, UIDFactory, kinds_for_destinations, wanted_kinds)
 from workers.results.derived import write_derived
 from workers.results.kos import write_kos
 from workers.results.presentation import write_gsps, write_secondary_captures

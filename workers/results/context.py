@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 
-from node.settings import CapabilityProfile, Settings
+from node.core.settings import CapabilityProfile, Settings
 
 ResultKind = Literal["seg", "sr", "kos", "gsps", "sc", "derived"]
 ALL_KINDS: tuple[ResultKind, ...] = ("seg", "sr", "kos", "gsps", "sc", "derived")

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from workers.findings import Code, DerivedImage, Findings
+from workers.analysis.findings import Code, DerivedImage, Findings
 from workers.results.context import SERIES_NUMBERS, ResultContext, UIDFactory
 from workers.results.sources import SourceImages, add_laterality, contributing_equipment, finish_common
 

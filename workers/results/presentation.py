@@ -8,7 +8,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from workers.findings import Findings
+from workers.analysis.findings import Findings
 from workers.results.context import SERIES_NUMBERS, ResultContext, UIDFactory
 from workers.results.kos import slices_with_findings
 from workers.results.seg import tracking_uid

@@ -6,10 +6,9 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from workers.findings import Code, Findings, Segment
+from workers.analysis.findings import Code, Findings, Segment
 from workers.results.context import SERIES_NUMBERS, ResultContext, UIDFactory, derived_uid
-from workers.results.sources import (SourceImages, algorithm_identification, contributing_equipment,
-                                     finish_common)
+from workers.results.sources import SourceImages, algorithm_identification, contributing_equipment, finish_common
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:

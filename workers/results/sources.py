@@ -13,7 +13,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from workers.findings import Findings, SourceFrame
+from workers.analysis.findings import Findings, SourceFrame
 from workers.results.context import ResultContext
 
 

@@ -13,7 +13,7 @@ from highdicom.sr import (AlgorithmIdentification, DeviceObserverIdentifyingAttr
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from workers.findings import Classification, Code, Detection, Findings, Segment
+from workers.analysis.findings import Classification, Code, Detection, Findings, Segment
 from workers.results.context import SERIES_NUMBERS, ResultContext, UIDFactory, derived_uid
 from workers.results.seg import coded, present_segments, tracking_uid
 from workers.results.sources import SourceImages, contributing_equipment, finish_common, referenced_request

@@ -1,0 +1,100 @@
+"""`ainode status`: what the node holds and where each later stage stands."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+from node.core.db import init_db, session_scope
+from node.index import Instance, Series, Study
+from node.core.settings import Settings
+
+# Stages that may report a section (an optional `status_summary(session) -> dict`).
+STAGE_MODULES = ("node.assembler", "node.jobs.table", "node.dispatch.outbox")
+
+
+def _disk(path: Path) -> dict[str, int]:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    usage = shutil.disk_usage(probe)
+    return {"free_bytes": usage.free, "total_bytes": usage.total}
+
+
+def collect_status(settings: Settings) -> dict[str, Any]:
+    """The status as a dict: index counts, disk, and each stage's own summary."""
+    engine = init_db(settings.database.url)
+    report: dict[str, Any] = {}
+    with session_scope(engine) as session:
+        report["index"] = {
+            "studies": session.scalar(select(func.count()).select_from(Study)) or 0,
+            "series": session.scalar(select(func.count()).select_from(Series)) or 0,
+            "instances": session.scalar(select(func.count()).select_from(Instance)) or 0,
+            "bytes": int(session.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))) or 0),
+        }
+        disk = _disk(Path(settings.storage.path))
+        disk["reserve_bytes"] = int(settings.storage.min_free_bytes)
+        disk["accepting"] = disk["free_bytes"] >= disk["reserve_bytes"]
+        report["storage"] = disk
+        for module_name in STAGE_MODULES:
+            section = module_name.split(".")[-1]
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+            summary = getattr(module, "status_summary", None)
+            if callable(summary):
+                try:
+                    report[section] = summary(session)
+                except Exception as err:  # one stage's trouble must not hide the others
+                    report[section] = {"error": type(err).__name__}
+    return report
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return str(n)
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    # Nested summaries (jobs by state, deliveries by destination) read best as dotted rows.
+    rows: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows.extend(_flat(value, name + "."))
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def print_status(settings: Settings, as_json: bool) -> int:
+    """Print the status (a table, or JSON with --json); 0 on success."""
+    report = collect_status(settings)
+    if as_json:
+        print(json.dumps(report, default=str, sort_keys=True))
+        return 0
+    console = Console()
+    table = Table(title=f"ainode {settings.node.ae_title}", show_header=True)
+    table.add_column("section")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for section, values in report.items():
+        for key, value in _flat(values if isinstance(values, dict) else {"": values}):
+            if key.endswith("bytes") and isinstance(value, int):
+                value = _human(value)
+            table.add_row(section, str(key), str(value))
+            section = ""
+    console.print(table)
+    return 0

@@ -1,0 +1,151 @@
+"""Database engine and session factory shared by every stage (SQLite by default, PostgreSQL)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+
+class Base(DeclarativeBase):
+    """Declarative base for every table of ainode (index, jobs, outbox, audit...)."""
+
+
+# Every module that declares tables on Base; each stage owns its own tables.
+TABLE_MODULES = ("node.index", "node.assembler", "node.jobs.table", "node.dispatch.outbox", "node.core.audit")
+
+_engines: dict[str, Engine] = {}
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    # WAL lets the receivers write while the assembler and API read; synchronous=FULL keeps
+    # every committed transaction on disk through a power loss (our Success promise).
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def sqlite_file(url: str) -> str | None:
+    """The database file of an SQLite URL; None for an in-memory database or another server."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1]
+    return path if path and path != ":memory:" else None
+
+
+def engine_for(url: str) -> Engine:
+    """One engine per URL and process; creates the SQLite file's folder when needed."""
+    if url in _engines:
+        return _engines[url]
+    if url.startswith("sqlite"):
+        path = sqlite_file(url)
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    _engines[url] = engine
+    return engine
+
+
+def init_db(url: str) -> Engine:
+    """Create every table that does not exist yet and return the engine."""
+    # Import the stage modules that define tables so they are registered on Base.metadata.
+    import importlib
+
+    for module in TABLE_MODULES:
+        importlib.import_module(module)
+
+    engine = engine_for(url)
+    Base.metadata.create_all(engine)
+    # create_all skips tables that exist: indexes added to a table since its database was made
+    # (an upgraded node) are created here.
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(engine, checkfirst=True)
+    return engine
+
+
+def dispose_engines() -> None:
+    """Close pooled connections (after fork, or at shutdown)."""
+    for engine in _engines.values():
+        engine.dispose()
+    _engines.clear()
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on error."""
+    session = sessionmaker(bind=engine, expire_on_commit=False)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+class ChangeGate:
+    """Tells a polling loop whether the database may have changed since its last full pass.
+
+    Background stages poll the database several times a second so that a new study is picked up
+    at once; on a node that is idle for hours those passes are pure cost (tens of ms of CPU per
+    second). The gate reads a cheap change token instead — SQLite's ``PRAGMA data_version``
+    (changes whenever another connection, in any process, commits) or PostgreSQL's WAL insert
+    position (moves on any write) — and says a pass is due only when the token moved, or at
+    least every ``max_quiet_s`` seconds (for time-based conditions a token cannot show, such
+    as a heartbeat growing stale). The token is read *before* the pass, so a commit made while
+    the pass runs makes the next one due: no change is missed. No token (an in-memory
+    database, an error reading it) means every pass is due.
+    """
+
+    def __init__(self, url: str, max_quiet_s: float = 5.0):
+        self.url = url
+        self.max_quiet_s = max_quiet_s
+        self._token: object = None
+        self._passed_at = float("-inf")
+        self._sqlite: Any = None
+
+    def due(self) -> bool:
+        """True when a full pass should run now (and remember this moment as its start)."""
+        now = time.monotonic()
+        try:
+            token = self._read_token()
+        except Exception:  # noqa: BLE001 - unknown means "maybe changed"
+            self._close()
+            token = None
+        if token is not None and token == self._token and now - self._passed_at < self.max_quiet_s:
+            return False
+        self._token, self._passed_at = token, now
+        return True
+
+    def _read_token(self) -> object:
+        if self.url.startswith("sqlite"):
+            path = sqlite_file(self.url)
+            if path is None:
+                return None  # in memory: no token to read, every pass is due
+            if self._sqlite is None:
+                # Its own autocommit connection: data_version is per connection and only
+                # moves between transactions.
+                self._sqlite = sqlite3.connect(path, timeout=5, check_same_thread=False, isolation_level=None)
+            return self._sqlite.execute("PRAGMA data_version").fetchone()[0]
+        with engine_for(self.url).connect() as conn:
+            return conn.exec_driver_sql("SELECT pg_current_wal_insert_lsn()").scalar()
+
+    def _close(self) -> None:
+        if self._sqlite is not None:
+            try:
+                self._sqlite.close()
+            finally:
+                self._sqlite = None

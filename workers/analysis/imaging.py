@@ -1,0 +1,476 @@
+"""imaging: stored DICOM instances to a ``Volume`` with exact geometry (and back to grids).
+
+``load_series(paths)`` reads one series, single-frame slices or multi-frame instances (enhanced
+CT/MR, ultrasound cine), decodes any transfer syntax pydicom can (pylibjpeg / GDCM plugins for
+JPEG, JPEG-LS, JPEG 2000, RLE), applies the modality LUT (rescale slope/intercept, per frame),
+and orders slices by their position along the slice normal, never by Instance Number. Slices
+that are not evenly spaced are refused with ``SeriesError`` (a clear reason), because resampling
+would break the one-slice-per-source-image mapping that result objects rely on.
+
+``resample_to_spacing`` / ``resample_back`` move arrays between the source grid and a model's
+working grid, keeping the affine exact so masks land back on the source voxels.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from workers.analysis.findings import SourceFrame, Volume
+
+# Positions within this fraction of the median slice step count as evenly spaced.
+SPACING_TOLERANCE = 0.05
+ORIENTATION_TOLERANCE = 1e-3
+
+
+class SeriesError(ValueError):
+    """The instances cannot be made into one volume; the message says why, for the job record."""
+
+
+@dataclass
+class _Frame:
+    """One 2D image (a slice or one frame) with its geometry and where it came from."""
+
+    pixels: np.ndarray  # (rows, cols) float32 in modality units
+    position: np.ndarray | None  # Image Position (Patient), mm
+    orientation: np.ndarray | None  # 6 direction cosines (row, column)
+    spacing: tuple[float, float]  # (row spacing, column spacing) mm
+    source: SourceFrame
+    order_key: tuple  # fallback order when there is no geometry
+    thickness: float | None = None
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def load_series(paths: Iterable[str | Path], allow_mixed_series: bool = False) -> Volume:
+    """Read the instances of one series into a volume ordered by geometry.
+
+    Raises ``SeriesError`` for unreadable files, mixed series, inconsistent orientation or pixel
+    size, duplicate positions and uneven slice spacing.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise SeriesError("no instances given")
+    datasets = [_read(p) for p in paths]
+    series = {ds.get("SeriesInstanceUID", "") for ds in datasets}
+    if len(series) > 1 and not allow_mixed_series:
+        raise SeriesError(f"the instances belong to {len(series)} different series")
+    frames: list[_Frame] = []
+    frame_time = None
+    for path, ds in zip(paths, datasets):
+        frames.extend(_frames_of(ds, path))
+        frame_time = frame_time or _frame_time_s(ds)
+    first = datasets[0]
+    dynamic = _is_dynamic(frames)
+    if dynamic:
+        frames.sort(key=lambda f: f.order_key)
+        affine = _affine_without_stack(frames[0])
+    else:
+        frames, affine = _stack(frames)
+    _check_same_shape(frames)
+    return Volume(
+        pixels=np.stack([f.pixels for f in frames]).astype(np.float32),
+        affine=affine,
+        sources=[f.source for f in frames],
+        study_instance_uid=str(first.get("StudyInstanceUID", "")),
+        series_instance_uid=str(first.get("SeriesInstanceUID", "")),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        modality=str(first.get("Modality", "OT")),
+        frame_time_s=frame_time if (dynamic or len(frames) > 1) else None,
+    )
+
+
+def _read(path: Path) -> Dataset:
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as err:  # pydicom raises many types for broken files
+        raise SeriesError(f"{path.name}: not a readable DICOM file ({err.__class__.__name__}: {err})") from None
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise SeriesError(f"{path.name}: has no pixel data")
+    return ds
+
+
+def _decode(ds: Dataset, path: Path) -> np.ndarray:
+    """All frames of an instance as (frames, rows, cols) float32 stored values (grey)."""
+    try:
+        arr = ds.pixel_array
+    except Exception as err:
+        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
+        raise SeriesError(f"{path.name}: cannot decode pixel data (transfer syntax {ts}): {err}") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        arr = _to_grey(apply_color_lut(arr, ds), ds)
+    elif samples > 1:
+        arr = _to_grey(arr, ds)
+    if frames == 1 or arr.ndim == 2:
+        arr = arr.reshape((1, *arr.shape[-2:]))
+    return arr.astype(np.float32)
+
+
+def _to_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Colour (e.g. ultrasound) to luminance; pydicom already converted YBR to RGB."""
+    rgb = arr.astype(np.float32)
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def _rescale(values: np.ndarray, ds: Dataset, per_frame: Dataset | None) -> np.ndarray:
+    """Stored values to modality units (HU for CT) with the instance's or frame's slope/intercept."""
+    slope, intercept = ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)
+    if per_frame is not None and "PixelValueTransformationSequence" in per_frame:
+        item = per_frame.PixelValueTransformationSequence[0]
+        slope, intercept = item.get("RescaleSlope", slope), item.get("RescaleIntercept", intercept)
+    slope = float(slope if slope not in (None, "") else 1)
+    intercept = float(intercept if intercept not in (None, "") else 0)
+    return values * slope + intercept
+
+
+def _monochrome1(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """MONOCHROME1 (white is low): invert so that higher values are brighter for every model.
+
+    CT values keep their meaning (HU), so CT is left alone; for projection and other images the
+    inversion uses the range of the stored bits after rescale.
+    """
+    if str(ds.get("PhotometricInterpretation", "")) != "MONOCHROME1" or ds.get("Modality") == "CT":
+        return values
+    bits = int(ds.get("BitsStored", 16))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    lo_r, hi_r = _rescale(np.array([lo, hi], dtype=np.float64), ds, None)
+    return (lo_r + hi_r - values).astype(np.float32)
+
+
+def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
+    """The 2D frames of one instance with their geometry (shared and per-frame groups)."""
+    pixels = _decode(ds, path)
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
+    multi = int(ds.get("NumberOfFrames", 1) or 1) > 1 or per_frame_seq is not None
+    out = []
+    for n in range(pixels.shape[0]):
+        per_frame = per_frame_seq[n] if per_frame_seq is not None and n < len(per_frame_seq) else None
+        groups = [g for g in (per_frame, shared) if g is not None]
+        position = _attr_from(groups, ds, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = _attr_from(groups, ds, "PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = _attr_from(groups, ds, "PixelMeasuresSequence", "PixelSpacing")
+        if not _valid_spacing(spacing):
+            spacing = ds.get("ImagerPixelSpacing") or _us_spacing(ds)
+        if not _valid_spacing(spacing):
+            spacing = (1.0, 1.0)  # uncalibrated image: one "mm" per pixel
+        thickness = _attr_from(groups, ds, "PixelMeasuresSequence", "SliceThickness")
+        transform = next((g for g in groups if "PixelValueTransformationSequence" in g), None)
+        values = _monochrome1(_rescale(pixels[n], ds, transform), ds)
+        temporal = _temporal_index(per_frame)
+        out.append(_Frame(
+            pixels=values.astype(np.float32),
+            position=None if position is None else np.asarray([float(v) for v in position]),
+            orientation=None if orientation is None else np.asarray([float(v) for v in orientation]),
+            spacing=(float(spacing[0]), float(spacing[1])),
+            source=SourceFrame(str(ds.SOPClassUID), str(ds.SOPInstanceUID), path, n + 1 if multi else None),
+            order_key=(temporal, int(ds.get("InstanceNumber", 0) or 0), n),
+            thickness=float(thickness) if thickness not in (None, "") else None,
+        ))
+    return out
+
+
+def _attr_from(groups: list[Dataset], ds: Dataset, sequence: str, keyword: str):
+    """An attribute from a functional group macro (per-frame first, then shared), else top level."""
+    for group in groups:
+        if sequence in group and len(group[sequence].value) and keyword in group[sequence][0]:
+            value = group[sequence][0][keyword].value
+            if value not in (None, ""):
+                return value
+    value = ds.get(keyword)
+    return value if value not in (None, "") else None
+
+
+def _valid_spacing(spacing) -> bool:
+    try:
+        return spacing is not None and len(spacing) == 2 and all(float(v) > 0 for v in spacing)
+    except (TypeError, ValueError):
+        return False
+
+
+def _us_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """Pixel size of an ultrasound region (cm in the header) in mm, when calibrated in cm."""
+    regions = ds.get("SequenceOfUltrasoundRegions")
+    if not regions:
+        return None
+    region = regions[0]
+    if region.get("PhysicalUnitsXDirection") == 3 and region.get("PhysicalUnitsYDirection") == 3:
+        return float(region.PhysicalDeltaY) * 10, float(region.PhysicalDeltaX) * 10
+    return None
+
+
+def _temporal_index(per_frame: Dataset | None) -> int:
+    if per_frame is not None and "FrameContentSequence" in per_frame:
+        item = per_frame.FrameContentSequence[0]
+        for keyword in ("TemporalPositionIndex", "InStackPositionNumber"):
+            if keyword in item and item[keyword].value is not None:
+                return int(item[keyword].value)
+    return 0
+
+
+def _frame_time_s(ds: Dataset) -> float | None:
+    """Seconds between frames of a cine instance (Frame Time or Frame Time Vector)."""
+    if ds.get("FrameTime") not in (None, ""):
+        return float(ds.FrameTime) / 1000.0
+    vector = ds.get("FrameTimeVector")
+    if vector:
+        steps = [float(v) for v in list(vector)[1:]]
+        return float(np.mean(steps)) / 1000.0 if steps else None
+    if ds.get("CineRate"):
+        return 1.0 / float(ds.CineRate)
+    return None
+
+
+# --- geometry ---------------------------------------------------------------------------------
+
+
+def _is_dynamic(frames: list[_Frame]) -> bool:
+    """Frames without geometry, or all at one position (a cine loop of one plane)."""
+    if any(f.position is None or f.orientation is None for f in frames):
+        return True
+    if len(frames) < 2:
+        return False
+    positions = np.stack([f.position for f in frames])
+    return bool(np.ptp(positions, axis=0).max() < 1e-3)
+
+
+def _affine_without_stack(frame: _Frame) -> np.ndarray:
+    """Affine of a 2D image or cine loop: in-plane geometry, unit step along the normal (time)."""
+    row, col = _directions(frame.orientation)
+    affine = np.eye(4)
+    affine[:3, 0] = row * frame.spacing[1]
+    affine[:3, 1] = col * frame.spacing[0]
+    affine[:3, 2] = np.cross(row, col) * (frame.thickness or 1.0)
+    affine[:3, 3] = frame.position if frame.position is not None else 0.0
+    return affine
+
+
+def _directions(orientation: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if orientation is None:
+        return np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
+    row, col = orientation[:3], orientation[3:]
+    return row / np.linalg.norm(row), col / np.linalg.norm(col)
+
+
+def _stack(frames: list[_Frame]) -> tuple[list[_Frame], np.ndarray]:
+    """Order frames along the slice normal and build the exact affine; refuse what is not a grid."""
+    ref = frames[0]
+    for f in frames[1:]:
+        if np.abs(f.orientation - ref.orientation).max() > ORIENTATION_TOLERANCE:
+            raise SeriesError("the slices have different Image Orientation (Patient) (e.g. a localizer mixed in)")
+        if not np.allclose(f.spacing, ref.spacing, rtol=1e-4, atol=1e-4):
+            raise SeriesError(f"the slices have different Pixel Spacing ({ref.spacing} and {f.spacing})")
+    row, col = _directions(ref.orientation)
+    normal = np.cross(row, col)
+    distances = np.array([float(f.position @ normal) for f in frames])
+    order = np.argsort(distances, kind="stable")
+    frames = [frames[i] for i in order]
+    distances = distances[order]
+    affine = np.eye(4)
+    affine[:3, 0] = row * ref.spacing[1]
+    affine[:3, 1] = col * ref.spacing[0]
+    affine[:3, 3] = frames[0].position
+    if len(frames) == 1:
+        affine[:3, 2] = normal * (ref.thickness or 1.0)
+        return frames, affine
+    steps = np.diff(distances)
+    if np.any(steps < 1e-3):
+        dupes = int(np.sum(steps < 1e-3))
+        raise SeriesError(f"{dupes} slice(s) share a position with another slice (duplicates or several stacks)")
+    median = float(np.median(steps))
+    if np.abs(steps - median).max() > SPACING_TOLERANCE * median:
+        raise SeriesError(
+            f"uneven slice spacing: steps from {steps.min():.3g} to {steps.max():.3g} mm "
+            f"(median {median:.3g} mm; a gap or missing slice?)")
+    # The slice step is the mean displacement between neighbours: exact for gantry tilt too.
+    step = (frames[-1].position - frames[0].position) / (len(frames) - 1)
+    affine[:3, 2] = step
+    return frames, affine
+
+
+def _check_same_shape(frames: list[_Frame]) -> None:
+    shapes = Counter(f.pixels.shape for f in frames)
+    if len(shapes) > 1:
+        raise SeriesError(f"the images have different sizes: {', '.join(f'{r}x{c}' for r, c in shapes)}")
+
+
+# --- grids for models -------------------------------------------------------------------------
+
+
+def resample_to_spacing(volume: Volume, spacing: Sequence[float], order: int = 1,
+                        data: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The volume's pixels (or ``data`` on its grid) on a grid of the same orientation and extent
+    with ``spacing`` (k, j, i) mm; returns (array, affine of the new grid)."""
+    from scipy import ndimage
+
+    src = volume.pixels if data is None else data
+    old = np.asarray(volume.spacing)
+    new_shape = np.maximum(1, np.round(np.asarray(src.shape) * old / np.asarray(spacing))).astype(int)
+    zoom = (np.asarray(src.shape) - 1) / np.maximum(new_shape - 1, 1)
+    # Corners align: voxel 0 and the last voxel keep their centres, so the mapping stays exact.
+    affine = volume.affine.copy()
+    affine[:3, :3] = volume.affine[:3, :3] @ np.diag(zoom[::-1])
+    coords = np.meshgrid(*(np.arange(n) * z for n, z in zip(new_shape, zoom)), indexing="ij")
+    out = ndimage.map_coordinates(src.astype(np.float32), coords, order=order, mode="nearest")
+    return out.astype(np.float32), affine
+
+
+def resample_back(volume: Volume, work_affine: np.ndarray, data: np.ndarray, order: int = 1) -> np.ndarray:
+    """Values on a working grid (channels first allowed) sampled at every source voxel."""
+    from scipy import ndimage
+
+    to_work = np.linalg.inv(work_affine) @ volume.affine  # source (i, j, k) -> working (i, j, k)
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in volume.pixels.shape), indexing="ij")
+    ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ to_work.T
+    coords = [ijk[..., 2], ijk[..., 1], ijk[..., 0]]
+    if data.ndim == 3:
+        return ndimage.map_coordinates(data, coords, order=order, mode="nearest").astype(np.float32)
+    return np.stack([ndimage.map_coordinates(c, coords, order=order, mode="nearest") for c in data]).astype(np.float32)
+
+
+def argmax_on_source(volume: Volume, work_affine: np.ndarray, data: np.ndarray,
+                     chunk_voxels: int = 1 << 20) -> np.ndarray:
+    """Arg-max over the channels of ``data`` (C, k, j, i on a working grid) sampled trilinearly at
+    every source voxel: the labels of ``resample_back(volume, work_affine, data).argmax(0)``
+    without interpolating C full-resolution volumes.
+
+    A trilinear sample is a convex combination of the 8 corners of its working-grid cell, so where
+    one channel is the largest at all 8 corners it is the largest at every point of the cell: those
+    voxels take the cell's label by a lookup. Only voxels in cells whose corners disagree (organ
+    boundaries, a few percent of a CT) are interpolated, in float64 like scipy. Outside the working
+    grid the nearest edge value is used (scipy's ``mode="nearest"``). When the source axes are
+    parallel to the working axes (axial, coronal, sagittal, any slice order) the cell of a voxel
+    comes from three 1D index arrays; oblique and tilted sources compute it per voxel.
+    """
+    to_work = np.linalg.inv(work_affine) @ volume.affine  # source (i, j, k) -> working (i, j, k)
+    n_classes = int(data.shape[0])
+    work_shape = data.shape[1:]  # (k, j, i)
+    label_dtype = np.uint8 if n_classes < 255 else np.int32
+    mixed = n_classes  # cell label meaning "the corners disagree"
+    corner_labels = data.argmax(axis=0).astype(label_dtype)
+    cells = _cell_labels(corner_labels, mixed)
+    values = np.ascontiguousarray(np.moveaxis(data, 0, -1), dtype=np.float64)  # (k, j, i, C)
+    shape = volume.pixels.shape
+    out = np.empty(shape, dtype=label_dtype)
+    slab = max(1, int(chunk_voxels // max(1, shape[1] * shape[2])))
+    perm = _axis_permutation(to_work[:3, :3])
+    for k0 in range(0, shape[0], slab):
+        k1 = min(shape[0], k0 + slab)
+        if perm is not None:
+            # Working axis perm[s] varies along source axis s only: one 1D array per axis, shaped
+            # to broadcast over the slab (k, j, i).
+            counts = (shape[2], shape[1], k1 - k0)
+            starts = (0, 0, k0)
+            coords: list[np.ndarray] = [np.empty(0)] * 3
+            for s in range(3):
+                w = perm[s]
+                index = np.arange(starts[s], starts[s] + counts[s], dtype=np.float64)
+                view = [1, 1, 1]
+                view[2 - s] = counts[s]
+                coords[w] = (to_work[w, s] * index + to_work[w, 3]).reshape(view)
+        else:
+            k, j, i = np.meshgrid(np.arange(k0, k1, dtype=np.float64), np.arange(shape[1], dtype=np.float64),
+                                  np.arange(shape[2], dtype=np.float64), indexing="ij", sparse=True)
+            coords = [to_work[w, 0] * i + to_work[w, 1] * j + to_work[w, 2] * k + to_work[w, 3] for w in range(3)]
+        # Per working axis (k, j, i order): lower corner, upper corner, weight of the upper one.
+        lo, hi, frac = zip(*(_corner_indices(coords[w], work_shape[2 - w]) for w in (2, 1, 0)))
+        if perm is not None:
+            # Separable lookup: take along each working axis, then put the axes in source order
+            # (slab dimension t holds source axis 2 - t, which runs along working axis perm[2 - t]).
+            labels = cells.take(lo[0].ravel(), 0).take(lo[1].ravel(), 1).take(lo[2].ravel(), 2)
+            labels = labels.transpose([2 - perm[2 - t] for t in range(3)])
+        else:
+            labels = cells[lo[0], lo[1], lo[2]]
+        where = np.nonzero(labels == mixed)
+        if len(where[0]):
+            pick = [(np.broadcast_to(a, labels.shape)[where], np.broadcast_to(b, labels.shape)[where],
+                     np.broadcast_to(f, labels.shape)[where]) for a, b, f in zip(lo, hi, frac)]
+            total = np.zeros((len(where[0]), n_classes))
+            for corner in range(8):
+                idx, weight = [], np.ones(len(where[0]))
+                for axis, (a, b, f) in enumerate(pick):
+                    upper = (corner >> (2 - axis)) & 1
+                    idx.append(b if upper else a)
+                    weight = weight * (f if upper else 1 - f)
+                total += weight[:, None] * values[idx[0], idx[1], idx[2]]
+            labels[where] = total.argmax(axis=1)
+        out[k0:k1] = labels
+    return out
+
+
+def _cell_labels(labels: np.ndarray, mixed: int) -> np.ndarray:
+    """Per working-grid cell (corner voxel (a, b, c) to (a+1, b+1, c+1)): the label all 8 corners
+    share, or ``mixed``. An axis of one voxel has one (degenerate) cell."""
+    ends = [(slice(0, max(n - 1, 1)), slice(min(1, n - 1), n)) for n in labels.shape]
+    first = labels[ends[0][0], ends[1][0], ends[2][0]]
+    same = np.ones(first.shape, dtype=bool)
+    for a in ends[0]:
+        for b in ends[1]:
+            for c in ends[2]:
+                same &= labels[a, b, c] == first
+    return np.where(same, first, mixed).astype(labels.dtype)
+
+
+def _corner_indices(position: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For fractional positions along a working axis of n voxels: lower and upper corner index and
+    the upper corner's weight; positions outside are clamped (the edge value, scipy "nearest")."""
+    p = np.clip(position, 0, n - 1)
+    lo = np.minimum(np.floor(p).astype(np.intp), max(n - 2, 0))
+    return lo, np.minimum(lo + 1, n - 1), p - lo
+
+
+def _axis_permutation(m: np.ndarray, tolerance: float = 1e-9) -> list[int] | None:
+    """For a source → working index matrix that maps each source axis onto one working axis,
+    ``perm[s]`` = the working axis of source axis s (0 = i, 1 = j, 2 = k); None when oblique."""
+    nonzero = np.abs(m) > tolerance * np.abs(m).max()
+    if not (nonzero.sum(axis=0) == 1).all() or not (nonzero.sum(axis=1) == 1).all():
+        return None
+    return [int(np.flatnonzero(nonzero[:, s])[0]) for s in range(3)]
+
+
+def canonical_grid(volume: Volume, spacing: float) -> tuple[tuple[int, int, int], np.ndarray]:
+    """An axis-aligned grid (i -> patient left, j -> posterior, k -> superior) of isotropic
+    ``spacing`` covering the volume's extent: models see every series as if it were axial."""
+    shape = np.asarray(volume.pixels.shape)
+    corners = np.array([[k, j, i] for k in (0, shape[0] - 1) for j in (0, shape[1] - 1) for i in (0, shape[2] - 1)])
+    xyz = volume.index_to_patient(corners)
+    lo, hi = xyz.min(axis=0), xyz.max(axis=0)
+    n_ijk = np.maximum(1, np.ceil((hi - lo) / spacing).astype(int) + 1)
+    affine = np.eye(4)
+    affine[:3, :3] = np.eye(3) * spacing
+    # Centre the grid on the volume so both ends get the same margin.
+    affine[:3, 3] = (lo + hi) / 2 - (n_ijk - 1) / 2 * spacing
+    return (int(n_ijk[2]), int(n_ijk[1]), int(n_ijk[0])), affine
+
+
+def resample_to_grid(volume: Volume, shape: tuple[int, int, int], affine: np.ndarray, order: int = 1,
+                     fill: float | None = None) -> np.ndarray:
+    """The volume's pixels sampled at every voxel of another grid (outside: ``fill``, default the
+    volume's minimum, i.e. air for CT)."""
+    cval = float(volume.pixels.min()) if fill is None else fill
+    return sample_on_grid(volume.pixels, volume.affine, shape, affine, order=order, cval=cval)
+
+
+def sample_on_grid(data: np.ndarray, data_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
+                   order: int = 1, mode: str = "constant", cval: float = 0.0) -> np.ndarray:
+    """``data`` (k, j, i), placed in patient space by ``data_affine``, sampled at every voxel centre
+    of the grid (``shape``, ``affine``); outside it scipy's ``mode`` applies (``cval`` for constant)."""
+    from scipy import ndimage
+
+    to_data = np.linalg.inv(data_affine) @ affine  # target (i, j, k) -> data (i, j, k)
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
+    ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ to_data.T
+    return ndimage.map_coordinates(data, [ijk[..., 2], ijk[..., 1], ijk[..., 0]], order=order,
+                                   mode=mode, cval=cval).astype(np.float32)
