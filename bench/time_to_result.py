@@ -166,7 +166,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256, help="rows and columns of each slice")
     args = parser.parse_args()
     # The replay in this process runs with the worker's CPU thread settings (set before torch loads).
-    from workers.celery_app import share_cpu_threads
+    from workers.worker import share_cpu_threads
 
     share_cpu_threads(1)
 

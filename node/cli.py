@@ -90,7 +90,7 @@ def worker(config: Optional[Path] = ConfigOpt,
            queues: str = typer.Option("gpu,cpu", help="Comma-separated queues to consume."),
            concurrency: int = typer.Option(1, help="Worker processes.")) -> None:
     """Start a Celery worker that runs analyses (gpu queue) and delivers results (cpu queue)."""
-    from workers.celery_app import run_worker
+    from workers.worker import run_worker
 
     raise typer.Exit(run_worker(settings_from(config), queues.split(","), concurrency))
 

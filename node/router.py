@@ -21,8 +21,12 @@ import pydicom
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from node.core.clock import utcnow
 from node.core.db import engine_for, session_scope
-from node.index import Instance, Series, Study, utcnow
+from node.index import Instance, Series, Study
+from node.jobs.broker import publish_job
+from node.jobs.lifecycle import queue_job
+from node.jobs.table import DEAD, FAILED, Job, input_fingerprint
 from node.core.settings import MATCH_ATTRIBUTES, ConfigError, Condition, Match, Rule, Settings, load_settings
 
 log = logging.getLogger("ainode.router")
@@ -288,7 +292,6 @@ def create_jobs(session: Session, settings: Settings, rule: Rule, study: Study, 
 
     A job with the same key and other inputs (late arrivals) is superseded by the new one.
     """
-    from node.jobs.table import FAILED, DEAD, Job, input_fingerprint, queue_job
 
     uid = series.series_uid if series is not None else study.study_uid
     fingerprint = input_fingerprint(_input_uids(session, study, series))
@@ -315,7 +318,6 @@ def create_jobs(session: Session, settings: Settings, rule: Rule, study: Study, 
 
 def route_ready(settings: Settings) -> list[int]:
     """Route every ready series (series-level rules) and study (study-level rules); publish the new jobs."""
-    from node.jobs.table import publish_job
 
     new_jobs: list[int] = []
     with session_scope(engine_for(settings.database.url)) as session:

@@ -26,7 +26,7 @@ from node.core.settings import Settings
 
 log = logging.getLogger("ainode.service")
 
-STAGE_MODULES = ("node.assembler", "node.router", "node.jobs.table", "node.jobs.reconciler",
+STAGE_MODULES = ("node.assembler", "node.router", "node.jobs.embedded", "node.jobs.reconciler",
                  "node.dispatch.outbox", "node.admin.api", "node.retention")
 _PR_SET_PDEATHSIG = 1
 _READY_TIMEOUT_S = 60.0

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 
@@ -72,7 +72,20 @@ def init_db(url: str) -> Engine:
     for table in Base.metadata.sorted_tables:
         for index in table.indexes:
             index.create(engine, checkfirst=True)
+    _upgrade_columns(engine)
     return engine
+
+
+def _upgrade_columns(engine: Engine) -> None:
+    # deliveries.job_id names a job row; databases made before it was an integer hold text. SQLite
+    # compares either way (column affinity); PostgreSQL needs the column converted once.
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.begin() as conn:
+        kind = conn.execute(text("SELECT data_type FROM information_schema.columns WHERE table_name = 'deliveries' "
+                                 "AND column_name = 'job_id' AND table_schema = current_schema()")).scalar()
+        if kind is not None and kind != "integer":
+            conn.execute(text("ALTER TABLE deliveries ALTER COLUMN job_id TYPE integer USING job_id::integer"))
 
 
 def dispose_engines() -> None:

@@ -559,3 +559,24 @@ __all__ = [
     "JobSettings", "APISettings", "AuditSettings", "TLSSettings", "CapabilityProfile",
     "ConfigError", "load_settings", "resolve_paths", "MATCH_ATTRIBUTES",
 ]
+
+
+# The settings this process runs with: set by whoever starts it (the node, `ainode worker`, the
+# embedded worker's child); a process started by Celery itself reads $AINODE_CONFIG once.
+_process_settings: Settings | None = None
+
+
+def use_settings(settings: Settings) -> Settings:
+    """Make ``settings`` the configuration of this process (inherited by forked children)."""
+    global _process_settings
+    _process_settings = settings
+    return settings
+
+
+def current_settings() -> Settings:
+    """The configuration of this process: the one given to use_settings, else $AINODE_CONFIG."""
+    if _process_settings is None:
+        path = os.environ.get("AINODE_CONFIG")
+        use_settings(resolve_paths(load_settings(path), Path(path).resolve().parent if path else Path.cwd()))
+    assert _process_settings is not None
+    return _process_settings

@@ -33,8 +33,11 @@ import pydicom
 from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint, func, or_, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from node.core.clock import aware, utcnow
 from node.core.db import Base, engine_for, session_scope
-from node.core.settings import Destination, Settings, load_settings, resolve_paths
+from node.core.dicom import STORAGE_COMMITMENT_PUSH
+from node.core.settings import Destination, Settings, current_settings
+from node.dispatch.kinds import ResultObject, kind_of, wanted_kinds
 
 log = logging.getLogger("ainode.dispatcher")
 
@@ -44,16 +47,6 @@ STATES = (PENDING, SENDING, DELIVERED, FAILED, SKIPPED)
 LEASE_S = 120.0
 # Objects sent per association / request.
 BATCH_SIZE = 200
-STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def aware(dt: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return dt.replace(tzinfo=timezone.utc) if dt is not None and dt.tzinfo is None else dt
 
 
 class Delivery(Base):
@@ -63,7 +56,7 @@ class Delivery(Base):
     __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_delivery_object"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
     destination: Mapped[str] = mapped_column(String(128), index=True)
     path: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(16), default="")
@@ -131,21 +124,12 @@ def backoff_s(dest: Destination, attempts: int) -> float:
 # --- the outbox ------------------------------------------------------------------------------
 
 
-def object_kind(sop_class_uid: str) -> str:
-    """The result kind (seg, sr, kos, gsps, sc, derived) of a SOP class."""
-    from workers.results import kind_of
-
-    return kind_of(sop_class_uid)
-
-
 def destination_wants(dest: Destination, kind: str) -> bool:
     """Whether a destination's capability profile asks for this kind of object."""
-    from workers.results import wanted_kinds
-
     return kind in wanted_kinds(dest.capabilities)
 
 
-def enqueue_results(session: Session, job_id: int | str, paths: Iterable[Path | str],
+def enqueue_results(session: Session, job_id: int, objects: Iterable[ResultObject],
                     destination_names: Iterable[str], settings: Settings | None = None) -> list[int]:
     """Record one outbox row per (object, destination) in the caller's transaction; return row ids.
 
@@ -155,25 +139,22 @@ def enqueue_results(session: Session, job_id: int | str, paths: Iterable[Path | 
     """
     ids: list[int] = []
     names = list(destination_names)
-    for path in paths:
-        header = pydicom.dcmread(path, stop_before_pixels=True,
-                                 specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"])
-        kind = object_kind(header.SOPClassUID)
+    for obj in objects:
+        path = str(obj.path)
         for name in names:
-            if settings is not None and not destination_wants(settings.destination(name), kind):
+            if settings is not None and not destination_wants(settings.destination(name), obj.kind):
                 continue
             row = session.scalar(select(Delivery).where(Delivery.destination == name,
-                                                        Delivery.sop_instance_uid == header.SOPInstanceUID))
+                                                        Delivery.sop_instance_uid == obj.sop_instance_uid))
             if row is None:
-                row = Delivery(job_id=str(job_id), destination=name, path=str(path), kind=kind,
-                               sop_class_uid=str(header.SOPClassUID), sop_instance_uid=str(header.SOPInstanceUID),
-                               study_instance_uid=str(header.get("StudyInstanceUID", "")),
-                               state=PENDING, next_attempt_at=utcnow())
+                row = Delivery(job_id=job_id, destination=name, path=path, kind=obj.kind,
+                               sop_class_uid=obj.sop_class_uid, sop_instance_uid=obj.sop_instance_uid,
+                               study_instance_uid=obj.study_instance_uid, state=PENDING, next_attempt_at=utcnow())
                 session.add(row)
             elif row.state in (FAILED, SKIPPED):
-                row.state, row.path, row.attempts, row.next_attempt_at = PENDING, str(path), 0, utcnow()
+                row.state, row.path, row.attempts, row.next_attempt_at = PENDING, path, 0, utcnow()
             elif row.state == PENDING:
-                row.path = str(path)
+                row.path = path
             session.flush()
             ids.append(row.id)
     return ids
@@ -355,12 +336,6 @@ def send_dicomweb(dest: Destination, rows: list[Delivery]) -> dict[int, Outcome]
 # --- delivery --------------------------------------------------------------------------------
 
 
-def current_settings() -> Settings:
-    """The configuration of this process ($AINODE_CONFIG, paths relative to the file)."""
-    path = os.environ.get("AINODE_CONFIG")
-    return resolve_paths(load_settings(path), Path(path).resolve().parent if path else Path.cwd())
-
-
 def lease_s(settings: Settings) -> float:
     """How long a claim holds without news: one DIMSE exchange plus connection set-up, with margin."""
     node = settings.node
@@ -477,7 +452,7 @@ def _skip_unwanted(dest: Destination, rows: list[Delivery]) -> list[Delivery]:
     """Rows whose kind the destination's profile no longer asks for are skipped, not sent."""
     keep = []
     for row in rows:
-        if destination_wants(dest, row.kind or object_kind(row.sop_class_uid)):
+        if destination_wants(dest, row.kind or kind_of(row.sop_class_uid)):
             keep.append(row)
         else:
             row.state, row.lease_until, row.reason = SKIPPED, None, f"{row.kind} not in the destination's capability profile"

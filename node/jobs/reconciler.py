@@ -16,11 +16,13 @@ import logging
 from datetime import timedelta
 from typing import Callable
 
+import redis
 from sqlalchemy import select
 
 from node.core.db import engine_for, session_scope
-from node.index import utcnow
-from node.jobs.table import (ANALYSIS_QUEUE, DELIVERY_QUEUE, PRIORITY_STEPS, QUEUED, RETRYING, RUNNING, Job, aware, embedded, publish_job)
+from node.core.clock import aware, utcnow
+from node.jobs.broker import embedded, publish_job
+from node.jobs.table import ANALYSIS_QUEUE, DELIVERY_QUEUE, PRIORITY_STEPS, QUEUED, RETRYING, RUNNING, Job
 from node.core.settings import Settings
 
 log = logging.getLogger("ainode.reconciler")
@@ -31,8 +33,6 @@ PUBLISH_GRACE_S = 5.0
 
 def broker_task_ids(settings: Settings) -> set[str] | None:
     """Ids of every task message in the Redis queues or held unacknowledged by a worker; None if unreachable."""
-    import redis
-
     try:
         client = redis.Redis.from_url(settings.broker.url, socket_timeout=3, socket_connect_timeout=3)
         ids: set[str] = set()

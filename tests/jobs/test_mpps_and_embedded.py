@@ -11,7 +11,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select
 
 from node import assembler
-from node.jobs import table as node_jobs
+from node.jobs import embedded as node_jobs
 from node.ingest import mpps
 from node.core.db import engine_for, session_scope
 from node.index import Study

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import redis
 
-from node.jobs.table import publish_delivery
+from node.jobs.broker import publish_delivery
 from node.core.settings import load_settings
 from tests.jobs.conftest import RedisServer
 

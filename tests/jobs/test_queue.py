@@ -145,7 +145,7 @@ def test_failing_analysis_retries_then_is_dead(make_settings, redis_server, work
 @pytest.mark.postgres
 def test_duplicate_messages_and_two_workers_on_postgres_run_each_job_once(make_settings, redis_server, workers,
                                                                           node_dir, postgres_url):
-    from node.jobs.table import publish_job
+    from node.jobs.broker import publish_job
 
     record = node_dir / "completions.txt"
     settings = make_settings(redis_server.url, database={"url": postgres_url},

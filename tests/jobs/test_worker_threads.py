@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from workers import celery_app
+from workers import worker as celery_app
 
 
 def test_threads_are_shared_among_pool_processes(monkeypatch):

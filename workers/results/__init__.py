@@ -3,7 +3,7 @@
 ``write_results(findings, context)`` is the one entry point the job runner calls. Every object is
 a new series in the source study, carries Contributing Equipment naming the algorithm (IHE AI
 Results), and has UIDs derived from (job key, input instance UIDs, model version), so writing a job
-again yields the same objects. Files are written atomically; the list of paths is returned in
+again yields the same objects. Files are written atomically; the objects are returned in
 the order they should be delivered (referenced objects before the objects referencing them).
 """
 
@@ -15,7 +15,8 @@ from typing import Any, Mapping
 from pydicom.dataset import Dataset
 
 from workers.analysis.findings import Findings
-from workers.results.context import (ALL_KINDS, ResultContext, ResultKind, UIDFactory, kinds_for_destinations, wanted_kinds)
+from node.dispatch.kinds import ALL_KINDS, ResultKind, ResultObject, kind_of, kinds_for_destinations, wanted_kinds
+from workers.results.context import ResultContext, UIDFactory
 from workers.results.derived import write_derived
 from workers.results.kos import write_kos
 from workers.results.presentation import write_gsps, write_secondary_captures
@@ -23,24 +24,8 @@ from workers.results.seg import write_seg
 from workers.results.sources import SourceImages, write
 from workers.results.sr import write_sr
 
-__all__ = ["ResultContext", "write_results", "wanted_kinds", "kinds_for_destinations", "kind_of",
+__all__ = ["ResultContext", "ResultObject", "write_results", "wanted_kinds", "kinds_for_destinations", "kind_of",
            "ALL_KINDS", "ResultKind"]
-
-SOP_CLASS_KINDS: dict[str, ResultKind] = {
-    "1.2.840.10008.5.1.4.1.1.66.4": "seg",
-    "1.2.840.10008.5.1.4.1.1.66.7": "seg",  # Label Map Segmentation
-    "1.2.840.10008.5.1.4.1.1.88.34": "sr",
-    "1.2.840.10008.5.1.4.1.1.88.59": "kos",
-    "1.2.840.10008.5.1.4.1.1.11.1": "gsps",
-    "1.2.840.10008.5.1.4.1.1.7": "sc",
-    "1.2.840.10008.5.1.4.1.1.7.4": "sc",
-}
-
-
-def kind_of(sop_class_uid: str) -> ResultKind:
-    """The result kind of an object by its SOP class (anything else is a derived image)."""
-    return SOP_CLASS_KINDS.get(str(sop_class_uid), "derived")
-
 
 def build_results(findings: Findings, context: ResultContext | Mapping[str, Any]) -> list[Dataset]:
     """The result datasets for the context's destinations, in delivery order (not written)."""
@@ -76,8 +61,8 @@ def build_results(findings: Findings, context: ResultContext | Mapping[str, Any]
     return objects
 
 
-def write_results(findings: Findings, context: ResultContext | Mapping[str, Any]) -> list[Path]:
-    """Write the job's result objects under ``context.output_dir``; return their paths.
+def write_results(findings: Findings, context: ResultContext | Mapping[str, Any]) -> list[ResultObject]:
+    """Write the job's result objects under ``context.output_dir``; return them (path, kind, UIDs).
 
     ``context`` is a ``ResultContext`` or the job runner's mapping (see ``ResultContext.from_job``).
 
@@ -86,7 +71,10 @@ def write_results(findings: Findings, context: ResultContext | Mapping[str, Any]
     """
     if not isinstance(context, ResultContext):
         context = ResultContext.from_job(context)
-    paths = []
+    written = []
     for ds in build_results(findings, context):
-        paths.append(write(ds, Path(context.output_dir), f"{kind_of(ds.SOPClassUID)}-{ds.SOPInstanceUID}"))
-    return paths
+        kind = kind_of(ds.SOPClassUID)
+        path = write(ds, Path(context.output_dir), f"{kind}-{ds.SOPInstanceUID}")
+        written.append(ResultObject(path, kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                    str(ds.get("StudyInstanceUID", ""))))
+    return written

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 
-from node.core.settings import CapabilityProfile, Settings
+from node.core.settings import CapabilityProfile, Settings, current_settings
+from node.dispatch.kinds import ALL_KINDS, ResultKind, kinds_for_destinations, wanted_kinds
 
-ResultKind = Literal["seg", "sr", "kos", "gsps", "sc", "derived"]
-ALL_KINDS: tuple[ResultKind, ...] = ("seg", "sr", "kos", "gsps", "sc", "derived")
 
 MANUFACTURER = "ainode"
 DEVICE_SERIAL = "ainode"
@@ -26,37 +25,6 @@ SOFTWARE_VERSION = "0.1.0"
 # the same series (the series UID is deterministic too).
 SERIES_NUMBERS: dict[str, int] = {"seg": 9001, "sr": 9002, "kos": 9003, "gsps": 9004, "sc": 9005,
                                   "derived": 9010}
-
-
-def wanted_kinds(capabilities: CapabilityProfile) -> set[ResultKind]:
-    """The result kinds one destination should receive, given what it can display.
-
-    SEG, SR, KOS and derived series go where they are supported. GSPS outlines are a fallback
-    for a destination that cannot show SEG; the secondary capture overlay is sent only where the
-    profile asks for it (it duplicates pixels, so it is opt-in).
-    """
-    kinds: set[ResultKind] = set()
-    if capabilities.seg:
-        kinds.add("seg")
-    if capabilities.sr:
-        kinds.add("sr")
-    if capabilities.kos:
-        kinds.add("kos")
-    if capabilities.gsps and not capabilities.seg:
-        kinds.add("gsps")
-    if capabilities.secondary_capture:
-        kinds.add("sc")
-    if capabilities.derived_series:
-        kinds.add("derived")
-    return kinds
-
-
-def kinds_for_destinations(profiles: Iterable[CapabilityProfile]) -> set[ResultKind]:
-    """Union of the wanted kinds: what must be written so every destination gets its share."""
-    kinds: set[ResultKind] = set()
-    for profile in profiles:
-        kinds |= wanted_kinds(profile)
-    return kinds
 
 
 @dataclass
@@ -121,8 +89,6 @@ UID_NAMESPACE = uuid.UUID("6f0b7c58-2f4e-4b7a-9a51-3d0c2b9e8a11")
 def _worker_settings() -> Settings | None:
     """The running worker's settings, when there is one (to find destinations' profiles)."""
     try:
-        from workers.celery_app import current_settings
-
         return current_settings()
     except Exception:  # noqa: BLE001 - no configuration here: fall back to the default profile
         return None

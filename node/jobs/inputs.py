@@ -1,0 +1,35 @@
+"""What a job analyses: its input instances as the index holds them, for the worker that runs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from node.core.db import engine_for, session_scope
+from node.core.settings import Settings
+from node.index import Instance, Series
+from node.jobs.table import Job
+
+
+@dataclass(frozen=True)
+class InputInstance:
+    """One input instance of a job: its series, its SOP Instance UID, its file in storage."""
+
+    series_uid: str
+    sop_instance_uid: str
+    path: Path
+
+
+def job_inputs(settings: Settings, job: Job) -> list[InputInstance]:
+    """The job's input instances (its series, or every series of its study), in series and instance order."""
+    with session_scope(engine_for(settings.database.url)) as session:
+        query = select(Series.series_uid, Instance.sop_instance_uid, Instance.path).join(
+            Series, Instance.series_pk == Series.id)
+        if job.series_pk is not None:
+            query = query.where(Series.id == job.series_pk)
+        else:
+            query = query.where(Series.study_pk == job.study_pk)
+        rows = session.execute(query.order_by(Series.id, Instance.instance_number, Instance.id)).all()
+    return [InputInstance(s, u, Path(settings.storage.path) / p) for s, u, p in rows]

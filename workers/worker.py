@@ -1,0 +1,91 @@
+"""The ``ainode worker`` entry: a Celery worker consuming the gpu and cpu queues of the node's app.
+
+The Celery app and its reliability settings live with the jobs (``node.jobs.broker``); this side
+registers the tasks (``workers.tasks``), shares the cores among the pool processes and starts the
+worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from celery.signals import worker_process_init
+from sqlalchemy.exc import OperationalError
+
+import workers.tasks  # noqa: F401 - registers the tasks on the app
+from node.core.db import dispose_engines, init_db
+from node.core.settings import Settings
+from node.jobs.broker import app, configured_app
+
+log = logging.getLogger("ainode.worker")
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    # A forked pool process must not share the parent's database connections.
+    dispose_engines()
+
+
+def _init_db_beside_node(url: str) -> None:
+    # The node may be creating the same tables this instant (both start together); SQLite then
+    # reports "table already exists" to the slower one: trying again sees the finished schema.
+    for attempt in range(5):
+        try:
+            init_db(url)
+            return
+        except OperationalError:
+            if attempt == 4:
+                raise
+            time.sleep(0.5)
+
+
+def threads_per_process(concurrency: int) -> int:
+    """CPU threads for each pool process's math libraries (torch, OpenMP, BLAS): the cores this
+    process may use shared among the pool processes, at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, concurrency))
+
+
+def share_cpu_threads(concurrency: int) -> int:
+    """Give each pool process its share of the cores, unless the operator set the variables.
+
+    torch, OpenMP and BLAS each default to one thread per core in every process, so N pool
+    processes on a small CPU would run N x cores threads that wait on each other. OpenMP threads
+    that wait also spin by default, taking the cores from the threads that have work whenever
+    anything else runs on the machine (the node, the PACS, other workers): with PASSIVE they
+    sleep. On the shared 2-core machine at load 4 that made the segmentation's sliding-window
+    inference 1.4-2.8 s instead of 4.1-4.8 s. The pool processes read these variables when they
+    first import torch (after the fork).
+    """
+    threads = threads_per_process(concurrency)
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(variable, str(threads))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return int(os.environ["OMP_NUM_THREADS"])
+
+
+def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
+    """Run a Celery worker consuming the given queues until stopped; returns its exit code."""
+    if not settings.broker.url:
+        log.error("broker.url is empty: `ainode serve` runs jobs itself (embedded worker); "
+                  "set broker.url to run separate workers")
+        return 2
+    log.info("%d pool process(es), %d CPU thread(s) each", max(1, concurrency), share_cpu_threads(concurrency))
+    _init_db_beside_node(settings.database.url)
+    configured_app(settings)
+
+    queues = [q.strip() for q in queues if q.strip()] or ["gpu", "cpu"]
+    argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(max(1, concurrency)),
+            "--pool", "prefork", "--loglevel", "INFO", "--hostname", f"ainode-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle"]
+    try:
+        app.worker_main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
