@@ -23,11 +23,13 @@ import pydicom
 from sqlalchemy import ForeignKey, Integer, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from node.ingest import mpps
+from node.core.clock import aware, utcnow
 from node.core.db import Base, ChangeGate, engine_for, session_scope
-from node.index import Instance, Series, Study, utcnow
-from node.jobs.table import aware
 from node.core.settings import Settings, Timers
+from node.index import Instance, Series, Study
+from node.ingest import mpps
+
+from node.router import current_rules, evaluate, route_ready, study_facts
 
 log = logging.getLogger("ainode.assembler")
 
@@ -37,7 +39,6 @@ AFTER_READY = ("ready", "routed", "unrouted", "done")
 
 class SeriesExpectation(Base):
     """How many instances a series' own data says it has (Images in Acquisition), once read."""
-
     __tablename__ = "series_expectations"
     series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), primary_key=True)
     expected_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -45,8 +46,6 @@ class SeriesExpectation(Base):
 
 def effective_timers(session: Session, settings: Settings, study: Study) -> Timers:
     """The global timers, or the shortest of those set by rules matching this study."""
-    from node.router import current_rules, evaluate, study_facts
-
     overriding = [r for r in current_rules(settings) if r.timers is not None]
     if not overriding:
         return settings.timers
@@ -148,8 +147,6 @@ def complete_studies(settings: Settings) -> int:
 
 def tick(settings: Settings) -> None:
     """Complete what is complete and route it at once (no extra wait between the two stages)."""
-    from node.router import route_ready
-
     complete_studies(settings)
     route_ready(settings)
 

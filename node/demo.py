@@ -25,13 +25,23 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import yaml
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import CTImageStorage, Verification
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from node.admin.keyslice import key_slices, render_png, study_overlay
+from node.core.settings import load_settings, resolve_paths
+from node.dispatch.scu import associate
+from workers.analysis.registry import available_analyses
+from workers.synthetic import phantoms
 
 console = Console(stderr=True)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -133,9 +143,6 @@ class BuiltinPACS:
     _server: Any = None
 
     def start(self) -> None:
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
-
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=PACS_AE)
         ae.supported_contexts = AllStoragePresentationContexts
@@ -144,7 +151,6 @@ class BuiltinPACS:
         def on_store(event: Any) -> int:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            from io import BytesIO
 
             buffer = BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
@@ -241,23 +247,15 @@ class DemoNode:
 
 def make_study(folder: Path) -> tuple[str, list[Path]]:
     """A generated abdomen CT phantom with lesions, written as a DICOM series."""
-    from workers.synthetic import phantoms
-
     phantom = phantoms.make_ct_phantom(seed=2024, liver_lesions=(2, 2), lung_nodules=(1, 1))
     paths = phantoms.write_ct_series(phantom, folder, patient_id="DEMO0001", patient_name="Demo^Phantom",
                                      accession_number="DEMO0001")
-    import pydicom
 
     return str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID), paths
 
 
 def push(paths: list[Path], port: int) -> int:
     """C-STORE the files to the node on one association, with a progress bar; failures counted."""
-    import pydicom
-    from pynetdicom import AE
-    from node.dispatch.scu import associate
-    from pynetdicom.sop_class import CTImageStorage
-
     ae = AE(ae_title=MODALITY_AE)
     ae.add_requested_context(CTImageStorage)
     assoc = associate(ae, "127.0.0.1", port, ae_title="AINODE")
@@ -329,9 +327,6 @@ def print_results(view: dict[str, Any], in_pacs: dict[str, bytes]) -> None:
 def write_key_slice(config_path: Path, study_uid: str, target: Path) -> tuple[int, int]:
     """Render the key slice (the largest lesion at its widest; ``node.keyslice.key_slices``, as on
     the dashboard's study page) with the overlay to ``target``; (slice index, findings on it)."""
-    from node.admin.keyslice import key_slices, render_png, study_overlay
-    from node.core.settings import load_settings, resolve_paths
-
     settings = resolve_paths(load_settings(config_path), config_path.parent)
     overlay = study_overlay(settings, study_uid)
     k = key_slices(overlay, 1)[0]
@@ -346,7 +341,6 @@ def run_demo(out: Path | None, workdir: Path | None, analysis: str = ANALYSIS) -
     workdir.mkdir(parents=True, exist_ok=True)
     console.rule("ainode demo")
     console.print(f"work folder: {workdir}")
-    from workers.analysis.registry import available_analyses
 
     weights = getattr(available_analyses().get(analysis), "weights", None)
     if weights is not None and not Path(weights).exists():

@@ -1,23 +1,20 @@
-"""The index: patients, studies, series and instances as received, with what routing needs.
+"""The index tables: patients, studies, series and instances as received, with what routing needs.
 
-Rows are written by the receiver in the same transaction that makes an instance durable, and
-read by the assembler, router, API and workers. Patient data stays in the database: it is never
-logged.
+Only the tables live here. The rows are written by the ingest stage (``node.ingest.index_writer``,
+batched by ``node.ingest.indexer`` just after each instance is durable) and read by the assembler,
+router, API and workers (through ``node.jobs.inputs``). Patient data stays in the database: it is
+never logged.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from node.core.clock import utcnow
 from node.core.db import Base
-
-
-def utcnow() -> datetime:
-    """Timezone-aware now, the one clock every table uses."""
-    return datetime.now(timezone.utc)
 
 
 class Patient(Base):

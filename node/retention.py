@@ -18,10 +18,12 @@ from typing import Callable
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from node.core.clock import utcnow
+from node.assembler import SeriesExpectation
 from node.core.db import engine_for, session_scope
-from node.index import Instance, Patient, Series, Study, utcnow
-from node.jobs.table import PENDING_STATES, Job
 from node.core.settings import Settings
+from node.index import Instance, Patient, Series, Study
+from node.jobs.table import PENDING_STATES, Job
 
 log = logging.getLogger("ainode.retention")
 
@@ -34,8 +36,6 @@ def _has_pending_jobs(session: Session, study: Study) -> bool:
 
 def remove_study(session: Session, study: Study) -> list[str]:
     """Delete a study's index rows; returns its instance file paths (relative) for the caller to unlink."""
-    from node.assembler import SeriesExpectation
-
     series_pks = list(session.scalars(select(Series.id).where(Series.study_pk == study.id)))
     paths = list(session.scalars(select(Instance.path).where(Instance.series_pk.in_(series_pks))))
     session.execute(delete(Instance).where(Instance.series_pk.in_(series_pks)))

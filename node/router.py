@@ -21,13 +21,12 @@ import pydicom
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.core.clock import utcnow
 from node.core.db import engine_for, session_scope
+from node.core.settings import MATCH_ATTRIBUTES, Condition, ConfigError, Match, Rule, Settings, load_settings
 from node.index import Instance, Series, Study
 from node.jobs.broker import publish_job
 from node.jobs.lifecycle import queue_job
 from node.jobs.table import DEAD, FAILED, Job, input_fingerprint
-from node.core.settings import MATCH_ATTRIBUTES, ConfigError, Condition, Match, Rule, Settings, load_settings
 
 log = logging.getLogger("ainode.router")
 

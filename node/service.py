@@ -10,7 +10,6 @@ and exit; then periodic work and services stop; exit status 0.
 from __future__ import annotations
 
 import ctypes
-import importlib
 import logging
 import multiprocessing
 import os
@@ -20,22 +19,59 @@ import threading
 import time
 from typing import Any, Callable
 
-from node.ingest import store
+from node import assembler, retention, router
+from node.admin import api
+from node.core import audit
 from node.core.db import dispose_engines, engine_for, init_db
+from node.core.dicom import quiet_pynetdicom
 from node.core.settings import Settings
+from node.dispatch import commitment, outbox
+from node.ingest import mpps, store
+from node.ingest.indexer import Indexer
+from node.ingest.policy import AssociationSlots
+from node.ingest.receiver import Receiver
+from node.ingest.recovery import recover_all
+from node.jobs import embedded, reconciler
+from workers.analysis.registry import available_analyses, weights_present
 
 log = logging.getLogger("ainode.service")
 
-STAGE_MODULES = ("node.assembler", "node.router", "node.jobs.embedded", "node.jobs.reconciler",
-                 "node.dispatch.outbox", "node.admin.api", "node.retention")
+PeriodicHook = Callable[[Settings], list[tuple[str, float, Callable[[], None]]]]
+ServiceHook = Callable[[Settings], list[Callable[[], None]]]
+
 _PR_SET_PDEATHSIG = 1
 _READY_TIMEOUT_S = 60.0
 
 
+def installed_analyses(settings: Settings) -> list[dict[str, Any]]:
+    """The analyses this installation can run (name, version, whether its weights are present),
+    for the admin API's worker view: the node learns them from the analysis side here, at the
+    composition root, so the API itself never imports the workers."""
+    try:
+        return [{"name": a.name, "version": getattr(a, "version", ""), "weights": weights_present(a)}
+                for a in available_analyses(settings).values()]
+    except Exception as err:  # noqa: BLE001 - a broken external model must not stop the API
+        log.warning("installed analyses unknown: %s", type(err).__name__)
+        return []
+
+
+# The later stages, in pipeline order: what each runs periodically and which services it starts.
+PERIODIC_STAGES: tuple[tuple[str, PeriodicHook], ...] = (
+    ("assembler", assembler.periodic_tasks),
+    ("router", router.periodic_tasks),
+    ("reconciler", reconciler.periodic_tasks),
+    ("dispatcher", outbox.periodic_tasks),
+    ("api", api.periodic_tasks),
+    ("retention", retention.periodic_tasks),
+)
+SERVICE_STAGES: tuple[tuple[str, ServiceHook], ...] = (
+    ("jobs", embedded.start_services),
+    ("api", lambda settings: api.start_services(settings, analyses=installed_analyses)),
+)
+
+
 def configure_logging() -> None:
     """One log format for every process; pynetdicom kept quiet (no identifiers)."""
-    from node.ingest.receiver import quiet_pynetdicom
-
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -48,42 +84,11 @@ def receiver_count(settings: Settings) -> int:
     return settings.node.receivers or max(1, min(4, os.cpu_count() or 1))
 
 
-def stage_hooks(name: str) -> list[Any]:
-    """The stage modules that define ``name`` (periodic_tasks, start_services...)."""
-    found = []
-    for module_name in STAGE_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                log.error("stage %s cannot be imported: %s", module_name, err)
-            continue
-        except ImportError as err:
-            log.error("stage %s cannot be imported: %s", module_name, err)
-            continue
-        hook = getattr(module, name, None)
-        if callable(hook):
-            found.append((module_name, hook))
-    return found
-
-
-def mpps_handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
-    """MPPS event handlers from node.mpps, when that stage provides them."""
-    try:
-        module = importlib.import_module("node.ingest.mpps")
-    except ImportError:
-        return []
-    hook = getattr(module, "handlers", None)
-    return list(hook(settings)) if callable(hook) else []
-
-
 def commitment_handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
     """Storage Commitment N-EVENT-REPORT handlers, when a destination asks for commitment."""
     if not any(d.storage_commitment for d in settings.destinations):
         return []
-    from node.dispatch.outbox import commitment_handlers as handlers
-
-    return list(handlers(settings))
+    return list(commitment.commitment_handlers(settings))
 
 
 # --- receiver processes ----------------------------------------------------------------------
@@ -108,12 +113,8 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the main process's business
     dispose_engines()  # connections are never shared across fork
-    from node.ingest.receiver import Receiver
-
-    from node.core import audit
-
     audit.configure(settings.audit, settings.node.ae_title)  # refused peers are Security Alerts
-    receiver = Receiver(settings, engine_for(settings.database.url), slots, row, mpps_handlers(settings),
+    receiver = Receiver(settings, engine_for(settings.database.url), slots, row, mpps.handlers(settings),
                         commitment_handlers(settings))
     receiver.recover()  # what this receiver's predecessor answered but did not index
     try:
@@ -149,8 +150,6 @@ def _drain(server: Any) -> None:
 
 def recover_landed(settings: Settings) -> None:
     """Index every instance answered Success before a crash but not indexed (before receivers run)."""
-    from node.ingest.receiver import Indexer, recover_all
-
     indexer = Indexer(engine_for(settings.database.url), settings.storage.path, settings.node.duplicate_policy,
                       background=False)
     try:
@@ -163,8 +162,6 @@ class ReceiverPool:
     """The receiver processes, supervised from the main process."""
 
     def __init__(self, settings: Settings):
-        from node.ingest.receiver import AssociationSlots
-
         self.settings = settings
         self.count = receiver_count(settings)
         self._ctx = multiprocessing.get_context("fork")
@@ -247,11 +244,11 @@ class PeriodicTasks:
 def start_periodic(settings: Settings, stop: threading.Event) -> PeriodicTasks:
     """One thread per (name, interval, function) from every stage's ``periodic_tasks``."""
     tasks_run = PeriodicTasks()
-    for module_name, hook in stage_hooks("periodic_tasks"):
+    for stage, hook in PERIODIC_STAGES:
         try:
             tasks = hook(settings) or []
         except Exception as err:
-            log.error("%s.periodic_tasks failed: %s", module_name, err)
+            log.error("%s: periodic tasks not started: %s", stage, err)
             continue
         for name, interval, func in tasks:
             t = threading.Thread(target=_run_periodic, args=(name, float(interval), func, stop),
@@ -266,11 +263,11 @@ def start_periodic(settings: Settings, stop: threading.Event) -> PeriodicTasks:
 def start_stage_services(settings: Settings) -> list[Callable[[], None]]:
     """Start every stage's long-running services; return their stop functions."""
     stoppers: list[Callable[[], None]] = []
-    for module_name, hook in stage_hooks("start_services"):
+    for stage, hook in SERVICE_STAGES:
         try:
             stoppers.extend(hook(settings) or [])
         except Exception as err:
-            log.error("%s.start_services failed: %s", module_name, err)
+            log.error("%s: services not started: %s", stage, err)
     return stoppers
 
 

@@ -31,10 +31,11 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
+from node.core.clock import aware, utcnow
 from node.core import audit
 from node.core.db import ChangeGate, engine_for, session_scope
-from node.index import Instance, Series, Study, utcnow
-from node.jobs.table import aware
+from node.index import Instance, Series, Study
+
 from node.core.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("ainode.api")

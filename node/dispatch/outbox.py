@@ -17,108 +17,33 @@ an expired lease; the next pass takes them over (the PACS sees the same UIDs aga
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import ssl
-import urllib.error
-import urllib.request
-import uuid
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
 
-import pydicom
-from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint, func, or_, select, update
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
 
 from node.core.clock import aware, utcnow
-from node.core.db import Base, engine_for, session_scope
-from node.core.dicom import STORAGE_COMMITMENT_PUSH
+from node.core.db import engine_for, session_scope
 from node.core.settings import Destination, Settings, current_settings
+from node.dispatch.commitment import request_commitment
 from node.dispatch.kinds import ResultObject, kind_of, wanted_kinds
+from node.dispatch.senders import SENDERS, LinkDown, Outcome
+from node.dispatch.table import DELIVERED, FAILED, PENDING, SENDING, SKIPPED, STATES, Delivery, DestinationHealth
 
 log = logging.getLogger("ainode.dispatcher")
 
-PENDING, SENDING, DELIVERED, FAILED, SKIPPED = "pending", "sending", "delivered", "failed", "skipped"
-STATES = (PENDING, SENDING, DELIVERED, FAILED, SKIPPED)
 # How long a claimed row belongs to one sender; after that another process may take it over.
 LEASE_S = 120.0
 # Objects sent per association / request.
 BATCH_SIZE = 200
 
 
-class Delivery(Base):
-    """One result object to be sent to one destination (the outbox row)."""
-
-    __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_delivery_object"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[int] = mapped_column(Integer, index=True)
-    destination: Mapped[str] = mapped_column(String(128), index=True)
-    path: Mapped[str] = mapped_column(Text)
-    kind: Mapped[str] = mapped_column(String(16), default="")
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
-    study_instance_uid: Mapped[str] = mapped_column(String(64), default="")
-    state: Mapped[str] = mapped_column(String(16), default=PENDING, index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    last_status: Mapped[str] = mapped_column(String(32), default="")
-    reason: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
-    # Storage Commitment: "", "requested", "committed", "failed".
-    commitment: Mapped[str] = mapped_column(String(16), default="")
-    transaction_uid: Mapped[str] = mapped_column(String(64), default="")
-
-
-class DestinationHealth(Base):
-    """The circuit breaker of one destination."""
-
-    __tablename__ = "destination_health"
-
-    name: Mapped[str] = mapped_column(String(128), primary_key=True)
-    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
-    open_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    last_error: Mapped[str] = mapped_column(Text, default="")
-    last_success_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-
-# --- outcomes --------------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    """What happened to one object: delivered, retry (transient) or failed (permanent)."""
-
-    result: str  # DELIVERED | PENDING (retry) | FAILED
-    status: str = ""
-    reason: str = ""
-
-
-def classify_dimse_status(status: int) -> Outcome:
-    """A C-STORE status by class (PS3.4 B.2.3 and PS3.7 C): success, retry or permanent."""
-    code = f"0x{status:04X}"
-    if status == 0x0000:
-        return Outcome(DELIVERED, code)
-    if status in (0x0001, 0x0107, 0x0116) or (status & 0xF000) == 0xB000:
-        return Outcome(DELIVERED, code, "warning")
-    if (status & 0xFF00) == 0xA700 or status in (0x0210, 0x0211, 0x0212, 0x0213):
-        return Outcome(PENDING, code, "out of resources (A7xx): will retry")
-    if (status & 0xFF00) == 0xA900:
-        return Outcome(FAILED, code, "data set does not match SOP class (A9xx)")
-    if (status & 0xF000) == 0xC000:
-        return Outcome(FAILED, code, "cannot understand (Cxxx)")
-    return Outcome(FAILED, code, "refused")
-
-
 def backoff_s(dest: Destination, attempts: int) -> float:
     """Exponential backoff: retry_initial_s · 2^(attempts-1), capped at retry_max_s."""
     return min(dest.retry_max_s, dest.retry_initial_s * (2 ** max(attempts - 1, 0)))
+
 
 
 # --- the outbox ------------------------------------------------------------------------------
@@ -191,146 +116,6 @@ def claim(session: Session, destination: str, first_id: int | None = None, limit
             claimed.append(row_id)
     session.commit()
     return [session.get(Delivery, i) for i in claimed]
-
-
-# --- senders ---------------------------------------------------------------------------------
-
-
-class LinkDown(Exception):
-    """The destination could not be reached or the association/request failed as a whole."""
-
-
-def _tls_context(dest: Destination) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.tls.ca_certificates)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if dest.tls.certificate and dest.tls.private_key:
-        context.load_cert_chain(dest.tls.certificate, dest.tls.private_key)
-    return context
-
-
-Progress = Callable[[Delivery, Outcome], None]
-
-
-def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, settings: Settings | None = None,
-               progress: Progress | None = None) -> dict[int, Outcome]:
-    """C-STORE every row's file on one association; Explicit VR Little Endian, one context per SOP class.
-
-    ``progress`` is called after each answered object, so its outcome is recorded at once (a
-    sender killed mid-batch re-sends only what was in flight).
-    """
-    from pynetdicom import AE
-    from node.dispatch.scu import associate
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    ae = AE(ae_title=calling_ae)
-    timeouts = settings.node if settings else None
-    ae.acse_timeout = timeouts.acse_timeout_s if timeouts else 30
-    ae.dimse_timeout = timeouts.dimse_timeout_s if timeouts else 60
-    ae.network_timeout = timeouts.network_timeout_s if timeouts else 60
-    for sop_class in sorted({r.sop_class_uid for r in rows}):
-        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    # Verification too: a peer refusing every result SOP class still gets an association, so the
-    # refusal is recorded per object as permanent instead of looking like a link failure.
-    ae.add_requested_context("1.2.840.10008.1.1")
-    kwargs: dict[str, Any] = {"ae_title": dest.ae_title}
-    if dest.tls.enabled:
-        kwargs["tls_args"] = (_tls_context(dest), dest.host)
-    assoc = associate(ae, dest.host, dest.port, **kwargs)
-    if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted \
-            else "connection failed"
-        raise LinkDown(f"{why} ({dest.ae_title}@{dest.host}:{dest.port})")
-    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
-    outcomes: dict[int, Outcome] = {}
-    try:
-        for row in rows:
-            if row.sop_class_uid not in accepted:
-                outcomes[row.id] = Outcome(FAILED, "no-context", f"destination does not accept SOP class {row.sop_class_uid}")
-                continue
-            if not Path(row.path).exists():
-                outcomes[row.id] = Outcome(FAILED, "missing", f"result file is gone: {row.path}")
-                continue
-            if not assoc.is_established:
-                break  # the peer went away between two objects: the rest count as not sent
-            try:
-                status = assoc.send_c_store(Path(row.path))
-            except RuntimeError:  # pynetdicom: the association ended as this request started
-                status = None
-            if not status or "Status" not in status:
-                # No response: the association died mid-transfer; this and the rest retry.
-                outcomes[row.id] = Outcome(PENDING, "no-response", "association lost during C-STORE")
-                break
-            outcomes[row.id] = classify_dimse_status(int(status.Status))
-            if progress is not None:
-                progress(row, outcomes[row.id])
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    for row in rows:
-        outcomes.setdefault(row.id, Outcome(PENDING, "not-sent", "association ended before this object"))
-    if all(o.status in ("no-response", "not-sent", "no-context", "missing") for o in outcomes.values()) \
-            and any(o.status in ("no-response", "not-sent") for o in outcomes.values()):
-        raise LinkDown("association lost before any object was acknowledged")
-    return outcomes
-
-
-def _multipart(paths: list[str], boundary: str) -> bytes:
-    body = bytearray()
-    for path in paths:
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        body += Path(path).read_bytes() + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return bytes(body)
-
-
-def _stow_failures(payload: bytes) -> dict[str, str]:
-    """SOP Instance UID → failure reason from a STOW-RS response (PS3.18 DICOM JSON)."""
-    try:
-        doc = json.loads(payload or b"{}")
-    except ValueError:
-        return {}
-    failed = {}
-    for item in (doc.get("00081198", {}) or {}).get("Value", []):  # Failed SOP Sequence
-        uid = item.get("00081155", {}).get("Value", [""])[0]
-        reason = item.get("00081197", {}).get("Value", [""])[0]  # Failure Reason
-        failed[uid] = f"0x{int(reason):04X}" if reason != "" else "failed"
-    return failed
-
-
-def send_dicomweb(dest: Destination, rows: list[Delivery]) -> dict[int, Outcome]:
-    """STOW-RS all rows in one multipart/related request to ``<url>/studies``."""
-    present = [r for r in rows if Path(r.path).exists()]
-    outcomes = {r.id: Outcome(FAILED, "missing", f"result file is gone: {r.path}") for r in rows if r not in present}
-    if not present:
-        return outcomes
-    boundary = uuid.uuid4().hex
-    request = urllib.request.Request(
-        dest.url.rstrip("/") + "/studies", data=_multipart([r.path for r in present], boundary), method="POST",
-        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                 "Accept": "application/dicom+json"})
-    if dest.username:
-        import base64
-
-        token = base64.b64encode(f"{dest.username}:{dest.password or ''}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    context = _tls_context(dest) if dest.url.startswith("https") else None
-    try:
-        with urllib.request.urlopen(request, timeout=120, context=context) as response:
-            code, payload = response.status, response.read()
-    except urllib.error.HTTPError as err:
-        code, payload = err.code, err.read()
-    except (urllib.error.URLError, OSError) as err:
-        raise LinkDown(f"STOW-RS request failed: {getattr(err, 'reason', err)}") from None
-    if code in (408, 429) or code >= 500:
-        raise LinkDown(f"STOW-RS answered HTTP {code}")
-    failures = _stow_failures(payload)
-    for row in present:
-        if code in (200, 202) and row.sop_instance_uid not in failures:
-            outcomes[row.id] = Outcome(DELIVERED, f"HTTP {code}")
-        else:
-            reason = failures.get(row.sop_instance_uid, "")
-            outcomes[row.id] = Outcome(FAILED, f"HTTP {code}", f"STOW-RS refused the instance {reason}".strip())
-    return outcomes
 
 
 # --- delivery --------------------------------------------------------------------------------
@@ -429,10 +214,7 @@ def deliver_destination(settings: Settings, name: str, first_id: int | None = No
             session.commit()
 
         try:
-            if dest.type == "dicomweb":
-                outcomes = send_dicomweb(dest, rows)
-            else:
-                outcomes = send_dicom(dest, rows, settings.node.ae_title, settings, progress)
+            outcomes = SENDERS[dest.type](dest, rows, settings, progress)
         except LinkDown as err:
             _link_down(session, dest, rows, str(err))
             counts["retry"] = len(rows)
@@ -486,80 +268,6 @@ def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], No
             log.exception("delivery pass failed")
 
     return [("dispatcher.deliver_due", 2.0, run)]
-
-
-# --- storage commitment ----------------------------------------------------------------------
-
-
-def request_commitment(settings: Settings, dest: Destination, rows: list[Delivery]) -> str | None:
-    """Ask the destination to commit the delivered objects (N-ACTION, Storage Commitment Push).
-
-    The answer (N-EVENT-REPORT) comes on a new association to our listener; the receiver binds
-    ``commitment_handlers`` for it. Returns the transaction UID, or None when the request failed
-    (the objects stay delivered; commitment is then "failed" with the reason).
-    """
-    from pydicom.dataset import Dataset
-    from pydicom.uid import generate_uid
-    from pynetdicom import AE
-    from node.dispatch.scu import associate
-
-    transaction_uid = generate_uid(prefix=None)
-    request = Dataset()
-    request.TransactionUID = transaction_uid
-    request.ReferencedSOPSequence = []
-    for row in rows:
-        item = Dataset()
-        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = row.sop_class_uid, row.sop_instance_uid
-        request.ReferencedSOPSequence.append(item)
-    engine = engine_for(settings.database.url)
-    ids = [r.id for r in rows]
-    # Recorded before asking: the report may arrive before the N-ACTION response is read.
-    with session_scope(engine) as session:
-        session.execute(update(Delivery).where(Delivery.id.in_(ids))
-                        .values(commitment="requested", transaction_uid=transaction_uid))
-    ae = AE(ae_title=settings.node.ae_title)
-    ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
-    assoc = associate(ae, dest.host, dest.port, ae_title=dest.ae_title)
-    reason = "association failed"
-    if assoc.is_established:
-        status, _ = assoc.send_n_action(request, 1, STORAGE_COMMITMENT_PUSH, "1.2.840.10008.1.20.1.1")
-        assoc.release()
-        if status and int(status.Status) == 0:
-            return transaction_uid
-        reason = f"N-ACTION status {getattr(status, 'Status', 'none')}"
-    with session_scope(engine) as session:
-        session.execute(update(Delivery).where(Delivery.id.in_(ids), Delivery.commitment == "requested")
-                        .values(commitment="failed"))
-    log.warning("storage commitment request to %s failed: %s", dest.name, reason)
-    return None
-
-
-def record_commitment(session: Session, event_info: Any) -> int:
-    """Apply a Storage Commitment result (N-EVENT-REPORT dataset) to the outbox; rows updated."""
-    transaction_uid = str(event_info.get("TransactionUID", ""))
-    updated = 0
-    for keyword, state in (("ReferencedSOPSequence", "committed"), ("FailedSOPSequence", "failed")):
-        uids = [str(i.ReferencedSOPInstanceUID) for i in event_info.get(keyword, [])]
-        if uids:
-            updated += session.execute(update(Delivery).where(Delivery.transaction_uid == transaction_uid,
-                                                              Delivery.sop_instance_uid.in_(uids))
-                                       .values(commitment=state)).rowcount
-    return updated
-
-
-def commitment_handlers(settings: Settings) -> list[tuple[Any, Callable[[Any], Any]]]:
-    """pynetdicom (event, handler) pairs the receiver binds to accept N-EVENT-REPORTs."""
-    from pynetdicom import evt
-
-    def on_event_report(event: Any) -> Any:
-        if event.request.AffectedSOPClassUID != STORAGE_COMMITMENT_PUSH:
-            return 0x0112, None  # No such SOP Instance
-        info = event.event_information
-        with session_scope(engine_for(settings.database.url)) as session:
-            record_commitment(session, info)
-        return 0x0000, None
-
-    return [(evt.EVT_N_EVENT_REPORT, on_event_report)]
 
 
 # --- status ----------------------------------------------------------------------------------

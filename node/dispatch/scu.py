@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pydicom import uid as dcm_uid
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -64,6 +65,31 @@ def _quiet() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
 
 
+def verify(calling_ae: str, ae_title: str, host: str, port: int, timeout_s: float | None = 10.0) -> dict[str, Any]:
+    """C-ECHO a remote AE, the one Verification of the node (``ainode echo`` and the admin API).
+
+    Returns ``{'ok', 'result', 'round_trip_ms', 'status'}``: ok on status Success; result in words
+    ("status 0x0000", "association rejected", "no answer or aborted", "no response");
+    round_trip_ms None when no association was made; status the DIMSE status (None without one).
+    ``timeout_s`` bounds the ACSE, DIMSE and network waits (None: pynetdicom's defaults).
+    """
+    ae = AE(ae_title=calling_ae)
+    if timeout_s is not None:
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    start = time.monotonic()
+    assoc = associate(ae, host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return {"ok": False, "result": "association rejected" if assoc.is_rejected else "no answer or aborted",
+                "round_trip_ms": None, "status": None}
+    response = assoc.send_c_echo()
+    assoc.release()
+    ms = round((time.monotonic() - start) * 1000, 1)
+    code = getattr(response, "Status", None)
+    return {"ok": code == 0x0000, "result": f"status 0x{code:04X}" if code is not None else "no response",
+            "round_trip_ms": ms, "status": code}
+
+
 def echo(target: str, calling_ae: str) -> int:
     """C-ECHO the target; print the outcome; 0 on Success."""
     _quiet()
@@ -72,17 +98,13 @@ def echo(target: str, calling_ae: str) -> int:
     except ValueError as err:
         console.print(str(err), style="red")
         return 2
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    assoc = associate(ae, t.host, t.port, ae_title=t.ae_title)
-    if not assoc.is_established:
-        console.print(f"association with {t.ae_title} at {t.host}:{t.port} failed "
-                      f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})", style="red")
+    outcome = verify(calling_ae, t.ae_title, t.host, t.port, timeout_s=None)
+    if outcome["round_trip_ms"] is None:
+        why = "rejected" if outcome["result"] == "association rejected" else outcome["result"]
+        console.print(f"association with {t.ae_title} at {t.host}:{t.port} failed ({why})", style="red")
         return 1
-    status = assoc.send_c_echo()
-    assoc.release()
-    code = getattr(status, "Status", None)
-    if code == 0x0000:
+    code = outcome["status"]
+    if outcome["ok"]:
         console.print(f"C-ECHO {t.ae_title} at {t.host}:{t.port}: Success", style="green")
         return 0
     console.print(f"C-ECHO {t.ae_title}: status {code if code is None else hex(code)}", style="red")

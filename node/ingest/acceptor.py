@@ -19,8 +19,12 @@ our listener:
 - a plain C-STORE Success response is encoded directly (the command set is seven fixed
   elements); everything else goes through pynetdicom.
 
-The subclasses override private pynetdicom methods, so the pynetdicom version is pinned in
-pyproject.toml and every receiver test runs through this module.
+This is the one place in ainode that touches pynetdicom internals: the subclasses override
+private pynetdicom methods and attributes, and the receiver reaches the rest it needs
+(``accepted_context``, ``track_server``) through this module. Those internals are pynetdicom
+3.0.x's: pynetdicom is pinned to 3.0.x in pyproject.toml, and ``SUPPORTED`` below guards the
+version at run time (with any other version the receiver serves through plain pynetdicom:
+slower, same answers). Every receiver test runs through this module.
 """
 
 from __future__ import annotations
@@ -686,3 +690,14 @@ class FastRequestHandler(RequestHandler):
 def request_handler_class(service: StoreService | None) -> type[FastRequestHandler]:
     """A FastRequestHandler subclass bound to ``service`` (None: every request via pynetdicom)."""
     return type("BoundFastRequestHandler", (FastRequestHandler,), {"service": service})
+
+
+def accepted_context(assoc: Association, context_id: int) -> Any:
+    """The presentation context accepted under ``context_id`` (None if there is none)."""
+    return assoc._accepted_cx.get(context_id)
+
+
+def track_server(ae: Any, server: Any) -> None:
+    """Register a server from ``ae.make_server`` with its AE, as ``AE.start_server`` does, so that
+    ``ae.shutdown()`` stops it too."""
+    ae._servers.append(server)

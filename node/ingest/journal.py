@@ -37,7 +37,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from node.ingest.store import GroupSync
+from node.ingest.store import SYNC_FILE_RANGE_WRITE, GroupSync, sync_file_range
 
 BLOCK = 4096
 DEFAULT_SIZE = 64 * 1024 * 1024
@@ -273,10 +273,8 @@ class Journal:
 
 
 def _start_writeback(fd: int, length: int) -> None:
-    from node.ingest.store import _SYNC_FILE_RANGE_WRITE, _sync_file_range
-
-    if _sync_file_range is not None:
-        _sync_file_range(fd, 0, length, _SYNC_FILE_RANGE_WRITE)
+    if sync_file_range is not None:
+        sync_file_range(fd, 0, length, SYNC_FILE_RANGE_WRITE)
 
 
 def _create(path: Path, size: int) -> None:

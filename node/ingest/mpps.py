@@ -21,23 +21,23 @@ from pynetdicom import evt
 from sqlalchemy import Boolean, DateTime, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from node.core.clock import utcnow
 from node.core.db import Base, engine_for, session_scope
-from node.index import utcnow
+from node.core.dicom import (
+    DUPLICATE_SOP_INSTANCE,
+    INVALID_ATTRIBUTE_VALUE,
+    MAY_NO_LONGER_BE_UPDATED,
+    MISSING_ATTRIBUTE,
+    NO_SUCH_OBJECT_INSTANCE,
+    PROCESSING_FAILURE,
+    SUCCESS,
+)
 from node.core.settings import Settings
 
 log = logging.getLogger("ainode.mpps")
 
 IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
 FINAL_STATES = (COMPLETED, DISCONTINUED)
-
-# DIMSE status codes (PS3.4 F.7.2.1, PS3.7 C.4).
-SUCCESS = 0x0000
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP_INSTANCE = 0x0111
-NO_SUCH_OBJECT_INSTANCE = 0x0112
-MISSING_ATTRIBUTE = 0x0120
-INVALID_ATTRIBUTE_VALUE = 0x0106
-MAY_NO_LONGER_BE_UPDATED = 0xA710  # PS3.4 F.7.2.2: the step is already COMPLETED/DISCONTINUED
 
 
 class PerformedProcedureStep(Base):

@@ -203,11 +203,11 @@ def write_durable(root: Path, relpath: str, chunks: Iterable[bytes | memoryview]
 
 try:
     _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    _sync_file_range = _libc.sync_file_range
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    sync_file_range = _libc.sync_file_range
+    sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 except (OSError, AttributeError):  # not Linux/glibc: writeback simply starts at the flush
-    _sync_file_range = None
-_SYNC_FILE_RANGE_WRITE = 2
+    sync_file_range = None
+SYNC_FILE_RANGE_WRITE = 2
 _landed_counter = itertools.count()
 _WRITEBACK_STEP = 256 * 1024
 
@@ -242,8 +242,8 @@ class IncomingFile:
             written = os.write(self.fd, view)  # type: ignore[arg-type]
             self._pos += written
             view = view[written:]
-        if _sync_file_range is not None and self._pos - self._started >= _WRITEBACK_STEP:
-            _sync_file_range(self.fd, self._started, self._pos - self._started, _SYNC_FILE_RANGE_WRITE)
+        if sync_file_range is not None and self._pos - self._started >= _WRITEBACK_STEP:
+            sync_file_range(self.fd, self._started, self._pos - self._started, SYNC_FILE_RANGE_WRITE)
             self._started = self._pos
 
     def write(self, data: memoryview | bytes) -> None:

@@ -24,8 +24,18 @@ from sqlalchemy import update
 from node.core.clock import utcnow
 from node.core.db import engine_for, session_scope
 from node.core.settings import Settings, use_settings
-from node.jobs.table import (ANALYSIS_QUEUE, DELIVER_TASK, DELIVERY_QUEUE, PRIORITY_RANK, PRIORITY_STEPS, QUEUED,
-                             RETRYING, RUN_ANALYSIS_TASK, RUNNING, Job)
+from node.jobs.table import (
+    ANALYSIS_QUEUE,
+    DELIVER_TASK,
+    DELIVERY_QUEUE,
+    PRIORITY_RANK,
+    PRIORITY_STEPS,
+    QUEUED,
+    RETRYING,
+    RUN_ANALYSIS_TASK,
+    RUNNING,
+    Job,
+)
 
 log = logging.getLogger("ainode.jobs")
 

@@ -29,8 +29,18 @@ from node.core.clock import aware, utcnow
 from node.core.db import engine_for, session_scope
 from node.core.settings import AnalysisSettings, Settings
 from node.index import Study
-from node.jobs.table import (DEAD, FAILED, FINAL_STATES, PENDING_STATES, PRIORITY_RANK, QUEUED, RETRYING, RUNNING,
-                             SUCCEEDED, Job)
+from node.jobs.table import (
+    DEAD,
+    FAILED,
+    FINAL_STATES,
+    PENDING_STATES,
+    PRIORITY_RANK,
+    QUEUED,
+    RETRYING,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+)
 
 log = logging.getLogger("ainode.jobs")
 

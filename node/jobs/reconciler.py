@@ -19,11 +19,11 @@ from typing import Callable
 import redis
 from sqlalchemy import select
 
-from node.core.db import engine_for, session_scope
 from node.core.clock import aware, utcnow
+from node.core.db import engine_for, session_scope
+from node.core.settings import Settings
 from node.jobs.broker import embedded, publish_job
 from node.jobs.table import ANALYSIS_QUEUE, DELIVERY_QUEUE, PRIORITY_STEPS, QUEUED, RETRYING, RUNNING, Job
-from node.core.settings import Settings
 
 log = logging.getLogger("ainode.reconciler")
 

@@ -14,8 +14,9 @@ from typing import Any, Callable, Iterator
 import pytest
 import yaml
 
+from node.core.clock import utcnow
 from node.core.db import dispose_engines, engine_for, init_db, session_scope
-from node.index import Instance, Patient, Series, Study, utcnow
+from node.index import Instance, Patient, Series, Study
 from node.core.settings import Settings, load_settings, resolve_paths
 from tests.helpers import free_port, port_open, wait_for
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from node.core.clock import utcnow
 from node import assembler
 from node.jobs import reconciler
 from node.core.db import engine_for, session_scope
@@ -186,7 +187,7 @@ def test_reconciler_republishes_only_what_the_broker_lost(make_settings, redis_s
 
     from sqlalchemy import update
 
-    from node.index import utcnow
+    
 
     settings = make_settings(redis_server.url, rules=[_rule("r1"), _rule("s1", priority="stat"), _rule("l1", priority="low")])
     jobs = [_route(settings, "1.2.4.101", "R1")[0], _route(settings, "1.2.4.102", "S1")[0],

@@ -1,4 +1,4 @@
-"""The index's header fields decoded by the receiver agree with pydicom's reading of the file."""
+"""The index's header fields decoded by the wire codec agree with pydicom's reading of the file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_files
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
-from node.ingest import receiver
+from node.ingest import wire
 
 
 def _encoded(path: str) -> tuple[memoryview, str] | None:
@@ -32,22 +32,22 @@ def _cases() -> list[str]:
 def test_index_fields_match_pydicom(path):
     encoded, transfer_syntax = _encoded(path)  # type: ignore[misc]
     try:
-        header = receiver.read_header(encoded, transfer_syntax)
-    except receiver.Unparseable:
+        header = wire.read_header(encoded, transfer_syntax)
+    except wire.Unparseable:
         pytest.skip("not a complete data set")
     try:
-        reference = dcmread(path, stop_before_pixels=True, specific_tags=receiver.HEADER_TAGS)
+        reference = dcmread(path, stop_before_pixels=True, specific_tags=wire.HEADER_TAGS)
     except Exception:
         pytest.skip("pydicom cannot read it")
-    for keyword in receiver.HEADER_KEYWORDS:  # each read the way the index reads it
-        if keyword in receiver._UID_KEYWORDS:
+    for keyword in wire.HEADER_KEYWORDS:  # each read the way the index reads it
+        if keyword in wire.UID_KEYWORDS:
             continue
         if keyword in ("InstanceNumber", "NumberOfFrames", "SeriesNumber"):
-            assert receiver._int(header, keyword) == receiver._int(reference, keyword), keyword
+            assert wire.int_value(header, keyword) == wire.int_value(reference, keyword), keyword
         elif keyword == "SliceThickness":
-            assert receiver._float(header, keyword) == receiver._float(reference, keyword), keyword
+            assert wire.float_value(header, keyword) == wire.float_value(reference, keyword), keyword
         else:
-            assert receiver._text(header, keyword, 400) == receiver._text(reference, keyword, 400), keyword
+            assert wire.text_value(header, keyword, 400) == wire.text_value(reference, keyword, 400), keyword
 
 
 @pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
@@ -64,7 +64,14 @@ def test_non_ascii_names_go_through_pydicom(tmp_path, charset):
     path = tmp_path / "latin.dcm"
     ds.save_as(path, enforce_file_format=True)
     encoded, transfer_syntax = _encoded(str(path))  # type: ignore[misc]
-    header = receiver.read_header(encoded, transfer_syntax)
-    assert receiver._text(header, "PatientName", 400) == "Müller^Jörg"
-    assert receiver._text(header, "StudyDescription", 400) == "Thorax ä"
-    assert receiver._int(header, "InstanceNumber") == 7
+    header = wire.read_header(encoded, transfer_syntax)
+    assert wire.text_value(header, "PatientName", 400) == "Müller^Jörg"
+    assert wire.text_value(header, "StudyDescription", 400) == "Thorax ä"
+    assert wire.int_value(header, "InstanceNumber") == 7
+
+
+@pytest.mark.parametrize("calling_ae", ["CT01", "ODD", "  PADDED  "])
+def test_file_meta_matches_pydicom(calling_ae):
+    """The directly encoded file meta is byte-identical to pydicom's."""
+    args = ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1", calling_ae)
+    assert wire.file_meta(*args) == wire.file_meta_pydicom(*args)

@@ -10,7 +10,9 @@ from pydicom.uid import CTImageStorage
 from sqlalchemy import select
 
 from node.core.db import init_db, session_scope
-from node.dispatch.outbox import (DELIVERED, FAILED, PENDING, SKIPPED, Delivery, backoff_s, classify_dimse_status, deliver, deliver_due, enqueue_results, status_summary)
+from node.dispatch.outbox import backoff_s, deliver, deliver_due, enqueue_results, status_summary
+from node.dispatch.senders import classify_dimse_status
+from node.dispatch.table import DELIVERED, FAILED, PENDING, SKIPPED, Delivery
 from node.core.settings import CapabilityProfile, Settings
 from tests.helpers import wait_for
 from tests.results.peers import StoreSCP, StowServer

@@ -98,7 +98,8 @@ def test_storage_commitment_with_orthanc(tmp_path, ct):
     """N-ACTION to Orthanc; its N-EVENT-REPORT arrives on a new association and is recorded."""
     from pynetdicom import AE
 
-    from node.dispatch.outbox import STORAGE_COMMITMENT_PUSH, commitment_handlers
+    from node.core.dicom import STORAGE_COMMITMENT_PUSH
+    from node.dispatch.commitment import commitment_handlers
     from tests.helpers import free_port
 
     listener_port = free_port()

@@ -1,120 +1,38 @@
-"""registry: which analyses exist, what they accept, and how each one runs.
+"""registry: the catalogue of analyses: which exist, where their weights are, and how one runs.
 
-An analysis is declared by an ``Analysis`` record: its name, the task, the modalities and
-dimensionality it accepts, how to load its model (once per worker process, cached), how to
-turn a ``Volume`` into model inputs (``preprocess``), how to run the model (``infer``), and how to
-turn model outputs into findings (``postprocess`` returns an ``Outputs``). ``run_analysis`` runs
-the four steps, times each, and returns ``Findings`` stamped with the model's version and the
-sha256 of its weight file.
+An analysis is an ``Analysis`` record (``workers.analysis.contract``). ``run_analysis`` runs its
+four steps (load, preprocess, infer, postprocess), times each, and returns ``Findings`` stamped
+with the model's version and the sha256 of its weight files.
 
 Where analyses come from:
-- built-in reference models: every module in ``workers.analysis.models`` that defines
-  ``analyses() -> list[Analysis]`` (discovered automatically, so model modules add themselves);
+- built-in reference models: each module of ``workers.analysis.models`` listed in
+  ``MODEL_MODULES`` defines ``analyses() -> list[Analysis]``;
 - a hospital's own models, configured in ``settings.analyses`` with format ``torchscript``,
-  ``onnx`` (onnxruntime) or ``monai_bundle``; generic pre/postprocessing per task is built from
-  ``task``, ``labels`` and ``params`` (see ``external_analysis``).
+  ``onnx`` (onnxruntime) or ``monai_bundle`` (``workers.analysis.external``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib
-import json
 import logging
-import pkgutil
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
-import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
 
-from workers.analysis.findings import (Classification, Code, DerivedImage, Detection, Findings, Measurement, Segment, Volume)
+from workers.analysis.contract import Analysis, AnalysisError, RunContext
+from workers.analysis.external import external_analysis
+from workers.analysis.findings import Findings, Volume
+from workers.analysis.models import classification, denoising, detection, ejection_fraction, segmentation
 
 log = logging.getLogger(__name__)
 
-Task = Literal["segmentation", "classification", "detection", "reconstruction", "ejection_fraction"]
-Dimensionality = Literal["2d", "3d", "2d+t"]
-
-
-class AnalysisError(RuntimeError):
-    """The analysis cannot run on this input or with this model; the message says why."""
-
-
-@dataclass
-class Outputs:
-    """What postprocessing produced; ``run_analysis`` wraps it into ``Findings``."""
-
-    segments: list[Segment] = field(default_factory=list)
-    detections: list[Detection] = field(default_factory=list)
-    classifications: list[Classification] = field(default_factory=list)
-    measurements: list[Measurement] = field(default_factory=list)
-    derived: list[DerivedImage] = field(default_factory=list)
-
-
-@dataclass
-class RunContext:
-    """Where inference runs: the torch device and whether mixed precision (CUDA autocast) is on."""
-
-    device: str = "cpu"
-    autocast: bool = False
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def inference(self):
-        """Context for a forward pass: torch.inference_mode, plus autocast on CUDA."""
-        import torch
-
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        if self.autocast and self.device.startswith("cuda"):
-            stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
-        return stack
-
-
-@dataclass
-class Analysis:
-    """One analysis: what it accepts, its model, and its pre/inference/postprocessing steps.
-
-    ``load(device)`` returns the model object; ``preprocess(volume, params)`` returns model inputs;
-    ``infer(model, inputs, ctx)`` returns raw outputs; ``postprocess(volume, inputs, raw, params)``
-    returns ``Outputs``. ``weights`` is the file whose sha256 is recorded with every result;
-    ``extra_weights`` are further files the model loads (a second-stage network), covered by the
-    same sha256.
-    """
-
-    name: str
-    task: Task
-    modalities: tuple[str, ...]
-    dimensionality: Dimensionality
-    algorithm_name: str
-    version: str
-    load: Callable[[str], Any]
-    preprocess: Callable[[Volume, dict], Any]
-    infer: Callable[[Any, Any, RunContext], Any]
-    postprocess: Callable[[Volume, Any, Any, dict], Outputs]
-    weights: Path | None = None
-    extra_weights: tuple[Path, ...] = ()
-    card: Path | None = None
-    description: str = ""
-    # Estimated GPU memory needed to load and run the model (checked before using CUDA).
-    gpu_memory_bytes: int = 1 << 30
-    source: str = "builtin"
-    # Writes one example input series (DICOM files) into a folder; used by bench/analysis.py.
-    example: Callable[[Path], list[Path]] | None = None
-
-    def accepts(self, volume: Volume) -> str | None:
-        """None when the volume suits this analysis, else the reason it does not."""
-        if self.modalities and volume.modality not in self.modalities:
-            return f"{self.name} accepts {', '.join(self.modalities)} images, not {volume.modality}"
-        frames = volume.pixels.shape[0]
-        if self.dimensionality == "3d" and frames < 2:
-            return f"{self.name} needs a 3D volume; the series has a single image"
-        if self.dimensionality == "2d+t" and frames < 2:
-            return f"{self.name} needs a cine loop of several frames"
-        return None
-
+# The built-in reference models: each module defines ``analyses() -> list[Analysis]``.
+MODEL_MODULES = (segmentation, detection, classification, denoising, ejection_fraction)
 
 # --- discovery --------------------------------------------------------------------------------
 
@@ -124,16 +42,13 @@ _models: dict[tuple, Any] = {}  # (loader, weights, sha256, device) -> loaded mo
 
 
 def builtin_analyses() -> dict[str, Analysis]:
-    """Every built-in analysis, from the modules of ``workers.analysis.models`` that define ``analyses()``."""
+    """Every built-in analysis, from the ``analyses()`` of the modules in ``MODEL_MODULES``."""
     global _builtin
     with _lock:
         if _builtin is None:
-            import workers.analysis.models as pkg
-
             found: dict[str, Analysis] = {}
-            for info in pkgutil.iter_modules(pkg.__path__):
-                module = importlib.import_module(f"{pkg.__name__}.{info.name}")
-                for analysis in getattr(module, "analyses", lambda: [])():
+            for module in MODEL_MODULES:
+                for analysis in module.analyses():
                     found[analysis.name] = analysis
             _builtin = found
         return _builtin
@@ -220,10 +135,6 @@ def pick_device(analysis: Analysis, params: dict | None = None) -> str:
     forced = (params or {}).get("device")
     if forced:
         return str(forced)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return "cpu"
     if not torch.cuda.is_available():
         return "cpu"
     free, _total = torch.cuda.mem_get_info()
@@ -272,8 +183,6 @@ def run_analysis(name: str, volume: Volume, params: dict | None = None, settings
     t = time.perf_counter()
     raw = analysis.infer(model, inputs, ctx)
     if device.startswith("cuda"):
-        import torch
-
         torch.cuda.synchronize()
     timings["inference"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -287,134 +196,11 @@ def run_analysis(name: str, volume: Volume, params: dict | None = None, settings
     )
 
 
-# --- external models (TorchScript, ONNX, MONAI bundle) ----------------------------------------
-
-# Codes for label names a configured model may use; others get a local code (99AINODE).
-KNOWN_CODES: dict[str, tuple[Code, Code]] = {  # name -> (category, type)
-    "lung": (("91723000", "SCT", "Anatomical structure"), ("39607008", "SCT", "Lung")),
-    "liver": (("91723000", "SCT", "Anatomical structure"), ("10200004", "SCT", "Liver")),
-    "spleen": (("91723000", "SCT", "Anatomical structure"), ("78961009", "SCT", "Spleen")),
-    "kidney": (("91723000", "SCT", "Anatomical structure"), ("64033007", "SCT", "Kidney")),
-    "spine": (("91723000", "SCT", "Anatomical structure"), ("421060004", "SCT", "Spinal column")),
-    "liver_lesion": (("49755003", "SCT", "Morphologically abnormal structure"), ("300331000", "SCT", "Lesion of liver")),
-    "lung_nodule": (("49755003", "SCT", "Morphologically abnormal structure"), ("786838002", "SCT", "Pulmonary nodule")),
-}
-
-
-def codes_for(label: str) -> tuple[Code, Code]:
-    """(category, type) codes for a label name."""
-    if label in KNOWN_CODES:
-        return KNOWN_CODES[label]
-    return (("91723000", "SCT", "Anatomical structure"), (label.upper()[:16], "99AINODE", label.replace("_", " ")))
-
-
-class _Predictor:
-    """A uniform callable over TorchScript, ONNX and MONAI-bundle models: numpy in, numpy out."""
-
-    def __init__(self, fmt: str, path: Path, device: str):
-        self.fmt, self.device = fmt, device
-        if fmt == "onnx":
-            import onnxruntime as ort
-
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") \
-                else ["CPUExecutionProvider"]
-            providers = [p for p in providers if p in ort.get_available_providers()]
-            self.session = ort.InferenceSession(str(path), providers=providers)
-            self.input_name = self.session.get_inputs()[0].name
-        elif fmt == "torchscript":
-            import torch
-
-            self.module = torch.jit.load(str(path), map_location=device).eval()
-        elif fmt == "monai_bundle":
-            self.module = _load_monai_bundle(path, device)
-        else:
-            raise AnalysisError(f"unknown model format {fmt!r}")
-
-    def torch_module(self):
-        """The model as a torch callable (ONNX wrapped), for MONAI sliding-window inference."""
-        if self.fmt != "onnx":
-            return self.module
-        import torch
-
-        def call(x: "torch.Tensor") -> "torch.Tensor":
-            out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
-            return torch.from_numpy(out).to(x.device)
-
-        return call
-
-
-def _load_monai_bundle(path: Path, device: str):
-    """A MONAI bundle folder: models/model.ts (TorchScript), or configs' network_def + models/model.pt."""
-    import torch
-
-    path = Path(path)
-    ts = path / "models" / "model.ts"
-    if ts.exists():
-        return torch.jit.load(str(ts), map_location=device).eval()
-    from monai.bundle import ConfigParser
-
-    config = next((path / "configs" / n for n in ("inference.json", "inference.yaml") if (path / "configs" / n).exists()), None)
-    if config is None:
-        raise AnalysisError(f"{path}: a MONAI bundle needs configs/inference.json or models/model.ts")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    parser["bundle_root"] = str(path)
-    network = parser.get_parsed_content("network_def")
-    weights = path / "models" / "model.pt"
-    state = torch.load(str(weights), map_location=device, weights_only=True)
-    network.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
-    return network.to(device).eval()
-
-
-def _bundle_version(path: Path) -> str:
-    meta = Path(path) / "configs" / "metadata.json"
-    if meta.exists():
-        return str(json.loads(meta.read_text()).get("version", "unknown"))
-    return "unknown"
-
-
-def _weights_file(fmt: str, path: Path) -> Path:
-    if fmt != "monai_bundle":
-        return path
-    for candidate in ("models/model.ts", "models/model.pt"):
-        if (path / candidate).exists():
-            return path / candidate
-    return path
-
-
-def external_analysis(cfg) -> Analysis:
-    """An ``Analysis`` for a configured TorchScript/ONNX/MONAI-bundle model.
-
-    ``cfg.params`` (all optional): ``spacing`` [k, j, i] mm working grid; ``window`` [lo, hi]
-    intensities scaled to 0..1 (default: z-score); ``roi_size`` for sliding windows (3D);
-    ``size`` [h, w] for 2D models; ``threshold``; ``version``; ``output`` ('softmax', 'sigmoid'
-    or 'raw').
-    """
-    from workers.analysis.models import generic
-
-    path = Path(cfg.path)
-    version = str(cfg.params.get("version") or (_bundle_version(path) if cfg.format == "monai_bundle" else "1"))
-    weights = _weights_file(cfg.format, path)
-    steps = generic.steps_for(cfg.task, list(cfg.labels), dict(cfg.params))
-    return Analysis(
-        name=cfg.name, task=cfg.task, modalities=tuple(cfg.modalities), dimensionality=steps.dimensionality,
-        algorithm_name=cfg.params.get("algorithm_name", cfg.name), version=version,
-        load=lambda device: _Predictor(cfg.format, path, device),
-        preprocess=steps.preprocess, infer=steps.infer, postprocess=steps.postprocess,
-        weights=weights, card=Path(cfg.params["card"]) if cfg.params.get("card") else None,
-        description=f"{cfg.format} model at {path}", gpu_memory_bytes=int(cfg.params.get("gpu_memory_bytes", 1 << 30)),
-        source=cfg.format,
-    )
-
-
 # --- listing ----------------------------------------------------------------------------------
 
 
 def print_models(settings) -> int:
     """Print the installed analyses (name, task, inputs, version, checksum, card); 0 if all load."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     try:
         found = available_analyses(settings)

@@ -12,19 +12,24 @@ Reference model for demonstration and pipeline verification, not for diagnosis.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import UNet
 
 from workers.analysis import imaging
-from workers.synthetic import phantoms
-from workers.analysis.findings import Measurement, Segment, Volume
-from workers.analysis.registry import Analysis, Outputs, RunContext, codes_for
+from workers.analysis.codes import codes_for
+from workers.analysis.contract import Analysis, Outputs, RunContext
+from workers.analysis.findings import Measurement, Segment, SourceFrame, Volume
+from workers.analysis.models import lesion_refinement
 from workers.analysis.models.common import CARDS, weights_dir
+from workers.analysis.models.ct_input import WINDOWS, intensity_channels
+from workers.synthetic import phantoms
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +41,16 @@ SPACING_MM = 4.0
 N_CLASSES = 1 + len(phantoms.LABELS)
 CHANNELS = (16, 32, 64, 128)
 ROI = (64, 64, 64)
-TRAIN_PATCH = (48, 48, 48)  # CPU training patches
-TRAIN_PATCH_GPU = (64, 64, 64)  # GPU training patches (the inference window)
-WINDOWS = ((-160.0, 240.0), (-1024.0, 600.0))
 
 
 def build_network(channels: tuple[int, ...] = CHANNELS):
     """The 3D U-Net (MONAI): 2 input windows, one output channel per class."""
-    from monai.networks.nets import UNet
-
     return UNet(spatial_dims=3, in_channels=len(WINDOWS), out_channels=N_CLASSES, channels=channels,
                 strides=(2,) * (len(channels) - 1), num_res_units=1, norm="instance")
 
 
-def intensity_channels(hu: np.ndarray) -> np.ndarray:
-    """(2, ...) float32: HU scaled to 0..1 in a soft-tissue window and a wide (lung/bone) window."""
-    return np.stack([np.clip((hu - lo) / (hi - lo), 0, 1) for lo, hi in WINDOWS]).astype(np.float32)
-
-
 def load(device: str):
     """The trained network on ``device`` (eval mode)."""
-    import torch
-
     net = build_network()
     state = torch.load(WEIGHTS, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
@@ -74,8 +67,6 @@ class Models:
 
 def load_with_refinement(device: str) -> Models:
     """Both networks of the analysis on ``device`` (eval mode)."""
-    from workers.analysis.models import lesion_refinement
-
     return Models(load(device), lesion_refinement.load(device))
 
 
@@ -90,9 +81,6 @@ def preprocess(volume: Volume, params: dict) -> dict:
 def infer(model, inputs: dict, ctx: RunContext) -> np.ndarray:
     """Class probabilities (C, k, j, i) on the working grid, by MONAI sliding-window inference
     (``model``: the 4 mm network, or the analysis's ``Models``, whose 4 mm network runs)."""
-    import torch
-    from monai.inferers import sliding_window_inference
-
     model = model.net if isinstance(model, Models) else model
     x = torch.from_numpy(inputs["image"][None]).to(ctx.device)
     with ctx.inference():
@@ -104,8 +92,6 @@ def infer(model, inputs: dict, ctx: RunContext) -> np.ndarray:
 
 def infer_with_refinement(models: Models, inputs: dict, ctx: RunContext) -> dict:
     """The 4 mm class probabilities and the 2 mm lesion patches around their lesion candidates."""
-    from workers.analysis.models import lesion_refinement
-
     probs = infer(models.net, inputs, ctx)
     if models.refiner is None or not ctx.params.get("refine_lesions", True):
         return {"probs": probs, "patches": []}
@@ -126,8 +112,6 @@ def labels_on_source(volume: Volume, inputs: dict, probs: np.ndarray) -> np.ndar
 def refined_labels(volume: Volume, inputs: dict, raw: dict | np.ndarray) -> np.ndarray:
     """Labels on the source grid: the 4 mm arg-max, with the 2 mm pass's lesion decision inside
     its patches (``raw`` from ``infer_with_refinement``; a plain probability array: 4 mm only)."""
-    from workers.analysis.models import lesion_refinement
-
     if isinstance(raw, np.ndarray):
         return labels_on_source(volume, inputs, raw)
     labels = labels_on_source(volume, inputs, raw["probs"])
@@ -160,8 +144,6 @@ def example_series(folder: Path, shape: tuple[int, int, int] = (80, 256, 256),
 
 def analyses() -> list[Analysis]:
     """The CT segmentation analysis (discovered by the registry)."""
-    from workers.analysis.models import lesion_refinement
-
     return [Analysis(
         name=NAME, task="segmentation", modalities=("CT",), dimensionality="3d",
         algorithm_name="ainode CT organ and lesion U-Net", version=VERSION,
@@ -172,184 +154,9 @@ def analyses() -> list[Analysis]:
     )]
 
 
-# --- training and evaluation ------------------------------------------------------------------
+# --- evaluation (training: workers/training/segmentation.py) --------------------------------
 
-TRAIN_SEEDS = range(0, 100_000)  # held-out seeds are 900_000+, tuning seeds 800_000+
-HELD_OUT_SEEDS = range(900_000, 900_100)
-
-
-def training_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """One training example exactly as the network meets a series at inference.
-
-    A lesion-rich phantom is rendered on a random source geometry (orientation, slice order,
-    spacing 2-6.5 mm in-plane and 1.5-7 mm between slices, field of view and centre, so the body's
-    ends and the air beyond them appear), goes through ``preprocess`` like any series, and is paired
-    with the exact labels at the working grid's voxel centres (0 outside the source's field of
-    view). Returns (image (2, k, j, i) float32, labels (k, j, i) uint8), padded to at least
-    ``TRAIN_PATCH``.
-    """
-    anatomy, volume = training_series(seed)
-    inputs = preprocess(volume, {})
-    shape = inputs["image"].shape[1:]
-    labels = phantoms.labels_at(anatomy, phantoms.Grid(shape, inputs["affine"]))
-    labels[~_inside_source(volume, shape, inputs["affine"])] = 0
-    pad = [(0, max(0, want - have)) for want, have in zip(TRAIN_PATCH_GPU, shape)]
-    return np.pad(inputs["image"], [(0, 0)] + pad), np.pad(labels, pad)
-
-
-def training_series(seed: int) -> tuple[phantoms.Anatomy, Volume]:
-    """The lesion-rich anatomy and the series rendered from it on a random source geometry that
-    ``training_case`` (and the lesion refinement's training) start from."""
-    from workers.analysis.findings import SourceFrame
-
-    rng = np.random.default_rng(seed + 7_000_001)
-    orientation = str(rng.choice(["axial", "axial", "coronal", "sagittal", "oblique"]))
-    in_plane, thick = float(rng.uniform(2.0, 6.5)), float(rng.uniform(1.5, 7.0))
-    n = min(112, int(rng.uniform(300, 420) / in_plane))
-    slices = min(112, int(rng.uniform(180, 380) / thick))
-    centre = (float(rng.uniform(-20, 20)), float(10 + rng.uniform(-20, 20)), float(-10 + rng.uniform(-60, 60)))
-    anatomy = phantoms.make_anatomy(np.random.default_rng(seed), liver_lesions=(1, 4), lung_nodules=(1, 4))
-    grid = phantoms.make_grid((slices, n, n), (thick, in_plane, in_plane), orientation,  # type: ignore[arg-type]
-                              descending=bool(rng.integers(2)), center_mm=centre, rng=rng)
-    phantom = phantoms.render(anatomy, grid, rng, noise_hu=float(rng.uniform(8, 25)))
-    return anatomy, Volume(phantom.hu, phantom.affine, [SourceFrame("", "", Path("."))] * slices, "", "", "", "CT")
-
-
-def _inside_source(volume: Volume, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """Voxels of a grid whose centre lies inside the source series' field of view."""
-    to_src = np.linalg.inv(volume.affine) @ affine
-    k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
-    ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ to_src.T
-    limits = volume.pixels.shape[::-1]  # (i, j, k) sizes
-    return np.all([(ijk[..., a] >= -0.5) & (ijk[..., a] <= limits[a] - 0.5) for a in range(3)], axis=0)
-
-
-def _random_patch(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray, size: tuple[int, int, int]):
-    """A training patch; half of them centred (+-8 voxels) on a lesion voxel so small lesions are learned."""
-    shape = np.asarray(labels.shape)
-    size_a = np.asarray(size)
-    lesion_voxels = np.argwhere(labels >= 6)
-    if len(lesion_voxels) and rng.random() < 0.5:
-        centre = lesion_voxels[rng.integers(len(lesion_voxels))] + rng.integers(-8, 9, 3)
-    else:
-        centre = rng.integers(size_a // 2, shape - size_a // 2 + 1)
-    start = np.clip(centre - size_a // 2, 0, shape - size_a)
-    sl = tuple(slice(int(s), int(s) + int(n)) for s, n in zip(start, size_a))
-    return image[(slice(None), *sl)], labels[sl]
-
-
-class _CaseStream:
-    """Training cases generated by a process pool in the background; the trainer samples the cases
-    ready so far (replacing the oldest once ``keep`` are held), so the GPU never waits for phantoms."""
-
-    def __init__(self, seeds: range, workers: int, keep: int):
-        import multiprocessing
-        import threading
-
-        self.cases: list[tuple[np.ndarray, np.ndarray]] = []
-        self.made = 0
-        self._keep = keep
-        self._lock = threading.Lock()
-        self._pool = multiprocessing.get_context("spawn").Pool(workers)
-        self._results = self._pool.imap_unordered(training_case, seeds)
-        self._thread = threading.Thread(target=self._collect, daemon=True)
-        self._thread.start()
-
-    def _collect(self) -> None:
-        for case in self._results:
-            with self._lock:
-                if len(self.cases) < self._keep:
-                    self.cases.append(case)
-                else:
-                    self.cases[self.made % self._keep] = case
-                self.made += 1
-
-    def wait_for(self, n: int) -> None:
-        """Block until ``n`` cases exist (or all seeds are done)."""
-        while len(self.cases) < n and self._thread.is_alive():
-            time.sleep(0.2)
-
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock:
-            return self.cases[int(rng.integers(len(self.cases)))]
-
-    def close(self) -> None:
-        self._pool.terminate()
-
-
-
-def train(out: Path | None = None, quick: bool = False, minutes: float | None = None, seed: int = 0,
-          resume_from: Path | None = None, max_lr: float = 3e-3, device: str | None = None,
-          workers: int | None = None, channels: tuple[int, ...] = CHANNELS) -> dict:
-    """Train the U-Net on generated phantoms (``training_case``) and save the weights; returns a summary.
-
-    On a CUDA device (picked automatically when there is one) phantoms are generated by all CPU
-    cores while the GPU trains on 64-cubed patches in batches of 8 with bf16 autocast; on the CPU a
-    fixed set of cases is generated first and the network trains on 48-cubed patches, 2 at a time.
-    The learning-rate schedule follows the clock (``minutes``: default 7.5 on a GPU, as for the
-    shipped weights, and 40 on a CPU), not a step count, so it anneals by the end of the budget
-    whatever the machine's speed.
-    """
-    import os
-
-    import torch
-    from monai.losses import DiceCELoss
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.startswith("cuda")
-    workers = workers or max(1, (os.cpu_count() or 2) - (1 if gpu else 0))
-    patch, batch = (TRAIN_PATCH_GPU, 8) if gpu else (TRAIN_PATCH, 2)
-    n_cases = 2 if quick else (len(TRAIN_SEEDS) if gpu else 48)
-    budget_s = 60 * (minutes if minutes is not None else (1 if quick else 7.5 if gpu else 40))
-    started = time.monotonic()
-    stream = _CaseStream(range(TRAIN_SEEDS.start, TRAIN_SEEDS.start + n_cases), workers,
-                         keep=2000 if gpu else n_cases)
-    stream.wait_for(min(n_cases, 32 if gpu else n_cases))
-    log.info("%d training cases ready after %.0f s", len(stream.cases), time.monotonic() - started)
-    net = build_network(channels)
-    if resume_from:
-        net.load_state_dict(torch.load(resume_from, map_location="cpu", weights_only=True))
-    net = net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=max_lr, weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
-    net.train()
-    losses: list[float] = []
-    step = 0
-    train_start = time.monotonic()
-    train_budget = max(1.0, budget_s - (train_start - started))
-    while True:
-        fraction = min(1.0, (time.monotonic() - train_start) / train_budget)
-        if fraction >= 1 and step >= 3:  # a few steps even when phantom generation ate the budget
-            break
-        step += 1
-        warm = min(1.0, step / 100)
-        for group in opt.param_groups:
-            group["lr"] = max_lr * warm * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * fraction)))
-        pairs = [_random_patch(rng, *stream.sample(rng), patch if not quick else TRAIN_PATCH) for _ in range(batch)]
-        x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device, non_blocking=True)
-        y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)[:, None]).to(device, non_blocking=True)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
-            logits = net(x)
-        loss = loss_fn(logits.float(), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if step % 50 == 0:
-            log.info("step %d loss %.4f (%.0f s, %d cases made)", step, np.mean(losses[-50:]),
-                     time.monotonic() - started, stream.made)
-    stream.close()
-    out = Path(out) if out else WEIGHTS
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, out)
-    summary = {"model": NAME, "version": VERSION, "steps": step, "batch": batch, "patch": list(patch),
-               "cases_generated": stream.made, "channels": list(channels), "device": device,
-               "final_loss": float(np.mean(losses[-50:])), "seconds": round(time.monotonic() - started, 1),
-               "weights": str(out)}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    return summary
+HELD_OUT_SEEDS = range(900_000, 900_100)  # training seeds are 0-99_999, tuning seeds 800_000+
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -370,9 +177,6 @@ def evaluate(seeds, device: str = "cpu", phantom=None, refine: bool = True, refi
     network, else the shipped weights), and ``before_refinement`` scores the 4 mm labels alone in
     the same run; ``refine_seconds`` is the time the 2 mm pass added (patches and labels).
     """
-    from workers.analysis.findings import SourceFrame
-    from workers.analysis.models import lesion_refinement
-
     model = load(device)
     if not refine:
         refiner = None

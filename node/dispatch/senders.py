@@ -1,0 +1,200 @@
+"""Senders: one per destination type, each sending a batch of outbox rows and reporting an outcome per row.
+
+``dicom``: C-STORE on one association (TLS when configured). ``dicomweb``: one STOW-RS request.
+A sender raises ``LinkDown`` when the destination could not be reached at all; otherwise it
+classifies each object's answer: delivered, retry (transient) or failed (permanent).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+
+from node.core.dicom import SUCCESS
+from node.core.settings import Destination, Settings
+from node.dispatch.scu import associate
+from node.dispatch.table import DELIVERED, FAILED, PENDING, Delivery
+
+
+@dataclass
+class Outcome:
+    """What happened to one object: delivered, retry (transient) or failed (permanent)."""
+
+    result: str  # DELIVERED | PENDING (retry) | FAILED
+    status: str = ""
+    reason: str = ""
+
+
+def classify_dimse_status(status: int) -> Outcome:
+    """A C-STORE status by class (PS3.4 B.2.3 and PS3.7 C): success, retry or permanent."""
+    code = f"0x{status:04X}"
+    if status == SUCCESS:
+        return Outcome(DELIVERED, code)
+    if status in (0x0001, 0x0107, 0x0116) or (status & 0xF000) == 0xB000:
+        return Outcome(DELIVERED, code, "warning")
+    if (status & 0xFF00) == 0xA700 or status in (0x0210, 0x0211, 0x0212, 0x0213):
+        return Outcome(PENDING, code, "out of resources (A7xx): will retry")
+    if (status & 0xFF00) == 0xA900:
+        return Outcome(FAILED, code, "data set does not match SOP class (A9xx)")
+    if (status & 0xF000) == 0xC000:
+        return Outcome(FAILED, code, "cannot understand (Cxxx)")
+    return Outcome(FAILED, code, "refused")
+
+
+class LinkDown(Exception):
+    """The destination could not be reached or the association/request failed as a whole."""
+
+
+def _tls_context(dest: Destination) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.tls.ca_certificates)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if dest.tls.certificate and dest.tls.private_key:
+        context.load_cert_chain(dest.tls.certificate, dest.tls.private_key)
+    return context
+
+
+Progress = Callable[[Delivery, Outcome], None]
+
+
+def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, settings: Settings | None = None,
+               progress: Progress | None = None) -> dict[int, Outcome]:
+    """C-STORE every row's file on one association; Explicit VR Little Endian, one context per SOP class.
+
+    ``progress`` is called after each answered object, so its outcome is recorded at once (a
+    sender killed mid-batch re-sends only what was in flight).
+    """
+    ae = AE(ae_title=calling_ae)
+    timeouts = settings.node if settings else None
+    ae.acse_timeout = timeouts.acse_timeout_s if timeouts else 30
+    ae.dimse_timeout = timeouts.dimse_timeout_s if timeouts else 60
+    ae.network_timeout = timeouts.network_timeout_s if timeouts else 60
+    for sop_class in sorted({r.sop_class_uid for r in rows}):
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    # Verification too: a peer refusing every result SOP class still gets an association, so the
+    # refusal is recorded per object as permanent instead of looking like a link failure.
+    ae.add_requested_context("1.2.840.10008.1.1")
+    kwargs: dict[str, Any] = {"ae_title": dest.ae_title}
+    if dest.tls.enabled:
+        kwargs["tls_args"] = (_tls_context(dest), dest.host)
+    assoc = associate(ae, dest.host, dest.port, **kwargs)
+    if not assoc.is_established:
+        why = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted \
+            else "connection failed"
+        raise LinkDown(f"{why} ({dest.ae_title}@{dest.host}:{dest.port})")
+    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+    outcomes: dict[int, Outcome] = {}
+    try:
+        for row in rows:
+            if row.sop_class_uid not in accepted:
+                outcomes[row.id] = Outcome(FAILED, "no-context", f"destination does not accept SOP class {row.sop_class_uid}")
+                continue
+            if not Path(row.path).exists():
+                outcomes[row.id] = Outcome(FAILED, "missing", f"result file is gone: {row.path}")
+                continue
+            if not assoc.is_established:
+                break  # the peer went away between two objects: the rest count as not sent
+            try:
+                status = assoc.send_c_store(Path(row.path))
+            except RuntimeError:  # pynetdicom: the association ended as this request started
+                status = None
+            if not status or "Status" not in status:
+                # No response: the association died mid-transfer; this and the rest retry.
+                outcomes[row.id] = Outcome(PENDING, "no-response", "association lost during C-STORE")
+                break
+            outcomes[row.id] = classify_dimse_status(int(status.Status))
+            if progress is not None:
+                progress(row, outcomes[row.id])
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    for row in rows:
+        outcomes.setdefault(row.id, Outcome(PENDING, "not-sent", "association ended before this object"))
+    if all(o.status in ("no-response", "not-sent", "no-context", "missing") for o in outcomes.values()) \
+            and any(o.status in ("no-response", "not-sent") for o in outcomes.values()):
+        raise LinkDown("association lost before any object was acknowledged")
+    return outcomes
+
+
+def _multipart(paths: list[str], boundary: str) -> bytes:
+    body = bytearray()
+    for path in paths:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        body += Path(path).read_bytes() + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return bytes(body)
+
+
+def _stow_failures(payload: bytes) -> dict[str, str]:
+    """SOP Instance UID → failure reason from a STOW-RS response (PS3.18 DICOM JSON)."""
+    try:
+        doc = json.loads(payload or b"{}")
+    except ValueError:
+        return {}
+    failed = {}
+    for item in (doc.get("00081198", {}) or {}).get("Value", []):  # Failed SOP Sequence
+        uid = item.get("00081155", {}).get("Value", [""])[0]
+        reason = item.get("00081197", {}).get("Value", [""])[0]  # Failure Reason
+        failed[uid] = f"0x{int(reason):04X}" if reason != "" else "failed"
+    return failed
+
+
+def send_dicomweb(dest: Destination, rows: list[Delivery]) -> dict[int, Outcome]:
+    """STOW-RS all rows in one multipart/related request to ``<url>/studies``."""
+    present = [r for r in rows if Path(r.path).exists()]
+    outcomes = {r.id: Outcome(FAILED, "missing", f"result file is gone: {r.path}") for r in rows if r not in present}
+    if not present:
+        return outcomes
+    boundary = uuid.uuid4().hex
+    request = urllib.request.Request(
+        dest.url.rstrip("/") + "/studies", data=_multipart([r.path for r in present], boundary), method="POST",
+        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                 "Accept": "application/dicom+json"})
+    if dest.username:
+        token = base64.b64encode(f"{dest.username}:{dest.password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    context = _tls_context(dest) if dest.url.startswith("https") else None
+    try:
+        with urllib.request.urlopen(request, timeout=120, context=context) as response:
+            code, payload = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        code, payload = err.code, err.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise LinkDown(f"STOW-RS request failed: {getattr(err, 'reason', err)}") from None
+    if code in (408, 429) or code >= 500:
+        raise LinkDown(f"STOW-RS answered HTTP {code}")
+    failures = _stow_failures(payload)
+    for row in present:
+        if code in (200, 202) and row.sop_instance_uid not in failures:
+            outcomes[row.id] = Outcome(DELIVERED, f"HTTP {code}")
+        else:
+            reason = failures.get(row.sop_instance_uid, "")
+            outcomes[row.id] = Outcome(FAILED, f"HTTP {code}", f"STOW-RS refused the instance {reason}".strip())
+    return outcomes
+
+
+def send_dicom_batch(dest: Destination, rows: list[Delivery], settings: Settings,
+                     progress: Progress | None = None) -> dict[int, Outcome]:
+    """The ``dicom`` sender: C-STORE as the node's AE title."""
+    return send_dicom(dest, rows, settings.node.ae_title, settings, progress)
+
+
+def send_dicomweb_batch(dest: Destination, rows: list[Delivery], settings: Settings,
+                        progress: Progress | None = None) -> dict[int, Outcome]:
+    """The ``dicomweb`` sender: STOW-RS (one request; outcomes known only at its end)."""
+    return send_dicomweb(dest, rows)
+
+
+Sender = Callable[[Destination, list[Delivery], Settings, "Progress | None"], dict[int, Outcome]]
+
+# One sender per destination type (settings.Destination.type).
+SENDERS: dict[str, Sender] = {"dicom": send_dicom_batch, "dicomweb": send_dicomweb_batch}

@@ -1,0 +1,97 @@
+"""contract: the data contract every analysis implements (built-in models and configured ones).
+
+An analysis is declared by an ``Analysis`` record: its name, the task, the modalities and
+dimensionality it accepts, how to load its model (once per worker process, cached by the
+registry), how to turn a ``Volume`` into model inputs (``preprocess``), how to run the model
+(``infer``, under a ``RunContext``), and how to turn model outputs into findings (``postprocess``
+returns an ``Outputs``). ``AnalysisError`` says why an analysis cannot run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from workers.analysis.findings import Classification, DerivedImage, Detection, Measurement, Segment, Volume
+
+Task = Literal["segmentation", "classification", "detection", "reconstruction", "ejection_fraction"]
+Dimensionality = Literal["2d", "3d", "2d+t"]
+
+
+class AnalysisError(RuntimeError):
+    """The analysis cannot run on this input or with this model; the message says why."""
+
+
+@dataclass
+class Outputs:
+    """What postprocessing produced; ``run_analysis`` wraps it into ``Findings``."""
+
+    segments: list[Segment] = field(default_factory=list)
+    detections: list[Detection] = field(default_factory=list)
+    classifications: list[Classification] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)
+    derived: list[DerivedImage] = field(default_factory=list)
+
+
+@dataclass
+class RunContext:
+    """Where inference runs: the torch device and whether mixed precision (CUDA autocast) is on."""
+
+    device: str = "cpu"
+    autocast: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def inference(self):
+        """Context for a forward pass: torch.inference_mode, plus autocast on CUDA."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.autocast and self.device.startswith("cuda"):
+            stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        return stack
+
+
+@dataclass
+class Analysis:
+    """One analysis: what it accepts, its model, and its pre/inference/postprocessing steps.
+
+    ``load(device)`` returns the model object; ``preprocess(volume, params)`` returns model inputs;
+    ``infer(model, inputs, ctx)`` returns raw outputs; ``postprocess(volume, inputs, raw, params)``
+    returns ``Outputs``. ``weights`` is the file whose sha256 is recorded with every result;
+    ``extra_weights`` are further files the model loads (a second-stage network), covered by the
+    same sha256.
+    """
+
+    name: str
+    task: Task
+    modalities: tuple[str, ...]
+    dimensionality: Dimensionality
+    algorithm_name: str
+    version: str
+    load: Callable[[str], Any]
+    preprocess: Callable[[Volume, dict], Any]
+    infer: Callable[[Any, Any, RunContext], Any]
+    postprocess: Callable[[Volume, Any, Any, dict], Outputs]
+    weights: Path | None = None
+    extra_weights: tuple[Path, ...] = ()
+    card: Path | None = None
+    description: str = ""
+    # Estimated GPU memory needed to load and run the model (checked before using CUDA).
+    gpu_memory_bytes: int = 1 << 30
+    source: str = "builtin"
+    # Writes one example input series (DICOM files) into a folder; used by bench/analysis.py.
+    example: Callable[[Path], list[Path]] | None = None
+
+    def accepts(self, volume: Volume) -> str | None:
+        """None when the volume suits this analysis, else the reason it does not."""
+        if self.modalities and volume.modality not in self.modalities:
+            return f"{self.name} accepts {', '.join(self.modalities)} images, not {volume.modality}"
+        frames = volume.pixels.shape[0]
+        if self.dimensionality == "3d" and frames < 2:
+            return f"{self.name} needs a 3D volume; the series has a single image"
+        if self.dimensionality == "2d+t" and frames < 2:
+            return f"{self.name} needs a cine loop of several frames"
+        return None
