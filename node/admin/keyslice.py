@@ -27,8 +27,9 @@ from scipy import ndimage
 from sqlalchemy import func, select
 
 from node.core.db import engine_for, session_scope
-from node.index import Instance, Series, Study
 from node.core.settings import Settings
+from node.index import Instance, Series, Study
+from node.jobs.table import Job
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_SOP_CLASS_PREFIX, KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.88.59"
@@ -125,10 +126,6 @@ def _largest_series_files(settings: Settings, study_uid: str) -> list[Path]:
 
 def result_files(settings: Settings, study_uid: str) -> list[Path]:
     """Result objects the study's jobs wrote (from each job's recorded outputs)."""
-    try:
-        from node.jobs.table import Job
-    except ImportError:
-        return []
     out: list[Path] = []
     with session_scope(engine_for(settings.database.url)) as session:
         for result in session.scalars(select(Job.result).where(Job.study_uid == study_uid, Job.state == "succeeded")

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from node import assembler
 from node.core.db import init_db, session_scope
-from node.index import Instance, Series, Study
 from node.core.settings import Settings
+from node.dispatch import outbox
+from node.index import Instance, Series, Study
+from node.jobs import table as jobs_table
 
-# Stages that may report a section (an optional `status_summary(session) -> dict`).
-STAGE_MODULES = ("node.assembler", "node.jobs.table", "node.dispatch.outbox")
+# The later stages' sections of the status, each from the stage's `status_summary(session) -> dict`.
+STAGE_SUMMARIES: dict[str, Callable[[Session], dict[str, Any]]] = {
+    "assembler": assembler.status_summary,
+    "jobs": jobs_table.status_summary,
+    "dispatcher": outbox.status_summary,
+}
 
 
 def _disk(path: Path) -> dict[str, int]:
@@ -43,18 +50,11 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         disk["reserve_bytes"] = int(settings.storage.min_free_bytes)
         disk["accepting"] = disk["free_bytes"] >= disk["reserve_bytes"]
         report["storage"] = disk
-        for module_name in STAGE_MODULES:
-            section = module_name.split(".")[-1]
+        for section, summary in STAGE_SUMMARIES.items():
             try:
-                module = importlib.import_module(module_name)
-            except ImportError:
-                continue
-            summary = getattr(module, "status_summary", None)
-            if callable(summary):
-                try:
-                    report[section] = summary(session)
-                except Exception as err:  # one stage's trouble must not hide the others
-                    report[section] = {"error": type(err).__name__}
+                report[section] = summary(session)
+            except Exception as err:  # one stage's trouble must not hide the others
+                report[section] = {"error": type(err).__name__}
     return report
 
 

@@ -14,6 +14,7 @@ are left out so the audit file may be handled like the other logs.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import queue
@@ -24,8 +25,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
+from node.core.metrics import AUDIT_DROPPED
 from node.core.settings import AuditSettings
 
 log = logging.getLogger("ainode.audit")
@@ -128,8 +130,6 @@ class AuditEvent:
 
 
 def _is_ip(text: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(text)
         return True
@@ -138,8 +138,6 @@ def _is_ip(text: str) -> bool:
 
 
 def _text(value: str) -> str:
-    from xml.sax.saxutils import escape
-
     return escape(value.replace("\n", " "))
 
 
@@ -255,8 +253,6 @@ class AuditTrail:
             return True
         except queue.Full:
             self.dropped += 1
-            from node.core.metrics import AUDIT_DROPPED
-
             AUDIT_DROPPED.inc()
             if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
                 log.error("audit sink %s is not keeping up: %d message(s) dropped", self.settings.sink, self.dropped)
