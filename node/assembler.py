@@ -24,11 +24,10 @@ from sqlalchemy import ForeignKey, Integer, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from node.core.clock import aware, utcnow
-from node.core.db import Base, ChangeGate, engine_for, session_scope
+from node.core.db import Base, ChangeGate, database_session
 from node.core.settings import Settings, Timers
 from node.index import Instance, Series, Study
 from node.ingest import mpps
-
 from node.router import current_rules, evaluate, route_ready, study_facts
 
 log = logging.getLogger("ainode.assembler")
@@ -137,7 +136,7 @@ def apply_timers(session: Session, settings: Settings, now: datetime) -> int:
 
 def complete_studies(settings: Settings) -> int:
     """One pass: reopen late arrivals, apply MPPS, then timers; returns how many studies became ready."""
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         now = utcnow()
         reopen_late_arrivals(session)
         ready = apply_mpps(session, now)
@@ -154,7 +153,7 @@ def tick(settings: Settings) -> None:
 def studies_in_progress(settings: Settings) -> bool:
     """Whether any study or series is still receiving or ready but not yet routed (timers run)."""
     open_states = (RECEIVED, READY)
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         return session.scalar(select(Study.id).where(Study.state.in_(open_states)).limit(1)) is not None or \
             session.scalar(select(Series.id).where(Series.state.in_(open_states)).limit(1)) is not None
 

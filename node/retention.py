@@ -18,9 +18,9 @@ from typing import Callable
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from node.core.clock import utcnow
 from node.assembler import SeriesExpectation
-from node.core.db import engine_for, session_scope
+from node.core.clock import utcnow
+from node.core.db import database_session
 from node.core.settings import Settings
 from node.index import Instance, Patient, Series, Study
 from node.jobs.table import PENDING_STATES, Job
@@ -63,7 +63,7 @@ def _unlink(storage: Path, paths: list[str]) -> None:
 def _remove(settings: Settings, study_pks: list[int], why: str) -> int:
     removed = 0
     for pk in study_pks:
-        with session_scope(engine_for(settings.database.url)) as session:
+        with database_session(settings.database.url) as session:
             study = session.get(Study, pk)
             if study is None or study.state not in REMOVABLE_STATES or _has_pending_jobs(session, study):
                 continue
@@ -84,7 +84,7 @@ def apply_retention(settings: Settings) -> dict[str, int]:
     """One retention pass; returns how many studies were removed for each reason."""
     now = utcnow()
     storage = Path(settings.storage.path)
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         unrouted = list(session.scalars(select(Study.id).where(
             Study.state == "unrouted",
             Study.ready_at < now - timedelta(hours=settings.storage.unrouted_retention_h))))
@@ -97,7 +97,7 @@ def apply_retention(settings: Settings) -> dict[str, int]:
               "expired": _remove(settings, [pk for pk in expired if pk not in unrouted], "retention passed"),
               "high_water": 0}
     if storage.exists() and disk_use_fraction(storage) > settings.storage.high_water_mark:
-        with session_scope(engine_for(settings.database.url)) as session:
+        with database_session(settings.database.url) as session:
             oldest = list(session.scalars(select(Study.id).where(Study.state.in_(REMOVABLE_STATES))
                                           .order_by(Study.last_received_at)))
         for pk in oldest:

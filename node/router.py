@@ -21,7 +21,7 @@ import pydicom
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from node.core.db import engine_for, session_scope
+from node.core.db import database_session
 from node.core.settings import MATCH_ATTRIBUTES, Condition, ConfigError, Match, Rule, Settings, load_settings
 from node.index import Instance, Series, Study
 from node.jobs.broker import publish_job
@@ -319,7 +319,7 @@ def route_ready(settings: Settings) -> list[int]:
     """Route every ready series (series-level rules) and study (study-level rules); publish the new jobs."""
 
     new_jobs: list[int] = []
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         rules = current_rules(settings)
         for series in session.scalars(select(Series).where(Series.state == "ready")).all():
             study = session.get(Study, series.study_pk)

@@ -46,13 +46,9 @@ _READY_TIMEOUT_S = 60.0
 def installed_analyses(settings: Settings) -> list[dict[str, Any]]:
     """The analyses this installation can run (name, version, whether its weights are present),
     for the admin API's worker view: the node learns them from the analysis side here, at the
-    composition root, so the API itself never imports the workers."""
-    try:
-        return [{"name": a.name, "version": getattr(a, "version", ""), "weights": weights_present(a)}
-                for a in available_analyses(settings).values()]
-    except Exception as err:  # noqa: BLE001 - a broken external model must not stop the API
-        log.warning("installed analyses unknown: %s", type(err).__name__)
-        return []
+    composition root, so the API itself never imports the workers (it logs a failure here)."""
+    return [{"name": a.name, "version": getattr(a, "version", ""), "weights": weights_present(a)}
+            for a in available_analyses(settings).values()]
 
 
 # The later stages, in pipeline order: what each runs periodically and which services it starts.

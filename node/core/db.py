@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -163,3 +163,9 @@ class ChangeGate:
                 self._sqlite.close()
             finally:
                 self._sqlite = None
+
+
+def database_session(url: str) -> AbstractContextManager[Session]:
+    """A session on the database at ``url`` (its pooled engine) that commits on success and rolls
+    back on error: what every stage needs for one unit of work."""
+    return session_scope(engine_for(url))

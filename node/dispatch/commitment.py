@@ -16,7 +16,7 @@ from pynetdicom import AE, evt
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from node.core.db import engine_for, session_scope
+from node.core.db import database_session, engine_for, session_scope
 from node.core.dicom import NO_SUCH_OBJECT_INSTANCE, STORAGE_COMMITMENT_PUSH, SUCCESS
 from node.core.settings import Destination, Settings
 from node.dispatch.scu import associate
@@ -82,7 +82,7 @@ def commitment_handlers(settings: Settings) -> list[tuple[Any, Callable[[Any], A
         if event.request.AffectedSOPClassUID != STORAGE_COMMITMENT_PUSH:
             return NO_SUCH_OBJECT_INSTANCE, None
         info = event.event_information
-        with session_scope(engine_for(settings.database.url)) as session:
+        with database_session(settings.database.url) as session:
             record_commitment(session, info)
         return SUCCESS, None
 

@@ -19,7 +19,7 @@ from typing import Callable
 from sqlalchemy import or_, select
 
 from node.core.clock import utcnow
-from node.core.db import ChangeGate, engine_for, session_scope
+from node.core.db import ChangeGate, database_session
 from node.core.settings import Settings
 from node.jobs.broker import embedded
 from node.jobs.lifecycle import mark_time_limit_exceeded, owner_gone, release_crashed_job, running_in
@@ -52,7 +52,7 @@ class EmbeddedWorker:
 
     def _next_job(self) -> int | None:
         stale = utcnow() - timedelta(seconds=self.settings.jobs.heartbeat_timeout_s)
-        with session_scope(engine_for(self.settings.database.url)) as session:
+        with database_session(self.settings.database.url) as session:
             waiting = session.scalar(
                 select(Job.id).where(or_(Job.state.in_((QUEUED, RETRYING)),
                                          (Job.state == RUNNING) & (Job.heartbeat_at < stale)))
@@ -83,7 +83,7 @@ class EmbeddedWorker:
             self._run(job_id)
 
     def _run(self, job_id: int) -> None:
-        with session_scope(engine_for(self.settings.database.url)) as session:
+        with database_session(self.settings.database.url) as session:
             hard = session.get(Job, job_id).time_limit_s
         env = dict(os.environ, AINODE_SETTINGS_JSON=self.settings.model_dump_json())
         cmd = [sys.executable, "-m", "workers.tasks", str(job_id)]

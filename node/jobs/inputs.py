@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from node.core.db import engine_for, session_scope
+from node.core.db import database_session
 from node.core.settings import Settings
 from node.index import Instance, Series
 from node.jobs.table import Job
@@ -24,7 +24,7 @@ class InputInstance:
 
 def job_inputs(settings: Settings, job: Job) -> list[InputInstance]:
     """The job's input instances (its series, or every series of its study), in series and instance order."""
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         query = select(Series.series_uid, Instance.sop_instance_uid, Instance.path).join(
             Series, Instance.series_pk == Series.id)
         if job.series_pk is not None:

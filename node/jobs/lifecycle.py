@@ -26,7 +26,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from node.core.clock import aware, utcnow
-from node.core.db import engine_for, session_scope
+from node.core.db import database_session
 from node.core.settings import AnalysisSettings, Settings
 from node.index import Study
 from node.jobs.table import (
@@ -137,7 +137,7 @@ def claim_job(settings: Settings, job_id: int) -> Claim | None:
     """Make this process the job's runner; None when it must not run (done, running elsewhere, dead)."""
     me, now = worker_identity(), utcnow()
     stale = now - timedelta(seconds=settings.jobs.heartbeat_timeout_s)
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         job = session.get(Job, job_id)
         if job is None:
             log.warning("job %s does not exist; message dropped", job_id)
@@ -174,7 +174,7 @@ def _of_claim(claim: Claim) -> Any:
 
 def _finish(settings: Settings, claim: Claim, **values: Any) -> bool:
     """Move the job from running (by this claim) to the given values; False if the claim was lost."""
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         done = session.execute(update(Job).where(_of_claim(claim)).values(**values))
         if done.rowcount == 1:
             _mark_study_done(session, claim.job_id)
@@ -209,7 +209,7 @@ def succeed_job(session: Session, claim: Claim, summary: dict[str, Any]) -> bool
 def mark_time_limit_exceeded(settings: Settings, job_id: int, limit_s: float, soft: bool) -> None:
     """Record that a job was stopped by its time limit (it would hang again: not retried)."""
     reason = f"{'soft' if soft else 'hard'} time limit of {limit_s:g} s exceeded; the analysis was stopped"
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         session.execute(update(Job).where(Job.id == job_id, Job.state == RUNNING).values(
             state=FAILED, error=reason, finished_at=utcnow()))
         _mark_study_done(session, job_id)
@@ -218,7 +218,7 @@ def mark_time_limit_exceeded(settings: Settings, job_id: int, limit_s: float, so
 
 def release_crashed_job(settings: Settings, job_id: int, reason: str) -> None:
     """A job's process died: retry it while attempts remain, else it is dead."""
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         job = session.get(Job, job_id)
         if job is None or job.state != RUNNING:
             return
@@ -232,7 +232,7 @@ def release_crashed_job(settings: Settings, job_id: int, reason: str) -> None:
 
 def running_in(settings: Settings, job_id: int, pid: int) -> bool:
     """Whether the job is running in the process ``pid`` of this host."""
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         job = session.get(Job, job_id)
         return job is not None and job.state == RUNNING and job.worker == f"{socket.gethostname()}:{pid}"
 
@@ -268,7 +268,7 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                with session_scope(engine_for(self.settings.database.url)) as session:
+                with database_session(self.settings.database.url) as session:
                     session.execute(update(Job).where(_of_claim(self.claim)).values(heartbeat_at=utcnow()))
             except Exception:  # noqa: BLE001 - a busy database: the next beat will do
                 log.warning("heartbeat of job %s not written", self.claim.job_id)

@@ -20,7 +20,7 @@ import redis
 from sqlalchemy import select
 
 from node.core.clock import aware, utcnow
-from node.core.db import engine_for, session_scope
+from node.core.db import database_session
 from node.core.settings import Settings
 from node.jobs.broker import embedded, publish_job
 from node.jobs.table import ANALYSIS_QUEUE, DELIVERY_QUEUE, PRIORITY_STEPS, QUEUED, RETRYING, RUNNING, Job
@@ -66,7 +66,7 @@ def jobs_to_republish(settings: Settings, present: set[str]) -> list[int]:
     grace = now - timedelta(seconds=PUBLISH_GRACE_S)
     stale = now - timedelta(seconds=settings.jobs.heartbeat_timeout_s)
     out = []
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         for job in session.scalars(select(Job).where(Job.state.in_((QUEUED, RETRYING, RUNNING)))):
             if job.state == RUNNING:
                 beat = aware(job.heartbeat_at)
