@@ -208,7 +208,7 @@ class Receiver:
         """C-ECHO: Success for peers allowed to echo."""
         return SUCCESS if self._allowed(event.assoc, "echo") else NOT_AUTHORIZED
 
-    # C-STORE arrives on the fast path (node.acceptor): open_sink when the command is in, then
+    # C-STORE arrives on the fast path (node.ingest.acceptor): open_sink when the command is in, then
     # store when the data set is complete. on_store serves what pynetdicom hands over instead.
 
     def open_sink(self, assoc: Any, req: acceptor.StoreRequest) -> Any:

@@ -6,7 +6,7 @@ leave half a file where a reader looks: temp file in ``<root>/.incoming`` (same 
 flush, fsync, atomic rename into place, fsync of the folder. Paths come from SHA-256 hashes of the
 study, series and SOP Instance UIDs and of the content, never from UID text, so no peer can steer where we write.
 
-Received instances take two steps (see ``IncomingFile`` and ``node.receiver``):
+Received instances take two steps (see ``IncomingFile`` and ``node.ingest.receiver``):
 
 1. *Landing* (before the sender is answered): the data set is written into a temp file while it
    arrives, then flushed (fdatasync), renamed into ``<root>/.landed`` and the folder fsynced.
@@ -311,7 +311,7 @@ class IncomingFile:
 
 
 class DataSetBuffer:
-    """A data set arriving into memory, fragment by fragment, for the journal (``node.journal``).
+    """A data set arriving into memory, fragment by fragment, for the journal (``node.ingest.journal``).
 
     The fragments are kept as they came (views of the received PDUs, no copy) and joined once
     when complete. Their SHA-256 is computed as they arrive (hashlib releases the GIL, so this

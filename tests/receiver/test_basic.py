@@ -146,8 +146,8 @@ def test_associations_send_without_nagle_delay(node):
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    from node.ingest.receiver import ReusePortServer
     from node.dispatch.scu import associate
+    from node.ingest.receiver import ReusePortServer
 
     ae = AE(ae_title="ECHOSCU")
     ae.add_requested_context(Verification)
