@@ -26,7 +26,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
-from node.core.db import engine_for, session_scope
+from node.core.db import database_session
 from node.core.settings import CapabilityProfile, Settings, current_settings
 from node.dispatch.kinds import ResultObject
 from node.dispatch.outbox import deliver as dispatch
@@ -104,7 +104,7 @@ def execute_job(settings: Settings, job_id: int) -> str:
     claim = lifecycle.claim_job(settings, job_id)
     if claim is None:
         return "skipped"
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         job = session.get(Job, job_id)
         session.expunge(job)
     log.info("job %s started (%s, attempt %d/%d)", job_id, job.analysis, claim.attempt, job.max_attempts)
@@ -137,7 +137,7 @@ def deliver_results(settings: Settings, job: Job, claim: lifecycle.Claim, output
                     summary: dict[str, Any]) -> str:
     """Mark the job succeeded and put its results in the outbox, in one transaction; then publish
     the deliveries (the dispatcher's own pass sends them if publishing fails)."""
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         if not lifecycle.succeed_job(session, claim, summary):
             log.warning("job %s finished but was taken over meanwhile; result not recorded twice", job.id)
             return "skipped"
@@ -184,7 +184,7 @@ def _embedded_main(argv: list[str]) -> int:
     """Run one job in this process (started by the node's embedded worker), with a soft time limit."""
     settings = Settings.model_validate_json(os.environ["AINODE_SETTINGS_JSON"])
     job_id = int(argv[0])
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         job = session.get(Job, job_id)
         soft = job.soft_time_limit_s if job else 600
 

@@ -11,10 +11,21 @@ import pytest
 import torch
 
 from workers.analysis import imaging, registry
-from workers.synthetic import phantoms
 from workers.analysis.findings import Volume
 from workers.analysis.models import classification as cls_model
-from workers.synthetic.projection import (DX_FOR_PRESENTATION, Radiograph, add_nodule, attenuation_paths, expose, lung_thickness, projection_source, radiographs_of, write_dx)
+from workers.synthetic import phantoms
+from workers.synthetic.projection import (
+    DX_FOR_PRESENTATION,
+    Radiograph,
+    add_nodule,
+    attenuation_paths,
+    expose,
+    lung_thickness,
+    projection_source,
+    radiographs_of,
+    write_dx,
+)
+from workers.training import classification as train_cls
 
 HELD_OUT_SEED = 424_242  # training uses phantom seeds 10000-30999
 
@@ -141,7 +152,7 @@ def test_training_target_is_a_disc_on_each_nodule():
     shot = Radiograph(pixels=np.zeros((130, 190), np.float32), pixel_spacing_mm=2.0, nodule=True,
                       nodules=[{"row": 65, "col": 47, "diameter_mm": 20.0}])
     empty = Radiograph(pixels=np.zeros((130, 190), np.float32), pixel_spacing_mm=2.0, nodule=False)
-    discs = cls_model.nodule_discs([shot, empty])
+    discs = train_cls.nodule_discs([shot, empty])
     assert discs.shape == (2, 128, 192) and discs[1].sum() == 0
     rows, cols = torch.nonzero(discs[0], as_tuple=True)
     assert abs(rows.float().mean() - 65 * 128 / 130) < 1 and abs(cols.float().mean() - 47.5 * 192 / 190) < 1

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from workers.analysis import imaging, registry
-from workers.synthetic import phantoms
 from workers.analysis.findings import Volume
 from workers.analysis.models import denoising as dn
+from workers.synthetic import phantoms
 
 HELD_OUT_SEED = 13_579  # training uses 4000-6000 + seed
 

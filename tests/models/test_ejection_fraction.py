@@ -8,11 +8,18 @@ import numpy as np
 import pydicom
 import pytest
 
+from tests.helpers import train_quick
 from workers.analysis import imaging, registry
 from workers.analysis.findings import Volume
-from tests.helpers import train_quick
 from workers.analysis.models import ejection_fraction as ef_model
-from workers.synthetic.dynamic import (US_MULTIFRAME_STORAGE, axis_shortening_for_ef, contraction, make_cine, make_cine_set, write_us_multiframe)
+from workers.synthetic.dynamic import (
+    US_MULTIFRAME_STORAGE,
+    axis_shortening_for_ef,
+    contraction,
+    make_cine,
+    make_cine_set,
+    write_us_multiframe,
+)
 
 HELD_OUT_SEED = 987_654  # never used by training (training uses 1000-3000 + seed)
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from workers.synthetic import phantoms
+from tests.helpers import train_quick
 from workers.analysis import registry
+from workers.analysis.contract import RunContext
 from workers.analysis.findings import SourceFrame, Volume
 from workers.analysis.imaging import load_series
 from workers.analysis.models import lesion_refinement, segmentation
-from workers.analysis.registry import RunContext
-from tests.helpers import train_quick
+from workers.synthetic import phantoms
 
 
 def _case(seed: int, make=phantoms.random_ct_phantom):

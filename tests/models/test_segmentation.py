@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from workers.synthetic import phantoms
+from tests.helpers import train_quick
 from workers.analysis import registry
 from workers.analysis.imaging import load_series
-from workers.analysis.models import segmentation
+from workers.analysis.models import lesion_refinement, segmentation
+from workers.synthetic import phantoms
 from workers.synthetic.phantoms import make_ct_phantom, write_ct_series
-from tests.helpers import train_quick
 
 ROOT = Path(__file__).resolve().parents[2]
 HELD_OUT = range(900_000, 900_010)  # never used for training (seeds < 100_000) or tuning (800_000+)
@@ -40,8 +40,6 @@ def test_runs_on_small_input_with_version_and_checksum(tmp_path):
     assert findings.kind == "segmentation" and findings.segments
     assert all(s.mask.shape == volume.pixels.shape and s.mask.dtype == bool for s in findings.segments)
     # Both networks the result came from: the 4 mm U-Net and the 2 mm lesion pass, in that order.
-    from workers.analysis.models import lesion_refinement
-
     assert findings.model_sha256 == registry.file_sha256((segmentation.WEIGHTS, lesion_refinement.WEIGHTS))
     assert findings.model_sha256 != registry.file_sha256(segmentation.WEIGHTS)
     assert findings.algorithm_version == segmentation.VERSION

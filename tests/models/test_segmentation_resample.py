@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.analysis import imaging, registry
+from workers.analysis import external, imaging, registry
 from workers.analysis.findings import SourceFrame, Volume
-from workers.analysis.models import generic, segmentation
+from workers.analysis.models import segmentation
 from workers.synthetic.phantoms import make_ct_phantom
 
 
@@ -103,7 +103,7 @@ def test_configured_models_labels_equal_exact_path(output):
     """A hospital's own segmentation model (``generic``) resampled to its spacing: the fast labels
     are those of sampling every class map back and applying the arg-max or the threshold."""
     volume, work, probs = _oblique_case(21, 3, normalise=output == "softmax")
-    fast = generic.source_labels(volume, work, probs, output, threshold=0.6)
+    fast = external.source_labels(volume, work, probs, output, threshold=0.6)
     back = imaging.resample_back(volume, work, probs, order=1)
     exact = back.argmax(axis=0) if output == "softmax" else np.where(back.max(axis=0) >= 0.6, back.argmax(axis=0) + 1, 0)
     assert len(np.unique(exact)) == (4 if output == "sigmoid" else 3)  # every label occurs

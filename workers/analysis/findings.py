@@ -1,7 +1,7 @@
 """What an analysis returns, and the volume it is computed on: the contract between stages.
 
-``workers.imaging`` builds a ``Volume`` from stored instances; an analysis in
-``workers.registry`` turns it into ``Findings``; ``workers.results`` turns findings into DICOM.
+``workers.analysis.imaging`` builds a ``Volume`` from stored instances; an analysis in
+``workers.analysis.registry`` turns it into ``Findings``; ``workers.results`` turns findings into DICOM.
 Arrays are indexed (k, j, i) = (slice/frame, row, column). ``affine`` maps the homogeneous index
 (i, j, k, 1) — column, row, slice — to patient coordinates in mm (DICOM LPS), so a mask voxel or
 a detection lands exactly on the source pixel it came from.

@@ -21,6 +21,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut
+from scipy import ndimage
 
 from workers.analysis.findings import SourceFrame, Volume
 
@@ -107,8 +109,6 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1))
     if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
         arr = _to_grey(apply_color_lut(arr, ds), ds)
     elif samples > 1:
         arr = _to_grey(arr, ds)
@@ -313,8 +313,6 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float], order: int = 1
                         data: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The volume's pixels (or ``data`` on its grid) on a grid of the same orientation and extent
     with ``spacing`` (k, j, i) mm; returns (array, affine of the new grid)."""
-    from scipy import ndimage
-
     src = volume.pixels if data is None else data
     old = np.asarray(volume.spacing)
     new_shape = np.maximum(1, np.round(np.asarray(src.shape) * old / np.asarray(spacing))).astype(int)
@@ -329,8 +327,6 @@ def resample_to_spacing(volume: Volume, spacing: Sequence[float], order: int = 1
 
 def resample_back(volume: Volume, work_affine: np.ndarray, data: np.ndarray, order: int = 1) -> np.ndarray:
     """Values on a working grid (channels first allowed) sampled at every source voxel."""
-    from scipy import ndimage
-
     to_work = np.linalg.inv(work_affine) @ volume.affine  # source (i, j, k) -> working (i, j, k)
     k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in volume.pixels.shape), indexing="ij")
     ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ to_work.T
@@ -467,8 +463,6 @@ def sample_on_grid(data: np.ndarray, data_affine: np.ndarray, shape: tuple[int, 
                    order: int = 1, mode: str = "constant", cval: float = 0.0) -> np.ndarray:
     """``data`` (k, j, i), placed in patient space by ``data_affine``, sampled at every voxel centre
     of the grid (``shape``, ``affine``); outside it scipy's ``mode`` applies (``cval`` for constant)."""
-    from scipy import ndimage
-
     to_data = np.linalg.inv(data_affine) @ affine  # target (i, j, k) -> data (i, j, k)
     k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
     ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ to_data.T

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 from pydicom.dataset import Dataset
 
-from workers.analysis.findings import Findings
 from node.dispatch.kinds import ALL_KINDS, ResultKind, ResultObject, kind_of, kinds_for_destinations, wanted_kinds
+from workers.analysis.findings import Findings
 from workers.results.context import ResultContext, UIDFactory
 from workers.results.derived import write_derived
 from workers.results.kos import write_kos

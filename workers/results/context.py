@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
-
 from node.core.settings import CapabilityProfile, Settings, current_settings
-from node.dispatch.kinds import ALL_KINDS, ResultKind, kinds_for_destinations, wanted_kinds
-
+from node.dispatch.kinds import ResultKind, kinds_for_destinations
 
 MANUFACTURER = "ainode"
 DEVICE_SERIAL = "ainode"

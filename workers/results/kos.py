@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import highdicom as hd
 from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from workers.analysis.findings import Findings
 from workers.results.context import SERIES_NUMBERS, ResultContext, UIDFactory
-from workers.results.sources import (SourceImages, contributing_equipment, finish_common, referenced_request, slices_with)
+from workers.results.sources import SourceImages, contributing_equipment, finish_common, referenced_request, slices_with
 
 
 def slices_with_findings(findings: Findings) -> list[int]:

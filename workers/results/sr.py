@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import highdicom as hd
 import numpy as np
-from highdicom.sr import (AlgorithmIdentification, DeviceObserverIdentifyingAttributes, FindingSite,
-                          ImageRegion, Measurement, MeasurementReport,
-                          MeasurementsAndQualitativeEvaluations, ObservationContext, ObserverContext,
-                          PlanarROIMeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
-                          ReferencedSegment, SourceImageForRegion, TrackingIdentifier,
-                          VolumetricROIMeasurementsAndQualitativeEvaluations)
+from highdicom.sr import (
+    AlgorithmIdentification,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    ImageRegion,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    ReferencedSegment,
+    SourceImageForRegion,
+    TrackingIdentifier,
+    VolumetricROIMeasurementsAndQualitativeEvaluations,
+)
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 

@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
+
+from workers.synthetic.phantoms import phantom_header
 
 US_MULTIFRAME_STORAGE = "1.2.840.10008.5.1.4.1.1.3.1"
 
@@ -157,12 +162,6 @@ def write_us_multiframe(loop: CineLoop, path: Path, *, study_uid: str | None = N
                         series_uid: str | None = None, patient_id: str = "PHANTOM-ECHO",
                         patient_name: str = "Phantom^Echo", instance_number: int = 1) -> Path:
     """Write ``loop`` as an Ultrasound Multi-frame Image Storage instance (explicit VR little endian)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    from workers.synthetic.phantoms import phantom_header
-
     now = _dt.datetime.now()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = US_MULTIFRAME_STORAGE

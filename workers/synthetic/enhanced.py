@@ -5,7 +5,7 @@ scanner stores a volume.
 instance: geometry in the Plane Position (per frame) and Plane Orientation / Pixel Measures
 (shared) functional groups, rescale in Pixel Value Transformation, one stack with its in-stack
 positions as the dimension index, and the CT acquisition and reconstruction macros that an
-ORIGINAL frame requires. The file passes dciodvfy without errors; ``workers.imaging.load_series``
+ORIGINAL frame requires. The file passes dciodvfy without errors; ``workers.analysis.imaging.load_series``
 reads it back as the same volume as the single-frame series of ``phantoms.write_ct_series``.
 """
 
@@ -15,6 +15,10 @@ import datetime as _dt
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from workers.synthetic.phantoms import CTPhantom, _ds_num
 
@@ -27,16 +31,12 @@ FRAME_CONTENT_SEQUENCE = 0x00209111
 
 
 def _code(value: str, scheme: str, meaning: str):
-    from pydicom.dataset import Dataset
-
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
     return item
 
 
 def _item(**attributes):
-    from pydicom.dataset import Dataset
-
     item = Dataset()
     for keyword, value in attributes.items():
         setattr(item, keyword, value)
@@ -49,11 +49,6 @@ def write_enhanced_ct(phantom: CTPhantom, path: str | Path, *, patient_id: str =
                       rescale: tuple[float, float] = (1.0, -1024.0), accession_number: str = "ACC0001",
                       series_number: int = 1) -> Path:
     """Write the phantom as one Enhanced CT Image instance (frames in slice order); returns its path."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     affine = phantom.affine

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 LABELS: dict[int, str] = {1: "lung", 2: "liver", 3: "spleen", 4: "kidney", 5: "spine",
@@ -320,8 +323,6 @@ def phantom_header(ds, *, modality: str, study_description: str, series_descript
                    instance_number: int) -> None:
     """Patient, study, series and equipment attributes shared by the single-object phantom writers
     (DX, US cine): today's dates, an anonymous sex and birth date, one series numbered 1."""
-    from pydicom.uid import generate_uid
-
     now = _dt.datetime.now()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
@@ -354,10 +355,6 @@ def write_ct_series(phantom: CTPhantom, folder: str | Path, *, patient_id: str =
     ``instance_order`` sets Instance Numbers, so readers must sort by geometry, not numbers.
     ``transfer_syntax`` compresses with pydicom's encoders (e.g. RLE Lossless, JPEG 2000 Lossless).
     """
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     study_uid = study_uid or generate_uid()

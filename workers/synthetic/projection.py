@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
+
+from workers.synthetic import phantoms
+from workers.synthetic.phantoms import phantom_header
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 MU_WATER_PER_MM = 0.0195  # linear attenuation of water near 70 keV
@@ -116,13 +122,11 @@ def radiographs_of(hu: np.ndarray, lung_mask: np.ndarray, spacing_kji: tuple[flo
 
 
 def projection_source(seed: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """A nodule-free CT phantom (``workers.phantoms``) rendered axially over the whole trunk for projection.
+    """A nodule-free CT phantom (``workers.synthetic.phantoms``) rendered axially over the whole trunk for projection.
 
     Returns HU (k, j, i), the lung mask and the (k, j, i) spacing. Liver lesions may be present
     (they are part of the background a radiograph shows); lung nodules are added in projection.
     """
-    from workers.synthetic import phantoms
-
     rng = np.random.default_rng(seed)
     anatomy = phantoms.make_anatomy(rng, liver_lesions=(0, 2), lung_nodules=(0, 0))
     spacing = (4.0, 4.0, 2.5)  # slices, antero-posterior (summed away), left-right
@@ -139,12 +143,6 @@ def to_stored_values(image: np.ndarray) -> np.ndarray:
 def write_dx(radiograph: Radiograph, path: Path, *, study_uid: str | None = None, series_uid: str | None = None,
              patient_id: str = "PHANTOM-DX", patient_name: str = "Phantom^Chest", instance_number: int = 1) -> Path:
     """Write a radiograph as Digital X-Ray Image Storage - For Presentation (explicit VR little endian)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    from workers.synthetic.phantoms import phantom_header
-
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
     meta.MediaStorageSOPInstanceUID = generate_uid()

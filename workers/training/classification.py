@@ -12,9 +12,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.analysis.models.classification import (INPUT_SHAPE, NAME, VERSION, WEIGHTS, NoduleClassifier, calibrated,
-                                                    evaluate, fit_platt, prepare_radiograph, training_radiographs,
-                                                    validation_check, validation_logits, youden_threshold)
+from workers.analysis.models.classification import (
+    INPUT_SHAPE,
+    NAME,
+    VERSION,
+    WEIGHTS,
+    NoduleClassifier,
+    calibrated,
+    evaluate,
+    fit_platt,
+    prepare_radiograph,
+    training_radiographs,
+    validation_check,
+    validation_logits,
+    youden_threshold,
+)
 from workers.training.common import save_trained
 
 TRAIN_NAME = NAME

@@ -13,8 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.analysis.models.denoising import (HU_SCALE, NAME, VERSION, WEIGHTS, DenoisingGenerator, denoise_slices,
-                                               evaluate, make_pairs, psnr, training_slices)
+from workers.analysis.models.denoising import (
+    HU_SCALE,
+    NAME,
+    VERSION,
+    WEIGHTS,
+    DenoisingGenerator,
+    denoise_slices,
+    evaluate,
+    make_pairs,
+    psnr,
+    training_slices,
+)
 from workers.training.common import save_trained
 
 TRAIN_NAME = NAME

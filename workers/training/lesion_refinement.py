@@ -20,8 +20,17 @@ from monai.losses import DiceCELoss
 from workers.analysis.contract import RunContext
 from workers.analysis.findings import Volume
 from workers.analysis.models import segmentation
-from workers.analysis.models.lesion_refinement import (CHANNELS, CLASSES, N_INPUTS, PATCH, WEIGHTS, build_network,
-                                                       candidate_centres, patch_affine, patch_inputs)
+from workers.analysis.models.lesion_refinement import (
+    CHANNELS,
+    CLASSES,
+    N_INPUTS,
+    PATCH,
+    WEIGHTS,
+    build_network,
+    candidate_centres,
+    patch_affine,
+    patch_inputs,
+)
 from workers.synthetic import phantoms
 from workers.training.segmentation import inside_source, training_series
 

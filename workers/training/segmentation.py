@@ -124,7 +124,6 @@ class _CaseStream:
         self._pool.terminate()
 
 
-
 def train(out: Path | None = None, quick: bool = False, minutes: float | None = None, seed: int = 0,
           resume_from: Path | None = None, max_lr: float = 3e-3, device: str | None = None,
           workers: int | None = None, channels: tuple[int, ...] = segmentation.CHANNELS) -> dict:
@@ -186,8 +185,8 @@ def train(out: Path | None = None, quick: bool = False, minutes: float | None = 
     out = Path(out) if out else segmentation.WEIGHTS
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, out)
-    summary = {"model": segmentation.NAME, "version": segmentation.VERSION, "steps": step, "batch": batch, "patch": list(patch),
-               "cases_generated": stream.made, "channels": list(channels), "device": device,
+    summary = {"model": segmentation.NAME, "version": segmentation.VERSION, "steps": step, "batch": batch,
+               "patch": list(patch), "cases_generated": stream.made, "channels": list(channels), "device": device,
                "final_loss": float(np.mean(losses[-50:])), "seconds": round(time.monotonic() - started, 1),
                "weights": str(out)}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))

@@ -1,3 +1,3 @@
-"""Built-in reference models. Each module that defines ``analyses() -> list[Analysis]`` is found by
-``workers.registry``; each that defines ``train(out, quick) -> dict`` is found by
-``workers.training`` (named by its ``TRAIN_NAME``, else the module name)."""
+"""Built-in reference models, inference half: each model module defines ``analyses() -> list[Analysis]``
+and is listed in ``workers.analysis.registry.MODEL_MODULES``; its training half (``train(out, quick)``)
+is ``workers.training.<module>``, listed in ``workers.training.TRAINER_MODULES``."""

@@ -7,25 +7,28 @@ from the border: one nodule anywhere makes the image positive). The phantoms kno
 is, so training supervises the map itself (a disc at each nodule) and, lightly, the image logit.
 The U-Net's coarsest level sees the whole chest, so it can tell a nodule from the edge of the
 diaphragm dome or the mediastinum it projects over. Trained on projection radiographs of the CT
-phantoms (``workers.phantoms_projection``, ``ainode train nodule-classification``).
+phantoms (``workers.synthetic.projection``, ``ainode train nodule-classification``).
 """
 
 from __future__ import annotations
 
 import json
-import time
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.networks.nets import UNet
+from scipy.optimize import minimize
 from torch import nn
 
+from workers.analysis.contract import Analysis, Outputs, RunContext
 from workers.analysis.findings import Classification, Volume
-from workers.analysis.models.common import CARDS, save_trained, weights_dir
-from workers.analysis.registry import Analysis, Outputs, RunContext
+from workers.analysis.models.common import CARDS, weights_dir
+from workers.synthetic.projection import projection_source, radiographs_of, write_dx
 
-NAME = TRAIN_NAME = "nodule-classification"
+NAME = "nodule-classification"
 VERSION = "2.0.0"  # 2.0.0: whole-image U-Net with a nodule map (1.x: crop-trained VGG-style CNN)
 WEIGHTS = "nodule_classification.pt"
 CARD = CARDS / f"{NAME}.md"
@@ -42,8 +45,6 @@ class NoduleClassifier(nn.Module):
 
     def __init__(self, channels: tuple[int, ...] = CHANNELS):
         super().__init__()
-        from monai.networks.nets import UNet
-
         self.unet = UNet(spatial_dims=2, in_channels=2, out_channels=1, channels=channels,
                          strides=(2,) * (len(channels) - 1), num_res_units=1, norm="batch")
         # Platt scaling (scale, offset) of the image logit, fitted on validation radiographs after
@@ -164,14 +165,12 @@ def analyses() -> list[Analysis]:
 
 def example_radiograph(folder: Path) -> list[Path]:
     """One phantom chest radiograph (DX, 130 x 190 pixels at 2 mm) written into ``folder`` (benchmarks)."""
-    from workers.synthetic.projection import projection_source, radiographs_of, write_dx
-
     hu, lung, spacing = projection_source(424_999)
     shot = radiographs_of(hu, lung, spacing, 1, np.random.default_rng(1))[0]
     return [write_dx(shot, Path(folder) / "dx.dcm")]
 
 
-# --- training ---------------------------------------------------------------------------------
+# --- evaluation and data (the training loop: workers/training/) --------------------------------
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -196,8 +195,6 @@ def youden_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
 def fit_platt(logits: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """Scale and offset of ``sigmoid(scale * logit + offset)`` that maximise the likelihood of ``labels``
     (Platt scaling: a one-feature logistic regression, lightly regularised)."""
-    from scipy.optimize import minimize
-
     x, y = np.asarray(logits, dtype=float), np.asarray(labels, dtype=float)
 
     def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
@@ -277,15 +274,11 @@ def training_radiographs(n_phantoms: int, per_phantom: int, seed: int, workers: 
     jobs = [(seed * 1000 + i, per_phantom) for i in range(n_phantoms)]
     if workers <= 1 or n_phantoms <= 1:
         return [r for job in jobs for r in _phantom_radiographs(job)]
-    import multiprocessing
-
     with multiprocessing.get_context("spawn").Pool(min(workers, n_phantoms)) as pool:
         return [r for shots in pool.map(_phantom_radiographs, jobs) for r in shots]
 
 
 def _phantom_radiographs(job: tuple[int, int]) -> list:
-    from workers.synthetic.projection import projection_source, radiographs_of
-
     phantom_seed, per_phantom = job
     hu, lung, spacing = projection_source(phantom_seed)
     return radiographs_of(hu, lung, spacing, per_phantom, np.random.default_rng(phantom_seed + 77))

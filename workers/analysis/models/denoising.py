@@ -15,21 +15,21 @@ the full-dose phantom, measured beside the noisy input and the best plain Gaussi
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import nn
 
+from workers.analysis.contract import Analysis, Outputs, RunContext
 from workers.analysis.findings import DerivedImage, Volume
-from workers.analysis.models.common import CARDS, save_trained, weights_dir
-from workers.analysis.registry import Analysis, Outputs, RunContext
+from workers.analysis.models.common import CARDS, weights_dir
+from workers.synthetic import phantoms
 
-NAME = TRAIN_NAME = "ct-denoising"
+NAME = "ct-denoising"
 VERSION = "1.0.0"
 WEIGHTS = "ct_denoising.pt"
 CARD = CARDS / f"{NAME}.md"
@@ -143,8 +143,6 @@ def ssim(pred: np.ndarray, ref: np.ndarray, data_range: float = PSNR_RANGE_HU) -
 
 def gaussian_filter_slices(hu: np.ndarray, sigma: float) -> np.ndarray:
     """The baseline: a plain 2D Gaussian filter on each slice."""
-    from scipy import ndimage
-
     return ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma=(0,) * (hu.ndim - 2) + (sigma, sigma))
 
 
@@ -202,12 +200,10 @@ def analyses() -> list[Analysis]:
 def example_series(folder: Path, shape: tuple[int, int, int] = (80, 256, 256),
                    spacing: tuple[float, float, float] = (3.0, 1.4, 1.4)) -> list[Path]:
     """A clinical-sized phantom CT series (benchmarks): 80 x 256 x 256 at 3 x 1.4 x 1.4 mm."""
-    from workers.synthetic import phantoms
-
     return phantoms.write_ct_series(phantoms.make_ct_phantom(321, shape=shape, spacing=spacing), folder)
 
 
-# --- training ---------------------------------------------------------------------------------
+# --- evaluation and data (the training loop: workers/training/) --------------------------------
 
 
 def make_pairs(clean_hu: np.ndarray, pixel_mm: np.ndarray, seed: int,
@@ -248,11 +244,9 @@ def evaluate(model: DenoisingGenerator | None, clean: np.ndarray, noisy: np.ndar
 def training_slices(n_phantoms: int, seed: int, per_phantom: int = 6) -> tuple[np.ndarray, np.ndarray]:
     """Axial full-dose 128 x 128 slices (N, H, W) in HU and their pixel size (mm) from the CT phantoms.
 
-    Each phantom (``workers.phantoms``, with its liver lesions and lung nodules) gives slices spread
+    Each phantom (``workers.synthetic.phantoms``, with its liver lesions and lung nodules) gives slices spread
     from the lung bases to the kidneys; field of view and therefore pixel size vary.
     """
-    from workers.synthetic import phantoms
-
     rng = np.random.default_rng(seed)
     slices, pixel = [], []
     for _ in range(n_phantoms):

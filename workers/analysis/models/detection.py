@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from workers.synthetic import phantoms
-from workers.analysis.findings import Detection, Volume
+from workers.analysis.codes import codes_for
+from workers.analysis.contract import Analysis, Outputs, RunContext
+from workers.analysis.findings import Detection, SourceFrame, Volume
 from workers.analysis.models import segmentation
-from workers.analysis.registry import Analysis, Outputs, RunContext, codes_for
 from workers.analysis.models.common import CARDS
+from workers.synthetic import phantoms
 
 NAME = "ct-lesion-detection"
 VERSION = "2.0.0"
@@ -99,8 +100,6 @@ def evaluate(seeds, device: str = "cpu", min_diameter_mm: float = 10.0) -> dict:
     """Sensitivity for lesions >= ``min_diameter_mm`` and false positives per study on held-out
     phantoms of random geometry. A detection hits a lesion when its centre lies within
     max(radius, 5 mm) of the lesion centre; detections that hit no lesion (of any size) are FPs."""
-    from workers.analysis.findings import SourceFrame
-
     model = segmentation.load(device)
     hits = total = fps = studies = 0
     misses = []

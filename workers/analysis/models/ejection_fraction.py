@@ -4,13 +4,11 @@ A small CNN encodes every frame; a bidirectional GRU runs over the frames, so th
 whole cardiac cycle. Two heads read the GRU: one gives each frame's LV volume relative to the
 loop's largest (an auxiliary target that teaches the network where end-diastole and end-systole
 are), the other gives the ejection fraction from the pooled sequence. Trained on
-``workers.phantoms_dynamic`` loops (``ainode train ejection-fraction``).
+``workers.synthetic.dynamic`` loops (``ainode train ejection-fraction``).
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.analysis.contract import Analysis, AnalysisError, Outputs, RunContext
 from workers.analysis.findings import Measurement, Volume
-from workers.analysis.models.common import CARDS, save_trained, weights_dir
-from workers.analysis.registry import Analysis, AnalysisError, Outputs, RunContext
+from workers.analysis.models.common import CARDS, weights_dir
+from workers.synthetic.dynamic import make_cine, write_us_multiframe
 
-NAME = TRAIN_NAME = "ejection-fraction"
+NAME = "ejection-fraction"
 VERSION = "1.0.0"
 WEIGHTS = "ejection_fraction.pt"
 CARD = CARDS / f"{NAME}.md"
@@ -122,12 +121,10 @@ def analyses() -> list[Analysis]:
 
 def example_cine(folder: Path) -> list[Path]:
     """One phantom ultrasound cine loop (multi-frame US) written into ``folder`` (benchmarks)."""
-    from workers.synthetic.dynamic import make_cine, write_us_multiframe
-
     return [write_us_multiframe(make_cine(np.random.default_rng(31_337)), Path(folder) / "cine.dcm")]
 
 
-# --- training ---------------------------------------------------------------------------------
+# --- evaluation and data (the training loop: workers/training/) --------------------------------
 
 
 def _stack(loops: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,9 +10,9 @@ classes at 2 mm: not a lesion, liver lesion, lung nodule. At the source voxels i
 take its lesion label, the others the best non-lesion class of the 4 mm pass, so the masks still
 lie exactly on the source images (``imaging.argmax_on_source``, as for the 4 mm pass).
 
-Trained by ``workers.training.lesion_refinement`` (``ainode train lesion-refinement``) on patches cut, exactly as at inference,
-around the candidates the shipped 4 mm network finds on ``segmentation`` training series, with
-exact labels at the patch's voxel centres (``phantoms.labels_at``).
+Trained by ``workers.training.lesion_refinement`` (``ainode train lesion-refinement``) on patches
+cut, exactly as at inference, around the candidates the shipped 4 mm network finds on segmentation
+training series, with exact labels at the patch's voxel centres (``phantoms.labels_at``).
 """
 
 from __future__ import annotations

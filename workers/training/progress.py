@@ -1,13 +1,7 @@
-"""training: ``ainode train MODEL`` reproduces a reference model from generated phantoms.
+"""Progress of a training run: a Rich progress bar on a terminal, throttled log lines elsewhere.
 
-Each module in ``workers.analysis.models`` that defines ``train(out, quick) -> dict`` is a trainable model,
-named by its ``TRAIN_NAME`` (else the module name), e.g. ``segmentation``. The summary the train
-function returns (steps, loss, seconds, weight path) is printed as JSON on stdout; everything else
-goes to stderr.
-
-Progress: on a terminal a Rich progress bar follows the run; elsewhere (CI, a log file) the same
-progress comes as log lines. A trainer reports progress through whichever of these it uses, with
-no change needed to the others (see docs/training.md):
+A trainer reports progress through whichever of these it uses, with no change needed to the
+others (see docs/training.md):
 
 - a ``progress`` keyword argument: ``progress(done, total=None, **metrics)`` after each step;
 - a ``log`` keyword argument: ``log(message)``; a message starting ``step N/M`` or ``epoch N/M``
@@ -17,22 +11,25 @@ no change needed to the others (see docs/training.md):
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import json
 import logging
-import pkgutil
 import re
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-
-log = logging.getLogger("workers.training")
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 # "step 40/1200: loss ...", "epoch 2/16: val MAE ...", "step 50 loss ..." (no total: a time budget).
 STEP_LINE = re.compile(r"\s*(?P<unit>step|epoch|iteration)\s+(?P<done>\d+)(?:\s*/\s*(?P<total>\d+))?\b[\s:,;-]*(?P<rest>.*)",
@@ -124,19 +121,6 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def trainers() -> dict[str, Callable[..., dict]]:
-    """Trainable models by name: {name: train(out, quick) -> summary}."""
-    import workers.analysis.models as pkg
-
-    found: dict[str, Callable[..., dict]] = {}
-    for info in pkgutil.iter_modules(pkg.__path__):
-        module = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        train = getattr(module, "train", None)
-        if callable(train):
-            found[getattr(module, "TRAIN_NAME", info.name)] = train
-    return found
-
-
 def reporting_kwargs(train: Callable[..., dict], reporter: TrainingProgress) -> dict[str, Callable[..., None]]:
     """The progress hooks ``train`` accepts by name (``progress``, ``log``), bound to ``reporter``."""
     params = inspect.signature(train).parameters
@@ -150,31 +134,7 @@ def configure_logging(console: Console, live: bool) -> None:
     if root.handlers:
         return
     if live:
-        from rich.logging import RichHandler
-
         root.addHandler(RichHandler(console=console, show_path=False, markup=False))
         root.setLevel(logging.INFO)
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-
-
-def train_model(name: str, out: Path | None, quick: bool, live: bool | None = None) -> int:
-    """Train model ``name``, writing weights to ``out`` (default: the packaged weight file).
-
-    ``live`` forces the progress bar on or off (default: on when stderr is a terminal).
-    Returns a process exit code: 0 on success, 2 for an unknown model name.
-    """
-    console = Console(stderr=True)
-    reporter = TrainingProgress(name, console, live)
-    configure_logging(console, reporter.live)
-    found = trainers()
-    if name not in found:
-        print(f"unknown model {name!r}; trainable models: {', '.join(sorted(found))}", file=sys.stderr)
-        return 2
-    train = found[name]
-    started = time.monotonic()
-    with reporter:
-        summary = train(out=out, quick=quick, **reporting_kwargs(train, reporter))
-    log.info("%s trained in %.0f s (%d %ss)", name, time.monotonic() - started, reporter.done, reporter.unit)
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
