@@ -206,7 +206,7 @@ def dcmtk_run(files: list[Path], associations: int, work: Path) -> tuple[float, 
 def orthanc_run(files: list[Path], associations: int, work: Path) -> tuple[float, float]:
     """Seconds for Orthanc (a PACS: flushes each file and indexes it in SQLite before answering;
     default configuration) to receive ``files``, and its CPU seconds until it answered the last."""
-    from node.demo import OrthancPACS, PACS_AE
+    from node.demo import PACS_AE, OrthancPACS
 
     pacs = OrthancPACS(work / f"orthanc-{associations}")
     pacs.start()

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import epoch as _epoch, free_port, push, start_redis, stop_processes, wait_port  # noqa: E402
+from common import epoch as _epoch  # noqa: E402
+from common import free_port, push, start_redis, stop_processes, wait_port
 
 ANALYSIS = "ct-segmentation"
 

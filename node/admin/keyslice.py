@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from sqlalchemy import func, select
 
-from node.core.db import engine_for, session_scope
+from node.core.db import database_session
 from node.core.settings import Settings
 from node.index import Instance, Series, Study
 from node.jobs.table import Job
@@ -113,7 +113,7 @@ def is_lesion(label: str) -> bool:
 
 
 def _largest_series_files(settings: Settings, study_uid: str) -> list[Path]:
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         study = session.scalar(select(Study).where(Study.study_uid == study_uid))
         if study is None:
             raise NoImages(f"no study {study_uid} in the index")
@@ -127,7 +127,7 @@ def _largest_series_files(settings: Settings, study_uid: str) -> list[Path]:
 def result_files(settings: Settings, study_uid: str) -> list[Path]:
     """Result objects the study's jobs wrote (from each job's recorded outputs)."""
     out: list[Path] = []
-    with session_scope(engine_for(settings.database.url)) as session:
+    with database_session(settings.database.url) as session:
         for result in session.scalars(select(Job.result).where(Job.study_uid == study_uid, Job.state == "succeeded")
                                       .order_by(Job.id)):
             try:

@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sqlalchemy import func, select
 
 from node.core.clock import aware
-from node.core.db import engine_for, session_scope
+from node.core.db import database_session
 from node.core.metrics import LATENCY_BUCKETS, MULTIPROC_ENV
 from node.dispatch.table import Delivery
 from node.index import Instance, Study
@@ -53,7 +53,7 @@ class DatabaseCollector:
 
     def collect(self) -> Iterable[Any]:
         """Yield metric families."""
-        with session_scope(engine_for(self.database_url)) as session:
+        with database_session(self.database_url) as session:
             count, size = session.execute(select(func.count(), func.coalesce(func.sum(Instance.size_bytes), 0))).one()
             yield GaugeMetricFamily("ainode_instances_stored", "Instances in the index", value=count)
             yield GaugeMetricFamily("ainode_bytes_stored", "Bytes of instances in the index", value=int(size))

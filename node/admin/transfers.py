@@ -9,7 +9,7 @@ from sqlalchemy import case, func, select
 
 from node.core import audit
 from node.core.clock import aware, utcnow
-from node.core.db import ChangeGate, engine_for, session_scope
+from node.core.db import ChangeGate, database_session
 from node.core.settings import Settings
 from node.dispatch.table import Delivery
 from node.index import Study
@@ -58,7 +58,7 @@ class TransferAuditor:
         return aware(completed_at) >= self.started
 
     def _imports(self, since: datetime) -> None:
-        with session_scope(engine_for(self.settings.database.url)) as s:
+        with database_session(self.settings.database.url) as s:
             rows = s.execute(select(Study.id, Study.ready_at, Study.study_uid, Study.instance_count, Study.calling_ae)
                              .where(Study.ready_at >= since)).all()
         for pk, ready_at, uid, count, calling in rows:
@@ -70,7 +70,7 @@ class TransferAuditor:
         D = Delivery
         group = (D.job_id, D.destination, D.study_instance_uid)
         recent = select(*group).where(D.delivered_at >= since).distinct().subquery()
-        with session_scope(engine_for(self.settings.database.url)) as s:
+        with database_session(self.settings.database.url) as s:
             groups = s.execute(
                 select(*group, func.count(), func.sum(case((D.state == "delivered", 1), else_=0)), func.max(D.delivered_at))
                 .join(recent, (D.job_id == recent.c.job_id) & (D.destination == recent.c.destination)

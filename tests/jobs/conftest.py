@@ -7,7 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -16,8 +16,8 @@ import yaml
 
 from node.core.clock import utcnow
 from node.core.db import dispose_engines, engine_for, init_db, session_scope
-from node.index import Instance, Patient, Series, Study
 from node.core.settings import Settings, load_settings, resolve_paths
+from node.index import Instance, Patient, Series, Study
 from tests.helpers import free_port, port_open, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,11 +8,11 @@ from datetime import timedelta
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
+from node import assembler, retention
 from node.core.clock import utcnow
-from node import assembler, retention, router
-from node.ingest import mpps
 from node.core.db import engine_for, session_scope
 from node.index import Instance, Series, Study
+from node.ingest import mpps
 from node.jobs.table import QUEUED, Job, status_summary
 from tests.jobs.conftest import add_study
 

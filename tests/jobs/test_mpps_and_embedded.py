@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 from sqlalchemy import select
 
 from node import assembler
-from node.jobs import embedded as node_jobs
-from node.ingest import mpps
 from node.core.db import engine_for, session_scope
 from node.index import Study
+from node.ingest import mpps
+from node.jobs import embedded as node_jobs
 from node.jobs.table import Job
 from tests.helpers import free_port, wait_for
 from tests.jobs.conftest import add_study

@@ -147,6 +147,7 @@ def test_node_killed_after_the_last_ack_still_processes_the_study(tmp_path):
 
 def test_rules_reload_on_sighup_without_restarting_the_node(tmp_path):
     import signal
+
     import yaml
 
     node = NodeProcess(tmp_path / "node", {"rules": [{"name": "mr-only", "match": {"modality": "MR"},

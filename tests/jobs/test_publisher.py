@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import redis
 
-from node.jobs.broker import publish_delivery
 from node.core.settings import load_settings
+from node.jobs.broker import publish_delivery
 from tests.jobs.conftest import RedisServer
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from node.core.clock import utcnow
 from node import assembler
-from node.jobs import reconciler
+from node.core.clock import utcnow
 from node.core.db import engine_for, session_scope
+from node.jobs import reconciler
 from node.jobs.table import Job, status_summary
 from tests.helpers import wait_for
 from tests.jobs.conftest import add_study
@@ -187,7 +186,7 @@ def test_reconciler_republishes_only_what_the_broker_lost(make_settings, redis_s
 
     from sqlalchemy import update
 
-    
+
 
     settings = make_settings(redis_server.url, rules=[_rule("r1"), _rule("s1", priority="stat"), _rule("l1", priority="low")])
     jobs = [_route(settings, "1.2.4.101", "R1")[0], _route(settings, "1.2.4.102", "S1")[0],

@@ -14,8 +14,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from node.router import RuleBook, age_in_years, evaluate
 from node.core.settings import Match
+from node.router import RuleBook, age_in_years, evaluate
 from tests.jobs.conftest import ROOT, env_for_children, settings_from, write_config
 
 FACTS = {"modality": ["CT", "SR"], "slice_thickness": [1.25], "patient_age": [54.0], "instances": [120],

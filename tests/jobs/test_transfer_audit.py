@@ -11,9 +11,9 @@ from sqlalchemy import inspect, text, update
 from node.admin import api
 from node.core import audit
 from node.core.db import dispose_engines, engine_for, init_db, session_scope
+from node.core.settings import AuditSettings
 from node.dispatch.outbox import Delivery
 from node.index import Study
-from node.core.settings import AuditSettings
 from tests.jobs.conftest import add_study
 
 

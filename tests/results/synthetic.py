@@ -9,7 +9,16 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from workers.analysis.findings import (Classification, Detection, DerivedImage, Findings, Measurement, Segment, SourceFrame, Volume)
+from workers.analysis.findings import (
+    Classification,
+    DerivedImage,
+    Detection,
+    Findings,
+    Measurement,
+    Segment,
+    SourceFrame,
+    Volume,
+)
 
 LIVER = ("10200004", "SCT", "Liver")
 ABDOMEN = ("818981001", "SCT", "Abdomen")

@@ -14,11 +14,11 @@ from pydicom.data import get_testdata_file
 from tests.results.validators import dciodvfy_errors
 from workers.analysis.findings import DerivedImage, Findings
 from workers.analysis.imaging import load_series
-from workers.synthetic.phantoms import make_ct_phantom
-from workers.synthetic.dynamic import make_cine_set, write_us_multiframe
-from workers.synthetic.enhanced import write_enhanced_ct
 from workers.analysis.registry import run_analysis
 from workers.results import ResultContext, write_results
+from workers.synthetic.dynamic import make_cine_set, write_us_multiframe
+from workers.synthetic.enhanced import write_enhanced_ct
+from workers.synthetic.phantoms import make_ct_phantom
 
 
 def reconstruction(volume, pixels) -> Findings:

@@ -10,10 +10,10 @@ from pydicom.uid import CTImageStorage
 from sqlalchemy import select
 
 from node.core.db import init_db, session_scope
+from node.core.settings import CapabilityProfile, Settings
 from node.dispatch.outbox import backoff_s, deliver, deliver_due, enqueue_results, status_summary
 from node.dispatch.senders import classify_dimse_status
-from node.dispatch.table import DELIVERED, FAILED, PENDING, SKIPPED, Delivery
-from node.core.settings import CapabilityProfile, Settings
+from node.dispatch.table import DELIVERED, FAILED, PENDING, Delivery
 from tests.helpers import wait_for
 from tests.results.peers import StoreSCP, StowServer
 from tests.results.synthetic import segmentation_findings

@@ -16,8 +16,8 @@ import pydicom
 import pytest
 
 from tests.helpers import NodeProcess, wait_for
-from workers.synthetic import phantoms
 from workers.analysis.models import segmentation
+from workers.synthetic import phantoms
 
 pytestmark = pytest.mark.slow
 

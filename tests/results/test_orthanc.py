@@ -12,8 +12,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
-from node.dispatch.outbox import DELIVERED, deliver_due
 from node.core.settings import CapabilityProfile
+from node.dispatch.outbox import DELIVERED, deliver_due
 from tests.helpers import wait_for
 from tests.results.peers import Orthanc
 from tests.results.synthetic import detection_findings, segmentation_findings, volume_of, write_ct_series

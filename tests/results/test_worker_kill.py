@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from node.core.db import init_db, session_scope
+from node.core.settings import CapabilityProfile, load_settings
 from node.dispatch.outbox import DELIVERED, enqueue_results
 from node.jobs.broker import publish_delivery
-from node.core.settings import CapabilityProfile, load_settings
 from tests.helpers import wait_for
 from tests.jobs.conftest import RedisServer, Worker
 from tests.results.peers import StoreSCP
