@@ -16,12 +16,12 @@ python3 -c "
 import json, logging
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
-from workers.models import segmentation
+from workers.training import segmentation
 print(json.dumps(segmentation.train(out=Path('$out') / 'ct_segmentation.pt', minutes=$minutes, workers=$workers)))
 " 2>&1 | tee "$out/segmentation.log"
 
 python3 -c "
 from pathlib import Path
-from workers.models import classification
+from workers.training import classification
 classification.train(out=Path('$out') / 'nodule_classification.pt', workers=$workers)
 " 2>&1 | tee "$out/classification.log"

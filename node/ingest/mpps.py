@@ -22,7 +22,7 @@ from sqlalchemy import Boolean, DateTime, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from node.core.clock import utcnow
-from node.core.db import Base, engine_for, session_scope
+from node.core.db import Base, database_session
 from node.core.dicom import (
     DUPLICATE_SOP_INSTANCE,
     INVALID_ATTRIBUTE_VALUE,
@@ -136,7 +136,7 @@ def handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
             return MISSING_ATTRIBUTE, None
         ds = event.attribute_list
         try:
-            with session_scope(engine_for(url)) as session:
+            with database_session(url) as session:
                 status = create_step(session, uid, ds, _calling_ae(event))
         except Exception:  # noqa: BLE001 - answer with a status, never drop the association
             log.exception("MPPS N-CREATE could not be recorded")
@@ -148,7 +148,7 @@ def handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
         uid = str(event.request.RequestedSOPInstanceUID or "")
         mods = event.modification_list
         try:
-            with session_scope(engine_for(url)) as session:
+            with database_session(url) as session:
                 status = set_step(session, uid, mods)
         except Exception:  # noqa: BLE001
             log.exception("MPPS N-SET could not be recorded")
