@@ -36,8 +36,9 @@ from workers.analysis import imaging, registry  # noqa: E402
 def naive_load(paths: list[Path]) -> np.ndarray:
     """The peer: read every file, sort by Instance Number, stack pixels with rescale."""
     datasets = sorted((pydicom.dcmread(p) for p in paths), key=lambda d: int(d.get("InstanceNumber", 0)))
-    return np.stack([d.pixel_array * float(d.get("RescaleSlope", 1)) + float(d.get("RescaleIntercept", 0))
-                     for d in datasets]).astype(np.float32)
+    return np.stack(
+        [d.pixel_array * float(d.get("RescaleSlope", 1)) + float(d.get("RescaleIntercept", 0)) for d in datasets]
+    ).astype(np.float32)
 
 
 def time_device(name: str, volume, device: str, repeat: int) -> dict:
@@ -47,9 +48,14 @@ def time_device(name: str, volume, device: str, repeat: int) -> dict:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     runs = [registry.run_analysis(name, volume, params).timings_s for _ in range(repeat)]
-    out = {stage: round(statistics.median(r[stage] for r in runs), 4) for stage in ("preprocess", "inference", "postprocess")}
+    out = {
+        stage: round(statistics.median(r[stage] for r in runs), 4)
+        for stage in ("preprocess", "inference", "postprocess")
+    }
     out["load_model_s"] = round(warm.timings_s["load_model"], 4)
-    out["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None
+    out["peak_gpu_memory_mib"] = (
+        round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.startswith("cuda") else None
+    )
     frames = volume.pixels.shape[0]
     out["images_per_s"] = round(frames / out["inference"], 1) if out["inference"] > 0 else None
     analysis = registry.get_analysis(name)
@@ -62,7 +68,9 @@ def batch_rate(analysis, volume, device: str, n: int = 256) -> float:
     """Images per second of ``analysis.infer`` over ``n`` copies of the volume's first prepared image."""
     inputs = analysis.preprocess(volume, {})
     first = inputs[:1]
-    batch = first.repeat(n, *([1] * (first.ndim - 1))) if isinstance(first, torch.Tensor) else np.repeat(first, n, axis=0)
+    batch = (
+        first.repeat(n, *([1] * (first.ndim - 1))) if isinstance(first, torch.Tensor) else np.repeat(first, n, axis=0)
+    )
     model = registry.loaded_model(analysis, device)
     ctx = registry.RunContext(device=device, autocast=device.startswith("cuda"))
     analysis.infer(model, batch[:8], ctx)  # warm-up (cuDNN autotuning, allocator)
@@ -78,8 +86,20 @@ def reference_workloads(repeat: int) -> dict:
     from monai.inferers import sliding_window_inference
     from monai.networks.nets import DenseNet121, DynUNet
 
-    unet = DynUNet(3, 1, 8, kernel_size=[3] * 6, strides=[1, 2, 2, 2, 2, 2], upsample_kernel_size=[2] * 5,
-                   filters=[32, 64, 128, 256, 320, 320], norm_name="instance").cuda().eval()
+    unet = (
+        DynUNet(
+            3,
+            1,
+            8,
+            kernel_size=[3] * 6,
+            strides=[1, 2, 2, 2, 2, 2],
+            upsample_kernel_size=[2] * 5,
+            filters=[32, 64, 128, 256, 320, 320],
+            norm_name="instance",
+        )
+        .cuda()
+        .eval()
+    )
     ct = torch.randn(1, 1, 300, 512, 512, device="cuda")
     densenet = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2).cuda().eval()
     images = torch.randn(256, 1, 512, 512, device="cuda")
@@ -98,16 +118,23 @@ def reference_workloads(repeat: int) -> dict:
 
     unet_s = timed(lambda: sliding_window_inference(ct, (128, 128, 128), 4, unet, overlap=0.5, mode="gaussian"))
     dense_s = timed(lambda: densenet(images))
-    return {"nnunet_sized_3d_unet_300x512x512_128cube_s": round(unet_s, 3),
-            "unet_parameters": sum(p.numel() for p in unet.parameters()),
-            "densenet121_512px_images_per_s": round(256 / dense_s, 1)}
+    return {
+        "nnunet_sized_3d_unet_300x512x512_128cube_s": round(unet_s, 3),
+        "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "densenet121_512px_images_per_s": round(256 / dense_s, 1),
+    }
 
 
 def bench(names: list[str], repeat: int, small: bool, reference: bool = False) -> dict:
     """The benchmark report for the named analyses (all with an example input when empty)."""
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-                          "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-              "analyses": {}}
+    report = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "analyses": {},
+    }
     for name, analysis in sorted(registry.builtin_analyses().items()):
         if names and name not in names:
             continue
@@ -123,12 +150,20 @@ def bench(names: list[str], repeat: int, small: bool, reference: bool = False) -
             t = time.perf_counter()
             naive_load(paths)
             peer_s = time.perf_counter() - t
-            entry = {"input": {"shape_kji": list(volume.pixels.shape), "spacing_mm": [round(s, 3) for s in volume.spacing],
-                               "files": len(paths)},
-                     "load_decode_s": round(load_s, 4), "peer_naive_pydicom_load_s": round(peer_s, 4),
-                     "cpu": time_device(name, volume, "cpu", repeat),
-                     "gpu": time_device(name, volume, "cuda", repeat) if torch.cuda.is_available() else None}
-            entry["cpu"]["total_s"] = round(load_s + sum(entry["cpu"][s] for s in ("preprocess", "inference", "postprocess")), 4)
+            entry = {
+                "input": {
+                    "shape_kji": list(volume.pixels.shape),
+                    "spacing_mm": [round(s, 3) for s in volume.spacing],
+                    "files": len(paths),
+                },
+                "load_decode_s": round(load_s, 4),
+                "peer_naive_pydicom_load_s": round(peer_s, 4),
+                "cpu": time_device(name, volume, "cpu", repeat),
+                "gpu": time_device(name, volume, "cuda", repeat) if torch.cuda.is_available() else None,
+            }
+            entry["cpu"]["total_s"] = round(
+                load_s + sum(entry["cpu"][s] for s in ("preprocess", "inference", "postprocess")), 4
+            )
             report["analyses"][name] = entry
     if reference and torch.cuda.is_available():
         report["reference_gpu"] = reference_workloads(repeat)

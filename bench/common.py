@@ -49,8 +49,22 @@ def epoch(value: object) -> float:
 def start_redis(work: Path) -> tuple[subprocess.Popen, int]:
     """A private, non-persistent Redis on a free loopback port, started and answering."""
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                             "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(work),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     wait_port(port)
     return proc, port
 

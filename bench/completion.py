@@ -75,8 +75,10 @@ def job_times(db_url: str, study_uid: str, timeout: float = 300) -> tuple[float,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with engine.connect() as conn:
-            row = conn.execute(text("SELECT published_at, started_at FROM jobs WHERE study_uid = :u ORDER BY id LIMIT 1"),
-                               {"u": study_uid}).first()
+            row = conn.execute(
+                text("SELECT published_at, started_at FROM jobs WHERE study_uid = :u ORDER BY id LIMIT 1"),
+                {"u": study_uid},
+            ).first()
         if row and row[0] and row[1]:
             return epoch(row[0]), epoch(row[1])
         time.sleep(0.05)
@@ -90,11 +92,25 @@ def orthanc_stable_after(work: Path, study: list[Dataset], stable_age: int) -> f
         return None
     dicom_port, http_port = free_port(), free_port()
     cfg = work / "orthanc.json"
-    cfg.write_text(json.dumps({
-        "Name": "bench", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
-        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "StableAge": stable_age, "DicomCheckCalledAet": False,
-        "Plugins": [], "DicomModalities": {}, "UnknownSopClassAccepted": True}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "Name": "bench",
+                "StorageDirectory": str(work / "orthanc-db"),
+                "IndexDirectory": str(work / "orthanc-db"),
+                "DicomAet": "ORTHANC",
+                "DicomPort": dicom_port,
+                "HttpPort": http_port,
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": False,
+                "StableAge": stable_age,
+                "DicomCheckCalledAet": False,
+                "Plugins": [],
+                "DicomModalities": {},
+                "UnknownSopClassAccepted": True,
+            }
+        )
+    )
     proc = subprocess.Popen([exe, str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(http_port)
@@ -131,8 +147,13 @@ def main() -> int:
         procs.append(redis)
         db_url = f"sqlite:///{work / 'ainode.db'}"
         config = {
-            "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": dicom_port, "receivers": 1,
-                     "accept_unknown_peers": True},
+            "node": {
+                "ae_title": "AINODE",
+                "host": "127.0.0.1",
+                "port": dicom_port,
+                "receivers": 1,
+                "accept_unknown_peers": True,
+            },
             "storage": {"path": str(work / "store"), "min_free_bytes": "16MiB"},
             "database": {"url": db_url},
             "broker": {"url": f"redis://127.0.0.1:{redis_port}/0"},
@@ -144,10 +165,24 @@ def main() -> int:
         cfg = work / "ainode.yaml"
         cfg.write_text(yaml.safe_dump(config))
         logs = (work / "node.log").open("wb")
-        procs.append(subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "-c", str(cfg)], cwd=ROOT, env=env,
-                                      stdout=logs, stderr=subprocess.STDOUT))
-        procs.append(subprocess.Popen([sys.executable, "-m", "node.cli", "worker", "-c", str(cfg)], cwd=ROOT, env=env,
-                                      stdout=(work / "worker.log").open("wb"), stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "serve", "-c", str(cfg)],
+                cwd=ROOT,
+                env=env,
+                stdout=logs,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "worker", "-c", str(cfg)],
+                cwd=ROOT,
+                env=env,
+                stdout=(work / "worker.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         wait_port(dicom_port)
         # Warm-up: the first job also pays the worker's start-up.
         warm = make_study(2)
@@ -178,12 +213,15 @@ def main() -> int:
             "mpps_ready_all_s": [round(v, 3) for v in mpps_s],
             "quiet_timer_ready_all_s": [round(v, 3) for v in quiet_s],
             "instances_per_study": args.instances,
-            "broker": "redis", "cpu_cores": os.cpu_count(),
+            "broker": "redis",
+            "cpu_cores": os.cpu_count(),
         }
         if not args.json:
             print(f"work folder: {work}")
             print(f"MPPS: job started {result['mpps_ready_s']} s after the last acknowledgement (goal <= 2 s)")
-            print(f"quiet timer {args.quiet_s} s: job started after {result['quiet_timer_ready_s']} s (goal within 1 s)")
+            print(
+                f"quiet timer {args.quiet_s} s: job started after {result['quiet_timer_ready_s']} s (goal within 1 s)"
+            )
             print(f"Orthanc StableAge {int(round(args.quiet_s))} s: stable after {result['peer_orthanc_stable_s']} s")
         print(json.dumps(result))
         return 0

@@ -123,7 +123,7 @@ def own_cpu_s(pid: int) -> float:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
@@ -140,7 +140,7 @@ def tree_cpu_s(pid: int) -> float:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
         total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
     return total / _TICK
 
@@ -156,9 +156,15 @@ def push(port: int, ae_title: str, files: list[Path], associations: int) -> floa
     groups = [files[i::associations] for i in range(associations)]
     env = {**os.environ, "TCP_NODELAY": "1"}
     start = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", ae_title, "127.0.0.1", str(port),
-                               *map(str, g)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for g in groups]
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aet", "STORESCU", "-aec", ae_title, "127.0.0.1", str(port), *map(str, g)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for g in groups
+    ]
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
@@ -171,8 +177,13 @@ def _reap_storescp_children(port: int) -> None:
     C-ECHOs make it reap every push child (and the first echo's), so their CPU time shows in
     its cutime/cstime."""
     for _ in range(2):
-        subprocess.run(["echoscu", "-aec", "STORESCP", "127.0.0.1", str(port)], env={**os.environ, "TCP_NODELAY": "1"},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(
+            ["echoscu", "-aec", "STORESCP", "127.0.0.1", str(port)],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
         time.sleep(0.05)
 
 
@@ -182,9 +193,13 @@ def dcmtk_run(files: list[Path], associations: int, work: Path) -> tuple[float, 
     out = work / f"storescp-{associations}"
     out.mkdir(parents=True)
     port = free_port()
-    proc = subprocess.Popen(["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
-                            env={**os.environ, "TCP_NODELAY": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         if not wait_for(lambda: port_open(port), 30):
             raise RuntimeError("storescp did not start")
@@ -245,12 +260,14 @@ def _peak_rss_kib(pid: int) -> int:
 def ainode_node(work: Path, name: str, receivers: int, env: dict[str, str] | None = None) -> NodeProcess:
     """A fresh ainode (own storage and SQLite index) with production durability settings
     (``env``: extra environment, only for the labelled no-flush diagnosis)."""
-    return NodeProcess(work / name, {"node": {"receivers": receivers},
-                                     "storage": {"min_free_bytes": "1GiB"}}, env=env).start()
+    return NodeProcess(
+        work / name, {"node": {"receivers": receivers}, "storage": {"min_free_bytes": "1GiB"}}, env=env
+    ).start()
 
 
-def ainode_run(files: list[Path], associations: int, work: Path, receivers: int,
-               env: dict[str, str] | None = None) -> dict[str, float]:
+def ainode_run(
+    files: list[Path], associations: int, work: Path, receivers: int, env: dict[str, str] | None = None
+) -> dict[str, float]:
     """ainode receiving ``files`` (each durable before its answer): seconds until the last
     answer, its processes' CPU seconds from the first request until the index held every
     instance, seconds from the last answer until then (index lag), the storescu senders' CPU
@@ -277,8 +294,14 @@ def ainode_run(files: list[Path], associations: int, work: Path, receivers: int,
     if count != len(files):
         raise RuntimeError(f"ainode indexed {count} of {len(files)} instances")
     shutil.rmtree(node.workdir, ignore_errors=True)
-    return {"seconds": seconds, "cpu_s": cpu, "receivers_cpu_s": cpu - main, "lag_s": lag, "sender_cpu_s": sender,
-            "rss_kib": rss}
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "receivers_cpu_s": cpu - main,
+        "lag_s": lag,
+        "sender_cpu_s": sender,
+        "rss_kib": rss,
+    }
 
 
 def big_instance_run(work: Path, megabytes: int, receivers: int) -> dict[str, float]:
@@ -294,9 +317,13 @@ def big_instance_run(work: Path, megabytes: int, receivers: int) -> dict[str, fl
         node.stop()
         path.unlink()
         shutil.rmtree(node.workdir, ignore_errors=True)
-    return {"size_mib": round(size / 2**20, 1), "seconds": round(seconds, 2),
-            "peak_rss_mib": round(peak / 1024, 1), "idle_rss_mib": round(before / 1024, 1),
-            "peak_rss_over_size": round(peak * 1024 / size, 2)}
+    return {
+        "size_mib": round(size / 2**20, 1),
+        "seconds": round(seconds, 2),
+        "peak_rss_mib": round(peak / 1024, 1),
+        "idle_rss_mib": round(before / 1024, 1),
+        "peak_rss_over_size": round(peak * 1024 / size, 2),
+    }
 
 
 def fsync_latency_ms(folder: Path, rounds: int = 20, size: int = 512 * 1024) -> float:
@@ -367,9 +394,12 @@ def main() -> int:
     ap.add_argument("--receivers", type=int, default=0, help="ainode receiver processes (0: node default)")
     ap.add_argument("--big-mb", type=int, default=1024, help="size of the large instance (0: skip)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per case; the best is reported")
-    ap.add_argument("--no-flush", action="store_true",
-                    help="DIAGNOSIS ONLY: also run ainode with fsync/fdatasync disabled (libeatmydata), "
-                         "reported apart as ainode_no_flush_*; never how ainode runs")
+    ap.add_argument(
+        "--no-flush",
+        action="store_true",
+        help="DIAGNOSIS ONLY: also run ainode with fsync/fdatasync disabled (libeatmydata), "
+        "reported apart as ainode_no_flush_*; never how ainode runs",
+    )
     ap.add_argument("--no-orthanc", action="store_true", help="skip the Orthanc peer (run when Orthanc is installed)")
     args = ap.parse_args()
     from node.demo import orthanc_binary
@@ -382,11 +412,22 @@ def main() -> int:
         n = len(files)
         total_mb = sum(p.stat().st_size for p in files) / 1e6
         print(f"{n} files, {total_mb:.1f} MB", file=sys.stderr)
-        result: dict = {"files": n, "megabytes": round(total_mb, 1), "cpu_cores": os.cpu_count(),
-                        "dcmtk_mbps": {}, "ainode_mbps": {}, "ratio": {}, "dcmtk_ips": {}, "ainode_ips": {},
-                        "dcmtk_cpu_ms_per_instance": {}, "ainode_cpu_ms_per_instance": {},
-                        "ainode_receivers_cpu_ms_per_instance": {},
-                        "storescu_cpu_ms_per_instance": {}, "ainode_index_lag_s": {}, "ainode_peak_rss_mib": {}}
+        result: dict = {
+            "files": n,
+            "megabytes": round(total_mb, 1),
+            "cpu_cores": os.cpu_count(),
+            "dcmtk_mbps": {},
+            "ainode_mbps": {},
+            "ratio": {},
+            "dcmtk_ips": {},
+            "ainode_ips": {},
+            "dcmtk_cpu_ms_per_instance": {},
+            "ainode_cpu_ms_per_instance": {},
+            "ainode_receivers_cpu_ms_per_instance": {},
+            "storescu_cpu_ms_per_instance": {},
+            "ainode_index_lag_s": {},
+            "ainode_peak_rss_mib": {},
+        }
         result["durable_write_ms_median"] = fsync_latency_ms(work / "fsync")
         result["journal_flush_ms_median"] = journal_flush_ms(work / "flush")
         result["load_average_1min"] = round(os.getloadavg()[0], 2)
@@ -408,7 +449,8 @@ def main() -> int:
             result["dcmtk_cpu_ms_per_instance"][key] = _ms_per_instance(min(r[1] for r in dcmtk_runs), n)
             result["ainode_cpu_ms_per_instance"][key] = _ms_per_instance(min(r["cpu_s"] for r in runs), n)
             result["ainode_receivers_cpu_ms_per_instance"][key] = _ms_per_instance(
-                min(r["receivers_cpu_s"] for r in runs), n)
+                min(r["receivers_cpu_s"] for r in runs), n
+            )
             result["storescu_cpu_ms_per_instance"][key] = _ms_per_instance(min(r["sender_cpu_s"] for r in runs), n)
             # Where both saturate the cores (parallel associations on a small machine), the
             # ratio cannot exceed what the CPU per instance allows, senders included.
@@ -420,22 +462,29 @@ def main() -> int:
                 result.setdefault("orthanc_ips", {})[key] = round(n / orthanc)
                 result.setdefault("ratio_vs_orthanc", {})[key] = round(orthanc / ours, 2)
                 result.setdefault("orthanc_cpu_ms_per_instance", {})[key] = _ms_per_instance(
-                    min(r[1] for r in orthanc_runs), n)
+                    min(r[1] for r in orthanc_runs), n
+                )
             result["ainode_index_lag_s"][key] = round(max(r["lag_s"] for r in runs), 3)
             result["ainode_peak_rss_mib"][key] = round(max(r["rss_kib"] for r in runs) / 1024, 1)
-            print(f"{assoc} association(s): DCMTK {total_mb / dcmtk:.1f} MB/s, ainode {total_mb / ours:.1f} MB/s "
-                  f"(ratio {dcmtk / ours:.2f}); CPU ms/instance storescp "
-                  f"{result['dcmtk_cpu_ms_per_instance'][key]}, ainode {result['ainode_cpu_ms_per_instance'][key]}",
-                  file=sys.stderr)
+            print(
+                f"{assoc} association(s): DCMTK {total_mb / dcmtk:.1f} MB/s, ainode {total_mb / ours:.1f} MB/s "
+                f"(ratio {dcmtk / ours:.2f}); CPU ms/instance storescp "
+                f"{result['dcmtk_cpu_ms_per_instance'][key]}, ainode {result['ainode_cpu_ms_per_instance'][key]}",
+                file=sys.stderr,
+            )
             if args.no_flush:
                 diag = [ainode_run(files, assoc, work, args.receivers, no_flush_env()) for _ in range(args.repeat)]
                 best = min(r["seconds"] for r in diag)
                 result.setdefault("ainode_no_flush_ips", {})[key] = round(n / best)
                 result.setdefault("ainode_no_flush_ratio", {})[key] = round(dcmtk / best, 2)
                 result.setdefault("ainode_no_flush_cpu_ms_per_instance", {})[key] = _ms_per_instance(
-                    min(r["cpu_s"] for r in diag), n)
-                print(f"  diagnosis without flushes (NOT durable): ainode {n / best:.0f} instances/s "
-                      f"(ratio {dcmtk / best:.2f})", file=sys.stderr)
+                    min(r["cpu_s"] for r in diag), n
+                )
+                print(
+                    f"  diagnosis without flushes (NOT durable): ainode {n / best:.0f} instances/s "
+                    f"(ratio {dcmtk / best:.2f})",
+                    file=sys.stderr,
+                )
         if args.big_mb:
             result["large_instance"] = big_instance_run(work, args.big_mb, args.receivers)
             print(f"large instance: {result['large_instance']}", file=sys.stderr)

@@ -99,10 +99,23 @@ def fresh_uids(files: list[Path]) -> list[pydicom.Dataset]:
 def start_orthanc(work: Path) -> tuple[subprocess.Popen, int, int]:
     dicom_port, http_port = free_port(), free_port()
     cfg = work / "orthanc.json"
-    cfg.write_text(json.dumps({
-        "Name": "bench-pacs", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
-        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [], "DicomModalities": {}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "Name": "bench-pacs",
+                "StorageDirectory": str(work / "orthanc-db"),
+                "IndexDirectory": str(work / "orthanc-db"),
+                "DicomAet": "ORTHANC",
+                "DicomPort": dicom_port,
+                "HttpPort": http_port,
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": False,
+                "DicomCheckCalledAet": False,
+                "Plugins": [],
+                "DicomModalities": {},
+            }
+        )
+    )
     proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(http_port)
     wait_port(dicom_port)
@@ -115,18 +128,33 @@ def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with engine.connect() as conn:
-            job = conn.execute(text("SELECT id, state, created_at, started_at, finished_at, error FROM jobs "
-                                    "WHERE study_uid = :u ORDER BY id LIMIT 1"), {"u": study_uid}).first()
+            job = conn.execute(
+                text(
+                    "SELECT id, state, created_at, started_at, finished_at, error FROM jobs "
+                    "WHERE study_uid = :u ORDER BY id LIMIT 1"
+                ),
+                {"u": study_uid},
+            ).first()
             if job and job[1] in ("failed", "dead"):
                 raise RuntimeError(f"job {job[0]} {job[1]}: {job[5]}")
-            rows = conn.execute(text("SELECT state, delivered_at FROM deliveries WHERE job_id = :j"),
-                                {"j": str(job[0]) if job else ""}).all() if job else []
-            ready = conn.execute(text("SELECT ready_at FROM studies WHERE study_uid = :u"),
-                                 {"u": study_uid}).first()
+            rows = (
+                conn.execute(
+                    text("SELECT state, delivered_at FROM deliveries WHERE job_id = :j"),
+                    {"j": str(job[0]) if job else ""},
+                ).all()
+                if job
+                else []
+            )
+            ready = conn.execute(text("SELECT ready_at FROM studies WHERE study_uid = :u"), {"u": study_uid}).first()
         if rows and all(r[0] == "delivered" for r in rows) and job[4] is not None:
-            return {"ready": _epoch(ready[0]) if ready and ready[0] else _epoch(job[2]),
-                    "created": _epoch(job[2]), "started": _epoch(job[3]), "finished": _epoch(job[4]),
-                    "delivered": max(_epoch(r[1]) for r in rows), "objects": len(rows)}
+            return {
+                "ready": _epoch(ready[0]) if ready and ready[0] else _epoch(job[2]),
+                "created": _epoch(job[2]),
+                "started": _epoch(job[3]),
+                "finished": _epoch(job[4]),
+                "delivered": max(_epoch(r[1]) for r in rows),
+                "objects": len(rows),
+            }
         if rows and any(r[0] == "failed" for r in rows):
             raise RuntimeError("a result delivery failed")
         time.sleep(0.05)
@@ -140,8 +168,10 @@ def replay_split(files: list[Path], work: Path, warm_files: list[Path]) -> dict[
     from workers.analysis.registry import run_analysis
     from workers.results import ResultContext, write_results
 
-    write_results(run_analysis(ANALYSIS, load_series(warm_files), {}),
-                  ResultContext(job_key="replay-warm", output_dir=work / "replay-warm"))
+    write_results(
+        run_analysis(ANALYSIS, load_series(warm_files), {}),
+        ResultContext(job_key="replay-warm", output_dir=work / "replay-warm"),
+    )
     t0 = time.perf_counter()
     volume = load_series(files)
     t1 = time.perf_counter()
@@ -155,8 +185,11 @@ def replay_split(files: list[Path], work: Path, warm_files: list[Path]) -> dict[
 def storescu_seconds(port: int, files: list[Path]) -> float:
     t0 = time.perf_counter()
     # -R: propose exactly the SOP classes of the files (SEG, SR, KOS are not in the default list).
-    subprocess.run(["storescu", "-R", "-aet", "PEER", "-aec", "ORTHANC", "127.0.0.1", str(port), *map(str, files)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["storescu", "-R", "-aet", "PEER", "-aec", "ORTHANC", "127.0.0.1", str(port), *map(str, files)],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - t0
 
 
@@ -185,23 +218,42 @@ def main() -> int:
         dicom_port = free_port()
         db_url = f"sqlite:///{work / 'ainode.db'}"
         config = {
-            "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": dicom_port, "receivers": 1,
-                     "accept_unknown_peers": True},
+            "node": {
+                "ae_title": "AINODE",
+                "host": "127.0.0.1",
+                "port": dicom_port,
+                "receivers": 1,
+                "accept_unknown_peers": True,
+            },
             "storage": {"path": str(work / "store"), "min_free_bytes": "16MiB"},
             "database": {"url": db_url},
             "broker": {"url": f"redis://127.0.0.1:{redis_port}/0"},
             "destinations": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}],
             "timers": {"series_quiet_s": 30, "study_quiet_s": 30},
             "rules": [{"name": "ct", "match": {"modality": "CT"}, "analyses": [ANALYSIS], "destinations": ["pacs"]}],
-            "api": {"enabled": False}, "audit": {"sink": "none"},
+            "api": {"enabled": False},
+            "audit": {"sink": "none"},
         }
         cfg = work / "ainode.yaml"
         cfg.write_text(yaml.safe_dump(config))
-        procs.append(subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "-c", str(cfg)], cwd=ROOT, env=env,
-                                      stdout=(work / "node.log").open("wb"), stderr=subprocess.STDOUT))
-        procs.append(subprocess.Popen([sys.executable, "-m", "node.cli", "worker", "-c", str(cfg), "--queues", "gpu,cpu"],
-                                      cwd=ROOT, env=env, stdout=(work / "worker.log").open("wb"),
-                                      stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "serve", "-c", str(cfg)],
+                cwd=ROOT,
+                env=env,
+                stdout=(work / "node.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "worker", "-c", str(cfg), "--queues", "gpu,cpu"],
+                cwd=ROOT,
+                env=env,
+                stdout=(work / "worker.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+        )
         wait_port(dicom_port)
 
         # Warm-up study: the worker loads the model once, as it would in service.
@@ -232,7 +284,9 @@ def main() -> int:
             "stages": stages,
             "device": device_name(),
             "goal_s": 5.0 if device_name().startswith("cuda") else 20.0,
-            "slices": args.slices, "size": args.size, "result_objects": t["objects"],
+            "slices": args.slices,
+            "size": args.size,
+            "result_objects": t["objects"],
             "job_run_s": round(run_s, 3),
             "replay_split_s": {k: round(v, 3) for k, v in split.items()},
             "peer_storescu_results_to_orthanc_s": round(peer_results_s, 3),

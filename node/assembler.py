@@ -38,6 +38,7 @@ AFTER_READY = ("ready", "routed", "unrouted", "done")
 
 class SeriesExpectation(Base):
     """How many instances a series' own data says it has (Images in Acquisition), once read."""
+
     __tablename__ = "series_expectations"
     series_pk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), primary_key=True)
     expected_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -52,9 +53,11 @@ def effective_timers(session: Session, settings: Settings, study: Study) -> Time
     chosen = [r.timers for r in overriding if evaluate(r.match, facts)[0]]
     if not chosen:
         return settings.timers
-    return Timers(series_quiet_s=min(t.series_quiet_s for t in chosen),
-                  study_quiet_s=min(t.study_quiet_s for t in chosen),
-                  force_complete_s=min(t.force_complete_s for t in chosen))
+    return Timers(
+        series_quiet_s=min(t.series_quiet_s for t in chosen),
+        study_quiet_s=min(t.study_quiet_s for t in chosen),
+        force_complete_s=min(t.force_complete_s for t in chosen),
+    )
 
 
 def _mark_study_ready(session: Session, study: Study, reason: str, now: datetime) -> None:
@@ -67,13 +70,19 @@ def _mark_study_ready(session: Session, study: Study, reason: str, now: datetime
 def reopen_late_arrivals(session: Session) -> int:
     """Studies/series that received instances after they were ready go back to received."""
     reopened = 0
-    for study in session.scalars(select(Study).where(Study.state.in_(AFTER_READY), Study.ready_at.is_not(None),
-                                                     Study.last_received_at > Study.ready_at)):
+    for study in session.scalars(
+        select(Study).where(
+            Study.state.in_(AFTER_READY), Study.ready_at.is_not(None), Study.last_received_at > Study.ready_at
+        )
+    ):
         log.info("study %s received instances after it was %s: completing it again", study.id, study.state)
         study.state, study.ready_reason = RECEIVED, ""
         reopened += 1
-    for series in session.scalars(select(Series).where(Series.state.in_(AFTER_READY), Series.ready_at.is_not(None),
-                                                       Series.last_received_at > Series.ready_at)):
+    for series in session.scalars(
+        select(Series).where(
+            Series.state.in_(AFTER_READY), Series.ready_at.is_not(None), Series.last_received_at > Series.ready_at
+        )
+    ):
         series.state = RECEIVED
     return reopened
 
@@ -81,8 +90,11 @@ def reopen_late_arrivals(session: Session) -> int:
 def apply_mpps(session: Session, now: datetime) -> int:
     """Make studies ready whose COMPLETED step's instances have all arrived; returns how many."""
     made_ready = 0
-    steps = session.scalars(select(mpps.PerformedProcedureStep).where(
-        mpps.PerformedProcedureStep.status == mpps.COMPLETED, mpps.PerformedProcedureStep.applied.is_(False))).all()
+    steps = session.scalars(
+        select(mpps.PerformedProcedureStep).where(
+            mpps.PerformedProcedureStep.status == mpps.COMPLETED, mpps.PerformedProcedureStep.applied.is_(False)
+        )
+    ).all()
     for step in steps:
         listed = {sop for _, sop in step.instances()}
         if not listed:
@@ -105,8 +117,12 @@ def _expected_instances(session: Session, settings: Settings, series: Series) ->
         expected = None
         if path:
             try:
-                ds = pydicom.dcmread(Path(settings.storage.path) / path, stop_before_pixels=True, force=True,
-                                     specific_tags=["ImagesInAcquisition"])
+                ds = pydicom.dcmread(
+                    Path(settings.storage.path) / path,
+                    stop_before_pixels=True,
+                    force=True,
+                    specific_tags=["ImagesInAcquisition"],
+                )
                 expected = int(ds.ImagesInAcquisition) if ds.get("ImagesInAcquisition") else None
             except Exception:  # noqa: BLE001 - unreadable or absent: timers decide
                 expected = None
@@ -154,8 +170,10 @@ def studies_in_progress(settings: Settings) -> bool:
     """Whether any study or series is still receiving or ready but not yet routed (timers run)."""
     open_states = (RECEIVED, READY)
     with database_session(settings.database.url) as session:
-        return session.scalar(select(Study.id).where(Study.state.in_(open_states)).limit(1)) is not None or \
-            session.scalar(select(Series.id).where(Series.state.in_(open_states)).limit(1)) is not None
+        return (
+            session.scalar(select(Study.id).where(Study.state.in_(open_states)).limit(1)) is not None
+            or session.scalar(select(Series.id).where(Series.state.in_(open_states)).limit(1)) is not None
+        )
 
 
 class CompletionTicker:
@@ -184,7 +202,11 @@ def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], No
 def status_summary(session: Session) -> dict[str, object]:
     """Studies per pipeline state and MPPS steps per status, for `ainode status`."""
     studies = dict(session.execute(select(Study.state, func.count()).group_by(Study.state)).all())
-    steps = dict(session.execute(select(mpps.PerformedProcedureStep.status, func.count())
-                                 .group_by(mpps.PerformedProcedureStep.status)).all())
-    return {"studies_" + state: count for state, count in sorted(studies.items())} | \
-        {"mpps_" + status.lower().replace(" ", "_"): count for status, count in sorted(steps.items())}
+    steps = dict(
+        session.execute(
+            select(mpps.PerformedProcedureStep.status, func.count()).group_by(mpps.PerformedProcedureStep.status)
+        ).all()
+    )
+    return {"studies_" + state: count for state, count in sorted(studies.items())} | {
+        "mpps_" + status.lower().replace(" ", "_"): count for status, count in sorted(steps.items())
+    }

@@ -19,8 +19,11 @@ from rich.console import Console
 
 from node.core.settings import ConfigError, Settings, load_settings, resolve_paths
 
-app = typer.Typer(help="ainode: a DICOM node that runs deep-learning analyses and returns DICOM results.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="ainode: a DICOM node that runs deep-learning analyses and returns DICOM results.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 rules_app = typer.Typer(help="Inspect routing rules.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -28,7 +31,9 @@ app.add_typer(rules_app, name="rules")
 
 console = Console(stderr=True)
 
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML configuration file (default: $AINODE_CONFIG, else embedded defaults).")
+ConfigOpt = typer.Option(
+    None, "--config", "-c", help="YAML configuration file (default: $AINODE_CONFIG, else embedded defaults)."
+)
 
 
 def settings_from(config: Optional[Path]) -> Settings:
@@ -52,9 +57,12 @@ def unknown_analyses(settings: Settings) -> list[str]:
         known = set(available_analyses(settings)) | set(DIAGNOSTIC_ANALYSES)
     except AnalysisError as err:
         return [f"analyses: {err}"]
-    return [f"rules[{i}].analyses[{j}]: unknown analysis {ref.name!r} (known: {', '.join(sorted(known))})"
-            for i, rule in enumerate(settings.rules) for j, ref in enumerate(rule.analyses)
-            if ref.name not in known]
+    return [
+        f"rules[{i}].analyses[{j}]: unknown analysis {ref.name!r} (known: {', '.join(sorted(known))})"
+        for i, rule in enumerate(settings.rules)
+        for j, ref in enumerate(rule.analyses)
+        if ref.name not in known
+    ]
 
 
 @config_app.command("check")
@@ -73,8 +81,10 @@ def config_check(file: Path = typer.Argument(..., help="Configuration file to va
     if unknown:
         console.print(f"{len(unknown)} error(s) in {file}", style="red")
         raise typer.Exit(1)
-    typer.echo(f"{file}: OK ({len(settings.peers)} peers, {len(settings.destinations)} destinations, "
-               f"{len(settings.rules)} rules, {len(settings.analyses)} analyses)")
+    typer.echo(
+        f"{file}: OK ({len(settings.peers)} peers, {len(settings.destinations)} destinations, "
+        f"{len(settings.rules)} rules, {len(settings.analyses)} analyses)"
+    )
 
 
 @app.command()
@@ -91,9 +101,11 @@ def serve(config: Optional[Path] = ConfigOpt) -> None:
 
 
 @app.command()
-def worker(config: Optional[Path] = ConfigOpt,
-           queues: str = typer.Option("gpu,cpu", help="Comma-separated queues to consume."),
-           concurrency: int = typer.Option(1, help="Worker processes.")) -> None:
+def worker(
+    config: Optional[Path] = ConfigOpt,
+    queues: str = typer.Option("gpu,cpu", help="Comma-separated queues to consume."),
+    concurrency: int = typer.Option(1, help="Worker processes."),
+) -> None:
     """Start a Celery worker that runs analyses (gpu queue) and delivers results (cpu queue)."""
     from workers.worker import run_worker  # noqa: PLC0415 - see the module docstring
 
@@ -101,8 +113,10 @@ def worker(config: Optional[Path] = ConfigOpt,
 
 
 @app.command()
-def echo(target: str = typer.Argument(..., help="AE@HOST:PORT"),
-         calling_ae: str = typer.Option("AINODE", "--aet", help="Our calling AE title.")) -> None:
+def echo(
+    target: str = typer.Argument(..., help="AE@HOST:PORT"),
+    calling_ae: str = typer.Option("AINODE", "--aet", help="Our calling AE title."),
+) -> None:
     """C-ECHO a remote AE to test a link."""
     from node.dispatch.scu import echo as do_echo  # noqa: PLC0415 - see the module docstring
 
@@ -110,9 +124,11 @@ def echo(target: str = typer.Argument(..., help="AE@HOST:PORT"),
 
 
 @app.command()
-def send(target: str = typer.Argument(..., help="AE@HOST:PORT"),
-         paths: list[Path] = typer.Argument(..., help="DICOM files or folders."),
-         calling_ae: str = typer.Option("AINODE", "--aet", help="Our calling AE title.")) -> None:
+def send(
+    target: str = typer.Argument(..., help="AE@HOST:PORT"),
+    paths: list[Path] = typer.Argument(..., help="DICOM files or folders."),
+    calling_ae: str = typer.Option("AINODE", "--aet", help="Our calling AE title."),
+) -> None:
     """C-STORE files to a remote AE, with a progress bar."""
     from node.dispatch.scu import send as do_send  # noqa: PLC0415 - see the module docstring
 
@@ -120,8 +136,9 @@ def send(target: str = typer.Argument(..., help="AE@HOST:PORT"),
 
 
 @app.command()
-def status(config: Optional[Path] = ConfigOpt,
-           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+def status(
+    config: Optional[Path] = ConfigOpt, as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")
+) -> None:
     """What the node holds and where each stage stands."""
     from node.admin.status import print_status  # noqa: PLC0415 - see the module docstring
 
@@ -129,8 +146,9 @@ def status(config: Optional[Path] = ConfigOpt,
 
 
 @rules_app.command("test")
-def rules_test(paths: list[Path] = typer.Argument(..., help="DICOM files or folders."),
-               config: Optional[Path] = ConfigOpt) -> None:
+def rules_test(
+    paths: list[Path] = typer.Argument(..., help="DICOM files or folders."), config: Optional[Path] = ConfigOpt
+) -> None:
     """Show which rules match the given DICOM data and why the others do not."""
     from node.router import explain_rules  # noqa: PLC0415 - see the module docstring
 
@@ -138,9 +156,11 @@ def rules_test(paths: list[Path] = typer.Argument(..., help="DICOM files or fold
 
 
 @app.command()
-def train(model: str = typer.Argument(..., help="Reference model to train (see `ainode models`)."),
-          out: Optional[Path] = typer.Option(None, help="Where to write the weights (default: the package's)."),
-          quick: bool = typer.Option(False, help="A short run for smoke tests.")) -> None:
+def train(
+    model: str = typer.Argument(..., help="Reference model to train (see `ainode models`)."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the weights (default: the package's)."),
+    quick: bool = typer.Option(False, help="A short run for smoke tests."),
+) -> None:
     """Train a reference model on generated phantoms (reproduces the shipped weights)."""
     from workers.training import train_model  # noqa: PLC0415 - see the module docstring
 
@@ -156,8 +176,10 @@ def models(config: Optional[Path] = ConfigOpt) -> None:
 
 
 @app.command()
-def demo(out: Optional[Path] = typer.Option(None, help="Copy every result object that reached the test PACS here."),
-         workdir: Optional[Path] = typer.Option(None, help="Working folder (default: a temporary one).")) -> None:
+def demo(
+    out: Optional[Path] = typer.Option(None, help="Copy every result object that reached the test PACS here."),
+    workdir: Optional[Path] = typer.Option(None, help="Working folder (default: a temporary one)."),
+) -> None:
     """Run the node end to end on embedded defaults with a local test PACS and a generated study."""
     from node.demo import run_demo  # noqa: PLC0415 - see the module docstring
 

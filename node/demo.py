@@ -91,18 +91,29 @@ class OrthancPACS:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        config = {"Name": "ainode-demo", "StorageDirectory": str(self.folder / "db"), "IndexDirectory": str(self.folder / "db"),
-                  "DicomAet": PACS_AE, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-                  "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-                  "Plugins": [], "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True}
+        config = {
+            "Name": "ainode-demo",
+            "StorageDirectory": str(self.folder / "db"),
+            "IndexDirectory": str(self.folder / "db"),
+            "DicomAet": PACS_AE,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "Plugins": [],
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+        }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))
         log = open(self.folder / "orthanc.log", "ab")
         # DCMTK inside Orthanc sets TCP_NODELAY only when asked: without it each small answer
         # waits on a delayed ACK (~40 ms per C-STORE on loopback).
         env = {**os.environ, "TCP_NODELAY": "1"}
-        self.proc = subprocess.Popen([orthanc_binary() or "Orthanc", str(path)], stdout=log, stderr=subprocess.STDOUT,
-                                     env=env)
+        self.proc = subprocess.Popen(
+            [orthanc_binary() or "Orthanc", str(path)], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
         if not wait_until(lambda: port_open(self.dicom_port) and port_open(self.http_port), 60):
             raise RuntimeError("Orthanc did not start; see " + str(self.folder / "orthanc.log"))
 
@@ -117,8 +128,10 @@ class OrthancPACS:
     def objects(self, study_uid: str) -> dict[str, bytes]:
         """SOP Instance UID -> file bytes of every instance of the study held by the PACS."""
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}/tools/find", method="POST",
-            data=json.dumps({"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}).encode())
+            f"http://127.0.0.1:{self.http_port}/tools/find",
+            method="POST",
+            data=json.dumps({"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True}).encode(),
+        )
         with urllib.request.urlopen(request, timeout=30) as r:
             found = json.loads(r.read())
         return {item["MainDicomTags"]["SOPInstanceUID"]: self._get(f"/instances/{item['ID']}/file") for item in found}
@@ -157,8 +170,9 @@ class BuiltinPACS:
             self.received[str(ds.SOPInstanceUID)] = (str(ds.StudyInstanceUID), buffer.getvalue())
             return 0x0000
 
-        self._server = ae.start_server(("127.0.0.1", self.dicom_port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        self._server = ae.start_server(
+            ("127.0.0.1", self.dicom_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+        )
 
     def objects(self, study_uid: str) -> dict[str, bytes]:
         """SOP Instance UID -> file bytes of the study's instances received."""
@@ -171,7 +185,9 @@ class BuiltinPACS:
 
 def orthanc_binary() -> str | None:
     """Orthanc's path when installed (Debian puts it in /usr/sbin)."""
-    return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if os.path.exists(p)), None)
+    return shutil.which("Orthanc") or next(
+        (p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if os.path.exists(p)), None
+    )
 
 
 def test_pacs(folder: Path) -> Any:
@@ -192,11 +208,26 @@ def node_config(workdir: Path, pacs_port: int, analysis: str = ANALYSIS) -> dict
         "database": {"url": f"sqlite:///{workdir / 'ainode.db'}"},
         "broker": {"url": ""},
         "peers": [{"ae_title": MODALITY_AE, "hosts": ["127.0.0.1"]}],
-        "destinations": [{"name": "test-pacs", "ae_title": PACS_AE, "host": "127.0.0.1", "port": pacs_port,
-                          "retry_initial_s": 1, "retry_max_s": 10}],
+        "destinations": [
+            {
+                "name": "test-pacs",
+                "ae_title": PACS_AE,
+                "host": "127.0.0.1",
+                "port": pacs_port,
+                "retry_initial_s": 1,
+                "retry_max_s": 10,
+            }
+        ],
         "timers": {"series_quiet_s": 2, "study_quiet_s": 3},
-        "rules": [{"name": "ct-organs", "match": {"modality": "CT"}, "analyses": [analysis],
-                   "priority": "stat", "destinations": ["test-pacs"]}],
+        "rules": [
+            {
+                "name": "ct-organs",
+                "match": {"modality": "CT"},
+                "analyses": [analysis],
+                "priority": "stat",
+                "destinations": ["test-pacs"],
+            }
+        ],
         "api": {"host": "127.0.0.1", "port": free_port()},
         "audit": {"path": str(workdir / "audit.log")},
     }
@@ -220,11 +251,21 @@ class DemoNode:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "-c", str(self.config_path)],
-                                         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        up = wait_until(lambda: self.proc.poll() is not None or
-                        (port_open(self.config["node"]["port"]) and port_open(self.config["api"]["port"])), 120)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "serve", "-c", str(self.config_path)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        up = wait_until(
+            lambda: (
+                self.proc.poll() is not None
+                or (port_open(self.config["node"]["port"]) and port_open(self.config["api"]["port"]))
+            ),
+            120,
+        )
         if not up or self.proc.poll() is not None:
             raise RuntimeError("the node did not start:\n" + self.log_path.read_text(errors="replace")[-2000:])
 
@@ -248,8 +289,9 @@ class DemoNode:
 def make_study(folder: Path) -> tuple[str, list[Path]]:
     """A generated abdomen CT phantom with lesions, written as a DICOM series."""
     phantom = phantoms.make_ct_phantom(seed=2024, liver_lesions=(2, 2), lung_nodules=(1, 1))
-    paths = phantoms.write_ct_series(phantom, folder, patient_id="DEMO0001", patient_name="Demo^Phantom",
-                                     accession_number="DEMO0001")
+    paths = phantoms.write_ct_series(
+        phantom, folder, patient_id="DEMO0001", patient_name="Demo^Phantom", accession_number="DEMO0001"
+    )
 
     return str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID), paths
 
@@ -274,8 +316,14 @@ def push(paths: list[Path], port: int) -> int:
 
 
 def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console)
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 def wait_for_results(node: DemoNode, study_uid: str, timeout: float) -> dict[str, Any] | None:
@@ -292,8 +340,11 @@ def wait_for_results(node: DemoNode, study_uid: str, timeout: float) -> dict[str
                 view = None
             if view:
                 phase = view["phase"]
-                bar.update(task, description=f"study is {phase}",
-                           completed=phases.index(phase) + 1 if phase in phases else bar.tasks[0].completed)
+                bar.update(
+                    task,
+                    description=f"study is {phase}",
+                    completed=phases.index(phase) + 1 if phase in phases else bar.tasks[0].completed,
+                )
                 if phase in ("delivered", "failed", "unrouted", "done"):
                     if phase != "delivered" or all(d["state"] in ("delivered", "skipped") for d in view["deliveries"]):
                         return view
@@ -378,8 +429,9 @@ def run_demo(out: Path | None, workdir: Path | None, analysis: str = ANALYSIS) -
             console.print(f"logs kept in {workdir}")
 
 
-def _finish(view: dict[str, Any], in_pacs: dict[str, bytes], node: DemoNode, study_uid: str, workdir: Path,
-            out: Path | None) -> int:
+def _finish(
+    view: dict[str, Any], in_pacs: dict[str, bytes], node: DemoNode, study_uid: str, workdir: Path, out: Path | None
+) -> int:
     expected = [d["sop_instance_uid"] for d in view["deliveries"]]
     missing = [uid for uid in expected if uid not in in_pacs]
     for failure in view["failures"]:
@@ -388,8 +440,10 @@ def _finish(view: dict[str, Any], in_pacs: dict[str, bytes], node: DemoNode, stu
     png.parent.mkdir(parents=True, exist_ok=True)
     try:
         k, found = write_key_slice(node.config_path, study_uid, png)
-        console.print(f"key slice {k} ({found} finding(s) boxed, the largest lesion at its widest) "
-                      f"with the segmentation overlay: {png}")
+        console.print(
+            f"key slice {k} ({found} finding(s) boxed, the largest lesion at its widest) "
+            f"with the segmentation overlay: {png}"
+        )
     except Exception as err:  # noqa: BLE001 - the picture is a bonus; the results decide the outcome
         console.print(f"key slice not rendered: {err}", style="yellow")
     if out is not None:

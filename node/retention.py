@@ -31,7 +31,9 @@ REMOVABLE_STATES = ("unrouted", "done")
 
 
 def _has_pending_jobs(session: Session, study: Study) -> bool:
-    return bool(session.scalar(select(func.count(Job.id)).where(Job.study_pk == study.id, Job.state.in_(PENDING_STATES))))
+    return bool(
+        session.scalar(select(func.count(Job.id)).where(Job.study_pk == study.id, Job.state.in_(PENDING_STATES)))
+    )
 
 
 def remove_study(session: Session, study: Study) -> list[str]:
@@ -85,21 +87,36 @@ def apply_retention(settings: Settings) -> dict[str, int]:
     now = utcnow()
     storage = Path(settings.storage.path)
     with database_session(settings.database.url) as session:
-        unrouted = list(session.scalars(select(Study.id).where(
-            Study.state == "unrouted",
-            Study.ready_at < now - timedelta(hours=settings.storage.unrouted_retention_h))))
+        unrouted = list(
+            session.scalars(
+                select(Study.id).where(
+                    Study.state == "unrouted",
+                    Study.ready_at < now - timedelta(hours=settings.storage.unrouted_retention_h),
+                )
+            )
+        )
         expired: list[int] = []
         if settings.storage.retention_days > 0:
-            expired = list(session.scalars(select(Study.id).where(
-                Study.state.in_(REMOVABLE_STATES),
-                Study.last_received_at < now - timedelta(days=settings.storage.retention_days))))
-    counts = {"unrouted": _remove(settings, unrouted, "unrouted, retention passed"),
-              "expired": _remove(settings, [pk for pk in expired if pk not in unrouted], "retention passed"),
-              "high_water": 0}
+            expired = list(
+                session.scalars(
+                    select(Study.id).where(
+                        Study.state.in_(REMOVABLE_STATES),
+                        Study.last_received_at < now - timedelta(days=settings.storage.retention_days),
+                    )
+                )
+            )
+    counts = {
+        "unrouted": _remove(settings, unrouted, "unrouted, retention passed"),
+        "expired": _remove(settings, [pk for pk in expired if pk not in unrouted], "retention passed"),
+        "high_water": 0,
+    }
     if storage.exists() and disk_use_fraction(storage) > settings.storage.high_water_mark:
         with database_session(settings.database.url) as session:
-            oldest = list(session.scalars(select(Study.id).where(Study.state.in_(REMOVABLE_STATES))
-                                          .order_by(Study.last_received_at)))
+            oldest = list(
+                session.scalars(
+                    select(Study.id).where(Study.state.in_(REMOVABLE_STATES)).order_by(Study.last_received_at)
+                )
+            )
         for pk in oldest:
             if disk_use_fraction(storage) <= settings.storage.high_water_mark:
                 break

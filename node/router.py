@@ -55,12 +55,16 @@ def _distinct(values: Iterable[Any]) -> list[Any]:
 
 def study_facts(session: Session, study: Study, series: Series | None = None) -> Facts:
     """What rules can test about a study (or one of its series), from the index."""
-    members = [series] if series is not None else list(session.scalars(select(Series).where(Series.study_pk == study.id)))
+    members = (
+        [series] if series is not None else list(session.scalars(select(Series).where(Series.study_pk == study.id)))
+    )
     pks = [s.id for s in members]
     sop_classes = session.scalars(select(Instance.sop_class_uid).where(Instance.series_pk.in_(pks)).distinct()).all()
     count, frames = session.execute(
-        select(func.count(Instance.id), func.coalesce(func.sum(Instance.number_of_frames), 0))
-        .where(Instance.series_pk.in_(pks))).one()
+        select(func.count(Instance.id), func.coalesce(func.sum(Instance.number_of_frames), 0)).where(
+            Instance.series_pk.in_(pks)
+        )
+    ).one()
     return {
         "calling_ae": _distinct([study.calling_ae]),
         "called_ae": _distinct([study.called_ae]),
@@ -112,7 +116,8 @@ def file_facts(series_list: list[FileSeries]) -> Facts:
         except (TypeError, ValueError):
             frames += 1
     return {
-        "calling_ae": [], "called_ae": [],
+        "calling_ae": [],
+        "called_ae": [],
         "modality": each("Modality"),
         "sop_class_uid": _distinct(_str(h, "SOPClassUID") for h in headers),
         "body_part": each("BodyPartExamined"),
@@ -246,8 +251,12 @@ class RuleBook:
             return False
         with self._lock:
             self.rules = list(fresh.rules)
-        log.info("rules reloaded from %s: %d rules (%s)", self.path, len(self.rules),
-                 ", ".join(r.name for r in self.rules) or "none")
+        log.info(
+            "rules reloaded from %s: %d rules (%s)",
+            self.path,
+            len(self.rules),
+            ", ".join(r.name for r in self.rules) or "none",
+        )
         return True
 
 
@@ -270,8 +279,9 @@ def current_rules(settings: Settings) -> list[Rule]:
     return rule_book(settings).rules
 
 
-def matching_rules(session: Session, settings: Settings, study: Study, series: Series | None = None,
-                   level: str | None = None) -> list[Rule]:
+def matching_rules(
+    session: Session, settings: Settings, study: Study, series: Series | None = None, level: str | None = None
+) -> list[Rule]:
     """Rules (of a level, or all) whose match holds for the study or series."""
     facts = study_facts(session, study, series)
     return [r for r in current_rules(settings) if (level is None or r.level == level) and evaluate(r.match, facts)[0]]
@@ -286,7 +296,9 @@ def _input_uids(session: Session, study: Study, series: Series | None) -> list[s
     return list(session.scalars(query))
 
 
-def create_jobs(session: Session, settings: Settings, rule: Rule, study: Study, series: Series | None = None) -> list[int]:
+def create_jobs(
+    session: Session, settings: Settings, rule: Rule, study: Study, series: Series | None = None
+) -> list[int]:
     """Queue the rule's analyses unless the same inputs were already handled; returns new job ids.
 
     A job with the same key and other inputs (late arrivals) is superseded by the new one.
@@ -300,18 +312,41 @@ def create_jobs(session: Session, settings: Settings, rule: Rule, study: Study, 
         previous = session.scalars(select(Job).where(Job.key == key).order_by(Job.id.desc()).limit(1)).first()
         if previous is not None and previous.input_fingerprint == fingerprint:
             if previous.state in (FAILED, DEAD):
-                log.info("job %s for rule %s already %s with these inputs; not repeated", previous.id, rule.name,
-                         previous.state)
+                log.info(
+                    "job %s for rule %s already %s with these inputs; not repeated",
+                    previous.id,
+                    rule.name,
+                    previous.state,
+                )
             continue
-        job = queue_job(session, settings, key=key, analysis=analysis.name, params=analysis.params, rule=rule.name,
-                        level=rule.level, priority=rule.priority, destinations=rule.destinations,
-                        study_pk=study.id, series_pk=series.id if series is not None else None,
-                        study_uid=study.study_uid, series_uid=series.series_uid if series is not None else "",
-                        fingerprint=fingerprint, supersedes=previous.id if previous is not None else None)
+        job = queue_job(
+            session,
+            settings,
+            key=key,
+            analysis=analysis.name,
+            params=analysis.params,
+            rule=rule.name,
+            level=rule.level,
+            priority=rule.priority,
+            destinations=rule.destinations,
+            study_pk=study.id,
+            series_pk=series.id if series is not None else None,
+            study_uid=study.study_uid,
+            series_uid=series.series_uid if series is not None else "",
+            fingerprint=fingerprint,
+            supersedes=previous.id if previous is not None else None,
+        )
         session.flush()
         created.append(job.id)
-        log.info("study %s: rule %s queued job %s (%s, %s%s)", study.id, rule.name, job.id, analysis.name,
-                 rule.priority, f", supersedes job {previous.id}" if previous is not None else "")
+        log.info(
+            "study %s: rule %s queued job %s (%s, %s%s)",
+            study.id,
+            rule.name,
+            job.id,
+            analysis.name,
+            rule.priority,
+            f", supersedes job {previous.id}" if previous is not None else "",
+        )
     return created
 
 
@@ -334,15 +369,18 @@ def route_ready(settings: Settings) -> list[int]:
             hits = [r for r, ok, _ in verdicts if ok]
             for rule in hits:
                 new_jobs += create_jobs(session, settings, rule, study)
-            series_routed = session.scalar(select(func.count(Series.id)).where(
-                Series.study_pk == study.id, Series.state == "routed"))
+            series_routed = session.scalar(
+                select(func.count(Series.id)).where(Series.study_pk == study.id, Series.state == "routed")
+            )
             if hits or series_routed:
                 study.state = "routed"
             else:
                 study.state = "unrouted"
                 # The reason without patient data: the study's row id and each rule's failed condition.
                 reasons = "; ".join(f"{r.name}: {why}" for r, ok, why in verdicts) or "no study-level rules"
-                log.warning("study %s unrouted (kept %g h): %s", study.id, settings.storage.unrouted_retention_h, reasons)
+                log.warning(
+                    "study %s unrouted (kept %g h): %s", study.id, settings.storage.unrouted_retention_h, reasons
+                )
     for job_id in new_jobs:
         publish_job(settings, job_id)
     return new_jobs
@@ -366,8 +404,12 @@ def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], No
     """Rule reload watch (SIGHUP or file change), once a second."""
     book = rule_book(settings)
     _install_sighup(book)
-    log.info("%d rules in force (%s); they reload on SIGHUP or when %s changes", len(book.rules),
-             ", ".join(r.name for r in book.rules) or "none", book.path or "the configuration file")
+    log.info(
+        "%d rules in force (%s); they reload on SIGHUP or when %s changes",
+        len(book.rules),
+        ", ".join(r.name for r in book.rules) or "none",
+        book.path or "the configuration file",
+    )
     return [("rules-reload", 1.0, book.check)]
 
 
@@ -408,8 +450,10 @@ def explain_rules(settings: Settings, paths: list[Path]) -> int:
     for number, (study_uid, series_map) in enumerate(studies.items(), 1):
         all_series = list(series_map.values())
         facts = file_facts(all_series)
-        print(f"study {number}: {study_uid} ({len(all_series)} series, {facts['instances'][0]} instances, "
-              f"modality {', '.join(facts['modality']) or '-'})")
+        print(
+            f"study {number}: {study_uid} ({len(all_series)} series, {facts['instances'][0]} instances, "
+            f"modality {', '.join(facts['modality']) or '-'})"
+        )
         for rule in settings.rules:
             if rule.level == "study":
                 _print_verdict(rule, *evaluate(rule.match, facts), indent="  ")
@@ -425,7 +469,9 @@ def _print_verdict(rule: Rule, ok: bool, why: str, indent: str, label: str | Non
     name = label or rule.name
     if ok:
         analyses = ", ".join(a.name for a in rule.analyses)
-        print(f"{indent}{name}: MATCH -> {analyses} (priority {rule.priority}, "
-              f"destinations {', '.join(rule.destinations) or 'none'})")
+        print(
+            f"{indent}{name}: MATCH -> {analyses} (priority {rule.priority}, "
+            f"destinations {', '.join(rule.destinations) or 'none'})"
+        )
     else:
         print(f"{indent}{name}: no match - {why}")

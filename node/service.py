@@ -50,8 +50,10 @@ def installed_analyses(settings: Settings) -> list[dict[str, Any]]:
     # (measured 1.7 s and 270 MiB of RSS), which every forked receiver process would carry.
     from workers.analysis.registry import available_analyses, weights_present  # noqa: PLC0415
 
-    return [{"name": a.name, "version": getattr(a, "version", ""), "weights": weights_present(a)}
-            for a in available_analyses(settings).values()]
+    return [
+        {"name": a.name, "version": getattr(a, "version", ""), "weights": weights_present(a)}
+        for a in available_analyses(settings).values()
+    ]
 
 
 # The later stages, in pipeline order: what each runs periodically and which services it starts.
@@ -73,8 +75,9 @@ def configure_logging() -> None:
     """One log format for every process; pynetdicom kept quiet (no identifiers)."""
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
+        )
     quiet_pynetdicom()
 
 
@@ -113,8 +116,9 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the main process's business
     dispose_engines()  # connections are never shared across fork
     audit.configure(settings.audit, settings.node.ae_title)  # refused peers are Security Alerts
-    receiver = Receiver(settings, engine_for(settings.database.url), slots, row, mpps.handlers(settings),
-                        commitment_handlers(settings))
+    receiver = Receiver(
+        settings, engine_for(settings.database.url), slots, row, mpps.handlers(settings), commitment_handlers(settings)
+    )
     receiver.recover()  # what this receiver's predecessor answered but did not index
     try:
         server = receiver.start()
@@ -149,8 +153,9 @@ def _drain(server: Any) -> None:
 
 def recover_landed(settings: Settings) -> None:
     """Index every instance answered Success before a crash but not indexed (before receivers run)."""
-    indexer = Indexer(engine_for(settings.database.url), settings.storage.path, settings.node.duplicate_policy,
-                      background=False)
+    indexer = Indexer(
+        engine_for(settings.database.url), settings.storage.path, settings.node.duplicate_policy, background=False
+    )
     try:
         recover_all(indexer, settings.node.ae_title)
     except Exception as err:  # each receiver tries its own share again in the background
@@ -169,8 +174,12 @@ class ReceiverPool:
 
     def _spawn(self, row: int) -> bool:
         ready = self._ctx.Event()
-        proc = self._ctx.Process(target=run_receiver, name=f"receiver-{row}", daemon=False,
-                                 args=(self.settings, self.slots, row, ready, os.getpid()))
+        proc = self._ctx.Process(
+            target=run_receiver,
+            name=f"receiver-{row}",
+            daemon=False,
+            args=(self.settings, self.slots, row, ready, os.getpid()),
+        )
         proc.start()
         self._procs[row] = proc
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -187,8 +196,13 @@ class ReceiverPool:
             if not self._spawn(row):
                 self.stop()
                 return False
-        log.info("%d receiver process(es) listening on %s:%d as %s", self.count,
-                 self.settings.node.host, self.settings.node.port, self.settings.node.ae_title)
+        log.info(
+            "%d receiver process(es) listening on %s:%d as %s",
+            self.count,
+            self.settings.node.host,
+            self.settings.node.port,
+            self.settings.node.ae_title,
+        )
         return True
 
     def supervise(self) -> None:
@@ -250,8 +264,9 @@ def start_periodic(settings: Settings, stop: threading.Event) -> PeriodicTasks:
             log.error("%s: periodic tasks not started: %s", stage, err)
             continue
         for name, interval, func in tasks:
-            t = threading.Thread(target=_run_periodic, args=(name, float(interval), func, stop),
-                                 name=f"periodic-{name}", daemon=True)
+            t = threading.Thread(
+                target=_run_periodic, args=(name, float(interval), func, stop), name=f"periodic-{name}", daemon=True
+            )
             t.start()
             tasks_run.threads.append(t)
             if getattr(func, "run_at_stop", False):

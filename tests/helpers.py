@@ -69,8 +69,7 @@ class NodeProcess:
     The node's output goes to ``workdir/node.log`` (``log_text()``).
     """
 
-    def __init__(self, workdir: Path | str, overrides: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(self, workdir: Path | str, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -113,7 +112,12 @@ class NodeProcess:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "node.cli", "serve", "-c", str(self.config_path)],
-                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         ok = wait_for(lambda: self.proc.poll() is not None or port_open(self.port), timeout)
         if not ok or self.proc.poll() is not None:
             tail = self.log_text()[-3000:]
@@ -165,7 +169,12 @@ class NodeProcess:
 
 def train_quick(model: str, out: Path) -> subprocess.CompletedProcess[str]:
     """`ainode train MODEL --quick --out OUT` as a user runs it (its own process); asserts it succeeded."""
-    run = subprocess.run([sys.executable, "-m", "node.cli", "train", model, "--quick", "--out", str(out)],
-                         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "node.cli", "train", model, "--quick", "--out", str(out)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     return run

@@ -23,8 +23,14 @@ def _copy_sources(dest: Path) -> None:
 
 def _lint(folder: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(folder))
-    return subprocess.run([str(LINT_IMPORTS), str(folder / "pyproject.toml"), "--no-cache"],
-                          cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(LINT_IMPORTS), str(folder / "pyproject.toml"), "--no-cache"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _append(path: Path, line: str) -> None:

@@ -37,9 +37,14 @@ def test_errors_name_the_place_in_the_file(tmp_path):
 
 
 def test_environment_overrides_file(tmp_path):
-    settings = load_settings(EXAMPLE, environ={"AINODE_NODE__PORT": "11999",
-                                               "AINODE_BROKER__URL": "",
-                                               "AINODE_PEERS": '[{"ae_title": "X", "hosts": ["10.0.0.0/8"]}]'})
+    settings = load_settings(
+        EXAMPLE,
+        environ={
+            "AINODE_NODE__PORT": "11999",
+            "AINODE_BROKER__URL": "",
+            "AINODE_PEERS": '[{"ae_title": "X", "hosts": ["10.0.0.0/8"]}]',
+        },
+    )
     assert settings.node.port == 11999
     assert settings.broker.url == ""
     assert settings.peers[0].ae_title == "X"
@@ -54,13 +59,15 @@ def test_rule_must_name_known_destinations(tmp_path):
 
 
 def test_config_check_command_exit_codes(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "node.cli", "config", "check", str(EXAMPLE)],
-                        capture_output=True, text=True, cwd=ROOT)
+    ok = subprocess.run(
+        [sys.executable, "-m", "node.cli", "config", "check", str(EXAMPLE)], capture_output=True, text=True, cwd=ROOT
+    )
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("node:\n  port: 0\n")
-    res = subprocess.run([sys.executable, "-m", "node.cli", "config", "check", str(bad)],
-                         capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-m", "node.cli", "config", "check", str(bad)], capture_output=True, text=True, cwd=ROOT
+    )
     assert res.returncode == 1
     assert "node.port: must be 1..65535" in res.stderr
 
@@ -68,8 +75,9 @@ def test_config_check_command_exit_codes(tmp_path):
 def test_config_check_rejects_unknown_analysis(tmp_path):
     cfg = tmp_path / "a.yaml"
     cfg.write_text("rules:\n  - name: r\n    analyses: [ct-segmentation, no-such-model]\n")
-    res = subprocess.run([sys.executable, "-m", "node.cli", "config", "check", str(cfg)],
-                         capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-m", "node.cli", "config", "check", str(cfg)], capture_output=True, text=True, cwd=ROOT
+    )
     assert res.returncode == 1
     assert "rules[0].analyses[1]: unknown analysis 'no-such-model'" in res.stderr
     assert "ct-segmentation" in res.stderr  # listed among the known ones, not reported

@@ -74,7 +74,9 @@ def run_diagnostic(job: Job, inputs: list[InputInstance], attempt: int) -> dict[
     return {"slept_s": seconds}
 
 
-def run_model_job(settings: Settings, job: Job, inputs: list[InputInstance]) -> tuple[list[ResultObject], dict[str, Any]]:
+def run_model_job(
+    settings: Settings, job: Job, inputs: list[InputInstance]
+) -> tuple[list[ResultObject], dict[str, Any]]:
     """The real path: load the series as a volume, run the analysis, write DICOM results."""
     if not inputs:
         raise PermanentJobError("the job's input instances are no longer in the index")
@@ -92,9 +94,15 @@ def run_model_job(settings: Settings, job: Job, inputs: list[InputInstance]) -> 
     except AnalysisError as err:  # unknown analysis, or data it does not accept: a re-run cannot help
         raise PermanentJobError(str(err)) from err
     context = ResultContext(
-        job_key=job.key, output_dir=Path(settings.storage.path) / "results" / f"job-{job.id}",
-        destinations=[settings.destination(n).capabilities for n in job.destination_names()
-                      if any(d.name == n for d in settings.destinations)] or [CapabilityProfile()])
+        job_key=job.key,
+        output_dir=Path(settings.storage.path) / "results" / f"job-{job.id}",
+        destinations=[
+            settings.destination(n).capabilities
+            for n in job.destination_names()
+            if any(d.name == n for d in settings.destinations)
+        ]
+        or [CapabilityProfile()],
+    )
     outputs = list(write_results(findings, context))
     return outputs, {"outputs": [str(o.path) for o in outputs], "series_uid": series_uid}
 
@@ -126,15 +134,16 @@ def execute_job(settings: Settings, job_id: int) -> str:
         state = lifecycle.retry_or_bury(settings, claim, f"{type(err).__name__}: {err}"[:2000], job.max_attempts)
         if state == RETRYING:
             log.warning("job %s attempt %d failed (%s); retrying", job_id, claim.attempt, type(err).__name__)
-            publish_job(settings, job_id, countdown=min(300, 2 ** claim.attempt))
+            publish_job(settings, job_id, countdown=min(300, 2**claim.attempt))
         else:
             log.error("job %s dead after %d attempts: %s", job_id, claim.attempt, type(err).__name__)
         return state
     return deliver_results(settings, job, claim, outputs, summary)
 
 
-def deliver_results(settings: Settings, job: Job, claim: lifecycle.Claim, outputs: list[ResultObject],
-                    summary: dict[str, Any]) -> str:
+def deliver_results(
+    settings: Settings, job: Job, claim: lifecycle.Claim, outputs: list[ResultObject], summary: dict[str, Any]
+) -> str:
     """Mark the job succeeded and put its results in the outbox, in one transaction; then publish
     the deliveries (the dispatcher's own pass sends them if publishing fails)."""
     with database_session(settings.database.url) as session:

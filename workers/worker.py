@@ -73,17 +73,31 @@ def share_cpu_threads(concurrency: int) -> int:
 def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     """Run a Celery worker consuming the given queues until stopped; returns its exit code."""
     if not settings.broker.url:
-        log.error("broker.url is empty: `ainode serve` runs jobs itself (embedded worker); "
-                  "set broker.url to run separate workers")
+        log.error(
+            "broker.url is empty: `ainode serve` runs jobs itself (embedded worker); "
+            "set broker.url to run separate workers"
+        )
         return 2
     log.info("%d pool process(es), %d CPU thread(s) each", max(1, concurrency), share_cpu_threads(concurrency))
     _init_db_beside_node(settings.database.url)
     configured_app(settings)
 
     queues = [q.strip() for q in queues if q.strip()] or ["gpu", "cpu"]
-    argv = ["worker", "--queues", ",".join(queues), "--concurrency", str(max(1, concurrency)),
-            "--pool", "prefork", "--loglevel", "INFO", "--hostname", f"ainode-{os.getpid()}@%h",
-            "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        "--queues",
+        ",".join(queues),
+        "--concurrency",
+        str(max(1, concurrency)),
+        "--pool",
+        "prefork",
+        "--loglevel",
+        "INFO",
+        "--hostname",
+        f"ainode-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     try:
         app.worker_main(argv)
     except SystemExit as exit_:

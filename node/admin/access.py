@@ -73,5 +73,10 @@ class Access:
     def audit_action(self, request: Request, user: str, what: str, study_uids: list[str]) -> None:
         """A change made through the API (Security Alert, restricted function used)."""
         log.info("api action by %s: %s", user, what)
-        audit.security_alert(audit.RESTRICTED_FUNCTION, user=user, address=self.client(request), detail=what,
-                             study_uids=[u for u in study_uids if u])
+        audit.security_alert(
+            audit.RESTRICTED_FUNCTION,
+            user=user,
+            address=self.client(request),
+            detail=what,
+            study_uids=[u for u in study_uids if u],
+        )

@@ -79,8 +79,7 @@ def create_app(settings: Settings, analyses: AnalysesProvider | None = None) -> 
         API_REQUESTS.labels(request.method, str(response.status_code)).inc()
         return response
 
-    app.include_router(routes_system.router(settings, access, engine,
-                                            _listed_once(analyses or no_analyses, settings)))
+    app.include_router(routes_system.router(settings, access, engine, _listed_once(analyses or no_analyses, settings)))
     app.mount("/dashboard/static", StaticFiles(directory=DASHBOARD), name="dashboard")
     app.include_router(routes_studies.router(settings, access, engine))
     app.include_router(routes_jobs.router(settings, access, engine))
@@ -109,8 +108,14 @@ def start_services(settings: Settings, analyses: AnalysesProvider | None = None)
 
 
 def _start_uvicorn(settings: Settings, analyses: AnalysesProvider | None) -> Callable[[], None]:
-    config = uvicorn.Config(create_app(settings, analyses), host=settings.api.host, port=settings.api.port,
-                            log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(
+        create_app(settings, analyses),
+        host=settings.api.host,
+        port=settings.api.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign] - the node owns signals
     thread = threading.Thread(target=server.run, name="api", daemon=True)
@@ -119,11 +124,18 @@ def _start_uvicorn(settings: Settings, analyses: AnalysesProvider | None) -> Cal
     while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     if not server.started:
-        log.error("admin API could not listen on %s:%d; the node runs without API, dashboard and /metrics",
-                  settings.api.host, settings.api.port)
+        log.error(
+            "admin API could not listen on %s:%d; the node runs without API, dashboard and /metrics",
+            settings.api.host,
+            settings.api.port,
+        )
         return lambda: None
-    log.info("admin API and dashboard on http://%s:%d/ (%s)", settings.api.host, settings.api.port,
-             "token required" if settings.api.token else "read-only, local clients only")
+    log.info(
+        "admin API and dashboard on http://%s:%d/ (%s)",
+        settings.api.host,
+        settings.api.port,
+        "token required" if settings.api.token else "read-only, local clients only",
+    )
 
     def stop() -> None:
         server.should_exit = True

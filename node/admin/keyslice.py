@@ -35,8 +35,16 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_SOP_CLASS_PREFIX, KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.88.59"
 # Soft-tissue window: organs and lesions of the abdomen are told apart here.
 WINDOW = (-160.0, 240.0)
-COLOURS = [(255, 80, 80), (80, 200, 255), (255, 220, 60), (120, 255, 120), (255, 120, 255),
-           (255, 160, 40), (160, 120, 255), (40, 255, 220)]
+COLOURS = [
+    (255, 80, 80),
+    (80, 200, 255),
+    (255, 220, 60),
+    (120, 255, 120),
+    (255, 120, 255),
+    (255, 160, 40),
+    (160, 120, 255),
+    (40, 255, 220),
+]
 # Segments whose label names a lesion are also drawn as detections (a box with the label).
 LESION_WORDS = ("lesion", "nodule", "mass", "tumo")
 
@@ -117,9 +125,14 @@ def _largest_series_files(settings: Settings, study_uid: str) -> list[Path]:
         study = session.scalar(select(Study).where(Study.study_uid == study_uid))
         if study is None:
             raise NoImages(f"no study {study_uid} in the index")
-        series_pk = session.scalar(select(Instance.series_pk).join(Series, Instance.series_pk == Series.id)
-                                   .where(Series.study_pk == study.id).group_by(Instance.series_pk)
-                                   .order_by(func.count().desc()).limit(1))
+        series_pk = session.scalar(
+            select(Instance.series_pk)
+            .join(Series, Instance.series_pk == Series.id)
+            .where(Series.study_pk == study.id)
+            .group_by(Instance.series_pk)
+            .order_by(func.count().desc())
+            .limit(1)
+        )
         paths = session.scalars(select(Instance.path).where(Instance.series_pk == series_pk)).all()
     return [Path(settings.storage.path) / p for p in paths]
 
@@ -128,8 +141,9 @@ def result_files(settings: Settings, study_uid: str) -> list[Path]:
     """Result objects the study's jobs wrote (from each job's recorded outputs)."""
     out: list[Path] = []
     with database_session(settings.database.url) as session:
-        for result in session.scalars(select(Job.result).where(Job.study_uid == study_uid, Job.state == "succeeded")
-                                      .order_by(Job.id)):
+        for result in session.scalars(
+            select(Job.result).where(Job.study_uid == study_uid, Job.state == "succeeded").order_by(Job.id)
+        ):
             try:
                 out += [Path(p) for p in json.loads(result or "{}").get("outputs", [])]
             except (ValueError, AttributeError):
@@ -147,7 +161,9 @@ def _load_stack(files: list[Path]) -> tuple[np.ndarray, list[str], tuple[float, 
         position = [float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])]
         orientation = [float(v) for v in ds.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
         normal = np.cross(orientation[:3], orientation[3:])
-        values = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+        values = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(
+            ds.get("RescaleIntercept", 0)
+        )
         slices.append((float(np.dot(normal, position)), ds.SOPInstanceUID, values))
         pixel_mm = tuple(float(v) for v in ds.get("PixelSpacing", pixel_mm))
     if not slices:
@@ -192,16 +208,31 @@ def _sr_marks(path: Path, index: dict[str, int], spacing: tuple[float, float, fl
     marks: list[Mark] = []
 
     def walk(items: list) -> None:
-        label = next((str(i.ConceptCodeSequence[0].CodeMeaning) for i in items if i.ValueType == "CODE"
-                      and i.ConceptNameCodeSequence[0].CodeMeaning == "Finding"), None)
-        label = label or next((str(i.TextValue) for i in items if i.ValueType == "TEXT"
-                               and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"), "finding")
+        label = next(
+            (
+                str(i.ConceptCodeSequence[0].CodeMeaning)
+                for i in items
+                if i.ValueType == "CODE" and i.ConceptNameCodeSequence[0].CodeMeaning == "Finding"
+            ),
+            None,
+        )
+        label = label or next(
+            (
+                str(i.TextValue)
+                for i in items
+                if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"
+            ),
+            "finding",
+        )
         for item in items:
             if item.ValueType == "CONTAINER":
                 walk(list(item.get("ContentSequence", [])))
             elif item.ValueType == "SCOORD":
-                refs = [r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-                        for r in item.get("ContentSequence", []) if r.ValueType == "IMAGE"]
+                refs = [
+                    r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                    for r in item.get("ContentSequence", [])
+                    if r.ValueType == "IMAGE"
+                ]
                 k = index.get(refs[0]) if refs else None
                 if k is None:
                     continue
@@ -211,7 +242,7 @@ def _sr_marks(path: Path, index: dict[str, int], spacing: tuple[float, float, fl
                 diameter_mm = ((x1 - x0) * spacing[2] + (y1 - y0) * spacing[1]) / 2
                 pad = 2 if area else 4  # a point gets a small box around it
                 box = (int(np.floor(x0)) - pad, int(np.floor(y0)) - pad, int(np.ceil(x1)) + pad, int(np.ceil(y1)) + pad)
-                marks.append(Mark(k, label.lower(), box, float(area), float(np.pi / 6 * diameter_mm ** 3)))
+                marks.append(Mark(k, label.lower(), box, float(area), float(np.pi / 6 * diameter_mm**3)))
 
     walk(list(pydicom.dcmread(path).get("ContentSequence", [])))
     return marks

@@ -62,23 +62,28 @@ class DatabaseCollector:
                 studies.add_metric([state], n)
             yield studies
             latencies: dict[str, list[float]] = {"completion": []}
-            for first, ready in session.execute(select(Study.first_received_at, Study.ready_at)
-                                                .where(Study.ready_at.is_not(None))):
+            for first, ready in session.execute(
+                select(Study.first_received_at, Study.ready_at).where(Study.ready_at.is_not(None))
+            ):
                 latencies["completion"].append(_seconds(ready, first) or 0.0)
             yield from self._jobs(session, latencies)
             yield from self._deliveries(session, latencies)
-            yield _histogram("ainode_pipeline_stage_seconds",
-                             "Stage latencies from recorded timestamps (completion, queue wait, analysis, delivery)",
-                             latencies)
+            yield _histogram(
+                "ainode_pipeline_stage_seconds",
+                "Stage latencies from recorded timestamps (completion, queue wait, analysis, delivery)",
+                latencies,
+            )
 
     def _jobs(self, session: Any, latencies: dict[str, list[float]]) -> Iterable[Any]:
         jobs = GaugeMetricFamily("ainode_jobs", "Jobs by state", labels=["state"])
         depth = GaugeMetricFamily("ainode_queue_depth", "Jobs waiting or running, by priority", labels=["priority"])
-        outcomes = CounterMetricFamily("ainode_job_outcomes_recorded", "Finished jobs by final state and analysis",
-                                       labels=["state", "analysis"])
+        outcomes = CounterMetricFamily(
+            "ainode_job_outcomes_recorded", "Finished jobs by final state and analysis", labels=["state", "analysis"]
+        )
         waiting: dict[str, int] = {"stat": 0, "routine": 0, "low": 0}
         for state, priority, analysis, n in session.execute(
-                select(Job.state, Job.priority, Job.analysis, func.count()).group_by(Job.state, Job.priority, Job.analysis)):
+            select(Job.state, Job.priority, Job.analysis, func.count()).group_by(Job.state, Job.priority, Job.analysis)
+        ):
             if state in PENDING_STATES:
                 waiting[priority] = waiting.get(priority, 0) + n
             else:
@@ -88,25 +93,34 @@ class DatabaseCollector:
         for priority, n in waiting.items():
             depth.add_metric([priority], n)
         latencies["queue_wait"], latencies["analysis"] = [], []
-        for created, started, finished in session.execute(select(Job.created_at, Job.started_at, Job.finished_at)
-                                                          .where(Job.started_at.is_not(None))):
+        for created, started, finished in session.execute(
+            select(Job.created_at, Job.started_at, Job.finished_at).where(Job.started_at.is_not(None))
+        ):
             latencies["queue_wait"].append(_seconds(started, created) or 0.0)
             if finished is not None:
                 latencies["analysis"].append(_seconds(finished, started) or 0.0)
         yield from (jobs, depth, outcomes)
 
     def _deliveries(self, session: Any, latencies: dict[str, list[float]]) -> Iterable[Any]:
-        states = GaugeMetricFamily("ainode_deliveries", "Result deliveries by destination and state",
-                                   labels=["destination", "state"])
-        retries = CounterMetricFamily("ainode_delivery_retries_recorded", "Delivery attempts beyond the first",
-                                      labels=["destination"])
+        states = GaugeMetricFamily(
+            "ainode_deliveries", "Result deliveries by destination and state", labels=["destination", "state"]
+        )
+        retries = CounterMetricFamily(
+            "ainode_delivery_retries_recorded", "Delivery attempts beyond the first", labels=["destination"]
+        )
         for dest, state, n, attempts in session.execute(
-                select(Delivery.destination, Delivery.state, func.count(), func.sum(Delivery.attempts))
-                .group_by(Delivery.destination, Delivery.state)):
+            select(Delivery.destination, Delivery.state, func.count(), func.sum(Delivery.attempts)).group_by(
+                Delivery.destination, Delivery.state
+            )
+        ):
             states.add_metric([dest, state], n)
             retries.add_metric([dest], max(0, int(attempts or 0) - n))
-        latencies["delivery"] = [_seconds(done, made) or 0.0 for made, done in session.execute(
-            select(Delivery.created_at, Delivery.delivered_at).where(Delivery.delivered_at.is_not(None)))]
+        latencies["delivery"] = [
+            _seconds(done, made) or 0.0
+            for made, done in session.execute(
+                select(Delivery.created_at, Delivery.delivered_at).where(Delivery.delivered_at.is_not(None))
+            )
+        ]
         yield from (states, retries)
 
 

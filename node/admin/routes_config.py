@@ -44,23 +44,41 @@ def router(settings: Settings, access: Access, engine: Any) -> APIRouter:
     def peers(user: str = reader) -> list[dict[str, Any]]:
         """Configured peers with the time each last sent us an instance."""
         with session_scope(engine) as s:
-            last = dict(s.execute(select(Instance.calling_ae, func.max(Instance.received_at))
-                                  .group_by(Instance.calling_ae)).all())
-        return [{"ae_title": p.ae_title, "hosts": p.hosts, "allow": p.allow, "last_contact": iso(last.get(p.ae_title))}
-                for p in settings.peers]
+            last = dict(
+                s.execute(
+                    select(Instance.calling_ae, func.max(Instance.received_at)).group_by(Instance.calling_ae)
+                ).all()
+            )
+        return [
+            {"ae_title": p.ae_title, "hosts": p.hosts, "allow": p.allow, "last_contact": iso(last.get(p.ae_title))}
+            for p in settings.peers
+        ]
 
     @api.get("/api/destinations")
     def destinations(user: str = reader) -> list[dict[str, Any]]:
         """Configured destinations with their last success, last error and circuit breaker."""
         with session_scope(engine) as s:
-            health = {h.name: (iso(h.last_success_at), h.last_error, iso(h.open_until), h.consecutive_failures)
-                      for h in s.scalars(select(DestinationHealth))}
+            health = {
+                h.name: (iso(h.last_success_at), h.last_error, iso(h.open_until), h.consecutive_failures)
+                for h in s.scalars(select(DestinationHealth))
+            }
         out = []
         for d in settings.destinations:
             success, error, open_until, failures = health.get(d.name, (None, "", None, 0))
-            out.append({"name": d.name, "type": d.type, "ae_title": d.ae_title, "host": d.host, "port": d.port,
-                        "url": d.url, "last_contact": success, "last_error": error, "breaker_open_until": open_until,
-                        "consecutive_failures": failures})
+            out.append(
+                {
+                    "name": d.name,
+                    "type": d.type,
+                    "ae_title": d.ae_title,
+                    "host": d.host,
+                    "port": d.port,
+                    "url": d.url,
+                    "last_contact": success,
+                    "last_error": error,
+                    "breaker_open_until": open_until,
+                    "consecutive_failures": failures,
+                }
+            )
         return out
 
     @api.post("/api/destinations/{name}/echo")
@@ -73,11 +91,19 @@ def router(settings: Settings, access: Access, engine: Any) -> APIRouter:
         if dest.type != "dicom":
             raise HTTPException(400, "C-ECHO needs a DICOM destination")
         outcome = verify(settings.node.ae_title, dest.ae_title or "", dest.host or "", int(dest.port or 0))
-        audit.security_alert(audit.NODE_AUTHENTICATION, user=user, address=access.client(request),
-                             detail=f"C-ECHO {name}: {outcome['result']}",
-                             outcome=audit.SUCCESS if outcome["ok"] else audit.MINOR_FAILURE)
-        return {"destination": name, "ok": outcome["ok"], "result": outcome["result"],
-                "round_trip_ms": outcome["round_trip_ms"]}
+        audit.security_alert(
+            audit.NODE_AUTHENTICATION,
+            user=user,
+            address=access.client(request),
+            detail=f"C-ECHO {name}: {outcome['result']}",
+            outcome=audit.SUCCESS if outcome["ok"] else audit.MINOR_FAILURE,
+        )
+        return {
+            "destination": name,
+            "ok": outcome["ok"],
+            "result": outcome["result"],
+            "round_trip_ms": outcome["round_trip_ms"],
+        }
 
     @api.get("/api/config")
     def config(user: str = reader) -> dict[str, Any]:
@@ -94,14 +120,22 @@ def router(settings: Settings, access: Access, engine: Any) -> APIRouter:
         try:
             fresh = load_settings(Path(path))
         except ConfigError as err:
-            audit.security_alert(audit.SOFTWARE_CONFIGURATION, user=user, address=access.client(request),
-                                 detail="configuration reload refused: invalid", outcome=audit.MINOR_FAILURE)
+            audit.security_alert(
+                audit.SOFTWARE_CONFIGURATION,
+                user=user,
+                address=access.client(request),
+                detail="configuration reload refused: invalid",
+                outcome=audit.MINOR_FAILURE,
+            )
             return JSONResponse({"ok": False, "errors": list(err.errors)}, status_code=422)
         rule_book(settings).request_reload()
-        changed = [k for k in type(fresh).model_fields if k != "rules"
-                   and getattr(fresh, k) != getattr(settings, k)]
-        audit.security_alert(audit.SOFTWARE_CONFIGURATION, user=user, address=access.client(request),
-                             detail=f"configuration reloaded ({len(fresh.rules)} rules)")
+        changed = [k for k in type(fresh).model_fields if k != "rules" and getattr(fresh, k) != getattr(settings, k)]
+        audit.security_alert(
+            audit.SOFTWARE_CONFIGURATION,
+            user=user,
+            address=access.client(request),
+            detail=f"configuration reloaded ({len(fresh.rules)} rules)",
+        )
         return JSONResponse({"ok": True, "rules": [r.name for r in fresh.rules], "restart_required_for": changed})
 
     return api

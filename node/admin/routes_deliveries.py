@@ -22,8 +22,9 @@ def router(settings: Settings, access: Access, engine: Any) -> APIRouter:
     reader, writer = Depends(access.read), Depends(access.write)
 
     @api.get("/api/deliveries")
-    def deliveries(state: str | None = None, destination: str | None = None, limit: int = 100,
-                   user: str = reader) -> list[dict[str, Any]]:
+    def deliveries(
+        state: str | None = None, destination: str | None = None, limit: int = 100, user: str = reader
+    ) -> list[dict[str, Any]]:
         """Result deliveries, newest first."""
         with session_scope(engine) as s:
             q = select(Delivery).order_by(Delivery.id.desc()).limit(max(1, min(limit, 1000)))

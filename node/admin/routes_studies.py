@@ -35,7 +35,9 @@ def router(settings: Settings, access: Access, engine: Any) -> APIRouter:
     reader = Depends(access.read)
 
     @api.get("/api/studies")
-    def studies(request: Request, limit: int = 50, phase: str | None = None, user: str = reader) -> list[dict[str, Any]]:
+    def studies(
+        request: Request, limit: int = 50, phase: str | None = None, user: str = reader
+    ) -> list[dict[str, Any]]:
         """The most recent studies with phase, timings and rules matched."""
         access.audit_query(user, access.client(request), f"studies limit={limit} phase={phase or ''}")
         with session_scope(engine) as s:

@@ -19,8 +19,9 @@ from node.core.settings import Settings
 DASHBOARD = Path(__file__).resolve().parent / "dashboard"
 
 
-def router(settings: Settings, access: Access, engine: Any,
-           installed_analyses: Callable[[], list[dict[str, Any]]]) -> APIRouter:
+def router(
+    settings: Settings, access: Access, engine: Any, installed_analyses: Callable[[], list[dict[str, Any]]]
+) -> APIRouter:
     """``/``, ``/dashboard/``, ``/metrics``, ``/api/health``, ``/api/overview``, ``/api/workers``."""
     api = APIRouter()
     reader = Depends(access.read)

@@ -59,12 +59,21 @@ class TransferAuditor:
 
     def _imports(self, since: datetime) -> None:
         with database_session(self.settings.database.url) as s:
-            rows = s.execute(select(Study.id, Study.ready_at, Study.study_uid, Study.instance_count, Study.calling_ae)
-                             .where(Study.ready_at >= since)).all()
+            rows = s.execute(
+                select(Study.id, Study.ready_at, Study.study_uid, Study.instance_count, Study.calling_ae).where(
+                    Study.ready_at >= since
+                )
+            ).all()
         for pk, ready_at, uid, count, calling in rows:
             if self._to_report(("study", pk, ready_at), ready_at):
-                audit.instances_transferred(imported=True, study_uid=uid, instances=count, source_ae=calling,
-                                            source_host="", destination_ae=self.settings.node.ae_title)
+                audit.instances_transferred(
+                    imported=True,
+                    study_uid=uid,
+                    instances=count,
+                    source_ae=calling,
+                    source_host="",
+                    destination_ae=self.settings.node.ae_title,
+                )
 
     def _exports(self, since: datetime) -> None:
         D = Delivery
@@ -72,10 +81,17 @@ class TransferAuditor:
         recent = select(*group).where(D.delivered_at >= since).distinct().subquery()
         with database_session(self.settings.database.url) as s:
             groups = s.execute(
-                select(*group, func.count(), func.sum(case((D.state == "delivered", 1), else_=0)), func.max(D.delivered_at))
-                .join(recent, (D.job_id == recent.c.job_id) & (D.destination == recent.c.destination)
-                      & (D.study_instance_uid == recent.c.study_instance_uid))
-                .group_by(*group)).all()
+                select(
+                    *group, func.count(), func.sum(case((D.state == "delivered", 1), else_=0)), func.max(D.delivered_at)
+                )
+                .join(
+                    recent,
+                    (D.job_id == recent.c.job_id)
+                    & (D.destination == recent.c.destination)
+                    & (D.study_instance_uid == recent.c.study_instance_uid),
+                )
+                .group_by(*group)
+            ).all()
         host = socket.gethostname()
         for job_id, destination, study_uid, total, delivered, last in groups:
             if delivered != total or not self._to_report(("export", str(job_id), destination, study_uid), last):
@@ -85,6 +101,12 @@ class TransferAuditor:
                 dest_ae, dest_host = dest.ae_title or dest.url or destination, dest.host or ""
             except KeyError:
                 dest_ae, dest_host = destination, ""
-            audit.instances_transferred(imported=False, study_uid=study_uid, instances=int(total),
-                                        source_ae=self.settings.node.ae_title, source_host=host,
-                                        destination_ae=dest_ae, destination_host=dest_host)
+            audit.instances_transferred(
+                imported=False,
+                study_uid=study_uid,
+                instances=int(total),
+                source_ae=self.settings.node.ae_title,
+                source_host=host,
+                destination_ae=dest_ae,
+                destination_host=dest_host,
+            )

@@ -49,8 +49,7 @@ def study_jobs(session: Session, study_uid: str) -> list[Job]:
 
 def study_deliveries(session: Session, study_uid: str) -> list[Delivery]:
     """The study's outbox rows, oldest first."""
-    return list(session.scalars(select(Delivery).where(Delivery.study_instance_uid == study_uid)
-                                .order_by(Delivery.id)))
+    return list(session.scalars(select(Delivery).where(Delivery.study_instance_uid == study_uid).order_by(Delivery.id)))
 
 
 def stage_timings(study: Study, jobs: list[Job], deliveries: list[Delivery]) -> dict[str, float | None]:
@@ -78,24 +77,45 @@ def job_view(job: Job) -> dict[str, Any]:
     except ValueError:
         pass
     return {
-        "id": job.id, "study_uid": job.study_uid, "series_uid": job.series_uid, "rule": job.rule,
-        "analysis": job.analysis, "priority": job.priority, "state": job.state, "attempts": job.attempts,
-        "max_attempts": job.max_attempts, "worker": job.worker, "error": job.error,
+        "id": job.id,
+        "study_uid": job.study_uid,
+        "series_uid": job.series_uid,
+        "rule": job.rule,
+        "analysis": job.analysis,
+        "priority": job.priority,
+        "state": job.state,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "worker": job.worker,
+        "error": job.error,
         "model_version": result.get("algorithm_version") or result.get("model_version") or "",
         "outputs": len(result.get("outputs", [])) if isinstance(result.get("outputs"), list) else 0,
-        "created_at": iso(job.created_at), "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
-        "heartbeat_at": iso(job.heartbeat_at), "supersedes_job_id": job.supersedes_job_id,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "heartbeat_at": iso(job.heartbeat_at),
+        "supersedes_job_id": job.supersedes_job_id,
     }
 
 
 def delivery_view(row: Delivery) -> dict[str, Any]:
     """A delivery (outbox row) as the API shows it."""
     return {
-        "id": row.id, "job_id": row.job_id, "destination": row.destination, "kind": row.kind,
-        "sop_instance_uid": row.sop_instance_uid, "study_uid": row.study_instance_uid, "state": row.state,
-        "attempts": row.attempts, "retries": max(0, row.attempts - 1), "last_status": row.last_status,
-        "reason": row.reason, "created_at": iso(row.created_at), "delivered_at": iso(row.delivered_at),
-        "next_attempt_at": iso(row.next_attempt_at), "commitment": row.commitment,
+        "id": row.id,
+        "job_id": row.job_id,
+        "destination": row.destination,
+        "kind": row.kind,
+        "sop_instance_uid": row.sop_instance_uid,
+        "study_uid": row.study_instance_uid,
+        "state": row.state,
+        "attempts": row.attempts,
+        "retries": max(0, row.attempts - 1),
+        "last_status": row.last_status,
+        "reason": row.reason,
+        "created_at": iso(row.created_at),
+        "delivered_at": iso(row.delivered_at),
+        "next_attempt_at": iso(row.next_attempt_at),
+        "commitment": row.commitment,
     }
 
 
@@ -106,15 +126,16 @@ def study_views(session: Session, studies: list[Study]) -> list[dict[str, Any]]:
     deliveries: dict[str, list[Delivery]] = {u: [] for u in uids}
     modalities: dict[int, set[str]] = {st.id: set() for st in studies}
     for chunk in range(0, len(uids), 500):  # bounded IN lists
-        part = uids[chunk:chunk + 500]
+        part = uids[chunk : chunk + 500]
         for j in session.scalars(select(Job).where(Job.study_uid.in_(part)).order_by(Job.id)):
             jobs[j.study_uid].append(j)
         for d in session.scalars(select(Delivery).where(Delivery.study_instance_uid.in_(part))):
             deliveries[d.study_instance_uid].append(d)
     ids = list(modalities)
     for chunk in range(0, len(ids), 500):
-        for pk, modality in session.execute(select(Series.study_pk, Series.modality)
-                                            .where(Series.study_pk.in_(ids[chunk:chunk + 500]))):
+        for pk, modality in session.execute(
+            select(Series.study_pk, Series.modality).where(Series.study_pk.in_(ids[chunk : chunk + 500]))
+        ):
             if modality:
                 modalities[pk].add(modality)
     return [_study_view(st, jobs[st.study_uid], deliveries[st.study_uid], sorted(modalities[st.id])) for st in studies]
@@ -124,24 +145,40 @@ def study_view(session: Session, study: Study, detail: bool = False) -> dict[str
     """A study with its phase, timings and rules matched (no patient names or IDs)."""
     jobs = study_jobs(session, study.study_uid)
     deliveries = study_deliveries(session, study.study_uid)
-    modalities = sorted({m for (m,) in session.execute(select(Series.modality).where(Series.study_pk == study.id)) if m})
+    modalities = sorted(
+        {m for (m,) in session.execute(select(Series.modality).where(Series.study_pk == study.id)) if m}
+    )
     view = _study_view(study, jobs, deliveries, modalities)
     if detail:
         view["jobs"] = [job_view(j) for j in jobs]
         view["deliveries"] = [delivery_view(d) for d in deliveries]
-        view["series"] = [{"series_uid": s.series_uid, "modality": s.modality, "description": s.description,
-                           "instances": s.instance_count, "state": s.state}
-                          for s in session.scalars(select(Series).where(Series.study_pk == study.id))]
+        view["series"] = [
+            {
+                "series_uid": s.series_uid,
+                "modality": s.modality,
+                "description": s.description,
+                "instances": s.instance_count,
+                "state": s.state,
+            }
+            for s in session.scalars(select(Series).where(Series.study_pk == study.id))
+        ]
     return view
 
 
 def _study_view(study: Study, jobs: list[Job], deliveries: list[Delivery], modalities: list[str]) -> dict[str, Any]:
     return {
-        "study_uid": study.study_uid, "description": study.description, "modalities": modalities,
-        "instances": study.instance_count, "calling_ae": study.calling_ae, "state": study.state,
-        "phase": study_phase(study, jobs, deliveries), "ready_reason": study.ready_reason,
-        "first_received_at": iso(study.first_received_at), "last_received_at": iso(study.last_received_at),
-        "ready_at": iso(study.ready_at), "timings_s": stage_timings(study, jobs, deliveries),
+        "study_uid": study.study_uid,
+        "description": study.description,
+        "modalities": modalities,
+        "instances": study.instance_count,
+        "calling_ae": study.calling_ae,
+        "state": study.state,
+        "phase": study_phase(study, jobs, deliveries),
+        "ready_reason": study.ready_reason,
+        "first_received_at": iso(study.first_received_at),
+        "last_received_at": iso(study.last_received_at),
+        "ready_at": iso(study.ready_at),
+        "timings_s": stage_timings(study, jobs, deliveries),
         "rules_matched": sorted({j.rule for j in jobs if j.rule}),
         "failures": [f"job {j.id} ({j.analysis}): {j.error}" for j in jobs if j.state in ("dead", "failed")]
         + [f"delivery {d.id} to {d.destination}: {d.reason}" for d in deliveries if d.state == "failed"],
@@ -158,21 +195,35 @@ def overview_data(settings: Settings, engine: Any) -> dict[str, Any]:
             phases[view["phase"]] = phases.get(view["phase"], 0) + 1
             if view["failures"]:
                 failures.append({"study_uid": view["study_uid"], "reasons": view["failures"]})
-        for priority, n in s.execute(select(Job.priority, func.count())
-                                     .where(Job.state.in_(PENDING_STATES)).group_by(Job.priority)):
+        for priority, n in s.execute(
+            select(Job.priority, func.count()).where(Job.state.in_(PENDING_STATES)).group_by(Job.priority)
+        ):
             queue[priority] = n
-        index = {"studies": s.scalar(select(func.count()).select_from(Study)) or 0,
-                 "instances": s.scalar(select(func.count()).select_from(Instance)) or 0,
-                 "bytes": int(s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))) or 0)}
+        index = {
+            "studies": s.scalar(select(func.count()).select_from(Study)) or 0,
+            "instances": s.scalar(select(func.count()).select_from(Instance)) or 0,
+            "bytes": int(s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))) or 0),
+        }
     root = Path(settings.storage.path)
     while not root.exists() and root != root.parent:
         root = root.parent
     usage = shutil.disk_usage(root)
-    return {"phases": phases, "queue_depth": queue, "failures": failures[:20], "index": index,
-            "disk": {"free_bytes": usage.free, "total_bytes": usage.total,
-                     "reserve_bytes": int(settings.storage.min_free_bytes)},
-            "node": {"ae_title": settings.node.ae_title, "port": settings.node.port,
-                     "broker": "embedded" if not settings.broker.url else "redis"}}
+    return {
+        "phases": phases,
+        "queue_depth": queue,
+        "failures": failures[:20],
+        "index": index,
+        "disk": {
+            "free_bytes": usage.free,
+            "total_bytes": usage.total,
+            "reserve_bytes": int(settings.storage.min_free_bytes),
+        },
+        "node": {
+            "ae_title": settings.node.ae_title,
+            "port": settings.node.port,
+            "broker": "embedded" if not settings.broker.url else "redis",
+        },
+    }
 
 
 def workers_data(settings: Settings, engine: Any, analyses: list[dict[str, Any]]) -> dict[str, Any]:
@@ -180,13 +231,20 @@ def workers_data(settings: Settings, engine: Any, analyses: list[dict[str, Any]]
     installed on this machine (``analyses``, from the provider the composition root injects)."""
     seen: list[dict[str, Any]] = []
     with session_scope(engine) as s:
-        rows = s.execute(select(Job.worker, func.max(Job.heartbeat_at), func.count())
-                         .where(Job.worker != "").group_by(Job.worker)).all()
+        rows = s.execute(
+            select(Job.worker, func.max(Job.heartbeat_at), func.count()).where(Job.worker != "").group_by(Job.worker)
+        ).all()
         for worker, beat, n in rows:
             names = sorted(set(s.scalars(select(Job.analysis).where(Job.worker == worker))))
-            running = s.scalar(select(func.count()).select_from(Job)
-                               .where(Job.worker == worker, Job.state == "running")) or 0
-            seen.append({"worker": worker, "last_heartbeat": iso(beat), "jobs": n, "running": running,
-                         "analyses": names})
-    return {"workers": seen, "gpus": gpu_status(), "analyses": analyses,
-            "mode": "embedded" if not settings.broker.url else "celery"}
+            running = (
+                s.scalar(select(func.count()).select_from(Job).where(Job.worker == worker, Job.state == "running")) or 0
+            )
+            seen.append(
+                {"worker": worker, "last_heartbeat": iso(beat), "jobs": n, "running": running, "analyses": names}
+            )
+    return {
+        "workers": seen,
+        "gpus": gpu_status(),
+        "analyses": analyses,
+        "mode": "embedded" if not settings.broker.url else "celery",
+    }

@@ -69,14 +69,17 @@ class Participant:
         net = ""
         if self.network_id:
             kind = "2" if _is_ip(self.network_id) else "1"  # 2 IP address, 1 machine name
-            net = f" NetworkAccessPointID={quoteattr(self.network_id)} NetworkAccessPointTypeCode=\"{kind}\""
+            net = f' NetworkAccessPointID={quoteattr(self.network_id)} NetworkAccessPointTypeCode="{kind}"'
         alt = f" AlternativeUserID={quoteattr(self.alternative_user_id)}" if self.alternative_user_id else ""
         role = ""
         if self.role:
-            role = (f"<RoleIDCode csd-code=\"{self.role[0]}\" codeSystemName=\"DCM\" "
-                    f"originalText={quoteattr(self.role[1])}/>")
-        return (f"<ActiveParticipant UserID={quoteattr(self.user_id)}{alt} "
-                f"UserIsRequestor=\"{str(self.requestor).lower()}\"{net}>{role}</ActiveParticipant>")
+            role = (
+                f'<RoleIDCode csd-code="{self.role[0]}" codeSystemName="DCM" originalText={quoteattr(self.role[1])}/>'
+            )
+        return (
+            f"<ActiveParticipant UserID={quoteattr(self.user_id)}{alt} "
+            f'UserIsRequestor="{str(self.requestor).lower()}"{net}>{role}</ActiveParticipant>'
+        )
 
 
 @dataclass
@@ -98,35 +101,46 @@ class AuditEvent:
         """The AuditMessage element (DICOM audit message schema, PS3.15 A.5.1)."""
         etype = ""
         if self.event_type:
-            etype = (f"<EventTypeCode csd-code=\"{self.event_type[0]}\" codeSystemName=\"DCM\" "
-                     f"originalText={quoteattr(self.event_type[1])}/>")
-        desc = (f"<EventOutcomeDescription>{_text(self.outcome_description)}</EventOutcomeDescription>"
-                if self.outcome_description else "")
+            etype = (
+                f'<EventTypeCode csd-code="{self.event_type[0]}" codeSystemName="DCM" '
+                f"originalText={quoteattr(self.event_type[1])}/>"
+            )
+        desc = (
+            f"<EventOutcomeDescription>{_text(self.outcome_description)}</EventOutcomeDescription>"
+            if self.outcome_description
+            else ""
+        )
         parts = "".join(p.xml() for p in self.participants)
         objects = "".join(self._study_xml(uid) for uid in self.study_uids)
         if self.query_text:
-            objects += ("<ParticipantObjectIdentification ParticipantObjectID=\"query\" "
-                        "ParticipantObjectTypeCode=\"2\" ParticipantObjectTypeCodeRole=\"3\">"
-                        "<ParticipantObjectIDTypeCode csd-code=\"110181\" codeSystemName=\"DCM\" "
-                        "originalText=\"SOP Class UID\"/>"
-                        f"<ParticipantObjectQuery>{_text(self.query_text)}</ParticipantObjectQuery>"
-                        "</ParticipantObjectIdentification>")
-        return (f"<AuditMessage><EventIdentification EventActionCode=\"{self.action}\" "
-                f"EventDateTime=\"{self.when.isoformat(timespec='milliseconds')}\" "
-                f"EventOutcomeIndicator=\"{self.outcome}\"><EventID csd-code=\"{self.event_id[0]}\" "
-                f"codeSystemName=\"DCM\" originalText={quoteattr(self.event_id[1])}/>{etype}{desc}"
-                f"</EventIdentification>{parts}<AuditSourceIdentification AuditSourceID={quoteattr(source_id)}>"
-                "<AuditSourceTypeCode csd-code=\"4\"/></AuditSourceIdentification>"
-                f"{objects}</AuditMessage>")
+            objects += (
+                '<ParticipantObjectIdentification ParticipantObjectID="query" '
+                'ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="3">'
+                '<ParticipantObjectIDTypeCode csd-code="110181" codeSystemName="DCM" '
+                'originalText="SOP Class UID"/>'
+                f"<ParticipantObjectQuery>{_text(self.query_text)}</ParticipantObjectQuery>"
+                "</ParticipantObjectIdentification>"
+            )
+        return (
+            f'<AuditMessage><EventIdentification EventActionCode="{self.action}" '
+            f'EventDateTime="{self.when.isoformat(timespec="milliseconds")}" '
+            f'EventOutcomeIndicator="{self.outcome}"><EventID csd-code="{self.event_id[0]}" '
+            f'codeSystemName="DCM" originalText={quoteattr(self.event_id[1])}/>{etype}{desc}'
+            f"</EventIdentification>{parts}<AuditSourceIdentification AuditSourceID={quoteattr(source_id)}>"
+            '<AuditSourceTypeCode csd-code="4"/></AuditSourceIdentification>'
+            f"{objects}</AuditMessage>"
+        )
 
     def _study_xml(self, uid: str) -> str:
         count = ""
         if self.instance_count is not None:
-            count = f"<ParticipantObjectDetail type=\"NumberOfInstances\" value=\"{self.instance_count}\"/>"
-        return (f"<ParticipantObjectIdentification ParticipantObjectID={quoteattr(uid)} "
-                "ParticipantObjectTypeCode=\"2\" ParticipantObjectTypeCodeRole=\"3\">"
-                "<ParticipantObjectIDTypeCode csd-code=\"110180\" codeSystemName=\"DCM\" "
-                f"originalText=\"Study Instance UID\"/>{count}</ParticipantObjectIdentification>")
+            count = f'<ParticipantObjectDetail type="NumberOfInstances" value="{self.instance_count}"/>'
+        return (
+            f"<ParticipantObjectIdentification ParticipantObjectID={quoteattr(uid)} "
+            'ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="3">'
+            '<ParticipantObjectIDTypeCode csd-code="110180" codeSystemName="DCM" '
+            f'originalText="Study Instance UID"/>{count}</ParticipantObjectIdentification>'
+        )
 
 
 def _is_ip(text: str) -> bool:
@@ -356,34 +370,70 @@ def application_activity(started: bool, ae_title: str, user: str = "") -> bool:
     parts = [Participant(ae_title, False, socket.gethostname(), ROLE_APPLICATION)]
     if user:
         parts.append(Participant(user, True))
-    return record(AuditEvent(APPLICATION_ACTIVITY, "E", SUCCESS, APPLICATION_START if started else APPLICATION_STOP,
-                             participants=parts))
+    return record(
+        AuditEvent(
+            APPLICATION_ACTIVITY, "E", SUCCESS, APPLICATION_START if started else APPLICATION_STOP, participants=parts
+        )
+    )
 
 
-def instances_transferred(*, imported: bool, study_uid: str, instances: int, source_ae: str, source_host: str,
-                          destination_ae: str, destination_host: str = "", outcome: int = SUCCESS,
-                          reason: str = "") -> bool:
+def instances_transferred(
+    *,
+    imported: bool,
+    study_uid: str,
+    instances: int,
+    source_ae: str,
+    source_host: str,
+    destination_ae: str,
+    destination_host: str = "",
+    outcome: int = SUCCESS,
+    reason: str = "",
+) -> bool:
     """DICOM Instances Transferred (A.5.3.5): received from a modality (C) or sent to a PACS (R)."""
-    parts = [Participant(source_ae, not imported, source_host, ROLE_SOURCE),
-             Participant(destination_ae, imported, destination_host, ROLE_DESTINATION)]
-    return record(AuditEvent(INSTANCES_TRANSFERRED, "C" if imported else "R", outcome, None, reason, parts,
-                             [study_uid], instances))
+    parts = [
+        Participant(source_ae, not imported, source_host, ROLE_SOURCE),
+        Participant(destination_ae, imported, destination_host, ROLE_DESTINATION),
+    ]
+    return record(
+        AuditEvent(
+            INSTANCES_TRANSFERRED, "C" if imported else "R", outcome, None, reason, parts, [study_uid], instances
+        )
+    )
 
 
-def security_alert(what: tuple[str, str], *, user: str, address: str = "", detail: str = "",
-                   outcome: int = SUCCESS, study_uids: list[str] | None = None) -> bool:
+def security_alert(
+    what: tuple[str, str],
+    *,
+    user: str,
+    address: str = "",
+    detail: str = "",
+    outcome: int = SUCCESS,
+    study_uids: list[str] | None = None,
+) -> bool:
     """Security Alert (A.5.3.11): configuration changes, restricted actions, refused peers."""
-    return record(AuditEvent(SECURITY_ALERT, "E", outcome, what, detail, [Participant(user, True, address)],
-                             list(study_uids or [])))
+    return record(
+        AuditEvent(
+            SECURITY_ALERT, "E", outcome, what, detail, [Participant(user, True, address)], list(study_uids or [])
+        )
+    )
 
 
 def query(*, user: str, address: str, text: str, outcome: int = SUCCESS) -> bool:
     """Query (A.5.3.10): a search of the node's index through the API."""
-    return record(AuditEvent(QUERY, "E", outcome, None, "", [Participant(user, True, address, ROLE_SOURCE)],
-                             query_text=text))
+    return record(
+        AuditEvent(QUERY, "E", outcome, None, "", [Participant(user, True, address, ROLE_SOURCE)], query_text=text)
+    )
 
 
 def user_authentication(*, user: str, address: str, success: bool) -> bool:
     """User Authentication (A.5.3.12): an API client presenting (or failing) the token."""
-    return record(AuditEvent(USER_AUTHENTICATION, "E", SUCCESS if success else MINOR_FAILURE, LOGIN,
-                             "" if success else "invalid or missing token", [Participant(user, True, address)]))
+    return record(
+        AuditEvent(
+            USER_AUTHENTICATION,
+            "E",
+            SUCCESS if success else MINOR_FAILURE,
+            LOGIN,
+            "" if success else "invalid or missing token",
+            [Participant(user, True, address)],
+        )
+    )

@@ -18,8 +18,14 @@ class Base(DeclarativeBase):
 
 
 # Every module that declares tables on Base; each stage owns its own tables.
-TABLE_MODULES = ("node.index", "node.ingest.mpps", "node.assembler", "node.jobs.table", "node.dispatch.table",
-                 "node.core.audit")
+TABLE_MODULES = (
+    "node.index",
+    "node.ingest.mpps",
+    "node.assembler",
+    "node.jobs.table",
+    "node.dispatch.table",
+    "node.core.audit",
+)
 
 _engines: dict[str, Engine] = {}
 
@@ -83,8 +89,12 @@ def _upgrade_columns(engine: Engine) -> None:
     if engine.dialect.name != "postgresql":
         return
     with engine.begin() as conn:
-        kind = conn.execute(text("SELECT data_type FROM information_schema.columns WHERE table_name = 'deliveries' "
-                                 "AND column_name = 'job_id' AND table_schema = current_schema()")).scalar()
+        kind = conn.execute(
+            text(
+                "SELECT data_type FROM information_schema.columns WHERE table_name = 'deliveries' "
+                "AND column_name = 'job_id' AND table_schema = current_schema()"
+            )
+        ).scalar()
         if kind is not None and kind != "integer":
             conn.execute(text("ALTER TABLE deliveries ALTER COLUMN job_id TYPE integer USING job_id::integer"))
 

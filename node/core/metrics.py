@@ -30,26 +30,40 @@ LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 
 
 # --- live instruments other stages increment -------------------------------------------------
 
-ASSOCIATIONS = Counter("ainode_associations", "DICOM associations requested, by outcome",
-                       ["outcome"])  # outcome: accepted | rejected
+ASSOCIATIONS = Counter(
+    "ainode_associations", "DICOM associations requested, by outcome", ["outcome"]
+)  # outcome: accepted | rejected
 INSTANCES_RECEIVED = Counter("ainode_instances_received", "Instances acknowledged with C-STORE Success")
 BYTES_RECEIVED = Counter("ainode_bytes_received", "Bytes of instances acknowledged with Success")
 # Live latency of work done inside the node's processes, e.g. stage="store": C-STORE data set
 # received -> durable on disk and indexed (the time before we may answer Success).
-STAGE_SECONDS = Histogram("ainode_stage_seconds", "Time spent in one pipeline step (live)", ["stage"],
-                          buckets=LATENCY_BUCKETS)
-GPU_MEMORY_USED = Gauge("ainode_gpu_memory_used_bytes", "GPU memory in use on a worker", ["worker", "device"],
-                        multiprocess_mode="livemax")
-GPU_MEMORY_TOTAL = Gauge("ainode_gpu_memory_total_bytes", "GPU memory of a worker's device", ["worker", "device"],
-                         multiprocess_mode="livemax")
-GPU_UTILISATION = Gauge("ainode_gpu_utilisation_ratio", "GPU utilisation (0..1) of a worker's device",
-                        ["worker", "device"], multiprocess_mode="livemax")
+STAGE_SECONDS = Histogram(
+    "ainode_stage_seconds", "Time spent in one pipeline step (live)", ["stage"], buckets=LATENCY_BUCKETS
+)
+GPU_MEMORY_USED = Gauge(
+    "ainode_gpu_memory_used_bytes", "GPU memory in use on a worker", ["worker", "device"], multiprocess_mode="livemax"
+)
+GPU_MEMORY_TOTAL = Gauge(
+    "ainode_gpu_memory_total_bytes",
+    "GPU memory of a worker's device",
+    ["worker", "device"],
+    multiprocess_mode="livemax",
+)
+GPU_UTILISATION = Gauge(
+    "ainode_gpu_utilisation_ratio",
+    "GPU utilisation (0..1) of a worker's device",
+    ["worker", "device"],
+    multiprocess_mode="livemax",
+)
 AUDIT_DROPPED = Counter("ainode_audit_messages_dropped", "Audit messages dropped because the sink was too slow")
 API_REQUESTS = Counter("ainode_api_requests", "Admin API requests by method and status", ["method", "status"])
 
 
-NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=index,name,memory.used,memory.total,utilization.gpu",
-                    "--format=csv,noheader,nounits"]
+NVIDIA_SMI_QUERY = [
+    "nvidia-smi",
+    "--query-gpu=index,name,memory.used,memory.total,utilization.gpu",
+    "--format=csv,noheader,nounits",
+]
 
 
 def parse_nvidia_smi(text: str) -> list[dict[str, Any]]:
@@ -61,9 +75,15 @@ def parse_nvidia_smi(text: str) -> list[dict[str, Any]]:
             continue
         index, name, used, total, util = fields
         try:
-            gpus.append({"index": int(index), "name": name, "memory_used_bytes": int(float(used)) * 1024**2,
-                         "memory_total_bytes": int(float(total)) * 1024**2,
-                         "utilisation": float(util) / 100.0 if util.replace(".", "").isdigit() else None})
+            gpus.append(
+                {
+                    "index": int(index),
+                    "name": name,
+                    "memory_used_bytes": int(float(used)) * 1024**2,
+                    "memory_total_bytes": int(float(total)) * 1024**2,
+                    "utilisation": float(util) / 100.0 if util.replace(".", "").isdigit() else None,
+                }
+            )
         except ValueError:
             continue
     return gpus

@@ -244,8 +244,18 @@ class Condition(Section):
 
 
 MATCH_ATTRIBUTES = (
-    "calling_ae", "called_ae", "modality", "sop_class_uid", "body_part", "study_description",
-    "series_description", "station_name", "manufacturer", "patient_age", "instances", "frames",
+    "calling_ae",
+    "called_ae",
+    "modality",
+    "sop_class_uid",
+    "body_part",
+    "study_description",
+    "series_description",
+    "station_name",
+    "manufacturer",
+    "patient_age",
+    "instances",
+    "frames",
     "slice_thickness",
 )
 
@@ -434,7 +444,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == "AINODE_CONFIG":
             continue
-        path = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
         if not path:
             continue
         try:
@@ -554,10 +564,28 @@ def resolve_paths(settings: Settings, base: Path) -> Settings:
 
 Match.model_rebuild()
 __all__ = [
-    "Settings", "NodeSettings", "StorageSettings", "DatabaseSettings", "BrokerSettings", "Peer",
-    "Destination", "Rule", "Match", "Condition", "Timers", "AnalysisSettings", "AnalysisRef",
-    "JobSettings", "APISettings", "AuditSettings", "TLSSettings", "CapabilityProfile",
-    "ConfigError", "load_settings", "resolve_paths", "MATCH_ATTRIBUTES",
+    "Settings",
+    "NodeSettings",
+    "StorageSettings",
+    "DatabaseSettings",
+    "BrokerSettings",
+    "Peer",
+    "Destination",
+    "Rule",
+    "Match",
+    "Condition",
+    "Timers",
+    "AnalysisSettings",
+    "AnalysisRef",
+    "JobSettings",
+    "APISettings",
+    "AuditSettings",
+    "TLSSettings",
+    "CapabilityProfile",
+    "ConfigError",
+    "load_settings",
+    "resolve_paths",
+    "MATCH_ATTRIBUTES",
 ]
 
 

@@ -44,8 +44,9 @@ def request_commitment(settings: Settings, dest: Destination, rows: list[Deliver
     ids = [r.id for r in rows]
     # Recorded before asking: the report may arrive before the N-ACTION response is read.
     with session_scope(engine) as session:
-        session.execute(update(Delivery).where(Delivery.id.in_(ids))
-                        .values(commitment="requested", transaction_uid=transaction_uid))
+        session.execute(
+            update(Delivery).where(Delivery.id.in_(ids)).values(commitment="requested", transaction_uid=transaction_uid)
+        )
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
     assoc = associate(ae, dest.host, dest.port, ae_title=dest.ae_title)
@@ -57,8 +58,9 @@ def request_commitment(settings: Settings, dest: Destination, rows: list[Deliver
             return transaction_uid
         reason = f"N-ACTION status {getattr(status, 'Status', 'none')}"
     with session_scope(engine) as session:
-        session.execute(update(Delivery).where(Delivery.id.in_(ids), Delivery.commitment == "requested")
-                        .values(commitment="failed"))
+        session.execute(
+            update(Delivery).where(Delivery.id.in_(ids), Delivery.commitment == "requested").values(commitment="failed")
+        )
     log.warning("storage commitment request to %s failed: %s", dest.name, reason)
     return None
 
@@ -70,14 +72,17 @@ def record_commitment(session: Session, event_info: Any) -> int:
     for keyword, state in (("ReferencedSOPSequence", "committed"), ("FailedSOPSequence", "failed")):
         uids = [str(i.ReferencedSOPInstanceUID) for i in event_info.get(keyword, [])]
         if uids:
-            updated += session.execute(update(Delivery).where(Delivery.transaction_uid == transaction_uid,
-                                                              Delivery.sop_instance_uid.in_(uids))
-                                       .values(commitment=state)).rowcount
+            updated += session.execute(
+                update(Delivery)
+                .where(Delivery.transaction_uid == transaction_uid, Delivery.sop_instance_uid.in_(uids))
+                .values(commitment=state)
+            ).rowcount
     return updated
 
 
 def commitment_handlers(settings: Settings) -> list[tuple[Any, Callable[[Any], Any]]]:
     """pynetdicom (event, handler) pairs the receiver binds to accept N-EVENT-REPORTs."""
+
     def on_event_report(event: Any) -> Any:
         if event.request.AffectedSOPClassUID != STORAGE_COMMITMENT_PUSH:
             return NO_SUCH_OBJECT_INSTANCE, None

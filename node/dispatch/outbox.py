@@ -45,7 +45,6 @@ def backoff_s(dest: Destination, attempts: int) -> float:
     return min(dest.retry_max_s, dest.retry_initial_s * (2 ** max(attempts - 1, 0)))
 
 
-
 # --- the outbox ------------------------------------------------------------------------------
 
 
@@ -54,8 +53,13 @@ def destination_wants(dest: Destination, kind: str) -> bool:
     return kind in wanted_kinds(dest.capabilities)
 
 
-def enqueue_results(session: Session, job_id: int, objects: Iterable[ResultObject],
-                    destination_names: Iterable[str], settings: Settings | None = None) -> list[int]:
+def enqueue_results(
+    session: Session,
+    job_id: int,
+    objects: Iterable[ResultObject],
+    destination_names: Iterable[str],
+    settings: Settings | None = None,
+) -> list[int]:
     """Record one outbox row per (object, destination) in the caller's transaction; return row ids.
 
     The files must already be on disk. With ``settings``, objects a destination's capability
@@ -69,12 +73,21 @@ def enqueue_results(session: Session, job_id: int, objects: Iterable[ResultObjec
         for name in names:
             if settings is not None and not destination_wants(settings.destination(name), obj.kind):
                 continue
-            row = session.scalar(select(Delivery).where(Delivery.destination == name,
-                                                        Delivery.sop_instance_uid == obj.sop_instance_uid))
+            row = session.scalar(
+                select(Delivery).where(Delivery.destination == name, Delivery.sop_instance_uid == obj.sop_instance_uid)
+            )
             if row is None:
-                row = Delivery(job_id=job_id, destination=name, path=path, kind=obj.kind,
-                               sop_class_uid=obj.sop_class_uid, sop_instance_uid=obj.sop_instance_uid,
-                               study_instance_uid=obj.study_instance_uid, state=PENDING, next_attempt_at=utcnow())
+                row = Delivery(
+                    job_id=job_id,
+                    destination=name,
+                    path=path,
+                    kind=obj.kind,
+                    sop_class_uid=obj.sop_class_uid,
+                    sop_instance_uid=obj.sop_instance_uid,
+                    study_instance_uid=obj.study_instance_uid,
+                    state=PENDING,
+                    next_attempt_at=utcnow(),
+                )
                 session.add(row)
             elif row.state in (FAILED, SKIPPED):
                 row.state, row.path, row.attempts, row.next_attempt_at = PENDING, path, 0, utcnow()
@@ -90,8 +103,9 @@ def _breaker_open(session: Session, name: str, now: datetime) -> bool:
     return bool(health and health.open_until and aware(health.open_until) > now)
 
 
-def claim(session: Session, destination: str, first_id: int | None = None, limit: int = BATCH_SIZE,
-          lease_s: float = LEASE_S) -> list[Delivery]:
+def claim(
+    session: Session, destination: str, first_id: int | None = None, limit: int = BATCH_SIZE, lease_s: float = LEASE_S
+) -> list[Delivery]:
     """Take due rows of one destination for this process (conditional UPDATE per row).
 
     Due means pending with its retry time passed, or sending with an expired lease (its sender
@@ -107,11 +121,16 @@ def claim(session: Session, destination: str, first_id: int | None = None, limit
     claimed = []
     for row_id in candidates:
         result = session.execute(
-            update(Delivery).where(
+            update(Delivery)
+            .where(
                 Delivery.id == row_id,
-                or_((Delivery.state == PENDING) & (Delivery.next_attempt_at <= now),
-                    (Delivery.state == SENDING) & (Delivery.lease_until < now)))
-            .values(state=SENDING, lease_until=now + timedelta(seconds=lease_s), attempts=Delivery.attempts + 1))
+                or_(
+                    (Delivery.state == PENDING) & (Delivery.next_attempt_at <= now),
+                    (Delivery.state == SENDING) & (Delivery.lease_until < now),
+                ),
+            )
+            .values(state=SENDING, lease_until=now + timedelta(seconds=lease_s), attempts=Delivery.attempts + 1)
+        )
         if result.rowcount == 1:
             claimed.append(row_id)
     session.commit()
@@ -157,8 +176,13 @@ def _link_down(session: Session, dest: Destination, rows: list[Delivery], error:
     for row in rows:
         row.state, row.lease_until, row.last_status, row.reason = PENDING, None, "link", error
         row.next_attempt_at = max(now + timedelta(seconds=backoff_s(dest, row.attempts)), aware(health.open_until))
-    log.warning("destination %s unreachable (%s); %d objects wait, retry after %.0f s", dest.name, error,
-                len(rows), backoff_s(dest, health.consecutive_failures))
+    log.warning(
+        "destination %s unreachable (%s); %d objects wait, retry after %.0f s",
+        dest.name,
+        error,
+        len(rows),
+        backoff_s(dest, health.consecutive_failures),
+    )
 
 
 def _link_up(session: Session, dest: Destination) -> None:
@@ -208,9 +232,11 @@ def deliver_destination(settings: Settings, name: str, first_id: int | None = No
         def progress(row: Delivery, outcome: Outcome) -> None:
             # Record each answer at once and extend the claim on the rest of the batch.
             _record_one(row, dest, outcome)
-            session.execute(update(Delivery).where(Delivery.id.in_([r.id for r in rows]),
-                                                   Delivery.state == SENDING)
-                            .values(lease_until=utcnow() + timedelta(seconds=lease)))
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_([r.id for r in rows]), Delivery.state == SENDING)
+                .values(lease_until=utcnow() + timedelta(seconds=lease))
+            )
             session.commit()
 
         try:
@@ -237,13 +263,20 @@ def _skip_unwanted(dest: Destination, rows: list[Delivery]) -> list[Delivery]:
         if destination_wants(dest, row.kind or kind_of(row.sop_class_uid)):
             keep.append(row)
         else:
-            row.state, row.lease_until, row.reason = SKIPPED, None, f"{row.kind} not in the destination's capability profile"
+            row.state, row.lease_until, row.reason = (
+                SKIPPED,
+                None,
+                f"{row.kind} not in the destination's capability profile",
+            )
     return keep
 
 
 def _fail_unknown_destination(session: Session, name: str) -> None:
-    session.execute(update(Delivery).where(Delivery.destination == name, Delivery.state.in_((PENDING, SENDING)))
-                    .values(state=FAILED, reason=f"destination {name!r} is not configured"))
+    session.execute(
+        update(Delivery)
+        .where(Delivery.destination == name, Delivery.state.in_((PENDING, SENDING)))
+        .values(state=FAILED, reason=f"destination {name!r} is not configured")
+    )
 
 
 def deliver_due(settings: Settings) -> dict[str, dict[str, int]]:
@@ -251,10 +284,18 @@ def deliver_due(settings: Settings) -> dict[str, dict[str, int]]:
     engine = engine_for(settings.database.url)
     now = utcnow()
     with session_scope(engine) as session:
-        names = list(session.scalars(
-            select(Delivery.destination).where(
-                or_((Delivery.state == PENDING) & (Delivery.next_attempt_at <= now),
-                    (Delivery.state == SENDING) & (Delivery.lease_until < now))).distinct()))
+        names = list(
+            session.scalars(
+                select(Delivery.destination)
+                .where(
+                    or_(
+                        (Delivery.state == PENDING) & (Delivery.next_attempt_at <= now),
+                        (Delivery.state == SENDING) & (Delivery.lease_until < now),
+                    )
+                )
+                .distinct()
+            )
+        )
     return {name: deliver_destination(settings, name) for name in names}
 
 
@@ -277,13 +318,27 @@ def status_summary(session: Session) -> dict[str, Any]:
     """What waits for which destination: counts per state, oldest waiting, next retry, breaker."""
     now = utcnow()
     out: dict[str, Any] = {"destinations": {}, "totals": {s: 0 for s in STATES}}
-    rows = session.execute(select(Delivery.destination, Delivery.state, func.count(), func.min(Delivery.created_at),
-                                  func.min(Delivery.next_attempt_at))
-                           .group_by(Delivery.destination, Delivery.state)).all()
+    rows = session.execute(
+        select(
+            Delivery.destination,
+            Delivery.state,
+            func.count(),
+            func.min(Delivery.created_at),
+            func.min(Delivery.next_attempt_at),
+        ).group_by(Delivery.destination, Delivery.state)
+    ).all()
     for name, state, count, oldest, next_at in rows:
-        entry = out["destinations"].setdefault(name, {**{s: 0 for s in STATES}, "oldest_waiting_s": None,
-                                                      "next_attempt_at": None, "breaker_open_until": None,
-                                                      "last_error": "", "recent_failures": []})
+        entry = out["destinations"].setdefault(
+            name,
+            {
+                **{s: 0 for s in STATES},
+                "oldest_waiting_s": None,
+                "next_attempt_at": None,
+                "breaker_open_until": None,
+                "last_error": "",
+                "recent_failures": [],
+            },
+        )
         entry[state] = count
         out["totals"][state] += count
         if state in (PENDING, SENDING):
@@ -300,5 +355,7 @@ def status_summary(session: Session) -> dict[str, Any]:
             entry["consecutive_failures"] = health.consecutive_failures or 0
     for row in session.scalars(select(Delivery).where(Delivery.state == FAILED).order_by(Delivery.id.desc()).limit(20)):
         entry = out["destinations"][row.destination]
-        entry["recent_failures"].append({"id": row.id, "kind": row.kind, "status": row.last_status, "reason": row.reason})
+        entry["recent_failures"].append(
+            {"id": row.id, "kind": row.kind, "status": row.last_status, "reason": row.reason}
+        )
     return out

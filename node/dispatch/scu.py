@@ -80,14 +80,22 @@ def verify(calling_ae: str, ae_title: str, host: str, port: int, timeout_s: floa
     start = time.monotonic()
     assoc = associate(ae, host, port, ae_title=ae_title)
     if not assoc.is_established:
-        return {"ok": False, "result": "association rejected" if assoc.is_rejected else "no answer or aborted",
-                "round_trip_ms": None, "status": None}
+        return {
+            "ok": False,
+            "result": "association rejected" if assoc.is_rejected else "no answer or aborted",
+            "round_trip_ms": None,
+            "status": None,
+        }
     response = assoc.send_c_echo()
     assoc.release()
     ms = round((time.monotonic() - start) * 1000, 1)
     code = getattr(response, "Status", None)
-    return {"ok": code == 0x0000, "result": f"status 0x{code:04X}" if code is not None else "no response",
-            "round_trip_ms": ms, "status": code}
+    return {
+        "ok": code == 0x0000,
+        "result": f"status 0x{code:04X}" if code is not None else "no response",
+        "round_trip_ms": ms,
+        "status": code,
+    }
 
 
 def echo(target: str, calling_ae: str) -> int:
@@ -155,21 +163,27 @@ def send(target: str, paths: list[Path], calling_ae: str) -> int:
         return 1
     pairs = sorted({(c, ts) for _, c, ts in items})
     failed = 0
-    with Progress(TextColumn("C-STORE"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console) as progress:
+    with Progress(
+        TextColumn("C-STORE"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console
+    ) as progress:
         task = progress.add_task("send", total=len(items))
         for start in range(0, len(pairs), _MAX_CONTEXTS):
-            chunk = set(pairs[start:start + _MAX_CONTEXTS])
+            chunk = set(pairs[start : start + _MAX_CONTEXTS])
             batch = [it for it in items if (it[1], it[2]) in chunk]
             failed += _send_batch(t, calling_ae, chunk, batch, progress, task)
     sent = len(items) - failed
-    console.print(f"{sent} of {len(items)} instance(s) stored at {t.ae_title}",
-                  style="green" if not failed else "red")
+    console.print(f"{sent} of {len(items)} instance(s) stored at {t.ae_title}", style="green" if not failed else "red")
     return 0 if failed == 0 and not unreadable else 1
 
 
-def _send_batch(t: Target, calling_ae: str, pairs: set[tuple[str, str]],
-                batch: list[tuple[Path, str, str]], progress: Progress, task: int) -> int:
+def _send_batch(
+    t: Target,
+    calling_ae: str,
+    pairs: set[tuple[str, str]],
+    batch: list[tuple[Path, str, str]],
+    progress: Progress,
+    task: int,
+) -> int:
     ae = AE(ae_title=calling_ae)
     for sop_class, ts in sorted(pairs):
         ae.add_requested_context(sop_class, [dcm_uid.UID(ts)])

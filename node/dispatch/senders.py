@@ -66,8 +66,13 @@ def _tls_context(dest: Destination) -> ssl.SSLContext:
 Progress = Callable[[Delivery, Outcome], None]
 
 
-def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, settings: Settings | None = None,
-               progress: Progress | None = None) -> dict[int, Outcome]:
+def send_dicom(
+    dest: Destination,
+    rows: list[Delivery],
+    calling_ae: str,
+    settings: Settings | None = None,
+    progress: Progress | None = None,
+) -> dict[int, Outcome]:
     """C-STORE every row's file on one association; Explicit VR Little Endian, one context per SOP class.
 
     ``progress`` is called after each answered object, so its outcome is recorded at once (a
@@ -88,15 +93,22 @@ def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, setting
         kwargs["tls_args"] = (_tls_context(dest), dest.host)
     assoc = associate(ae, dest.host, dest.port, **kwargs)
     if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted \
+        why = (
+            "association rejected"
+            if assoc.is_rejected
+            else "association aborted"
+            if assoc.is_aborted
             else "connection failed"
+        )
         raise LinkDown(f"{why} ({dest.ae_title}@{dest.host}:{dest.port})")
     accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
     outcomes: dict[int, Outcome] = {}
     try:
         for row in rows:
             if row.sop_class_uid not in accepted:
-                outcomes[row.id] = Outcome(FAILED, "no-context", f"destination does not accept SOP class {row.sop_class_uid}")
+                outcomes[row.id] = Outcome(
+                    FAILED, "no-context", f"destination does not accept SOP class {row.sop_class_uid}"
+                )
                 continue
             if not Path(row.path).exists():
                 outcomes[row.id] = Outcome(FAILED, "missing", f"result file is gone: {row.path}")
@@ -119,8 +131,9 @@ def send_dicom(dest: Destination, rows: list[Delivery], calling_ae: str, setting
             assoc.release()
     for row in rows:
         outcomes.setdefault(row.id, Outcome(PENDING, "not-sent", "association ended before this object"))
-    if all(o.status in ("no-response", "not-sent", "no-context", "missing") for o in outcomes.values()) \
-            and any(o.status in ("no-response", "not-sent") for o in outcomes.values()):
+    if all(o.status in ("no-response", "not-sent", "no-context", "missing") for o in outcomes.values()) and any(
+        o.status in ("no-response", "not-sent") for o in outcomes.values()
+    ):
         raise LinkDown("association lost before any object was acknowledged")
     return outcomes
 
@@ -156,9 +169,14 @@ def send_dicomweb(dest: Destination, rows: list[Delivery]) -> dict[int, Outcome]
         return outcomes
     boundary = uuid.uuid4().hex
     request = urllib.request.Request(
-        dest.url.rstrip("/") + "/studies", data=_multipart([r.path for r in present], boundary), method="POST",
-        headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-                 "Accept": "application/dicom+json"})
+        dest.url.rstrip("/") + "/studies",
+        data=_multipart([r.path for r in present], boundary),
+        method="POST",
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        },
+    )
     if dest.username:
         token = base64.b64encode(f"{dest.username}:{dest.password or ''}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
@@ -182,14 +200,16 @@ def send_dicomweb(dest: Destination, rows: list[Delivery]) -> dict[int, Outcome]
     return outcomes
 
 
-def send_dicom_batch(dest: Destination, rows: list[Delivery], settings: Settings,
-                     progress: Progress | None = None) -> dict[int, Outcome]:
+def send_dicom_batch(
+    dest: Destination, rows: list[Delivery], settings: Settings, progress: Progress | None = None
+) -> dict[int, Outcome]:
     """The ``dicom`` sender: C-STORE as the node's AE title."""
     return send_dicom(dest, rows, settings.node.ae_title, settings, progress)
 
 
-def send_dicomweb_batch(dest: Destination, rows: list[Delivery], settings: Settings,
-                        progress: Progress | None = None) -> dict[int, Outcome]:
+def send_dicomweb_batch(
+    dest: Destination, rows: list[Delivery], settings: Settings, progress: Progress | None = None
+) -> dict[int, Outcome]:
     """The ``dicomweb`` sender: STOW-RS (one request; outcomes known only at its end)."""
     return send_dicomweb(dest, rows)
 

@@ -95,7 +95,8 @@ class _PDataTF:
         primitive = P_DATA()
         # Straight into the attribute: pynetdicom's setter insists on bytes, these are views.
         primitive._presentation_data_value_list = [
-            [item.presentation_context_id, item.presentation_data_value] for item in self.presentation_data_value_items]
+            [item.presentation_context_id, item.presentation_data_value] for item in self.presentation_data_value_items
+        ]
         return primitive
 
 
@@ -108,7 +109,7 @@ def _split_pdvs(body: memoryview) -> list[_PDV] | None:
         length = struct.unpack_from(">I", body, offset)[0]
         if length < 2 or offset + 4 + length > end:
             return None
-        items.append(_PDV(body[offset + 4], body[offset + 5:offset + 4 + length]))
+        items.append(_PDV(body[offset + 4], body[offset + 5 : offset + 4 + length]))
         offset += 4 + length
     return items or None
 
@@ -300,8 +301,11 @@ class FastDUL(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         pdu = _PDataTF(items)
-        if (self.state_machine.current_state == "Sta6" and self.event_queue.empty()
-                and not self.assoc._handlers.get(evt.EVT_FSM_TRANSITION)):
+        if (
+            self.state_machine.current_state == "Sta6"
+            and self.event_queue.empty()
+            and not self.assoc._handlers.get(evt.EVT_FSM_TRANSITION)
+        ):
             # Evt10 in Sta6 is DT-2 (hand the data to DIMSE), staying in Sta6: do it here
             # instead of through two queues and the state machine, once per PDU.
             self.assoc.dimse.receive_primitive(pdu.to_primitive())
@@ -346,8 +350,16 @@ _CSTORE_RQ, _CSTORE_RSP, _NO_DATA_SET = 0x0001, 0x8001, 0x0101
 class StoreRequest:
     """A C-STORE-RQ decoded on the fast path; its data set went to ``sink`` as it arrived."""
 
-    __slots__ = ("message_id", "sop_class_uid", "sop_instance_uid", "priority", "move_originator_ae",
-                 "move_originator_message_id", "context_id", "sink")
+    __slots__ = (
+        "message_id",
+        "sop_class_uid",
+        "sop_instance_uid",
+        "priority",
+        "move_originator_ae",
+        "move_originator_message_id",
+        "context_id",
+        "sink",
+    )
     msg_type = "C-STORE"
 
     def __init__(self) -> None:
@@ -388,7 +400,7 @@ def parse_store_request(command: bytes, context_id: int) -> StoreRequest | None:
         pos += 8
         if group != 0x0000 or pos + length > end or elem in fields:
             return None
-        fields[elem] = command[pos:pos + length]
+        fields[elem] = command[pos : pos + length]
         pos += length
 
     def u16(elem: int) -> int | None:
@@ -423,16 +435,19 @@ def _ui(uid: str) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
-def encode_store_response(message_id: int, sop_class: str | None, sop_instance: str | None, status: int,
-                          comment: str | None = None) -> bytes:
+def encode_store_response(
+    message_id: int, sop_class: str | None, sop_instance: str | None, status: int, comment: str | None = None
+) -> bytes:
     """A C-STORE-RSP command set (PS3.7 9.3.1.2), implicit VR little endian."""
     elements = []
     if sop_class:
         elements.append(_element(0x0002, _ui(sop_class)))
-    elements += [_element(0x0100, struct.pack("<H", _CSTORE_RSP)),
-                 _element(0x0120, struct.pack("<H", message_id)),
-                 _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
-                 _element(0x0900, struct.pack("<H", status))]
+    elements += [
+        _element(0x0100, struct.pack("<H", _CSTORE_RSP)),
+        _element(0x0120, struct.pack("<H", message_id)),
+        _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
+        _element(0x0900, struct.pack("<H", status)),
+    ]
     if comment:
         raw = comment.encode("ascii", "replace")[:64]
         elements.append(_element(0x0902, raw + b" " if len(raw) % 2 else raw))
@@ -528,8 +543,9 @@ class FastDIMSE(DIMSEServiceProvider):
 
     def send_store_response(self, req: StoreRequest, status: int, comment: str | None = None) -> None:
         """Answer a fast-path C-STORE."""
-        command = encode_store_response(req.message_id, _uid_or_none(req.sop_class_uid),
-                                        _uid_or_none(req.sop_instance_uid), status, comment)
+        command = encode_store_response(
+            req.message_id, _uid_or_none(req.sop_class_uid), _uid_or_none(req.sop_instance_uid), status, comment
+        )
         # A peer's maximum PDU of under ~200 bytes is allowed but absurd: pynetdicom fragments.
         limit = self.maximum_pdu_size
         if limit and len(command) + 7 > limit:
@@ -634,7 +650,6 @@ class FastAssociation(Association):
                     self.abort()
                 self.kill()
                 return
-
 
     def _serve_store(self, req: StoreRequest, context_id: int) -> None:
         """A fast-path C-STORE: pynetdicom's checks, the service's answer, our encoding."""

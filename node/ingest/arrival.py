@@ -57,7 +57,7 @@ class Arrival:
             if self.record is not None:
                 payload = self.record.payload()
                 try:
-                    self.sha256 = hashlib.sha256(payload[self.meta_len:]).hexdigest()
+                    self.sha256 = hashlib.sha256(payload[self.meta_len :]).hexdigest()
                 finally:
                     payload.release()
             else:
@@ -103,20 +103,29 @@ def arrival_from_landed(path: Path, called_ae: str) -> Arrival:
     if problem:
         raise Unparseable(problem[1])
     stat = path.stat()
-    return Arrival(header, transfer_syntax, stat.st_size, offset, str(meta.get("SourceApplicationEntityTitle", "")).strip(),
-                   called_ae, received_at=datetime.fromtimestamp(stat.st_mtime, timezone.utc), landed=path,
-                   sha256=digest, recovered=True)
+    return Arrival(
+        header,
+        transfer_syntax,
+        stat.st_size,
+        offset,
+        str(meta.get("SourceApplicationEntityTitle", "")).strip(),
+        called_ae,
+        received_at=datetime.fromtimestamp(stat.st_mtime, timezone.utc),
+        landed=path,
+        sha256=digest,
+        recovered=True,
+    )
 
 
 def arrival_from_record(record: journal.Record, called_ae: str) -> Arrival:
     """Rebuild the Arrival of a journal record (after a crash): everything is in the record."""
     payload = record.payload()
     try:
-        fh = io.BytesIO(bytes(payload[:record.meta_len]))
+        fh = io.BytesIO(bytes(payload[: record.meta_len]))
         read_preamble(fh, False)
         meta = _read_file_meta_info(fh)
         transfer_syntax = str(meta.TransferSyntaxUID)
-        data = payload[record.meta_len:]
+        data = payload[record.meta_len :]
         header = read_header(data, transfer_syntax)
         digest = record.sha256 or hashlib.sha256(data).hexdigest()  # version 2: checked by the scan
         data.release()
@@ -125,7 +134,16 @@ def arrival_from_record(record: journal.Record, called_ae: str) -> Arrival:
     problem = header_problem(header, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID))
     if problem:
         raise Unparseable(problem[1])
-    received = (datetime.fromtimestamp(record.received_ns / 1e9, timezone.utc) if record.received_ns else utcnow())
-    return Arrival(header, transfer_syntax, record.payload_len, record.meta_len,
-                   str(meta.get("SourceApplicationEntityTitle", "")).strip(), called_ae,
-                   received_at=received, record=record, sha256=digest, recovered=True)
+    received = datetime.fromtimestamp(record.received_ns / 1e9, timezone.utc) if record.received_ns else utcnow()
+    return Arrival(
+        header,
+        transfer_syntax,
+        record.payload_len,
+        record.meta_len,
+        str(meta.get("SourceApplicationEntityTitle", "")).strip(),
+        called_ae,
+        received_at=received,
+        record=record,
+        sha256=digest,
+        recovered=True,
+    )

@@ -39,24 +39,39 @@ _PATIENTS, _STUDIES, _SERIES, _INSTANCES = (m.__table__ for m in (Patient, Study
 def _count_update(table: Any) -> Any:
     # instance_count += :n; last_received_at = the later of the stored time and :t.
     at = bindparam("t", type_=table.c.last_received_at.type)
-    return (update(table).where(table.c.id == bindparam("pk"))
-            .values(instance_count=func.coalesce(table.c.instance_count, 0) + bindparam("n"),
-                    last_received_at=case((table.c.last_received_at.is_(None), at),
-                                          (table.c.last_received_at < at, at), else_=table.c.last_received_at)))
+    return (
+        update(table)
+        .where(table.c.id == bindparam("pk"))
+        .values(
+            instance_count=func.coalesce(table.c.instance_count, 0) + bindparam("n"),
+            last_received_at=case(
+                (table.c.last_received_at.is_(None), at),
+                (table.c.last_received_at < at, at),
+                else_=table.c.last_received_at,
+            ),
+        )
+    )
 
 
 # Built once: SQLAlchemy then reuses the compiled statements (building them per batch cost more
 # than the database work).
-_SELECT_EXISTING = (select(_INSTANCES.c.id, _INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256, _INSTANCES.c.path)
-                    .where(_INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True))))
-_SELECT_SERIES = (select(_SERIES.c.id, _SERIES.c.study_pk)
-                  .where(_SERIES.c.series_uid == bindparam("uid")))
+_SELECT_EXISTING = select(_INSTANCES.c.id, _INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256, _INSTANCES.c.path).where(
+    _INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
+)
+_SELECT_SERIES = select(_SERIES.c.id, _SERIES.c.study_pk).where(_SERIES.c.series_uid == bindparam("uid"))
 _INSERT_INSTANCES = insert(_INSTANCES)
-_UPDATE_INSTANCE = (update(_INSTANCES).where(_INSTANCES.c.id == bindparam("pk"))
-                    .values(path=bindparam("path"), size_bytes=bindparam("size_bytes"), sha256=bindparam("sha256"),
-                            transfer_syntax_uid=bindparam("transfer_syntax_uid"),
-                            received_at=bindparam("received_at", type_=_INSTANCES.c.received_at.type),
-                            calling_ae=bindparam("calling_ae")))
+_UPDATE_INSTANCE = (
+    update(_INSTANCES)
+    .where(_INSTANCES.c.id == bindparam("pk"))
+    .values(
+        path=bindparam("path"),
+        size_bytes=bindparam("size_bytes"),
+        sha256=bindparam("sha256"),
+        transfer_syntax_uid=bindparam("transfer_syntax_uid"),
+        received_at=bindparam("received_at", type_=_INSTANCES.c.received_at.type),
+        calling_ae=bindparam("calling_ae"),
+    )
+)
 _UPDATE_SERIES_COUNT = _count_update(_SERIES)
 _UPDATE_STUDY_COUNT = _count_update(_STUDIES)
 
@@ -69,7 +84,8 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
     """
     uids = sorted({a.header.SOPInstanceUID for a in arrivals})
     existing: dict[str, dict[str, Any]] = {
-        row.sop_instance_uid: dict(row._mapping) for row in conn.execute(_SELECT_EXISTING, {"uids": uids})}
+        row.sop_instance_uid: dict(row._mapping) for row in conn.execute(_SELECT_EXISTING, {"uids": uids})
+    }
     series_ids: dict[str, tuple[int, int]] = {}  # series UID -> (series id, study id)
     new_rows: list[dict[str, Any]] = []
     counts: dict[tuple[int, int], list[Any]] = {}  # (series id, study id) -> [count, last time]
@@ -84,9 +100,14 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
                 arrival.outcome, arrival.kept_relpath = "kept_first", row["path"]
             else:
                 arrival.outcome, arrival.old_relpath = "replaced", row["path"]
-                values = dict(path=stored.relpath, size_bytes=stored.size_bytes, sha256=stored.sha256,
-                              transfer_syntax_uid=arrival.transfer_syntax, received_at=arrival.received_at,
-                              calling_ae=arrival.calling_ae)
+                values = dict(
+                    path=stored.relpath,
+                    size_bytes=stored.size_bytes,
+                    sha256=stored.sha256,
+                    transfer_syntax_uid=arrival.transfer_syntax,
+                    received_at=arrival.received_at,
+                    calling_ae=arrival.calling_ae,
+                )
                 if row.get("id") is not None:
                     conn.execute(_UPDATE_INSTANCE, {"pk": row["id"], **values})
                 else:  # inserted earlier in this batch
@@ -96,11 +117,19 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
         key = series_ids.get(ds.SeriesInstanceUID)
         if key is None:
             key = series_ids[ds.SeriesInstanceUID] = _series_of(conn, arrival)
-        values = dict(sop_instance_uid=uid, sop_class_uid=ds.SOPClassUID, series_pk=key[0],
-                      transfer_syntax_uid=arrival.transfer_syntax, path=stored.relpath,
-                      size_bytes=stored.size_bytes, sha256=stored.sha256,
-                      instance_number=int_value(ds, "InstanceNumber"), number_of_frames=int_value(ds, "NumberOfFrames") or 1,
-                      calling_ae=arrival.calling_ae, received_at=arrival.received_at)
+        values = dict(
+            sop_instance_uid=uid,
+            sop_class_uid=ds.SOPClassUID,
+            series_pk=key[0],
+            transfer_syntax_uid=arrival.transfer_syntax,
+            path=stored.relpath,
+            size_bytes=stored.size_bytes,
+            sha256=stored.sha256,
+            instance_number=int_value(ds, "InstanceNumber"),
+            number_of_frames=int_value(ds, "NumberOfFrames") or 1,
+            calling_ae=arrival.calling_ae,
+            received_at=arrival.received_at,
+        )
         new_rows.append(values)
         existing[uid] = {"id": None, "sha256": stored.sha256, "path": stored.relpath, "pending": values}
         count = counts.setdefault(key, [0, arrival.received_at])
@@ -129,30 +158,58 @@ def _series_of(conn: Connection, arrival: Arrival) -> tuple[int, int]:
         return row.id, row.study_pk
     patient_id, issuer = text_value(ds, "PatientID", 64), text_value(ds, "IssuerOfPatientID", 64)
     patient_pk = _get_or_create(
-        conn, _PATIENTS, (_PATIENTS.c.patient_id == patient_id) & (_PATIENTS.c.issuer == issuer),
-        lambda: dict(patient_id=patient_id, issuer=issuer, name=text_value(ds, "PatientName", 324),
-                     birth_date=text_value(ds, "PatientBirthDate", 8), sex=text_value(ds, "PatientSex", 16)))
+        conn,
+        _PATIENTS,
+        (_PATIENTS.c.patient_id == patient_id) & (_PATIENTS.c.issuer == issuer),
+        lambda: dict(
+            patient_id=patient_id,
+            issuer=issuer,
+            name=text_value(ds, "PatientName", 324),
+            birth_date=text_value(ds, "PatientBirthDate", 8),
+            sex=text_value(ds, "PatientSex", 16),
+        ),
+    )
     study_pk = _get_or_create(
-        conn, _STUDIES, _STUDIES.c.study_uid == ds.StudyInstanceUID,
-        lambda: dict(study_uid=ds.StudyInstanceUID, patient_pk=patient_pk,
-                     accession_number=text_value(ds, "AccessionNumber", 64),
-                     study_date=text_value(ds, "StudyDate", 8), study_time=text_value(ds, "StudyTime", 16),
-                     description=text_value(ds, "StudyDescription", 64),
-                     referring_physician=text_value(ds, "ReferringPhysicianName", 324),
-                     study_id=text_value(ds, "StudyID", 16), patient_age=text_value(ds, "PatientAge", 4),
-                     calling_ae=arrival.calling_ae, called_ae=arrival.called_ae,
-                     instance_count=0, first_received_at=now, last_received_at=now))
+        conn,
+        _STUDIES,
+        _STUDIES.c.study_uid == ds.StudyInstanceUID,
+        lambda: dict(
+            study_uid=ds.StudyInstanceUID,
+            patient_pk=patient_pk,
+            accession_number=text_value(ds, "AccessionNumber", 64),
+            study_date=text_value(ds, "StudyDate", 8),
+            study_time=text_value(ds, "StudyTime", 16),
+            description=text_value(ds, "StudyDescription", 64),
+            referring_physician=text_value(ds, "ReferringPhysicianName", 324),
+            study_id=text_value(ds, "StudyID", 16),
+            patient_age=text_value(ds, "PatientAge", 4),
+            calling_ae=arrival.calling_ae,
+            called_ae=arrival.called_ae,
+            instance_count=0,
+            first_received_at=now,
+            last_received_at=now,
+        ),
+    )
     series_pk = _get_or_create(
-        conn, _SERIES, _SERIES.c.series_uid == ds.SeriesInstanceUID,
-        lambda: dict(series_uid=ds.SeriesInstanceUID, study_pk=study_pk,
-                     modality=text_value(ds, "Modality", 16), series_number=int_value(ds, "SeriesNumber"),
-                     description=text_value(ds, "SeriesDescription", 64),
-                     body_part=text_value(ds, "BodyPartExamined", 16),
-                     station_name=text_value(ds, "StationName", 16),
-                     manufacturer=text_value(ds, "Manufacturer", 64),
-                     slice_thickness=float_value(ds, "SliceThickness"),
-                     frame_of_reference_uid=text_value(ds, "FrameOfReferenceUID", 64),
-                     instance_count=0, first_received_at=now, last_received_at=now))
+        conn,
+        _SERIES,
+        _SERIES.c.series_uid == ds.SeriesInstanceUID,
+        lambda: dict(
+            series_uid=ds.SeriesInstanceUID,
+            study_pk=study_pk,
+            modality=text_value(ds, "Modality", 16),
+            series_number=int_value(ds, "SeriesNumber"),
+            description=text_value(ds, "SeriesDescription", 64),
+            body_part=text_value(ds, "BodyPartExamined", 16),
+            station_name=text_value(ds, "StationName", 16),
+            manufacturer=text_value(ds, "Manufacturer", 64),
+            slice_thickness=float_value(ds, "SliceThickness"),
+            frame_of_reference_uid=text_value(ds, "FrameOfReferenceUID", 64),
+            instance_count=0,
+            first_received_at=now,
+            last_received_at=now,
+        ),
+    )
     return series_pk, study_pk
 
 

@@ -42,8 +42,17 @@ class Indexer:
     (A700) instead of filling the disk unindexed.
     """
 
-    def __init__(self, engine: Engine, root: Path, policy: str, max_batch: int = 128,
-                 max_waiting: int = 4096, background: bool = True, linger: float = 0.1, prefix: str = ""):
+    def __init__(
+        self,
+        engine: Engine,
+        root: Path,
+        policy: str,
+        max_batch: int = 128,
+        max_waiting: int = 4096,
+        background: bool = True,
+        linger: float = 0.1,
+        prefix: str = "",
+    ):
         self._engine = engine
         self.root = Path(root)
         self.prefix = prefix
@@ -294,8 +303,12 @@ class Indexer:
                 except Exception as err:
                     arrival.failures += 1
                     if arrival.failures in (1, 10) or arrival.failures % 100 == 0:
-                        log.error("instance %s not indexed yet (attempt %d, %s); it is landed and will be retried",
-                                  instance_tag(arrival.header.SOPInstanceUID), arrival.failures, type(err).__name__)
+                        log.error(
+                            "instance %s not indexed yet (attempt %d, %s); it is landed and will be retried",
+                            instance_tag(arrival.header.SOPInstanceUID),
+                            arrival.failures,
+                            type(err).__name__,
+                        )
                     arrival.retry_at = time.monotonic() + min(60.0, 0.1 * 2 ** min(arrival.failures, 10))
                     with self._cond:
                         self._retry.append(arrival)

@@ -75,7 +75,7 @@ class Record:
     def payload(self) -> memoryview:
         """The payload, read through the journal's memory map (release it when done)."""
         start = self.offset + BLOCK
-        return self.journal.view()[start:start + self.payload_len]
+        return self.journal.view()[start : start + self.payload_len]
 
 
 class Journal:
@@ -116,14 +116,14 @@ class Journal:
     def _scan(self) -> list[Record]:
         first_live = 0
         magic, seq, crc = _CHECKPOINT.unpack_from(self._map, 0)
-        if magic == _CHECKPOINT_MAGIC and zlib.crc32(self._map[:_CHECKPOINT.size - 4]) == crc:
+        if magic == _CHECKPOINT_MAGIC and zlib.crc32(self._map[: _CHECKPOINT.size - 4]) == crc:
             first_live = seq
         found: list[Record] = []
         highest = first_live - 1
         view = memoryview(self._map)
         try:
             for offset in range(BLOCK, self.size - BLOCK + 1, BLOCK):
-                if view[offset:offset + 7] != _MAGIC_PREFIX:
+                if view[offset : offset + 7] != _MAGIC_PREFIX:
                     continue
                 record = self._record_at(view, offset)
                 if record is None:
@@ -143,13 +143,13 @@ class Journal:
         return found
 
     def _record_at(self, view: memoryview, offset: int) -> Record | None:
-        magic = bytes(view[offset:offset + 8])
+        magic = bytes(view[offset : offset + 8])
         layout = _HEADER if magic == _RECORD_MAGIC else _HEADER_V1 if magic == _RECORD_MAGIC_V1 else None
         if layout is None:
             return None
-        header = bytes(view[offset:offset + layout.size + 4])
+        header = bytes(view[offset : offset + layout.size + 4])
         (header_crc,) = struct.unpack_from("<I", header, layout.size)
-        if zlib.crc32(header[:layout.size]) != header_crc:
+        if zlib.crc32(header[: layout.size]) != header_crc:
             return None
         fields = layout.unpack_from(header)
         _, seq, length, meta_len, crc, received_ns = fields[:6]
@@ -157,19 +157,22 @@ class Journal:
             return None
         start = offset + BLOCK
         if layout is _HEADER_V1:
-            if zlib.crc32(view[start:start + length]) != crc:
+            if zlib.crc32(view[start : start + length]) != crc:
                 return None  # torn: this record was never answered
             return Record(self, seq, offset, meta_len, length, received_ns)
         digest = fields[6]
-        if (zlib.crc32(view[start:start + meta_len]) != crc
-                or hashlib.sha256(view[start + meta_len:start + length]).digest() != digest):
+        if (
+            zlib.crc32(view[start : start + meta_len]) != crc
+            or hashlib.sha256(view[start + meta_len : start + length]).digest() != digest
+        ):
             return None  # torn: this record was never answered
         return Record(self, seq, offset, meta_len, length, received_ns, digest.hex())
 
     # -- the answer path
 
-    def append(self, meta: bytes, data: bytes | memoryview, received_ns: int = 0,
-               sha256: bytes | None = None) -> Record:
+    def append(
+        self, meta: bytes, data: bytes | memoryview, received_ns: int = 0, sha256: bytes | None = None
+    ) -> Record:
         """Write a record and flush it (shared with concurrent appends); durable on return.
         ``sha256``: the data set's SHA-256 (digest bytes) when the caller computed it already
         (the receiver does, while the data set arrives)."""
@@ -219,10 +222,10 @@ class Journal:
         except (AttributeError, OSError) as err:  # no copy_file_range here: through the map
             if isinstance(err, OSError) and err.errno not in (None, 18, 22, 38, 95):  # EXDEV EINVAL ENOSYS EOPNOTSUPP
                 raise
-            view = self.view()[offset:record.offset + BLOCK + record.payload_len]
+            view = self.view()[offset : record.offset + BLOCK + record.payload_len]
             try:
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             finally:
                 view.release()
         _start_writeback(fd, record.payload_len)
@@ -286,7 +289,7 @@ def _create(path: Path, size: int) -> None:
         zeros = bytes(1 << 20)
         written = 0
         while written < size:
-            written += os.write(fd, zeros[:min(len(zeros), size - written)])
+            written += os.write(fd, zeros[: min(len(zeros), size - written)])
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -67,8 +67,11 @@ class PerformedProcedureStep(Base):
 
 
 def _study_uids(ds: Dataset) -> list[str]:
-    uids = [str(item.StudyInstanceUID) for item in ds.get("ScheduledStepAttributesSequence", [])
-            if item.get("StudyInstanceUID")]
+    uids = [
+        str(item.StudyInstanceUID)
+        for item in ds.get("ScheduledStepAttributesSequence", [])
+        if item.get("StudyInstanceUID")
+    ]
     return sorted(set(uids))
 
 
@@ -94,9 +97,15 @@ def create_step(session: Session, uid: str, ds: Dataset, calling_ae: str) -> int
         return INVALID_ATTRIBUTE_VALUE
     if session.scalar(select(PerformedProcedureStep.id).where(PerformedProcedureStep.sop_instance_uid == uid)):
         return DUPLICATE_SOP_INSTANCE
-    session.add(PerformedProcedureStep(
-        sop_instance_uid=uid, status=status, calling_ae=calling_ae,
-        study_uids=json.dumps(_study_uids(ds)), performed_instances=json.dumps(_performed_instances(ds))))
+    session.add(
+        PerformedProcedureStep(
+            sop_instance_uid=uid,
+            status=status,
+            calling_ae=calling_ae,
+            study_uids=json.dumps(_study_uids(ds)),
+            performed_instances=json.dumps(_performed_instances(ds)),
+        )
+    )
     return SUCCESS
 
 
@@ -153,8 +162,12 @@ def handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
         except Exception:  # noqa: BLE001
             log.exception("MPPS N-SET could not be recorded")
             return PROCESSING_FAILURE, None
-        log.info("MPPS N-SET step=%s new status=%s answer=0x%04X", uid,
-                 str(mods.get("PerformedProcedureStepStatus", "")), status)
+        log.info(
+            "MPPS N-SET step=%s new status=%s answer=0x%04X",
+            uid,
+            str(mods.get("PerformedProcedureStepStatus", "")),
+            status,
+        )
         return status, (mods if status == SUCCESS else None)
 
     return [(evt.EVT_N_CREATE, on_n_create), (evt.EVT_N_SET, on_n_set)]

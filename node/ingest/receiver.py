@@ -164,9 +164,11 @@ class Receiver:
             security_log.warning("association rejected: calling AE %r from address %s not allowed", calling, address)
             return self._reject(assoc, 0x01, 0x01, 0x03)
         if peer is None:
-            security_log.info("association from unknown calling AE %r at %s accepted (accept_unknown_peers)", calling, address)
+            security_log.info(
+                "association from unknown calling AE %r at %s accepted (accept_unknown_peers)", calling, address
+            )
         column = self.settings.peers.index(peer) if peer is not None else len(self.settings.peers)
-        peer_limit = (peer.max_associations if peer and peer.max_associations else node.max_associations_per_peer)
+        peer_limit = peer.max_associations if peer and peer.max_associations else node.max_associations_per_peer
         refused = self.slots.acquire(self.row, column, peer_limit, node.max_associations)
         if refused:
             log.warning("association from %r refused: %s association limit reached", calling, refused)
@@ -178,9 +180,13 @@ class Receiver:
     def _reject(self, assoc: Any, result: int, source: int, diagnostic: int) -> None:
         metrics.ASSOCIATIONS.labels("rejected").inc()
         if result == 0x01:  # permanent: a peer we do not know (limits are transient, not security)
-            audit.security_alert(audit.NODE_AUTHENTICATION, user=str(assoc.requestor.primitive.calling_ae_title).strip(),
-                                 address=str(assoc.requestor.address), outcome=audit.MINOR_FAILURE,
-                                 detail="association rejected: calling AE title or address not allowed")
+            audit.security_alert(
+                audit.NODE_AUTHENTICATION,
+                user=str(assoc.requestor.primitive.calling_ae_title).strip(),
+                address=str(assoc.requestor.address),
+                outcome=audit.MINOR_FAILURE,
+                detail="association rejected: calling AE title or address not allowed",
+            )
         assoc.acse.send_reject(result, source, diagnostic)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
@@ -216,22 +222,26 @@ class Receiver:
         if not self._allowed(assoc, "store"):
             return _Refusal(NOT_AUTHORIZED)
         if not (store.valid_uid(req.sop_class_uid) and store.valid_uid(req.sop_instance_uid)):
-            return _Refusal(INVALID_UID, "invalid SOP Class or Instance UID",
-                            "instance refused: invalid UID in the C-STORE request")
+            return _Refusal(
+                INVALID_UID, "invalid SOP Class or Instance UID", "instance refused: invalid UID in the C-STORE request"
+            )
         context = acceptor.accepted_context(assoc, req.context_id)
         if context is None:
             return _Refusal(PROCESSING_FAILURE, "no such presentation context")
         try:
             self.space.check()
-            meta = file_meta(req.sop_class_uid, req.sop_instance_uid, str(context.transfer_syntax[0]),
-                              assoc.requestor.ae_title)
+            meta = file_meta(
+                req.sop_class_uid, req.sop_instance_uid, str(context.transfer_syntax[0]), assoc.requestor.ae_title
+            )
             spill_at = self.journal.max_payload - len(meta) if self.journal is not None else 0
             sink = store.DataSetBuffer(self.root, self.prefix, meta, min(spill_at, _SPILL_AT))
         except store.OutOfSpace as err:
             return _Refusal(OUT_OF_RESOURCES, "out of storage space", f"instance refused (A700): {err}", error=True)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                return _Refusal(OUT_OF_RESOURCES, "out of storage space", "instance refused (A700): disk full", error=True)
+                return _Refusal(
+                    OUT_OF_RESOURCES, "out of storage space", "instance refused (A700): disk full", error=True
+                )
             return _Refusal(PROCESSING_FAILURE, "internal error", f"instance failed: {type(err).__name__}", error=True)
         # What the index holds for this UID, looked up while the data set is still arriving.
         sink.known_sha = self._known_sha(req.sop_instance_uid)
@@ -261,8 +271,9 @@ class Receiver:
             answer = self._finish(event.assoc, sop_class, sop_instance, str(event.context.transfer_syntax), sink)
         return _status(*answer) if isinstance(answer, tuple) else answer
 
-    def _finish(self, assoc: Any, sop_class: str, sop_instance: str, transfer_syntax: str,
-                sink: Any) -> int | tuple[int, str]:
+    def _finish(
+        self, assoc: Any, sop_class: str, sop_instance: str, transfer_syntax: str, sink: Any
+    ) -> int | tuple[int, str]:
         try:
             return self._land(assoc, sop_class, sop_instance, transfer_syntax, sink)
         except store.OutOfSpace as err:
@@ -277,8 +288,9 @@ class Receiver:
         finally:
             sink.discard()  # nothing left behind unless it was landed
 
-    def _land(self, assoc: Any, sop_class: str, sop_instance: str, transfer_syntax: str,
-              sink: Any) -> int | tuple[int, str]:
+    def _land(
+        self, assoc: Any, sop_class: str, sop_instance: str, transfer_syntax: str, sink: Any
+    ) -> int | tuple[int, str]:
         """Check the data set, make it durable (journal record, or landed file), hand it to the
         Indexer. Returns the answer; raises OutOfSpace, IndexBacklog and unexpected errors."""
         name = instance_tag(sop_instance)
@@ -331,9 +343,19 @@ class Receiver:
             self.indexer.unreserve()
             raise
         # Durable from here: the sender may be answered. The index row follows (Indexer).
-        self.indexer.submit(Arrival(header, transfer_syntax, sink.size, len(sink.meta) if in_memory and record else sink.meta_len,
-                                    str(assoc.requestor.ae_title).strip(), str(assoc.acceptor.ae_title).strip(),
-                                    landed=landed, record=record, sha256=record.sha256 if record else sha))
+        self.indexer.submit(
+            Arrival(
+                header,
+                transfer_syntax,
+                sink.size,
+                len(sink.meta) if in_memory and record else sink.meta_len,
+                str(assoc.requestor.ae_title).strip(),
+                str(assoc.acceptor.ae_title).strip(),
+                landed=landed,
+                record=record,
+                sha256=record.sha256 if record else sha,
+            )
+        )
         metrics.INSTANCES_RECEIVED.inc()
         metrics.BYTES_RECEIVED.inc(sink.size)
         return SUCCESS
@@ -394,8 +416,9 @@ class Receiver:
 
         def guarded(event: Any, *args: Any) -> Any:
             if not self._allowed(event.assoc, action):
-                security_log.warning("%s refused: calling AE %r is not allowed it", action,
-                                     event.assoc.requestor.ae_title)
+                security_log.warning(
+                    "%s refused: calling AE %r is not allowed it", action, event.assoc.requestor.ae_title
+                )
                 return NOT_AUTHORIZED, None
             return handler(event, *args)
 
@@ -405,10 +428,14 @@ class Receiver:
         """Bind the port (shared with the other receivers) and serve on a background thread."""
         node = self.settings.node
         ae = self.build_ae()
-        server = ae.make_server((node.host, node.port), ae_title=node.ae_title,
-                                ssl_context=tls_context(self.settings), evt_handlers=self.handlers(),
-                                server_class=ReusePortServer,
-                                **({"request_handler": acceptor.request_handler_class(self)} if acceptor.SUPPORTED else {}))
+        server = ae.make_server(
+            (node.host, node.port),
+            ae_title=node.ae_title,
+            ssl_context=tls_context(self.settings),
+            evt_handlers=self.handlers(),
+            server_class=ReusePortServer,
+            **({"request_handler": acceptor.request_handler_class(self)} if acceptor.SUPPORTED else {}),
+        )
         acceptor.track_server(ae, server)
         threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
         return server
@@ -430,7 +457,9 @@ class _ShaLookup:
         self._sql = f"SELECT sha256 FROM {table} WHERE sop_instance_uid = {mark}" if mark else None
         self._core = select(Instance.sha256).where(Instance.sop_instance_uid == bindparam("uid"))
         database = engine.url.database
-        self._sqlite_path = database if engine.dialect.name == "sqlite" and database not in (None, "", ":memory:") else None
+        self._sqlite_path = (
+            database if engine.dialect.name == "sqlite" and database not in (None, "", ":memory:") else None
+        )
         self._sqlite: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
@@ -457,8 +486,9 @@ class _ShaLookup:
             if self._sqlite is None:
                 # Autocommit reads: each query is its own read transaction, so this connection
                 # never holds back the WAL checkpoints of the writers.
-                self._sqlite = sqlite3.connect(self._sqlite_path, timeout=30, check_same_thread=False,
-                                               isolation_level=None)
+                self._sqlite = sqlite3.connect(
+                    self._sqlite_path, timeout=30, check_same_thread=False, isolation_level=None
+                )
             try:
                 row = self._sqlite.execute(self._sql, (sop_instance,)).fetchone()  # type: ignore[arg-type]
             except sqlite3.Error:

@@ -30,11 +30,12 @@ def recover_journal(indexer: Indexer, called_ae: str, path: Path) -> tuple[journ
         try:
             arrivals.append(arrival_from_record(record, called_ae))
         except Exception as err:  # only complete, checksummed records are read back
-            log.error("journal record %d of %s cannot be read back (%s); skipped", record.seq, path.name,
-                      type(err).__name__)
+            log.error(
+                "journal record %d of %s cannot be read back (%s); skipped", record.seq, path.name, type(err).__name__
+            )
             jrnl.retire([record])
     for start in range(0, len(arrivals), 64):
-        indexer.process(arrivals[start:start + 64], durable=True)
+        indexer.process(arrivals[start : start + 64], durable=True)
     jrnl.checkpoint()
     if arrivals:
         log.warning("%d instance(s) answered before a restart were indexed from journal %s", len(arrivals), path.name)

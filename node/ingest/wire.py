@@ -28,12 +28,33 @@ IMPLEMENTATION_VERSION = PYNETDICOM_IMPLEMENTATION_VERSION
 
 # The header fields the index needs: everything else stays unparsed.
 HEADER_KEYWORDS = (
-    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyDate", "StudyTime",
-    "AccessionNumber", "Modality", "Manufacturer", "ReferringPhysicianName", "StationName",
-    "StudyDescription", "SeriesDescription", "PatientName", "PatientID", "IssuerOfPatientID",
-    "PatientBirthDate", "PatientSex", "PatientAge", "BodyPartExamined", "SliceThickness",
-    "StudyInstanceUID", "SeriesInstanceUID", "StudyID", "SeriesNumber", "InstanceNumber",
-    "NumberOfFrames", "FrameOfReferenceUID",
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "Modality",
+    "Manufacturer",
+    "ReferringPhysicianName",
+    "StationName",
+    "StudyDescription",
+    "SeriesDescription",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "BodyPartExamined",
+    "SliceThickness",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "StudyID",
+    "SeriesNumber",
+    "InstanceNumber",
+    "NumberOfFrames",
+    "FrameOfReferenceUID",
 )
 HEADER_TAGS = [Tag(k) for k in HEADER_KEYWORDS]
 _PIXEL_DATA = 0x7FE00010
@@ -47,8 +68,16 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
-def _walk(buf: memoryview, pos: int, end: int, implicit: bool, little: bool, stop_at: int | None,
-          pixel_at: list[int] | None = None, uids: dict[int, tuple[int, int, bytes]] | None = None) -> int:
+def _walk(
+    buf: memoryview,
+    pos: int,
+    end: int,
+    implicit: bool,
+    little: bool,
+    stop_at: int | None,
+    pixel_at: list[int] | None = None,
+    uids: dict[int, tuple[int, int, bytes]] | None = None,
+) -> int:
     """Walk element headers from ``pos``; return where the walk stopped.
 
     Checks that every declared length fits in the buffer, so a truncated data set is caught
@@ -74,7 +103,7 @@ def _walk(buf: memoryview, pos: int, end: int, implicit: bool, little: bool, sto
             length = struct.unpack_from(u32, buf, pos + 4)[0]
             header, vr = 8, b""
         else:
-            vr = bytes(buf[pos + 4:pos + 6])
+            vr = bytes(buf[pos + 4 : pos + 6])
             if vr in _LONG_VRS:
                 if pos + 12 > end:
                     raise Unparseable("data set ends inside an element header")
@@ -118,13 +147,36 @@ def _walk_items(buf: memoryview, pos: int, end: int, implicit: bool, little: boo
                 raise Unparseable("an item runs past the end of the data set")
 
 
-_UID_TAGS = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID",
-             0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID"}
+_UID_TAGS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+}
 _INDEX_TAGS = {int(tag): keyword for tag, keyword in zip(HEADER_TAGS, HEADER_KEYWORDS)}
 # Value representations whose bytes are the text itself (PS3.5 6.2); ASCII text of these is
 # decoded here, anything else by pydicom.
-_TEXT_VRS = frozenset({b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"IS", b"LO", b"LT", b"PN", b"SH", b"ST",
-                       b"TM", b"UC", b"UI", b"UT", b""})
+_TEXT_VRS = frozenset(
+    {
+        b"AE",
+        b"AS",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"PN",
+        b"SH",
+        b"ST",
+        b"TM",
+        b"UC",
+        b"UI",
+        b"UT",
+        b"",
+    }
+)
 _MISSING: Any = object()
 
 
@@ -140,8 +192,14 @@ class Header:
     pydicom Dataset.
     """
 
-    def __init__(self, raw: bytes, implicit: bool, little: bool, uids: dict[str, str],
-                 fields: dict[str, tuple[int, int, bytes]] | None = None):
+    def __init__(
+        self,
+        raw: bytes,
+        implicit: bool,
+        little: bool,
+        uids: dict[str, str],
+        fields: dict[str, tuple[int, int, bytes]] | None = None,
+    ):
         self._raw, self._implicit, self._little = raw, implicit, little
         self._uids = uids
         self._fields = fields or {}
@@ -157,7 +215,7 @@ class Header:
         if where is None:
             return default
         pos, length, vr = where
-        value = self._raw[pos:pos + length]
+        value = self._raw[pos : pos + length]
         if vr in _TEXT_VRS and value.isascii():
             return value.decode("ascii").rstrip("\x00 ")
         return self.dataset().get(keyword, default)
@@ -174,8 +232,13 @@ class Header:
         """The header parsed by pydicom (only the index's fields)."""
         if self._dataset is None:
             try:
-                self._dataset = read_dataset(io.BytesIO(self._raw), self._implicit, self._little,
-                                             stop_when=_before_pixels, specific_tags=HEADER_TAGS)
+                self._dataset = read_dataset(
+                    io.BytesIO(self._raw),
+                    self._implicit,
+                    self._little,
+                    stop_when=_before_pixels,
+                    specific_tags=HEADER_TAGS,
+                )
             except Exception:  # pydicom raises many kinds on odd values: index without them
                 self._dataset = Dataset()
         return self._dataset
@@ -204,11 +267,14 @@ def read_header(encoded: memoryview, transfer_syntax: str) -> Header:
         raise
     except Exception as err:  # struct errors on garbage
         raise Unparseable(f"{type(err).__name__}") from None
-    uids = {_UID_TAGS[tag]: bytes(encoded[pos:pos + length]).decode("ascii", "replace").rstrip("\x00 ")
-            for tag, (pos, length, _) in found.items() if tag in _UID_TAGS}
+    uids = {
+        _UID_TAGS[tag]: bytes(encoded[pos : pos + length]).decode("ascii", "replace").rstrip("\x00 ")
+        for tag, (pos, length, _) in found.items()
+        if tag in _UID_TAGS
+    }
     fields = {_INDEX_TAGS[tag]: where for tag, where in found.items() if tag not in _UID_TAGS}
     # Copy only the header for the parser, never the pixel data.
-    return Header(bytes(encoded[:pixel_at[0]] if pixel_at else encoded), implicit, little, uids, fields)
+    return Header(bytes(encoded[: pixel_at[0]] if pixel_at else encoded), implicit, little, uids, fields)
 
 
 def _before_pixels(tag: Any, _vr: Any, _length: int) -> bool:
@@ -265,15 +331,17 @@ def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, calling_a
     Encoded directly (pydicom takes about a millisecond for this); byte-identical to
     ``pydicom.filewriter.write_file_meta_info`` (a test holds it to that).
     """
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01", b"\x00"),
-        _meta_element(0x0002, b"UI", sop_class.encode("ascii"), b"\x00"),
-        _meta_element(0x0003, b"UI", sop_instance.encode("ascii"), b"\x00"),
-        _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\x00"),
-        _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00"),
-        _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii"), b" "),
-        _meta_element(0x0016, b"AE", str(calling_ae).strip().encode("ascii", "replace"), b" "),
-    ))
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01", b"\x00"),
+            _meta_element(0x0002, b"UI", sop_class.encode("ascii"), b"\x00"),
+            _meta_element(0x0003, b"UI", sop_instance.encode("ascii"), b"\x00"),
+            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\x00"),
+            _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00"),
+            _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode("ascii"), b" "),
+            _meta_element(0x0016, b"AE", str(calling_ae).strip().encode("ascii", "replace"), b" "),
+        )
+    )
     return b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<I", len(body)), b"") + body
 
 

@@ -69,8 +69,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": None,
         "task_serializer": "json",
         "accept_content": ["json"],
-        "task_queues": [Queue(ANALYSIS_QUEUE, routing_key=ANALYSIS_QUEUE),
-                        Queue(DELIVERY_QUEUE, routing_key=DELIVERY_QUEUE)],
+        "task_queues": [
+            Queue(ANALYSIS_QUEUE, routing_key=ANALYSIS_QUEUE),
+            Queue(DELIVERY_QUEUE, routing_key=DELIVERY_QUEUE),
+        ],
         "task_default_queue": ANALYSIS_QUEUE,
         "task_default_priority": 3,
         "task_routes": {DELIVER_TASK: {"queue": DELIVERY_QUEUE}, RUN_ANALYSIS_TASK: {"queue": ANALYSIS_QUEUE}},
@@ -128,11 +130,20 @@ def publish_job(settings: Settings, job_id: int, countdown: float | None = None)
             return True
     try:
         configured_app(settings).send_task(
-            RUN_ANALYSIS_TASK, args=[job_id], task_id=task_id, queue=queue, routing_key=queue,
-            priority=rank, soft_time_limit=soft, time_limit=hard, countdown=countdown)
+            RUN_ANALYSIS_TASK,
+            args=[job_id],
+            task_id=task_id,
+            queue=queue,
+            routing_key=queue,
+            priority=rank,
+            soft_time_limit=soft,
+            time_limit=hard,
+            countdown=countdown,
+        )
     except Exception as err:  # noqa: BLE001 - the reconciler publishes it when the broker is back
-        log.warning("job %s not published (broker unreachable: %s); the reconciler will retry", job_id,
-                    type(err).__name__)
+        log.warning(
+            "job %s not published (broker unreachable: %s); the reconciler will retry", job_id, type(err).__name__
+        )
         return False
     with session_scope(engine) as session:
         session.execute(update(Job).where(Job.id == job_id).values(task_id=task_id, published_at=utcnow()))
@@ -145,8 +156,13 @@ def publish_delivery(settings: Settings, delivery_id: int) -> bool:
     if embedded(settings):
         return False  # the dispatcher's own loop delivers in embedded mode
     try:
-        configured_app(settings).send_task(DELIVER_TASK, args=[delivery_id], queue=DELIVERY_QUEUE,
-                                           routing_key=DELIVERY_QUEUE, priority=PRIORITY_RANK["routine"])
+        configured_app(settings).send_task(
+            DELIVER_TASK,
+            args=[delivery_id],
+            queue=DELIVERY_QUEUE,
+            routing_key=DELIVERY_QUEUE,
+            priority=PRIORITY_RANK["routine"],
+        )
     except Exception as err:  # noqa: BLE001
         log.warning("delivery %s not published (%s)", delivery_id, type(err).__name__)
         return False

@@ -54,9 +54,12 @@ class EmbeddedWorker:
         stale = utcnow() - timedelta(seconds=self.settings.jobs.heartbeat_timeout_s)
         with database_session(self.settings.database.url) as session:
             waiting = session.scalar(
-                select(Job.id).where(or_(Job.state.in_((QUEUED, RETRYING)),
-                                         (Job.state == RUNNING) & (Job.heartbeat_at < stale)))
-                .where(Job.queue == ANALYSIS_QUEUE).order_by(Job.priority_rank, Job.id).limit(1))
+                select(Job.id)
+                .where(or_(Job.state.in_((QUEUED, RETRYING)), (Job.state == RUNNING) & (Job.heartbeat_at < stale)))
+                .where(Job.queue == ANALYSIS_QUEUE)
+                .order_by(Job.priority_rank, Job.id)
+                .limit(1)
+            )
             if waiting is not None:
                 return waiting
             # A job whose child died with the node (kill -9, power cut) need not wait for the heartbeat
@@ -111,10 +114,14 @@ class EmbeddedWorker:
 def start_services(settings: Settings) -> list[Callable[[], None]]:
     """In embedded mode (no broker URL), start the in-process worker; otherwise nothing."""
     if not embedded(settings):
-        log.info("jobs go to the broker at %s; run `ainode worker` on the analysis machines",
-                 settings.broker.url.split("@")[-1])
+        log.info(
+            "jobs go to the broker at %s; run `ainode worker` on the analysis machines",
+            settings.broker.url.split("@")[-1],
+        )
         return []
-    log.warning("no broker configured: using the embedded broker (the job table) and an in-process worker; "
-                "set broker.url to a redis:// URL to run analyses on separate GPU workers")
+    log.warning(
+        "no broker configured: using the embedded broker (the job table) and an in-process worker; "
+        "set broker.url to a redis:// URL to run analyses on separate GPU workers"
+    )
     worker = EmbeddedWorker(settings).start()
     return [worker.stop]

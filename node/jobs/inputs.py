@@ -26,7 +26,8 @@ def job_inputs(settings: Settings, job: Job) -> list[InputInstance]:
     """The job's input instances (its series, or every series of its study), in series and instance order."""
     with database_session(settings.database.url) as session:
         query = select(Series.series_uid, Instance.sop_instance_uid, Instance.path).join(
-            Series, Instance.series_pk == Series.id)
+            Series, Instance.series_pk == Series.id
+        )
         if job.series_pk is not None:
             query = query.where(Series.id == job.series_pk)
         else:

@@ -76,21 +76,48 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def queue_job(session: Session, settings: Settings, *, key: str, analysis: str, params: dict[str, Any],
-              rule: str = "", level: str = "study", priority: str = "routine", destinations: list[str] | None = None,
-              study_pk: int | None = None, series_pk: int | None = None, study_uid: str = "", series_uid: str = "",
-              fingerprint: str = "", supersedes: int | None = None) -> Job:
+def queue_job(
+    session: Session,
+    settings: Settings,
+    *,
+    key: str,
+    analysis: str,
+    params: dict[str, Any],
+    rule: str = "",
+    level: str = "study",
+    priority: str = "routine",
+    destinations: list[str] | None = None,
+    study_pk: int | None = None,
+    series_pk: int | None = None,
+    study_uid: str = "",
+    series_uid: str = "",
+    fingerprint: str = "",
+    supersedes: int | None = None,
+) -> Job:
     """Add a queued job to the session (the caller commits, then calls publish_job)."""
     soft, hard = analysis_limits(settings, analysis)
-    job = Job(key=key, analysis=analysis, params=json.dumps(params, sort_keys=True), rule=rule, level=level,
-              priority=priority, priority_rank=PRIORITY_RANK[priority], destinations=json.dumps(destinations or []),
-              study_pk=study_pk, series_pk=series_pk, study_uid=study_uid, series_uid=series_uid,
-              input_fingerprint=fingerprint, supersedes_job_id=supersedes, soft_time_limit_s=soft,
-              time_limit_s=hard, max_attempts=settings.jobs.max_attempts, state=QUEUED)
+    job = Job(
+        key=key,
+        analysis=analysis,
+        params=json.dumps(params, sort_keys=True),
+        rule=rule,
+        level=level,
+        priority=priority,
+        priority_rank=PRIORITY_RANK[priority],
+        destinations=json.dumps(destinations or []),
+        study_pk=study_pk,
+        series_pk=series_pk,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        input_fingerprint=fingerprint,
+        supersedes_job_id=supersedes,
+        soft_time_limit_s=soft,
+        time_limit_s=hard,
+        max_attempts=settings.jobs.max_attempts,
+        state=QUEUED,
+    )
     session.add(job)
     return job
-
-
 
 
 def rerun_job(session: Session, settings: Settings, job_id: int) -> Job:
@@ -100,10 +127,23 @@ def rerun_job(session: Session, settings: Settings, job_id: int) -> Job:
         raise JobNotFound(job_id)
     if old.state in PENDING_STATES:
         raise JobStateConflict(f"job {job_id} is still {old.state}")
-    new = queue_job(session, settings, key=old.key, analysis=old.analysis, params=old.params_dict(),
-                    rule=old.rule, level=old.level, priority=old.priority, destinations=old.destination_names(),
-                    study_pk=old.study_pk, series_pk=old.series_pk, study_uid=old.study_uid,
-                    series_uid=old.series_uid, fingerprint=old.input_fingerprint, supersedes=old.id)
+    new = queue_job(
+        session,
+        settings,
+        key=old.key,
+        analysis=old.analysis,
+        params=old.params_dict(),
+        rule=old.rule,
+        level=old.level,
+        priority=old.priority,
+        destinations=old.destination_names(),
+        study_pk=old.study_pk,
+        series_pk=old.series_pk,
+        study_uid=old.study_uid,
+        series_uid=old.series_uid,
+        fingerprint=old.input_fingerprint,
+        supersedes=old.id,
+    )
     session.flush()
     return new
 
@@ -152,24 +192,36 @@ def claim_job(settings: Settings, job_id: int) -> Claim | None:
                 return None
             log.warning("job %s: its runner %s stopped; taking over", job_id, job.worker)
         if job.attempts >= job.max_attempts:
-            session.execute(update(Job).where(Job.id == job_id, Job.state == job.state).values(
-                state=DEAD, finished_at=now,
-                error=(job.error or "the worker was lost") + f" (after {job.attempts} attempts)"))
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == job.state)
+                .values(
+                    state=DEAD,
+                    finished_at=now,
+                    error=(job.error or "the worker was lost") + f" (after {job.attempts} attempts)",
+                )
+            )
             _mark_study_done(session, job_id)
             log.error("job %s dead: %d attempts used", job_id, job.attempts)
             return None
         attempt = job.attempts + 1
-        claimed = session.execute(update(Job).where(Job.id == job_id, Job.state == job.state,
-                                                    Job.attempts == job.attempts).values(
-            state=RUNNING, attempts=attempt, started_at=now, heartbeat_at=now, worker=me))
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == job.state, Job.attempts == job.attempts)
+            .values(state=RUNNING, attempts=attempt, started_at=now, heartbeat_at=now, worker=me)
+        )
         if claimed.rowcount != 1:
             return None
     return Claim(job_id, attempt, me)
 
 
 def _of_claim(claim: Claim) -> Any:
-    return (Job.id == claim.job_id) & (Job.state == RUNNING) & (Job.worker == claim.worker) & \
-        (Job.attempts == claim.attempt)
+    return (
+        (Job.id == claim.job_id)
+        & (Job.state == RUNNING)
+        & (Job.worker == claim.worker)
+        & (Job.attempts == claim.attempt)
+    )
 
 
 def _finish(settings: Settings, claim: Claim, **values: Any) -> bool:
@@ -198,8 +250,11 @@ def retry_or_bury(settings: Settings, claim: Claim, reason: str, max_attempts: i
 def succeed_job(session: Session, claim: Claim, summary: dict[str, Any]) -> bool:
     """Succeeded, in the caller's transaction (which also records the outbox rows); False if the
     claim was lost meanwhile (another runner took the job over)."""
-    done = session.execute(update(Job).where(_of_claim(claim)).values(
-        state=SUCCEEDED, finished_at=utcnow(), error="", result=json.dumps(summary)))
+    done = session.execute(
+        update(Job)
+        .where(_of_claim(claim))
+        .values(state=SUCCEEDED, finished_at=utcnow(), error="", result=json.dumps(summary))
+    )
     if done.rowcount != 1:
         return False
     _mark_study_done(session, claim.job_id)
@@ -210,8 +265,11 @@ def mark_time_limit_exceeded(settings: Settings, job_id: int, limit_s: float, so
     """Record that a job was stopped by its time limit (it would hang again: not retried)."""
     reason = f"{'soft' if soft else 'hard'} time limit of {limit_s:g} s exceeded; the analysis was stopped"
     with database_session(settings.database.url) as session:
-        session.execute(update(Job).where(Job.id == job_id, Job.state == RUNNING).values(
-            state=FAILED, error=reason, finished_at=utcnow()))
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == RUNNING)
+            .values(state=FAILED, error=reason, finished_at=utcnow())
+        )
         _mark_study_done(session, job_id)
     log.error("job %s failed: %s", job_id, reason)
 
@@ -241,8 +299,9 @@ def _mark_study_done(session: Session, job_id: int) -> None:
     job = session.get(Job, job_id)
     if job is None or job.study_pk is None or job.state in PENDING_STATES:
         return
-    pending = session.scalar(select(func.count(Job.id)).where(Job.study_pk == job.study_pk,
-                                                                Job.state.in_(PENDING_STATES), Job.id != job_id))
+    pending = session.scalar(
+        select(func.count(Job.id)).where(Job.study_pk == job.study_pk, Job.state.in_(PENDING_STATES), Job.id != job_id)
+    )
     study = session.get(Study, job.study_pk)
     if not pending and study is not None and study.state == "routed":
         study.state = "done"

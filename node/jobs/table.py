@@ -37,7 +37,9 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # rule/analysis/level/uid: the same key with new inputs is a re-run that supersedes the last.
     key: Mapped[str] = mapped_column(String(300), index=True)
-    study_pk: Mapped[int | None] = mapped_column(ForeignKey("studies.id", ondelete="SET NULL"), nullable=True, index=True)
+    study_pk: Mapped[int | None] = mapped_column(
+        ForeignKey("studies.id", ondelete="SET NULL"), nullable=True, index=True
+    )
     series_pk: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="SET NULL"), nullable=True)
     study_uid: Mapped[str] = mapped_column(String(64), default="")
     series_uid: Mapped[str] = mapped_column(String(64), default="")
@@ -90,14 +92,21 @@ def status_summary(session: Session) -> dict[str, Any]:
     """Job counts per state, the dead and failed jobs with their reasons, the oldest waiting job."""
     counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
     oldest = session.scalar(select(func.min(Job.created_at)).where(Job.state.in_((QUEUED, RETRYING))))
-    problems = session.scalars(select(Job).where(Job.state.in_((DEAD, FAILED)))
-                               .order_by(Job.finished_at.desc()).limit(20)).all()
+    problems = session.scalars(
+        select(Job).where(Job.state.in_((DEAD, FAILED))).order_by(Job.finished_at.desc()).limit(20)
+    ).all()
     oldest_age = (utcnow() - aware(oldest)).total_seconds() if oldest else None
     return {
         "jobs": {state: counts.get(state, 0) for state in (QUEUED, RUNNING, RETRYING, SUCCEEDED, FAILED, DEAD)},
         "oldest_waiting_s": round(oldest_age, 1) if oldest_age is not None else None,
-        "dead": [{"id": j.id, "analysis": j.analysis, "rule": j.rule, "attempts": j.attempts, "error": j.error[:200]}
-                 for j in problems if j.state == DEAD],
-        "failed": [{"id": j.id, "analysis": j.analysis, "rule": j.rule, "error": j.error[:200]}
-                   for j in problems if j.state == FAILED],
+        "dead": [
+            {"id": j.id, "analysis": j.analysis, "rule": j.rule, "attempts": j.attempts, "error": j.error[:200]}
+            for j in problems
+            if j.state == DEAD
+        ],
+        "failed": [
+            {"id": j.id, "analysis": j.analysis, "rule": j.rule, "error": j.error[:200]}
+            for j in problems
+            if j.state == FAILED
+        ],
     }

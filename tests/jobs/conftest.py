@@ -45,10 +45,21 @@ def settings_from(path: Path) -> Settings:
     return resolve_paths(load_settings(path, environ={}), path.parent.resolve())
 
 
-def add_study(settings: Settings, *, study_uid: str, modality: str = "CT", instances: int = 3, series: int = 1,
-              age: timedelta = timedelta(0), first_age: timedelta | None = None, calling_ae: str = "CT01",
-              description: str = "CT CHEST", body_part: str = "CHEST", slice_thickness: float = 1.0,
-              state: str = "received") -> int:
+def add_study(
+    settings: Settings,
+    *,
+    study_uid: str,
+    modality: str = "CT",
+    instances: int = 3,
+    series: int = 1,
+    age: timedelta = timedelta(0),
+    first_age: timedelta | None = None,
+    calling_ae: str = "CT01",
+    description: str = "CT CHEST",
+    body_part: str = "CHEST",
+    slice_thickness: float = 1.0,
+    state: str = "received",
+) -> int:
     """Index rows as the receiver writes them (no files); returns the study's row id."""
     now = utcnow()
     last = now - age
@@ -59,22 +70,49 @@ def add_study(settings: Settings, *, study_uid: str, modality: str = "CT", insta
             patient = Patient(patient_id="P-" + study_uid[-6:], name="Test^Patient")
             session.add(patient)
             session.flush()
-        study = Study(study_uid=study_uid, patient_pk=patient.id, description=description, calling_ae=calling_ae,
-                      called_ae="AINODE", patient_age="054Y", instance_count=instances * series,
-                      first_received_at=first, last_received_at=last, state=state)
+        study = Study(
+            study_uid=study_uid,
+            patient_pk=patient.id,
+            description=description,
+            calling_ae=calling_ae,
+            called_ae="AINODE",
+            patient_age="054Y",
+            instance_count=instances * series,
+            first_received_at=first,
+            last_received_at=last,
+            state=state,
+        )
         session.add(study)
         session.flush()
         for s in range(series):
-            row = Series(series_uid=f"{study_uid}.{s + 1}", study_pk=study.id, modality=modality, body_part=body_part,
-                         description=f"series {s + 1}", slice_thickness=slice_thickness, instance_count=instances,
-                         first_received_at=first, last_received_at=last, state=state)
+            row = Series(
+                series_uid=f"{study_uid}.{s + 1}",
+                study_pk=study.id,
+                modality=modality,
+                body_part=body_part,
+                description=f"series {s + 1}",
+                slice_thickness=slice_thickness,
+                instance_count=instances,
+                first_received_at=first,
+                last_received_at=last,
+                state=state,
+            )
             session.add(row)
             session.flush()
             for i in range(instances):
-                session.add(Instance(sop_instance_uid=f"{study_uid}.{s + 1}.{i + 1}",
-                                     sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_pk=row.id,
-                                     transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"x/{study_uid}.{s}.{i}",
-                                     size_bytes=10, sha256="0" * 64, instance_number=i + 1, received_at=last))
+                session.add(
+                    Instance(
+                        sop_instance_uid=f"{study_uid}.{s + 1}.{i + 1}",
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                        series_pk=row.id,
+                        transfer_syntax_uid="1.2.840.10008.1.2.1",
+                        path=f"x/{study_uid}.{s}.{i}",
+                        size_bytes=10,
+                        sha256="0" * 64,
+                        instance_number=i + 1,
+                        received_at=last,
+                    )
+                )
         return study.id
 
 
@@ -114,9 +152,23 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        self.proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.folder)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         assert wait_for(lambda: port_open(self.port), 30), "redis-server did not start"
 
     def stop(self) -> None:
@@ -159,9 +211,24 @@ class Worker:
     def __init__(self, config: Path, concurrency: int = 1, queues: str = "gpu,cpu"):
         self.log = config.parent / f"worker-{free_port()}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "worker", "-c", str(config), "--concurrency", str(concurrency),
-             "--queues", queues], cwd=ROOT, env=env_for_children(), stdout=self.log.open("wb"),
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "worker",
+                "-c",
+                str(config),
+                "--concurrency",
+                str(concurrency),
+                "--queues",
+                queues,
+            ],
+            cwd=ROOT,
+            env=env_for_children(),
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill9(self) -> None:
         """SIGKILL the worker and its pool processes at once (a machine losing power, in effect)."""

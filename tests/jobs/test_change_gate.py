@@ -17,10 +17,12 @@ CT_RULE = {"name": "ct-count", "match": {"modality": "CT"}, "analyses": ["count-
 
 def _commit_elsewhere(url: str) -> None:
     """A commit from another process, as a receiver's index batch would be."""
-    code = ("import sys; from sqlalchemy import create_engine, text; e = create_engine(sys.argv[1]);\n"
-            "with e.begin() as c: c.execute(text(\"UPDATE studies SET description = 'x' WHERE 1 = 0\"));"
-            " c.execute(text('CREATE TABLE IF NOT EXISTS gate_probe (n INTEGER)'));"
-            " c.execute(text('INSERT INTO gate_probe VALUES (1)'))")
+    code = (
+        "import sys; from sqlalchemy import create_engine, text; e = create_engine(sys.argv[1]);\n"
+        "with e.begin() as c: c.execute(text(\"UPDATE studies SET description = 'x' WHERE 1 = 0\"));"
+        " c.execute(text('CREATE TABLE IF NOT EXISTS gate_probe (n INTEGER)'));"
+        " c.execute(text('INSERT INTO gate_probe VALUES (1)'))"
+    )
     subprocess.run([sys.executable, "-c", code, url], check=True)
 
 
@@ -61,8 +63,9 @@ def test_in_memory_database_makes_every_pass_due():
 
 def test_completion_ticker_skips_idle_passes_and_wakes_on_a_new_study(make_settings, monkeypatch):
     quiet = 3.0
-    settings = make_settings(rules=[CT_RULE], timers={"series_quiet_s": quiet, "study_quiet_s": quiet,
-                                                      "force_complete_s": 600})
+    settings = make_settings(
+        rules=[CT_RULE], timers={"series_quiet_s": quiet, "study_quiet_s": quiet, "force_complete_s": 600}
+    )
     ticker = assembler.CompletionTicker(settings)
     passes = []
     real_tick = assembler.tick

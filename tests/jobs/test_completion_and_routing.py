@@ -44,7 +44,9 @@ def test_quiet_timer_makes_a_study_ready_and_routes_it(make_settings):
     waited = _study(settings, "1.2.3.101")
     assert waited.state == "routed" and waited.ready_reason == "quiet-timer"
     jobs = _jobs(settings)
-    assert [(j.analysis, j.state, j.priority, j.study_uid) for j in jobs] == [("count-instances", QUEUED, "stat", "1.2.3.101")]
+    assert [(j.analysis, j.state, j.priority, j.study_uid) for j in jobs] == [
+        ("count-instances", QUEUED, "stat", "1.2.3.101")
+    ]
     # Embedded mode: the job table is the queue; "published" only records the task id.
     assert jobs[0].task_id == f"job-{jobs[0].id}-1"
 
@@ -67,8 +69,7 @@ def test_rule_timer_override_applies_to_matching_studies(make_settings):
 
 
 def test_unrouted_study_is_logged_without_patient_data_then_removed(make_settings, caplog):
-    settings = make_settings(rules=[CT_RULE], storage={"path": "store",
-                                                       "unrouted_retention_h": 0.0001})
+    settings = make_settings(rules=[CT_RULE], storage={"path": "store", "unrouted_retention_h": 0.0001})
     pk = add_study(settings, study_uid="1.2.3.130", modality="MR", age=timedelta(seconds=5))
     with caplog.at_level(logging.INFO):
         assembler.tick(settings)
@@ -118,9 +119,17 @@ def test_late_arrival_reruns_the_analysis_and_supersedes(make_settings):
     # A new instance arrives after routing: the study completes again and the job is re-run.
     with session_scope(engine_for(settings.database.url)) as session:
         series = session.scalars(select(Series).where(Series.study_pk == pk)).first()
-        session.add(Instance(sop_instance_uid="1.2.3.150.1.99", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                             series_pk=series.id, transfer_syntax_uid="1.2.840.10008.1.2.1", path="x/late",
-                             size_bytes=1, sha256="0" * 64))
+        session.add(
+            Instance(
+                sop_instance_uid="1.2.3.150.1.99",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                series_pk=series.id,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path="x/late",
+                size_bytes=1,
+                sha256="0" * 64,
+            )
+        )
         series.last_received_at = utcnow()
         session.get(Study, pk).last_received_at = utcnow()
     assembler.tick(settings)
@@ -183,7 +192,9 @@ def _mpps_completed(series_uid: str, sop_uids: list[str], status: str = "COMPLET
 
 
 def test_mpps_completed_makes_ready_only_when_every_listed_instance_arrived(make_settings):
-    settings = make_settings(rules=[CT_RULE], timers={"series_quiet_s": 60, "study_quiet_s": 120, "force_complete_s": 600})
+    settings = make_settings(
+        rules=[CT_RULE], timers={"series_quiet_s": 60, "study_quiet_s": 120, "force_complete_s": 600}
+    )
     add_study(settings, study_uid="1.2.3.170", instances=3)
     listed = [f"1.2.3.170.1.{i}" for i in (1, 2, 3, 4)]  # the 4th has not arrived yet
     with session_scope(engine_for(settings.database.url)) as session:
@@ -196,15 +207,26 @@ def test_mpps_completed_makes_ready_only_when_every_listed_instance_arrived(make
     assert _study(settings, "1.2.3.170").state == "received"
     with session_scope(engine_for(settings.database.url)) as session:
         series = session.scalar(select(Series).where(Series.series_uid == "1.2.3.170.1"))
-        session.add(Instance(sop_instance_uid=listed[3], sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_pk=series.id,
-                             transfer_syntax_uid="1.2.840.10008.1.2.1", path="x/4", size_bytes=1, sha256="0" * 64))
+        session.add(
+            Instance(
+                sop_instance_uid=listed[3],
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                series_pk=series.id,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path="x/4",
+                size_bytes=1,
+                sha256="0" * 64,
+            )
+        )
     assembler.tick(settings)
     study = _study(settings, "1.2.3.170")
     assert study.state == "routed" and study.ready_reason == "mpps-completed"
 
 
 def test_mpps_discontinued_leaves_it_to_the_timers(make_settings):
-    settings = make_settings(rules=[CT_RULE], timers={"series_quiet_s": 60, "study_quiet_s": 120, "force_complete_s": 600})
+    settings = make_settings(
+        rules=[CT_RULE], timers={"series_quiet_s": 60, "study_quiet_s": 120, "force_complete_s": 600}
+    )
     add_study(settings, study_uid="1.2.3.180", instances=1)
     with session_scope(engine_for(settings.database.url)) as session:
         mpps.create_step(session, "9.9.2", _mpps_create("1.2.3.180"), "CT01")
@@ -231,8 +253,9 @@ def test_status_summary_counts_jobs_and_lists_dead_ones(make_settings):
 
 def test_high_water_mark_removes_the_oldest_finished_studies_first(make_settings):
     # A mark no disk is below: every finished study goes, oldest first; one still waiting stays.
-    settings = make_settings(rules=[CT_RULE], storage={"path": "store", "high_water_mark": 0.000001,
-                                                       "retention_days": 0})
+    settings = make_settings(
+        rules=[CT_RULE], storage={"path": "store", "high_water_mark": 0.000001, "retention_days": 0}
+    )
     for uid, age in (("1.2.3.201", 50), ("1.2.3.202", 40)):
         add_study(settings, study_uid=uid, age=timedelta(seconds=age))
     add_study(settings, study_uid="1.2.3.203", age=timedelta(seconds=0))

@@ -42,27 +42,49 @@ def test_job_runs_a_configured_model_and_records_results_for_delivery(tmp_path):
     torch.jit.script(Threshold()).save(str(model))
     series = tmp_path / "series"
     phantoms.write_ct_series(phantoms.make_ct_phantom(7, shape=(16, 32, 32)), series)
-    node = NodeProcess(tmp_path / "node", {
-        "analyses": [{"name": "threshold-test", "format": "torchscript", "path": str(model), "task": "segmentation",
-                      "modalities": ["CT"], "labels": ["liver"],
-                      "params": {"window": [-200, 200], "output": "softmax", "roi_size": [16, 32, 32]}}],
-        "destinations": [{"name": "pacs", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": 9}],
-        "rules": [{"name": "ct-threshold", "match": {"modality": "CT"}, "analyses": ["threshold-test"],
-                   "destinations": ["pacs"]}],
-        "timers": {"series_quiet_s": 1, "study_quiet_s": 2},
-    })
+    node = NodeProcess(
+        tmp_path / "node",
+        {
+            "analyses": [
+                {
+                    "name": "threshold-test",
+                    "format": "torchscript",
+                    "path": str(model),
+                    "task": "segmentation",
+                    "modalities": ["CT"],
+                    "labels": ["liver"],
+                    "params": {"window": [-200, 200], "output": "softmax", "roi_size": [16, 32, 32]},
+                }
+            ],
+            "destinations": [{"name": "pacs", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": 9}],
+            "rules": [
+                {
+                    "name": "ct-threshold",
+                    "match": {"modality": "CT"},
+                    "analyses": ["threshold-test"],
+                    "destinations": ["pacs"],
+                }
+            ],
+            "timers": {"series_quiet_s": 1, "study_quiet_s": 2},
+        },
+    )
     with node:
         files = sorted(str(p) for p in series.glob("*.dcm"))
-        subprocess.run(["storescu", "-aet", "STORESCU", "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
-                       check=True, capture_output=True, timeout=300)
+        subprocess.run(
+            ["storescu", "-aet", "STORESCU", "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         engine = create_engine(node.database_url)
 
         def job():
             with engine.connect() as conn:
                 return conn.execute(text("SELECT id, state, error, result FROM jobs")).first()
 
-        assert wait_for(lambda: job() is not None and job()[1] in ("succeeded", "failed", "dead"), 300), \
+        assert wait_for(lambda: job() is not None and job()[1] in ("succeeded", "failed", "dead"), 300), (
             node.log_text()[-4000:]
+        )
         job_id, state, error, result = job()
         assert state == "succeeded", error
         outputs = [Path(p) for p in json.loads(result)["outputs"]]

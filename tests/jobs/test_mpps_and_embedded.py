@@ -26,7 +26,9 @@ def _state(settings, uid):
 
 
 def test_mpps_scp_over_dicom_makes_the_study_ready(make_settings):
-    settings = make_settings(rules=[CT_RULE], timers={"series_quiet_s": 300, "study_quiet_s": 600, "force_complete_s": 900})
+    settings = make_settings(
+        rules=[CT_RULE], timers={"series_quiet_s": 300, "study_quiet_s": 600, "force_complete_s": 900}
+    )
     add_study(settings, study_uid="1.2.5.1", instances=2)
     scp = AE(ae_title="AINODE")
     scp.add_supported_context(ModalityPerformedProcedureStep)
@@ -68,8 +70,12 @@ def _job(settings, job_id):
 
 def test_embedded_worker_runs_jobs_without_a_broker(make_settings, caplog):
     settings = make_settings(
-        rules=[CT_RULE, {"name": "hang", "match": {"modality": "MR"}, "analyses": [{"name": "sleep", "params": {"seconds": 60}}]}],
-        analyses=[{"name": "sleep", "soft_time_limit_s": 1, "time_limit_s": 3}])
+        rules=[
+            CT_RULE,
+            {"name": "hang", "match": {"modality": "MR"}, "analyses": [{"name": "sleep", "params": {"seconds": 60}}]},
+        ],
+        analyses=[{"name": "sleep", "soft_time_limit_s": 1, "time_limit_s": 3}],
+    )
     with caplog.at_level("WARNING", logger="ainode.jobs"):
         stops = node_jobs.start_services(settings)
     assert "no broker configured: using the embedded broker" in caplog.text

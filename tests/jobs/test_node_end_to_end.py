@@ -50,8 +50,12 @@ def make_ct_study(folder: Path, n: int = 5) -> list[Dataset]:
 
 def storescu(node: NodeProcess, folder: Path) -> None:
     files = sorted(str(p) for p in folder.glob("*.dcm"))
-    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
 
 def query(node: NodeProcess, sql: str, **params) -> list[tuple]:
@@ -68,19 +72,24 @@ def job_states(node: NodeProcess, study_uid: str) -> list[tuple]:
 
 
 def test_study_from_storescu_is_routed_and_run_by_a_worker(tmp_path, redis_server):
-    node = NodeProcess(tmp_path / "node", {"broker": {"url": redis_server.url}, "rules": RULES,
-                                          "timers": {"series_quiet_s": 1, "study_quiet_s": 2}})
+    node = NodeProcess(
+        tmp_path / "node",
+        {"broker": {"url": redis_server.url}, "rules": RULES, "timers": {"series_quiet_s": 1, "study_quiet_s": 2}},
+    )
     with node:
         worker = Worker(node.config_path)
         try:
             study = make_ct_study(tmp_path / "study", 5)
             storescu(node, tmp_path / "study")
             uid = study[0].StudyInstanceUID
-            assert wait_for(lambda: [s for s, *_ in job_states(node, uid)] == ["succeeded"], 180), \
+            assert wait_for(lambda: [s for s, *_ in job_states(node, uid)] == ["succeeded"], 180), (
                 node.log_text()[-3000:] + worker.output()[-3000:]
+            )
             [(state, attempts, result)] = job_states(node, uid)
             assert attempts == 1 and '"instances": 5' in result
-            assert query(node, "SELECT state, ready_reason FROM studies WHERE study_uid = :u", u=uid) == [("done", "quiet-timer")]
+            assert query(node, "SELECT state, ready_reason FROM studies WHERE study_uid = :u", u=uid) == [
+                ("done", "quiet-timer")
+            ]
         finally:
             worker.stop()
     assert "E2E^Patient" not in node.log_text() and "E2E1" not in node.log_text()
@@ -88,8 +97,10 @@ def test_study_from_storescu_is_routed_and_run_by_a_worker(tmp_path, redis_serve
 
 def test_mpps_completed_makes_the_study_ready_before_the_quiet_timer(tmp_path):
     # Quiet timers of 10 minutes: only MPPS can make this study ready while the test runs.
-    node = NodeProcess(tmp_path / "node", {"rules": RULES, "timers": {"series_quiet_s": 600, "study_quiet_s": 600,
-                                                                     "force_complete_s": 3600}})
+    node = NodeProcess(
+        tmp_path / "node",
+        {"rules": RULES, "timers": {"series_quiet_s": 600, "study_quiet_s": 600, "force_complete_s": 3600}},
+    )
     with node:
         study = make_ct_study(tmp_path / "study", 4)
         ae = AE(ae_title="MODALITY")
@@ -150,9 +161,13 @@ def test_rules_reload_on_sighup_without_restarting_the_node(tmp_path):
 
     import yaml
 
-    node = NodeProcess(tmp_path / "node", {"rules": [{"name": "mr-only", "match": {"modality": "MR"},
-                                                      "analyses": ["count-instances"]}],
-                                          "timers": {"series_quiet_s": 1, "study_quiet_s": 2}})
+    node = NodeProcess(
+        tmp_path / "node",
+        {
+            "rules": [{"name": "mr-only", "match": {"modality": "MR"}, "analyses": ["count-instances"]}],
+            "timers": {"series_quiet_s": 1, "study_quiet_s": 2},
+        },
+    )
     with node:
         # The port opens before the stages start; SIGHUP is handled once the rules are in force.
         assert wait_for(lambda: "rules in force" in node.log_text(), 120), node.log_text()[-3000:]
@@ -173,8 +188,14 @@ def test_rules_reload_on_sighup_without_restarting_the_node(tmp_path):
         uid = study[0].StudyInstanceUID
         assert wait_for(lambda: [s for s, *_ in job_states(node, uid)] == ["succeeded"], 180), node.log_text()[-3000:]
         assert query(node, "SELECT rule FROM jobs WHERE study_uid = :u", u=uid) == [("ct-now",)]
-        status = subprocess.run([sys.executable, "-m", "node.cli", "status", "-c", str(node.config_path), "--json"],
-                                cwd=ROOT, env=env_for_children(), capture_output=True, text=True, timeout=300)
+        status = subprocess.run(
+            [sys.executable, "-m", "node.cli", "status", "-c", str(node.config_path), "--json"],
+            cwd=ROOT,
+            env=env_for_children(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         report = json.loads(status.stdout)
         assert report["jobs"]["jobs"]["succeeded"] == 1 and report["assembler"]["studies_done"] == 1
 
@@ -183,11 +204,20 @@ def test_node_killed_mid_job_reruns_it_after_restart(tmp_path):
     # Embedded worker, a one-hour heartbeat timeout: the re-run comes from knowing the old
     # process is gone, not from waiting out the timeout.
     record = tmp_path / "completions.txt"
-    node = NodeProcess(tmp_path / "node", {
-        "rules": [{"name": "ct-sleep", "match": {"modality": "CT"},
-                   "analyses": [{"name": "sleep", "params": {"seconds": 4, "record": str(record)}}]}],
-        "timers": {"series_quiet_s": 1, "study_quiet_s": 2},
-        "jobs": {"heartbeat_timeout_s": 3600}})
+    node = NodeProcess(
+        tmp_path / "node",
+        {
+            "rules": [
+                {
+                    "name": "ct-sleep",
+                    "match": {"modality": "CT"},
+                    "analyses": [{"name": "sleep", "params": {"seconds": 4, "record": str(record)}}],
+                }
+            ],
+            "timers": {"series_quiet_s": 1, "study_quiet_s": 2},
+            "jobs": {"heartbeat_timeout_s": 3600},
+        },
+    )
     node.start()
     try:
         study = make_ct_study(tmp_path / "study", 2)

@@ -18,23 +18,36 @@ from node.core.settings import Match
 from node.router import RuleBook, age_in_years, evaluate
 from tests.jobs.conftest import ROOT, env_for_children, settings_from, write_config
 
-FACTS = {"modality": ["CT", "SR"], "slice_thickness": [1.25], "patient_age": [54.0], "instances": [120],
-         "study_description": ["CT CHEST W/O"], "calling_ae": ["CT01"], "body_part": ["CHEST"]}
+FACTS = {
+    "modality": ["CT", "SR"],
+    "slice_thickness": [1.25],
+    "patient_age": [54.0],
+    "instances": [120],
+    "study_description": ["CT CHEST W/O"],
+    "calling_ae": ["CT01"],
+    "body_part": ["CHEST"],
+}
 
 
-@pytest.mark.parametrize("match, ok, why", [
-    ({"modality": "CT"}, True, ""),
-    ({"modality": ["CR", "DX"]}, False, "modality: 'CT', 'SR' is not one of ['CR', 'DX']"),
-    ({"slice_thickness": {"max": 1}}, False, "slice_thickness: 1.25 is not at most 1"),
-    ({"patient_age": {"min": 18, "max": 120}}, True, ""),
-    ({"study_description": {"regex": "^CT CHEST"}}, True, ""),
-    ({"station_name": "CT-A"}, False, "station_name: no value is not equal to 'CT-A'"),
-    ({"any": [{"modality": "MR"}, {"body_part": "HEAD"}]}, False,
-     "none of any: modality: 'CT', 'SR' is not equal to 'MR'; body_part: 'CHEST' is not equal to 'HEAD'"),
-    ({"all": [{"modality": "CT"}, {"instances": {"min": 50}}]}, True, ""),
-    ({"not": {"calling_ae": "CT01"}}, False, "not: the excluded condition holds"),
-    ({"modality": "CT", "not": {"body_part": "HEAD"}}, True, ""),
-])
+@pytest.mark.parametrize(
+    "match, ok, why",
+    [
+        ({"modality": "CT"}, True, ""),
+        ({"modality": ["CR", "DX"]}, False, "modality: 'CT', 'SR' is not one of ['CR', 'DX']"),
+        ({"slice_thickness": {"max": 1}}, False, "slice_thickness: 1.25 is not at most 1"),
+        ({"patient_age": {"min": 18, "max": 120}}, True, ""),
+        ({"study_description": {"regex": "^CT CHEST"}}, True, ""),
+        ({"station_name": "CT-A"}, False, "station_name: no value is not equal to 'CT-A'"),
+        (
+            {"any": [{"modality": "MR"}, {"body_part": "HEAD"}]},
+            False,
+            "none of any: modality: 'CT', 'SR' is not equal to 'MR'; body_part: 'CHEST' is not equal to 'HEAD'",
+        ),
+        ({"all": [{"modality": "CT"}, {"instances": {"min": 50}}]}, True, ""),
+        ({"not": {"calling_ae": "CT01"}}, False, "not: the excluded condition holds"),
+        ({"modality": "CT", "not": {"body_part": "HEAD"}}, True, ""),
+    ],
+)
 def test_match_semantics(match, ok, why):
     assert evaluate(Match.model_validate(match), FACTS) == (ok, why)
 
@@ -43,7 +56,9 @@ def test_age_strings():
     assert age_in_years("054Y") == 54 and age_in_years("006M") == 0.5 and age_in_years("bad") is None
 
 
-def _write_ct(folder: Path, study_uid: str, series_uid: str, n: int, modality: str = "CT", thickness: str = "1.0") -> None:
+def _write_ct(
+    folder: Path, study_uid: str, series_uid: str, n: int, modality: str = "CT", thickness: str = "1.0"
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         ds = Dataset()
@@ -65,14 +80,27 @@ def test_rules_test_command_explains_each_rule(tmp_path):
     _write_ct(data, study, generate_uid(), 4, thickness="1.0")
     _write_ct(data, study, generate_uid(), 2, modality="SR")
     (data / "notes.txt").write_text("not dicom")
-    cfg = write_config(tmp_path, rules=[
-        {"name": "ct-thin", "match": {"modality": "CT", "slice_thickness": {"max": 2}}, "analyses": ["count-instances"]},
-        {"name": "cxr", "match": {"modality": ["CR", "DX"]}, "analyses": ["count-instances"]},
-        {"name": "adults-only", "match": {"patient_age": {"max": 40}}, "analyses": ["count-instances"]},
-        {"name": "per-ct-series", "level": "series", "match": {"modality": "CT"}, "analyses": ["count-instances"]},
-    ])
-    out = subprocess.run([sys.executable, "-m", "node.cli", "rules", "test", "-c", str(cfg), str(data)],
-                         cwd=ROOT, env=env_for_children(), capture_output=True, text=True, timeout=300)
+    cfg = write_config(
+        tmp_path,
+        rules=[
+            {
+                "name": "ct-thin",
+                "match": {"modality": "CT", "slice_thickness": {"max": 2}},
+                "analyses": ["count-instances"],
+            },
+            {"name": "cxr", "match": {"modality": ["CR", "DX"]}, "analyses": ["count-instances"]},
+            {"name": "adults-only", "match": {"patient_age": {"max": 40}}, "analyses": ["count-instances"]},
+            {"name": "per-ct-series", "level": "series", "match": {"modality": "CT"}, "analyses": ["count-instances"]},
+        ],
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "node.cli", "rules", "test", "-c", str(cfg), str(data)],
+        cwd=ROOT,
+        env=env_for_children(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "1 file(s) skipped" in text
@@ -87,8 +115,14 @@ def test_rules_test_command_explains_each_rule(tmp_path):
 def test_rules_test_without_dicom_fails(tmp_path):
     cfg = write_config(tmp_path)
     (tmp_path / "empty").mkdir()
-    out = subprocess.run([sys.executable, "-m", "node.cli", "rules", "test", "-c", str(cfg), str(tmp_path / "empty")],
-                         cwd=ROOT, env=env_for_children(), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "node.cli", "rules", "test", "-c", str(cfg), str(tmp_path / "empty")],
+        cwd=ROOT,
+        env=env_for_children(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1 and "no DICOM data found" in out.stdout
 
 
@@ -122,8 +156,12 @@ def test_rule_book_belongs_to_its_settings_object_even_when_an_id_is_reused(tmp_
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = settings_from(write_config(tmp_path / "a", rules=[{"name": "old", "match": {}, "analyses": ["count-instances"]}]))
-    second = settings_from(write_config(tmp_path / "b", rules=[{"name": "new", "match": {}, "analyses": ["count-instances"]}]))
+    first = settings_from(
+        write_config(tmp_path / "a", rules=[{"name": "old", "match": {}, "analyses": ["count-instances"]}])
+    )
+    second = settings_from(
+        write_config(tmp_path / "b", rules=[{"name": "new", "match": {}, "analyses": ["count-instances"]}])
+    )
     # What garbage collection can do: a new settings object gets the id of one that had a book.
     router._books[id(second)] = (first, RuleBook(first))
     try:

@@ -26,15 +26,25 @@ def _messages(log: Path) -> list[str]:
 
 def _ready(settings, uid: str) -> None:
     with session_scope(engine_for(settings.database.url)) as s:
-        s.execute(update(Study).where(Study.study_uid == uid)
-                  .values(state="routed", ready_at=datetime.now(timezone.utc)))
+        s.execute(
+            update(Study).where(Study.study_uid == uid).values(state="routed", ready_at=datetime.now(timezone.utc))
+        )
 
 
 def _delivery(settings, n: int, state: str) -> None:
     with session_scope(engine_for(settings.database.url)) as s:
-        s.add(Delivery(job_id="7", destination="PACS", path=f"r/{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
-                       sop_instance_uid=f"1.2.3.77.{n}", study_instance_uid="1.2.3.501", state=state,
-                       delivered_at=datetime.now(timezone.utc) if state == "delivered" else None))
+        s.add(
+            Delivery(
+                job_id="7",
+                destination="PACS",
+                path=f"r/{n}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4",
+                sop_instance_uid=f"1.2.3.77.{n}",
+                study_instance_uid="1.2.3.501",
+                state=state,
+                delivered_at=datetime.now(timezone.utc) if state == "delivered" else None,
+            )
+        )
 
 
 def test_each_completed_study_and_delivered_group_is_reported_once(make_settings, tmp_path, monkeypatch):
@@ -79,10 +89,13 @@ def _reported_once(settings, tmp_path, monkeypatch) -> None:
         auditor()
         assert _messages(log) == imports  # the group is not complete yet
         with session_scope(engine_for(settings.database.url)) as s:
-            s.execute(update(Delivery).where(Delivery.path == "r/2")
-                      .values(state="delivered", delivered_at=datetime.now(timezone.utc)))
+            s.execute(
+                update(Delivery)
+                .where(Delivery.path == "r/2")
+                .values(state="delivered", delivered_at=datetime.now(timezone.utc))
+            )
         auditor()
-        exports = _messages(log)[len(imports):]
+        exports = _messages(log)[len(imports) :]
         assert len(exports) == 1 and 'EventActionCode="R"' in exports[0] and "1.2.3.501" in exports[0]
         _ready(settings, "1.2.3.502")
         auditor()

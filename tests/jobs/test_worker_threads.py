@@ -21,8 +21,12 @@ def test_pool_processes_import_torch_with_their_share(monkeypatch):
     assert celery_app.share_cpu_threads(2) == 2
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # waiting threads sleep, not spin
     # A process started now (as a pool process importing torch after the fork) uses 2 threads.
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip() == "2"
     # The operator's own setting wins.
     monkeypatch.setenv("OMP_NUM_THREADS", "3")

@@ -44,13 +44,15 @@ def test_analytic_nodule_equals_a_nodule_rendered_in_the_ct():
     spacing = (1.0, 1.0, 1.0)
     grid = phantoms.make_grid((60, 60, 60), spacing, "axial", center_mm=lung.center)
     without = phantoms.render(anatomy, grid, rng, noise_hu=0, supersample=False)
-    with_nodule = phantoms.render(dataclasses.replace(anatomy, lesions=[nodule]), grid, rng, noise_hu=0,
-                                  supersample=False)
+    with_nodule = phantoms.render(
+        dataclasses.replace(anatomy, lesions=[nodule]), grid, rng, noise_hu=0, supersample=False
+    )
     p0 = attenuation_paths(without.hu, spacing, 1.0)
     p1 = attenuation_paths(with_nodule.hu, spacing, 1.0)
     centre = np.unravel_index(np.argmax(p1 - p0), p0.shape)
-    analytic = add_nodule(p0, centre[0], centre[1], 20.0, 1.0, nodule_hu=phantoms.HU["lung_nodule"],
-                          background_hu=phantoms.HU["lung"])
+    analytic = add_nodule(
+        p0, centre[0], centre[1], 20.0, 1.0, nodule_hu=phantoms.HU["lung_nodule"], background_hu=phantoms.HU["lung"]
+    )
     # Same total extra attenuation (the voxelised sphere's volume differs by a few per cent) ...
     assert (analytic - p0).sum() == pytest.approx((p1 - p0).sum(), rel=0.05)
     # ... and the same peak, at the centre: chord 20 mm of soft tissue replacing lung.
@@ -66,7 +68,7 @@ def test_radiographs_have_ground_truth_and_bright_bone():
         assert bool(r.nodules) == r.nodule
     image = shots[0].pixels
     spine_col = image.shape[1] // 2
-    assert image[60:100, spine_col - 3:spine_col + 3].mean() > image[60:100, 40:50].mean()  # spine over soft tissue
+    assert image[60:100, spine_col - 3 : spine_col + 3].mean() > image[60:100, 40:50].mean()  # spine over soft tissue
 
 
 def test_dx_is_valid_dicom(tmp_path):
@@ -86,13 +88,16 @@ def test_registry_runs_it_on_stored_dx_and_separates_an_obvious_case(tmp_path):
     # A 22 mm nodule where the lung is thickest: an easy case for any working classifier.
     row, col = np.unravel_index(np.argmax(lung_thickness(lung, spacing, 2.0)), base.shape)
     rng = np.random.default_rng(11)
-    with_nodule = Radiograph(pixels=expose(add_nodule(base, row, col, 22.0, 2.0), 3e4, rng), pixel_spacing_mm=2.0,
-                             nodule=True)
+    with_nodule = Radiograph(
+        pixels=expose(add_nodule(base, row, col, 22.0, 2.0), 3e4, rng), pixel_spacing_mm=2.0, nodule=True
+    )
     without = Radiograph(pixels=expose(base, 3e4, rng), pixel_spacing_mm=2.0, nodule=False)
-    p_yes = registry.run_analysis("nodule-classification",
-                                  imaging.load_series([write_dx(with_nodule, tmp_path / "yes.dcm")]), {"device": "cpu"})
-    p_no = registry.run_analysis("nodule-classification",
-                                 imaging.load_series([write_dx(without, tmp_path / "no.dcm")]), {"device": "cpu"})
+    p_yes = registry.run_analysis(
+        "nodule-classification", imaging.load_series([write_dx(with_nodule, tmp_path / "yes.dcm")]), {"device": "cpu"}
+    )
+    p_no = registry.run_analysis(
+        "nodule-classification", imaging.load_series([write_dx(without, tmp_path / "no.dcm")]), {"device": "cpu"}
+    )
     (yes,), (no,) = p_yes.classifications, p_no.classifications
     assert yes.finding == ("27925004", "SCT", "Nodule") and p_yes.kind == "classification"
     assert len(p_yes.model_sha256) == 64
@@ -101,8 +106,15 @@ def test_registry_runs_it_on_stored_dx_and_separates_an_obvious_case(tmp_path):
 
 
 def test_wrong_modality_is_refused():
-    volume = Volume(pixels=np.zeros((1, 64, 64), np.float32), affine=np.eye(4), sources=[],
-                    study_instance_uid="1.2", series_instance_uid="1.2.3", frame_of_reference_uid="", modality="MR")
+    volume = Volume(
+        pixels=np.zeros((1, 64, 64), np.float32),
+        affine=np.eye(4),
+        sources=[],
+        study_instance_uid="1.2",
+        series_instance_uid="1.2.3",
+        frame_of_reference_uid="",
+        modality="MR",
+    )
     with pytest.raises(registry.AnalysisError, match="accepts DX, CR"):
         registry.run_analysis("nodule-classification", volume, {"device": "cpu"})
 
@@ -149,15 +161,19 @@ def test_held_out_auc_and_calibrated_probabilities(model):
 
 def test_training_target_is_a_disc_on_each_nodule():
     """The map's target marks each nodule where it is and as large as it is, on the 128 x 192 input grid."""
-    shot = Radiograph(pixels=np.zeros((130, 190), np.float32), pixel_spacing_mm=2.0, nodule=True,
-                      nodules=[{"row": 65, "col": 47, "diameter_mm": 20.0}])
+    shot = Radiograph(
+        pixels=np.zeros((130, 190), np.float32),
+        pixel_spacing_mm=2.0,
+        nodule=True,
+        nodules=[{"row": 65, "col": 47, "diameter_mm": 20.0}],
+    )
     empty = Radiograph(pixels=np.zeros((130, 190), np.float32), pixel_spacing_mm=2.0, nodule=False)
     discs = train_cls.nodule_discs([shot, empty])
     assert discs.shape == (2, 128, 192) and discs[1].sum() == 0
     rows, cols = torch.nonzero(discs[0], as_tuple=True)
     assert abs(rows.float().mean() - 65 * 128 / 130) < 1 and abs(cols.float().mean() - 47.5 * 192 / 190) < 1
     radius_px = 10.0 / 2.0 * 128 / 130  # 10 mm radius at 2 mm pixels, rows scaled to the input grid
-    assert discs[0].sum() == pytest.approx(np.pi * radius_px ** 2, rel=0.15)
+    assert discs[0].sum() == pytest.approx(np.pi * radius_px**2, rel=0.15)
 
 
 def test_image_logit_ignores_the_border_and_single_pixels():

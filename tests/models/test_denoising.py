@@ -23,12 +23,12 @@ def test_fbp_reconstructs_a_disk():
     """The simulator's projector and FBP are a consistent pair: a disk comes back within a few per cent."""
     n = 96
     y, x = np.mgrid[0:n, 0:n] - (n - 1) / 2
-    disk = torch.as_tensor(((x ** 2 + y ** 2) < 30 ** 2).astype(np.float32))[None]
+    disk = torch.as_tensor(((x**2 + y**2) < 30**2).astype(np.float32))[None]
     recon = dn.filtered_back_project(dn.forward_project(disk, 180), n)[0].numpy()
-    inner = (x ** 2 + y ** 2) < 25 ** 2
-    outer = (x ** 2 + y ** 2) > 35 ** 2
+    inner = (x**2 + y**2) < 25**2
+    outer = (x**2 + y**2) > 35**2
     assert recon[inner].mean() == pytest.approx(1.0, abs=0.05)
-    assert abs(recon[outer & ((x ** 2 + y ** 2) < 45 ** 2)].mean()) < 0.05
+    assert abs(recon[outer & ((x**2 + y**2) < 45**2)].mean()) < 0.05
 
 
 def test_low_dose_noise_follows_photon_statistics():
@@ -55,8 +55,15 @@ def test_registry_returns_a_derived_series_on_the_source_geometry(tmp_path):
 
 
 def test_non_ct_is_refused():
-    volume = Volume(pixels=np.zeros((1, 32, 32), np.float32), affine=np.eye(4), sources=[], study_instance_uid="1",
-                    series_instance_uid="2", frame_of_reference_uid="3", modality="MR")
+    volume = Volume(
+        pixels=np.zeros((1, 32, 32), np.float32),
+        affine=np.eye(4),
+        sources=[],
+        study_instance_uid="1",
+        series_instance_uid="2",
+        frame_of_reference_uid="3",
+        modality="MR",
+    )
     with pytest.raises(registry.AnalysisError, match="accepts CT"):
         registry.run_analysis("ct-denoising", volume, {"device": "cpu"})
 

@@ -15,8 +15,15 @@ HELD_OUT = range(900_000, 900_010)  # never used for training (seeds < 100_000) 
 
 @pytest.mark.parametrize("orientation,order", [("axial", "shuffled"), ("sagittal", "reversed")])
 def test_large_liver_lesion_is_found_where_it_is(tmp_path, orientation, order):
-    phantom = make_ct_phantom(31337, shape=(40, 56, 56), spacing=(6.0, 6.5, 6.5), orientation=orientation,
-                              liver_lesions=(1, 1), lung_nodules=(0, 0), lesion_diameter_mm=(24.0, 28.0))
+    phantom = make_ct_phantom(
+        31337,
+        shape=(40, 56, 56),
+        spacing=(6.0, 6.5, 6.5),
+        orientation=orientation,
+        liver_lesions=(1, 1),
+        lung_nodules=(0, 0),
+        lesion_diameter_mm=(24.0, 28.0),
+    )
     volume = load_series(write_ct_series(phantom, tmp_path, instance_order=order))
     findings = registry.run_analysis("ct-lesion-detection", volume, {"device": "cpu"})
     assert findings.kind == "detection"

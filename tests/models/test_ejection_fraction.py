@@ -76,8 +76,15 @@ def test_model_accepts_other_frame_counts_and_sizes(model):
 
 
 def test_too_few_frames_or_wrong_modality_is_refused_clearly():
-    volume = Volume(pixels=np.zeros((3, 64, 64), np.float32), affine=np.eye(4), sources=[],
-                    study_instance_uid="1.2", series_instance_uid="1.2.3", frame_of_reference_uid="", modality="US")
+    volume = Volume(
+        pixels=np.zeros((3, 64, 64), np.float32),
+        affine=np.eye(4),
+        sources=[],
+        study_instance_uid="1.2",
+        series_instance_uid="1.2.3",
+        frame_of_reference_uid="",
+        modality="US",
+    )
     with pytest.raises(registry.AnalysisError, match="at least 8 frames"):
         registry.run_analysis("ejection-fraction", volume, {"device": "cpu"})
     volume.modality = "CT"

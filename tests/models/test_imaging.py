@@ -35,8 +35,9 @@ def _sample_phantom_positions(volume, phantom) -> np.ndarray:
 @pytest.mark.parametrize("order", ["slice", "reversed", "shuffled"])
 @pytest.mark.parametrize("descending", [False, True])
 def test_geometry_every_orientation_and_order(tmp_path, orientation, order, descending):
-    phantom = make_ct_phantom(7, shape=(12, 24, 24), spacing=(6.0, 7.0, 7.0), orientation=orientation,
-                              descending=descending)
+    phantom = make_ct_phantom(
+        7, shape=(12, 24, 24), spacing=(6.0, 7.0, 7.0), orientation=orientation, descending=descending
+    )
     paths = write_ct_series(phantom, tmp_path, instance_order=order, seed=3)
     volume = load_series(paths)
     assert volume.pixels.shape == phantom.hu.shape
@@ -48,7 +49,9 @@ def test_geometry_every_orientation_and_order(tmp_path, orientation, order, desc
     steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
     np.testing.assert_allclose(steps, volume.spacing[0], rtol=1e-4)
     # The affine maps voxel (k, 0, 0) onto each source's Image Position (Patient).
-    mapped = volume.index_to_patient(np.c_[np.arange(len(positions)), np.zeros(len(positions)), np.zeros(len(positions))])
+    mapped = volume.index_to_patient(
+        np.c_[np.arange(len(positions)), np.zeros(len(positions)), np.zeros(len(positions))]
+    )
     np.testing.assert_allclose(mapped, positions, atol=1e-3)
 
 
@@ -81,8 +84,13 @@ def test_jpeg_lossless_from_dcmtk(tmp_path):
 
 
 def test_test_files_in_every_transfer_syntax_agree():
-    names = ["emri_small.dcm", "emri_small_RLE.dcm", "emri_small_jpeg_2k_lossless.dcm",
-             "emri_small_jpeg_ls_lossless.dcm", "emri_small_big_endian.dcm"]
+    names = [
+        "emri_small.dcm",
+        "emri_small_RLE.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+        "emri_small_jpeg_ls_lossless.dcm",
+        "emri_small_big_endian.dcm",
+    ]
     volumes = [load_series([DATA_STORE / n]) for n in names]
     assert volumes[0].pixels.shape == (10, 64, 64)
     for v in volumes[1:]:
@@ -95,8 +103,10 @@ def test_enhanced_ct_uses_per_frame_geometry_and_rescale():
     ds = pydicom.dcmread(path)
     volume = load_series([path])
     assert volume.pixels.shape[0] == int(ds.NumberOfFrames)
-    positions = [np.array(f.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
-                 for f in ds.PerFrameFunctionalGroupsSequence]
+    positions = [
+        np.array(f.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+        for f in ds.PerFrameFunctionalGroupsSequence
+    ]
     for k, source in enumerate(volume.sources):
         np.testing.assert_allclose(volume.index_to_patient([k, 0, 0])[0], positions[source.frame_number - 1], atol=1e-3)
     assert volume.pixels.min() == -1024  # rescale intercept applied
@@ -148,8 +158,11 @@ def test_duplicates_mixed_series_and_localizers_are_refused(tmp_path):
     other = write_ct_series(make_ct_phantom(4, shape=(4, 16, 16)), tmp_path / "b")
     with pytest.raises(SeriesError, match="2 different series"):
         load_series([*paths, *other])
-    tilted = write_ct_series(make_ct_phantom(4, shape=(4, 16, 16), orientation="coronal"), tmp_path / "c",
-                             series_uid=str(pydicom.dcmread(paths[0]).SeriesInstanceUID))
+    tilted = write_ct_series(
+        make_ct_phantom(4, shape=(4, 16, 16), orientation="coronal"),
+        tmp_path / "c",
+        series_uid=str(pydicom.dcmread(paths[0]).SeriesInstanceUID),
+    )
     with pytest.raises(SeriesError, match="Orientation"):
         load_series([*paths, tilted[0]])
     bad = tmp_path / "bad.dcm"

@@ -31,8 +31,10 @@ def _case(seed: int, make=phantoms.random_ct_phantom):
 
 def _patches_saying(volume, probs, affine, kind: int) -> list[lesion_refinement.Patch]:
     """Patches at every candidate whose 'network' says ``kind`` (0: not a lesion) everywhere."""
-    patches = [lesion_refinement.Patch(lesion_refinement.patch_affine(c))
-               for c in lesion_refinement.candidate_centres(probs, affine)]
+    patches = [
+        lesion_refinement.Patch(lesion_refinement.patch_affine(c))
+        for c in lesion_refinement.candidate_centres(probs, affine)
+    ]
     for p in patches:
         p.probs = np.zeros((3, *lesion_refinement.PATCH), np.float32)
         p.probs[kind] = 1.0
@@ -50,8 +52,9 @@ def test_patches_cover_every_lesion_voxel_of_the_4mm_pass(seed, orientation):
     the patches former lesion voxels fall back to a non-lesion class of the 4 mm pass."""
     p, volume, inputs, probs, labels = _case(seed, lambda s: _lesion_rich(s, orientation))
     assert np.isin(labels, (6, 7)).any(), "the test phantom should have lesions"
-    rejected = lesion_refinement.apply(volume, labels, probs, inputs["affine"],
-                                       _patches_saying(volume, probs, inputs["affine"], 0))
+    rejected = lesion_refinement.apply(
+        volume, labels, probs, inputs["affine"], _patches_saying(volume, probs, inputs["affine"], 0)
+    )
     assert not np.isin(rejected, (6, 7)).any()
     changed = rejected != labels
     assert np.isin(labels[changed], (6, 7)).all()  # only lesion voxels change ...
@@ -81,8 +84,9 @@ def test_labels_come_from_the_patch_probabilities_on_the_source_grid():
 def test_refinement_runs_on_cpu_inside_the_analysis(tmp_path):
     """The ct-segmentation analysis runs the 2 mm pass on the CPU on a small series with lesions;
     its lesion masks lie on the source grid."""
-    phantom = phantoms.make_ct_phantom(12_345, shape=(36, 56, 56), spacing=(6.0, 6.5, 6.5),
-                                       liver_lesions=(2, 2), lung_nodules=(2, 2))
+    phantom = phantoms.make_ct_phantom(
+        12_345, shape=(36, 56, 56), spacing=(6.0, 6.5, 6.5), liver_lesions=(2, 2), lung_nodules=(2, 2)
+    )
     volume = load_series(phantoms.write_ct_series(phantom, tmp_path))
     analysis = registry.get_analysis("ct-segmentation")
     models = registry.loaded_model(analysis, "cpu")

@@ -47,27 +47,48 @@ def external_models(tmp_path_factory):
     net = ThresholdNet().eval()
     example = torch.zeros(1, 1, 16, 16, 16)
     torch.jit.trace(net, example).save(str(folder / "threshold.ts"))
-    torch.onnx.export(net, (example,), str(folder / "threshold.onnx"), input_names=["image"], output_names=["logits"],
-                      dynamic_axes={"image": {0: "b", 2: "d", 3: "h", 4: "w"}}, dynamo=False)
+    torch.onnx.export(
+        net,
+        (example,),
+        str(folder / "threshold.onnx"),
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "b", 2: "d", 3: "h", 4: "w"}},
+        dynamo=False,
+    )
     bundle = folder / "threshold_bundle"
     (bundle / "configs").mkdir(parents=True)
     (bundle / "models").mkdir()
     # The bundle describes its network in its config; we save a MONAI BasicUNet-free conv net.
     (bundle / "configs" / "metadata.json").write_text(json.dumps({"version": "2.3.1", "name": "threshold"}))
-    (bundle / "configs" / "inference.json").write_text(json.dumps({
-        "network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}}))
+    (bundle / "configs" / "inference.json").write_text(
+        json.dumps(
+            {"network_def": {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 1}}
+        )
+    )
     torch.save({"weight": net.conv.weight.detach(), "bias": net.conv.bias.detach()}, bundle / "models" / "model.pt")
     return folder
 
 
 def _settings(folder: Path) -> Settings:
     params = {"window": list(WINDOW), "roi_size": [32, 32, 32], "version": "1.4"}
-    return Settings(analyses=[
-        AnalysisSettings(name="thr-ts", format="torchscript", path=folder / "threshold.ts", labels=["dense"], params=params),
-        AnalysisSettings(name="thr-onnx", format="onnx", path=folder / "threshold.onnx", labels=["dense"], params=params),
-        AnalysisSettings(name="thr-bundle", format="monai_bundle", path=folder / "threshold_bundle", labels=["dense"],
-                         params={k: v for k, v in params.items() if k != "version"}),
-    ])
+    return Settings(
+        analyses=[
+            AnalysisSettings(
+                name="thr-ts", format="torchscript", path=folder / "threshold.ts", labels=["dense"], params=params
+            ),
+            AnalysisSettings(
+                name="thr-onnx", format="onnx", path=folder / "threshold.onnx", labels=["dense"], params=params
+            ),
+            AnalysisSettings(
+                name="thr-bundle",
+                format="monai_bundle",
+                path=folder / "threshold_bundle",
+                labels=["dense"],
+                params={k: v for k, v in params.items() if k != "version"},
+            ),
+        ]
+    )
 
 
 @pytest.mark.parametrize("name", ["thr-ts", "thr-onnx", "thr-bundle"])
@@ -81,8 +102,11 @@ def test_external_model_mask_lands_on_expected_voxels(tmp_path, external_models,
     # Exactly the dense voxels, up to float rounding at the decision boundary.
     assert (segment.mask != expected).mean() < 0.002
     assert segment.mask.sum() > 1000
-    weights = {"thr-ts": external_models / "threshold.ts", "thr-onnx": external_models / "threshold.onnx",
-               "thr-bundle": external_models / "threshold_bundle" / "models" / "model.pt"}[name]
+    weights = {
+        "thr-ts": external_models / "threshold.ts",
+        "thr-onnx": external_models / "threshold.onnx",
+        "thr-bundle": external_models / "threshold_bundle" / "models" / "model.pt",
+    }[name]
     assert findings.model_sha256 == registry.file_sha256(weights)
     assert findings.algorithm_version == ("2.3.1" if name == "thr-bundle" else "1.4")
     assert set(findings.timings_s) == {"load_model", "preprocess", "inference", "postprocess"}
@@ -118,10 +142,17 @@ def test_builtin_models_are_discovered():
 
 def test_ainode_models_lists_versions_and_checksums(tmp_path, external_models):
     config = tmp_path / "ainode.yaml"
-    config.write_text(f"analyses:\n  - name: thr-onnx\n    format: onnx\n    path: {external_models / 'threshold.onnx'}\n")
+    config.write_text(
+        f"analyses:\n  - name: thr-onnx\n    format: onnx\n    path: {external_models / 'threshold.onnx'}\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    run = subprocess.run([sys.executable, "-m", "node.cli", "models", "--config", str(config)], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "node.cli", "models", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert "ct-segmentation" in run.stdout and "thr-onnx" in run.stdout
     assert registry.file_sha256(external_models / "threshold.onnx")[:12] in run.stdout
     assert run.returncode == 0, run.stdout + run.stderr

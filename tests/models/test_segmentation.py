@@ -48,16 +48,22 @@ def test_runs_on_small_input_with_version_and_checksum(tmp_path):
     assert set(findings.timings_s) == {"load_model", "preprocess", "inference", "postprocess"}
 
 
-GEOMETRIES = [("axial", False, "slice"), ("axial", True, "shuffled"), ("coronal", False, "reversed"),
-              ("sagittal", True, "shuffled"), ("oblique", False, "shuffled")]
+GEOMETRIES = [
+    ("axial", False, "slice"),
+    ("axial", True, "shuffled"),
+    ("coronal", False, "reversed"),
+    ("sagittal", True, "shuffled"),
+    ("oblique", False, "shuffled"),
+]
 
 
 @pytest.mark.parametrize("orientation,descending,order", GEOMETRIES)
 def test_predicted_mask_lands_on_ground_truth(tmp_path, orientation, descending, order):
     """The geometry test: one patient's anatomy, scanned in several orientations and stored in
     several slice orders; the predicted organs must cover the ground-truth voxels of each."""
-    phantom = make_ct_phantom(424242, shape=(40, 56, 56), spacing=(6.0, 6.5, 6.5), orientation=orientation,
-                              descending=descending)
+    phantom = make_ct_phantom(
+        424242, shape=(40, 56, 56), spacing=(6.0, 6.5, 6.5), orientation=orientation, descending=descending
+    )
     volume = load_series(write_ct_series(phantom, tmp_path, instance_order=order, seed=1))
     truth = _truth_on_volume(volume, phantom)
     findings = registry.run_analysis("ct-segmentation", volume, {"device": "cpu"})
@@ -113,9 +119,13 @@ def test_train_quick_smoke(tmp_path):
     assert '"steps"' in run.stdout
     net = segmentation.build_network()
     net.load_state_dict(torch.load(out, weights_only=True))
-    unknown = subprocess.run([sys.executable, "-m", "node.cli", "train", "no-such-model"], cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)},
-                             capture_output=True, text=True)
+    unknown = subprocess.run(
+        [sys.executable, "-m", "node.cli", "train", "no-such-model"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
     assert unknown.returncode == 2 and "segmentation" in unknown.stderr
 
 

@@ -46,8 +46,10 @@ def test_separable_path_equals_scipy_on_random_axis_aligned_grids(seed):
     work = np.eye(4)
     work[:3, :3] *= 4.0
     work[:3, 3] = rng.uniform(-40, -10, 3)
-    volume = _volume(np.zeros((int(rng.integers(5, 30)), int(rng.integers(5, 40)), int(rng.integers(5, 40))),
-                              np.float32), _axis_aligned_affine(rng))
+    volume = _volume(
+        np.zeros((int(rng.integers(5, 30)), int(rng.integers(5, 40)), int(rng.integers(5, 40))), np.float32),
+        _axis_aligned_affine(rng),
+    )
     fast = imaging.argmax_on_source(volume, work, probs, chunk_voxels=int(rng.integers(50, 5000)))
     np.testing.assert_array_equal(fast, _exact(volume, work, probs))
 
@@ -85,8 +87,9 @@ def test_thin_working_grids(work_shape):
 @pytest.mark.parametrize("orientation,descending", [("axial", False), ("coronal", True), ("oblique", False)])
 def test_model_labels_fast_path_equal_exact_path(orientation, descending):
     """The trained model on a phantom: the labels of the fast path are those of the exact path."""
-    phantom = make_ct_phantom(77, shape=(36, 80, 80), spacing=(3.0, 2.0, 2.0), orientation=orientation,
-                              descending=descending)
+    phantom = make_ct_phantom(
+        77, shape=(36, 80, 80), spacing=(3.0, 2.0, 2.0), orientation=orientation, descending=descending
+    )
     volume = _volume(phantom.hu, phantom.affine)
     model = registry.loaded_model(registry.get_analysis(segmentation.NAME), "cpu")
     inputs = segmentation.preprocess(volume, {})
@@ -105,6 +108,8 @@ def test_configured_models_labels_equal_exact_path(output):
     volume, work, probs = _oblique_case(21, 3, normalise=output == "softmax")
     fast = external.source_labels(volume, work, probs, output, threshold=0.6)
     back = imaging.resample_back(volume, work, probs, order=1)
-    exact = back.argmax(axis=0) if output == "softmax" else np.where(back.max(axis=0) >= 0.6, back.argmax(axis=0) + 1, 0)
+    exact = (
+        back.argmax(axis=0) if output == "softmax" else np.where(back.max(axis=0) >= 0.6, back.argmax(axis=0) + 1, 0)
+    )
     assert len(np.unique(exact)) == (4 if output == "sigmoid" else 3)  # every label occurs
     np.testing.assert_array_equal(fast, exact)

@@ -48,8 +48,11 @@ def make_ct_study(folder: Path, n: int = 5) -> str:
 def storescu(node: NodeProcess, folder: Path, aet: str = "STORESCU") -> subprocess.CompletedProcess:
     """Push a folder with DCMTK storescu."""
     files = sorted(str(p) for p in folder.glob("*.dcm"))
-    return subprocess.run(["storescu", "-aet", aet, "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        ["storescu", "-aet", aet, "-aec", node.ae_title, "127.0.0.1", str(node.port), *files],
+        capture_output=True,
+        text=True,
+    )
 
 
 class Client:
@@ -92,10 +95,16 @@ class Client:
 
 def node_with_api(workdir: Path, overrides: dict | None = None) -> NodeProcess:
     """A node with a token, the count-instances rule, short timers and a destination to itself."""
-    node = NodeProcess(workdir, {"api": {"token": TOKEN}, "rules": RULES,
-                                 "timers": {"series_quiet_s": 1, "study_quiet_s": 1},
-                                 "peers": [{"ae_title": ae, "hosts": ["127.0.0.1"]} for ae in TEST_PEERS + ["AINODE"]],
-                                 **(overrides or {})})
+    node = NodeProcess(
+        workdir,
+        {
+            "api": {"token": TOKEN},
+            "rules": RULES,
+            "timers": {"series_quiet_s": 1, "study_quiet_s": 1},
+            "peers": [{"ae_title": ae, "hosts": ["127.0.0.1"]} for ae in TEST_PEERS + ["AINODE"]],
+            **(overrides or {}),
+        },
+    )
     return node
 
 
@@ -104,8 +113,10 @@ def running_node(tmp_path: Path):
     """A started node whose API answers, with its client."""
     node = node_with_api(tmp_path / "node")
     # A destination pointing at the node itself lets the C-ECHO action be tested against a real SCP.
-    node.config["destinations"] = [{"name": "self", "ae_title": "AINODE", "host": "127.0.0.1", "port": node.port},
-                                   {"name": "nowhere", "ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()}]
+    node.config["destinations"] = [
+        {"name": "self", "ae_title": "AINODE", "host": "127.0.0.1", "port": node.port},
+        {"name": "nowhere", "ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()},
+    ]
     import yaml
 
     node.config_path.write_text(yaml.safe_dump(node.config, sort_keys=False))

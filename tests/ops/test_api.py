@@ -106,8 +106,9 @@ def test_metrics_after_a_push(running_node, tmp_path: Path):
     uid = make_ct_study(tmp_path / "study", 4)
     assert storescu(node, tmp_path / "study").returncode == 0
     # An unknown calling AE is rejected: counted in the receiver process, visible here.
-    echo = subprocess.run(["echoscu", "-aet", "STRANGER", "-aec", "AINODE", "127.0.0.1", str(node.port)],
-                          capture_output=True, text=True)
+    echo = subprocess.run(
+        ["echoscu", "-aet", "STRANGER", "-aec", "AINODE", "127.0.0.1", str(node.port)], capture_output=True, text=True
+    )
     assert echo.returncode != 0
     assert wait_for(lambda: 'UserID="STRANGER"' in audit_text(node), 30), audit_text(node)[-2000:]
     alert = next(line for line in audit_text(node).splitlines() if 'UserID="STRANGER"' in line)

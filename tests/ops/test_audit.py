@@ -18,10 +18,17 @@ from tests.ops.conftest import Client, audit_text, make_ct_study, node_with_api,
 
 def test_messages_follow_the_dicom_audit_schema_shape(tmp_path: Path):
     trail = audit.AuditTrail(AuditSettings(sink="file", path=tmp_path / "audit.log"), "AINODE")
-    event = audit.AuditEvent(audit.INSTANCES_TRANSFERRED, "C", audit.SUCCESS,
-                             participants=[audit.Participant("CT01", False, "127.0.0.1", audit.ROLE_SOURCE),
-                                           audit.Participant("AINODE", True, "", audit.ROLE_DESTINATION)],
-                             study_uids=["1.2.3.4"], instance_count=7)
+    event = audit.AuditEvent(
+        audit.INSTANCES_TRANSFERRED,
+        "C",
+        audit.SUCCESS,
+        participants=[
+            audit.Participant("CT01", False, "127.0.0.1", audit.ROLE_SOURCE),
+            audit.Participant("AINODE", True, "", audit.ROLE_DESTINATION),
+        ],
+        study_uids=["1.2.3.4"],
+        instance_count=7,
+    )
     assert trail.record(event)
     trail.close()
     lines = (tmp_path / "audit.log").read_text().splitlines()
@@ -155,8 +162,11 @@ def _mark_ready(node, study_uid: str) -> None:
 
 
 def _imports_of(node, study_uid: str) -> list[str]:
-    return [line for line in audit_text(node).splitlines()
-            if study_uid in line and 'csd-code="110104"' in line and 'EventActionCode="C"' in line]
+    return [
+        line
+        for line in audit_text(node).splitlines()
+        if study_uid in line and 'csd-code="110104"' in line and 'EventActionCode="C"' in line
+    ]
 
 
 def test_a_study_completed_just_before_a_stop_is_audited_once(tmp_path: Path):

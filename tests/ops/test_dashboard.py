@@ -14,8 +14,16 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture
@@ -56,8 +64,9 @@ def test_dashboard_shows_the_pipeline_a_study_page_and_runs_actions(running_node
 
     browser.execute_script("localStorage.setItem('ainode-token', arguments[0])", TOKEN)
     browser.get(base + "/dashboard/")
-    assert wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.study-row[data-phase='done']"), 60), \
+    assert wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.study-row[data-phase='done']"), 60), (
         browser.page_source[:3000]
+    )
     assert text_of(browser, "#phase-done").startswith("1")
     assert text_of(browser, "#queue-depth") == "0 0 0"
     assert "free of" in text_of(browser, "#disk")

@@ -17,7 +17,11 @@ from tests.results.validators import dciodvfy_errors
 
 pytestmark = pytest.mark.slow
 
-SEG, COMPREHENSIVE_3D_SR, KOS = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.59"
+SEG, COMPREHENSIVE_3D_SR, KOS = (
+    "1.2.840.10008.5.1.4.1.1.66.4",
+    "1.2.840.10008.5.1.4.1.1.88.34",
+    "1.2.840.10008.5.1.4.1.1.88.59",
+)
 
 
 def test_demo_delivers_every_result_to_the_test_pacs(tmp_path: Path):
@@ -27,8 +31,13 @@ def test_demo_delivers_every_result_to_the_test_pacs(tmp_path: Path):
         pytest.skip(f"the ct-segmentation weights are not in this checkout ({WEIGHTS}); `ainode train` makes them")
     out = tmp_path / "demo-out"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "demo", "--out", str(out), "--workdir", str(tmp_path / "work")],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "demo", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "Timeline per stage" in proc.stderr and "all " in proc.stderr
     objects = sorted(out.glob("*.dcm"))

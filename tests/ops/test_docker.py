@@ -34,6 +34,7 @@ def compose() -> dict:
 
 def interpolate(value: str, env: dict[str, str]) -> str:
     """Compose variable substitution: ${VAR}, ${VAR:-default}, ${VAR:?error}."""
+
     def one(m: re.Match) -> str:
         name, op, arg = m.group(1), m.group(2), m.group(3)
         if env.get(name):
@@ -41,6 +42,7 @@ def interpolate(value: str, env: dict[str, str]) -> str:
         if op == ":-":
             return arg
         raise AssertionError(f"${{{name}}} is unset: {arg or 'no default'}")
+
     return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, value)
 
 
@@ -117,7 +119,9 @@ def test_every_environment_variable_is_a_real_setting_and_matches_the_mounts(ser
     assert targets.get(env["AINODE_CONFIG"]) == "./ainode.yaml:ro"
     assert targets.get(str(settings.storage.path)) == "store", "node and workers share the store volume"
     db = urlsplit(settings.database.url)
-    postgres = {k: interpolate(str(v), OPERATOR_ENV) for k, v in compose()["services"]["postgres"]["environment"].items()}
+    postgres = {
+        k: interpolate(str(v), OPERATOR_ENV) for k, v in compose()["services"]["postgres"]["environment"].items()
+    }
     assert db.scheme == "postgresql+psycopg" and db.hostname == "postgres" and db.path == "/" + postgres["POSTGRES_DB"]
     assert (db.username, db.password) == (postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"])
     broker = urlsplit(settings.broker.url)
@@ -204,9 +208,9 @@ def test_gpu_reservation_and_torch_pins_agree_with_ci():
     cuda = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-", base)
     assert cuda, base
     worker_torch = " ".join(instr("worker", "RUN"))
-    assert f"/whl/cu{cuda.group(1)}{cuda.group(2)} \"{pin}\"" in worker_torch, "a CUDA torch for the base image's CUDA"
+    assert f'/whl/cu{cuda.group(1)}{cuda.group(2)} "{pin}"' in worker_torch, "a CUDA torch for the base image's CUDA"
     node_torch = " ".join(instr("node", "RUN"))
-    assert f"/whl/cpu \"{pin}\"" in node_torch, "the node keeps the CPU torch CI tests"
+    assert f'/whl/cpu "{pin}"' in node_torch, "the node keeps the CPU torch CI tests"
 
 
 @pytest.mark.parametrize("service", AINODE_SERVICES)
@@ -234,7 +238,8 @@ def test_images_copy_what_exists_and_own_every_mounted_folder(service: str):
     for target, source in mounts(service).items():
         if not source.startswith("."):  # a named volume: a fresh one takes the folder's owner
             assert source in declared, f"volume {source} is not declared"
-            assert target in created and target.startswith("/var/lib/ainode/"), \
+            assert target in created and target.startswith("/var/lib/ainode/"), (
                 f"{target} must exist in the image, owned by {user[-1]}"
+            )
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored, "the build context leaves out the venv and git history"

@@ -23,8 +23,9 @@ LESION = ("52988006", "SCT", "Lesion")
 
 def ball(shape, centre, radius_px: float, radius_k: float) -> np.ndarray:
     k, j, i = np.indices(shape)
-    return ((k - centre[0]) / radius_k) ** 2 + ((j - centre[1]) / radius_px) ** 2 \
-        + ((i - centre[2]) / radius_px) ** 2 <= 1
+    return ((k - centre[0]) / radius_k) ** 2 + ((j - centre[1]) / radius_px) ** 2 + (
+        (i - centre[2]) / radius_px
+    ) ** 2 <= 1
 
 
 def results_of(tmp_path: Path, findings_for) -> tuple[list[Path], list[Path]]:
@@ -46,10 +47,18 @@ def test_the_key_slice_shows_the_largest_lesion_at_its_widest_not_the_most_lesio
     liver = ball(SHAPE, (12, 32, 32), 28, 11) & ~lesions
 
     def findings(volume):
-        return Findings(analysis="ct-organs", algorithm_name="Net", algorithm_version="1", model_sha256="0" * 64,
-                        volume=volume, kind="segmentation",
-                        segments=[Segment("liver", liver, LIVER, tracking_id="liver"),
-                                  Segment("liver lesion", lesions, LESION, tracking_id="liver-lesion")])
+        return Findings(
+            analysis="ct-organs",
+            algorithm_name="Net",
+            algorithm_version="1",
+            model_sha256="0" * 64,
+            volume=volume,
+            kind="segmentation",
+            segments=[
+                Segment("liver", liver, LIVER, tracking_id="liver"),
+                Segment("liver lesion", lesions, LESION, tracking_id="liver-lesion"),
+            ],
+        )
 
     images, results = results_of(tmp_path, findings)
     overlay = overlay_from_files(images, results)
@@ -68,20 +77,42 @@ def test_the_key_slice_shows_the_largest_lesion_at_its_widest_not_the_most_lesio
 def test_detections_from_the_sr_are_drawn_and_the_largest_one_is_the_key_slice(tmp_path: Path):
     def findings(volume):
         def det(k, j0, i0, size, tracking_id):
-            return Detection("nodule", NODULE, (k, j0 + size / 2, i0 + size / 2),
-                             ((k, j0, i0), (k, j0 + size, i0 + size)), score=0.9, diameter_mm=size * 0.8,
-                             tracking_id=tracking_id)
-        return Findings(analysis="ct-nodules", algorithm_name="BoxNet", algorithm_version="1", model_sha256="1" * 64,
-                        volume=volume, kind="detection",
-                        detections=[det(4, 10, 10, 8, "small"), det(12, 30, 20, 20, "large"),
-                                    Detection("nodule", NODULE, (20, 50.0, 50.0), ((20, 50.0, 50.0), (20, 50.0, 50.0)),
-                                              score=0.6, tracking_id="point")])
+            return Detection(
+                "nodule",
+                NODULE,
+                (k, j0 + size / 2, i0 + size / 2),
+                ((k, j0, i0), (k, j0 + size, i0 + size)),
+                score=0.9,
+                diameter_mm=size * 0.8,
+                tracking_id=tracking_id,
+            )
+
+        return Findings(
+            analysis="ct-nodules",
+            algorithm_name="BoxNet",
+            algorithm_version="1",
+            model_sha256="1" * 64,
+            volume=volume,
+            kind="detection",
+            detections=[
+                det(4, 10, 10, 8, "small"),
+                det(12, 30, 20, 20, "large"),
+                Detection(
+                    "nodule",
+                    NODULE,
+                    (20, 50.0, 50.0),
+                    ((20, 50.0, 50.0), (20, 50.0, 50.0)),
+                    score=0.6,
+                    tracking_id="point",
+                ),
+            ],
+        )
 
     images, results = results_of(tmp_path, findings)
     overlay = overlay_from_files(images, results)
     assert not overlay.segments and sorted(d.k for d in overlay.detections) == [4, 12, 20]
     assert key_slices(overlay, 3) == [12, 4, 20]
-    (label, (x0, y0, x1, y1)), = detections_on(overlay, 12)
+    ((label, (x0, y0, x1, y1)),) = detections_on(overlay, 12)
     assert label == "nodule" and x0 <= 20 < 40 <= x1 and y0 <= 30 < 50 <= y1
     assert yellow_pixels(render_png(overlay, 12)).sum() > 100
     assert not yellow_pixels(render_png(overlay, 0)).any()
@@ -90,8 +121,11 @@ def test_detections_from_the_sr_are_drawn_and_the_largest_one_is_the_key_slice(t
 def test_a_tie_goes_to_the_slice_with_more_findings_and_no_findings_means_the_middle():
     pixels = np.zeros((20, 32, 32), np.float32)
     overlay = StudyOverlay(pixels, [str(k) for k in range(20)])
-    overlay.detections = [Mark(5, "nodule", (0, 0, 9, 9), 50.0), Mark(14, "nodule", (0, 0, 9, 9), 50.0),
-                          Mark(14, "nodule", (20, 20, 24, 24), 10.0)]
+    overlay.detections = [
+        Mark(5, "nodule", (0, 0, 9, 9), 50.0),
+        Mark(14, "nodule", (0, 0, 9, 9), 50.0),
+        Mark(14, "nodule", (20, 20, 24, 24), 10.0),
+    ]
     assert key_slices(overlay, 1) == [14]
     assert key_slices(StudyOverlay(pixels, [str(k) for k in range(20)])) == [10]
     # Organs only: the slice with the most segmented area.
@@ -109,10 +143,18 @@ def test_a_flat_speck_with_a_wider_cross_section_does_not_outrank_a_larger_lesio
     speck = np.zeros(shape, bool)
     speck[0, 5:10, 5:11] = True  # 30 pixels, all on slice 0
     lesion = ball(shape, (18, 40, 40), 3.0, 3.5)  # ~ 28 pixels at its widest, ~ 120 voxels
-    overlay = StudyOverlay(np.zeros(shape, np.float32), [str(k) for k in range(shape[0])],
-                           {1: ("liver lesion", lesion), 2: ("lung nodule", speck)}, spacing=(2.5, 0.8, 0.8))
-    widest = {m.label: m for lesion_marks in overlay.lesions for m in lesion_marks if m.area == max(
-        x.area for x in lesion_marks)}
+    overlay = StudyOverlay(
+        np.zeros(shape, np.float32),
+        [str(k) for k in range(shape[0])],
+        {1: ("liver lesion", lesion), 2: ("lung nodule", speck)},
+        spacing=(2.5, 0.8, 0.8),
+    )
+    widest = {
+        m.label: m
+        for lesion_marks in overlay.lesions
+        for m in lesion_marks
+        if m.area == max(x.area for x in lesion_marks)
+    }
     assert widest["lung nodule"].area > widest["liver lesion"].area
     assert widest["liver lesion"].volume_mm3 > widest["lung nodule"].volume_mm3
     assert key_slices(overlay, 2) == [18, 0]

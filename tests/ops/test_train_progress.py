@@ -32,8 +32,7 @@ def test_train_on_a_terminal_shows_a_progress_bar_that_reaches_the_end(tmp_path:
     master, slave = pty.openpty()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TERM": "xterm-256color", "COLUMNS": "140"}
     env.pop("NO_COLOR", None)
-    proc = subprocess.Popen(train_cmd(tmp_path / "ef.pt"), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=slave)
+    proc = subprocess.Popen(train_cmd(tmp_path / "ef.pt"), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     chunks, deadline = [], time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -64,8 +63,9 @@ def test_train_on_a_terminal_shows_a_progress_bar_that_reaches_the_end(tmp_path:
 
 def test_train_without_a_terminal_logs_plain_progress_lines(tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.run(train_cmd(tmp_path / "ef.pt"), cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        train_cmd(tmp_path / "ef.pt"), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "━" not in proc.stderr and "\x1b[" not in proc.stderr
     for epoch in range(1, EPOCHS + 1):
@@ -75,8 +75,13 @@ def test_train_without_a_terminal_logs_plain_progress_lines(tmp_path: Path):
 
 
 def test_unknown_model_exits_2():
-    proc = subprocess.run([sys.executable, "-m", "node.cli", "train", "no-such-model", "--quick"], cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", "train", "no-such-model", "--quick"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "trainable models:" in proc.stderr and MODEL in proc.stderr
 
 
@@ -140,4 +145,6 @@ def test_log_callback_lines_are_parsed_and_kept_as_log_records(caplog):
         train(**reporting_kwargs(train, reporter))
     assert (reporter.done, reporter.total, reporter.unit) == (4, 40, "step")
     assert [r.getMessage() for r in caplog.records if r.name == "workers.training.gan"] == [
-        "slices: train 12", "step 4/40: L1 12.0 HU, validation PSNR 30.1 dB"]
+        "slices: train 12",
+        "step 4/40: L1 12.0 HU, validation PSNR 30.1 dB",
+    ]

@@ -17,7 +17,9 @@ def node(tmp_path: Path):
         yield proc
 
 
-def storescu(node: NodeProcess, *files: Path | str, aet: str = "STORESCU", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def storescu(
+    node: NodeProcess, *files: Path | str, aet: str = "STORESCU", extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """Push files with DCMTK storescu (verbose, so answers can be read from stderr)."""
     cmd = ["storescu", "-v", "-aet", aet, "-aec", node.ae_title, *extra, "127.0.0.1", str(node.port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True)

@@ -71,8 +71,10 @@ def test_known_ae_from_another_address_is_rejected(tmp_path):
 
 
 def test_peer_without_store_permission_is_refused(tmp_path):
-    peers = [{"ae_title": "STORESCU", "hosts": ["127.0.0.1"], "allow": ["echo"]},
-             {"ae_title": "PYNETDICOM", "hosts": ["127.0.0.1"], "allow": ["echo"]}]
+    peers = [
+        {"ae_title": "STORESCU", "hosts": ["127.0.0.1"], "allow": ["echo"]},
+        {"ae_title": "PYNETDICOM", "hosts": ["127.0.0.1"], "allow": ["echo"]},
+    ]
     with NodeProcess(tmp_path / "n", {"peers": peers}) as node:
         assert store_file(node, CT) == 0x0124
         _nothing_written(node)
@@ -138,8 +140,12 @@ def small_tmpfs(tmp_path):
     """A 1 MiB tmpfs: a real full disk (needs root; skipped where mounting is not allowed)."""
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    if shutil.which("mount") is None or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("cannot mount a tmpfs here (not root)")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)

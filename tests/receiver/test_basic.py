@@ -70,19 +70,22 @@ def test_no_patient_data_in_logs(node):
 
 def test_ainode_echo_and_send(node, tmp_path):
     env_cmd = [sys.executable, "-m", "node.cli"]
-    echo = subprocess.run([*env_cmd, "echo", node.target, "--aet", "TESTSCU"], cwd=REPO_ROOT,
-                          capture_output=True, text=True)
+    echo = subprocess.run(
+        [*env_cmd, "echo", node.target, "--aet", "TESTSCU"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert echo.returncode == 0, echo.stderr
     folder = tmp_path / "send"
     folder.mkdir()
     for name in ("CT_small.dcm", "MR_small.dcm"):
         (folder / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
-    sent = subprocess.run([*env_cmd, "send", node.target, str(folder), "--aet", "TESTSCU"], cwd=REPO_ROOT,
-                          capture_output=True, text=True)
+    sent = subprocess.run(
+        [*env_cmd, "send", node.target, str(folder), "--aet", "TESTSCU"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert sent.returncode == 0, sent.stderr
     assert len(_rows(node)) == 2
-    status = subprocess.run([*env_cmd, "status", "-c", str(node.config_path), "--json"], cwd=REPO_ROOT,
-                            capture_output=True, text=True)
+    status = subprocess.run(
+        [*env_cmd, "status", "-c", str(node.config_path), "--json"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert status.returncode == 0, status.stderr
     assert '"instances": 2' in status.stdout
 
@@ -117,8 +120,10 @@ def test_mpps_only_from_peers_allowed_to_send_it(tmp_path):
 
     from tests.helpers import NodeProcess
 
-    peers = [{"ae_title": "STOREONLY", "hosts": ["127.0.0.1"], "allow": ["echo", "store"]},
-             {"ae_title": "MODALITY", "hosts": ["127.0.0.1"], "allow": ["echo", "store", "mpps"]}]
+    peers = [
+        {"ae_title": "STOREONLY", "hosts": ["127.0.0.1"], "allow": ["echo", "store"]},
+        {"ae_title": "MODALITY", "hosts": ["127.0.0.1"], "allow": ["echo", "store", "mpps"]},
+    ]
     with NodeProcess(tmp_path / "node", {"peers": peers}) as node:
         answers = {}
         for aet in ("STOREONLY", "MODALITY"):

@@ -21,7 +21,7 @@ def _encoded(path: str) -> tuple[memoryview, str] | None:
         transfer_syntax = str(meta.TransferSyntaxUID)
     except Exception:
         return None  # no file meta: not something a C-STORE carries
-    return memoryview(raw)[fh.tell():], transfer_syntax
+    return memoryview(raw)[fh.tell() :], transfer_syntax
 
 
 def _cases() -> list[str]:

@@ -23,8 +23,12 @@ def test_records_survive_reopening_in_order(tmp_path):
     again, found = _open(path)
     assert [r.seq for r in found] == [r.seq for r in written]
     for old, new in zip(written, found):
-        assert (new.offset, new.meta_len, new.payload_len, new.received_ns) == \
-            (old.offset, old.meta_len, old.payload_len, old.received_ns)
+        assert (new.offset, new.meta_len, new.payload_len, new.received_ns) == (
+            old.offset,
+            old.meta_len,
+            old.payload_len,
+            old.received_ns,
+        )
     assert bytes(found[2].payload()[:5]) == b"META2"
     # New records go after the recovered ones and get higher sequence numbers.
     newer = again.append(b"M", b"x" * 100)

@@ -81,9 +81,28 @@ def test_sigterm_finishes_open_association(tmp_path):
 
 def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
     key, crt = folder / f"{name}.key", folder / f"{name}.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return crt, key
 
 
@@ -96,8 +115,9 @@ def tls_files(tmp_path):
     return server, client
 
 
-def _client_context(server_crt: Path, client: tuple[Path, Path] | None = None,
-                    maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+def _client_context(
+    server_crt: Path, client: tuple[Path, Path] | None = None, maximum: ssl.TLSVersion | None = None
+) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(str(server_crt))
     ctx.check_hostname = False
@@ -111,8 +131,13 @@ def _client_context(server_crt: Path, client: tuple[Path, Path] | None = None,
 
 def test_tls_with_client_certificate(tmp_path, tls_files):
     (server_crt, server_key), client = tls_files
-    tls = {"enabled": True, "certificate": str(server_crt), "private_key": str(server_key),
-           "ca_certificates": str(client[0]), "require_client_certificate": True}
+    tls = {
+        "enabled": True,
+        "certificate": str(server_crt),
+        "private_key": str(server_key),
+        "ca_certificates": str(client[0]),
+        "require_client_certificate": True,
+    }
     with NodeProcess(tmp_path / "n", {"node": {"tls": tls}}) as node:
         assoc = _open(node, "PYNETDICOM", _client_context(server_crt, client))
         assert assoc.is_established
@@ -130,8 +155,9 @@ def test_tls_with_client_certificate(tmp_path, tls_files):
         if old is not None:
             assert not _open(node, "PYNETDICOM", old).is_established
         # DCMTK as a TLS peer: storescu --enable-tls with its certificate.
-        result = storescu(node, CT, extra=("--enable-tls", str(client[1]), str(client[0]),
-                                           "--add-cert-file", str(server_crt)))
+        result = storescu(
+            node, CT, extra=("--enable-tls", str(client[1]), str(client[0]), "--add-cert-file", str(server_crt))
+        )
         assert "Received Store Response (Success)" in result.stderr, result.stderr
         assert index_count(node) == 1
 
@@ -174,9 +200,12 @@ def test_index_on_postgresql(tmp_path):
             for name_ in ("CT_small.dcm", "MR_small.dcm"):
                 shutil.copy(get_testdata_file(name_), folder / name_)
             # Two associations at once through two receiver processes into one database.
-            runs = [subprocess.Popen(["storescu", "-aet", aet, "-aec", node.ae_title, "127.0.0.1",
-                                      str(node.port), str(folder / f)])
-                    for aet, f in (("STORESCU", "CT_small.dcm"), ("MODALITY", "MR_small.dcm"))]
+            runs = [
+                subprocess.Popen(
+                    ["storescu", "-aet", aet, "-aec", node.ae_title, "127.0.0.1", str(node.port), str(folder / f)]
+                )
+                for aet, f in (("STORESCU", "CT_small.dcm"), ("MODALITY", "MR_small.dcm"))
+            ]
             assert all(p.wait() == 0 for p in runs)
             again = storescu(node, folder / "CT_small.dcm")  # identical duplicate: Success, no change
             assert "Received Store Response (Success)" in again.stderr

@@ -26,18 +26,18 @@ from tests.receiver.conftest import settled, storescu
 
 # (file in pydicom's test data, storescu option proposing its transfer syntax)
 CASES = [
-    ("CT_small.dcm", "-xe"),                       # Explicit VR Little Endian
-    ("rtdose_1frame.dcm", "-xi"),                  # Implicit VR Little Endian
-    ("image_dfl.dcm", "-xd"),                      # Deflated Explicit VR Little Endian
-    ("SC_rgb_small_odd_big_endian.dcm", "-xb"),    # Explicit VR Big Endian
-    ("SC_rgb_small_odd_jpeg.dcm", "-xy"),          # JPEG Baseline
-    ("JPGExtended.dcm", "-xx"),                    # JPEG Extended (12 bit)
-    ("SC_rgb_jpeg_gdcm.dcm", "-xs"),               # JPEG Lossless SV1
-    ("MR_small_jpeg_ls_lossless.dcm", "-xt"),      # JPEG-LS Lossless
-    ("JPEGLSNearLossless_08.dcm", "-xu"),          # JPEG-LS Near-lossless
-    ("MR_small_jp2klossless.dcm", "-xv"),          # JPEG 2000 Lossless
-    ("JPEG2000.dcm", "-xw"),                       # JPEG 2000
-    ("SC_rgb_rle.dcm", "-xr"),                     # RLE Lossless
+    ("CT_small.dcm", "-xe"),  # Explicit VR Little Endian
+    ("rtdose_1frame.dcm", "-xi"),  # Implicit VR Little Endian
+    ("image_dfl.dcm", "-xd"),  # Deflated Explicit VR Little Endian
+    ("SC_rgb_small_odd_big_endian.dcm", "-xb"),  # Explicit VR Big Endian
+    ("SC_rgb_small_odd_jpeg.dcm", "-xy"),  # JPEG Baseline
+    ("JPGExtended.dcm", "-xx"),  # JPEG Extended (12 bit)
+    ("SC_rgb_jpeg_gdcm.dcm", "-xs"),  # JPEG Lossless SV1
+    ("MR_small_jpeg_ls_lossless.dcm", "-xt"),  # JPEG-LS Lossless
+    ("JPEGLSNearLossless_08.dcm", "-xu"),  # JPEG-LS Near-lossless
+    ("MR_small_jp2klossless.dcm", "-xv"),  # JPEG 2000 Lossless
+    ("JPEG2000.dcm", "-xw"),  # JPEG 2000
+    ("SC_rgb_rle.dcm", "-xr"),  # RLE Lossless
 ]
 
 
@@ -64,9 +64,12 @@ def reference_scp(tmp_path_factory):
     """DCMTK storescp writing what it receives bit for bit (+B), accepting every syntax (+xa)."""
     out = tmp_path_factory.mktemp("storescp")
     port = free_port()
-    proc = subprocess.Popen(["storescp", "-aet", "REFSCP", "+B", "+xa", "+uf", "-od", str(out), str(port)],
-                            env={**os.environ, "TCP_NODELAY": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "REFSCP", "+B", "+xa", "+uf", "-od", str(out), str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     assert wait_for(lambda: port_open(port), 30)
     yield port, out
     proc.terminate()
@@ -102,8 +105,11 @@ def test_transfer_syntax_stored_as_sent(node, reference_scp, tmp_path, name, pro
 
     ref_port, ref_dir = reference_scp
     before = set(ref_dir.iterdir())
-    ref = subprocess.run(["storescu", "-R", propose, "-aec", "REFSCP", "127.0.0.1", str(ref_port), str(source)],
-                         capture_output=True, text=True)
+    ref = subprocess.run(
+        ["storescu", "-R", propose, "-aec", "REFSCP", "127.0.0.1", str(ref_port), str(source)],
+        capture_output=True,
+        text=True,
+    )
     assert ref.returncode == 0, ref.stderr
     assert wait_for(lambda: len(set(ref_dir.iterdir()) - before) == 1, 30)
     (ref_file,) = set(ref_dir.iterdir()) - before

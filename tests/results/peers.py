@@ -31,14 +31,26 @@ class Orthanc:
 
     def write_config(self) -> Path:
         config = {
-            "Name": "ainode-test", "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "storage"), "DicomAet": self.aet,
-            "DicomPort": self.dicom_port, "HttpPort": self.http_port, "HttpServerEnabled": True,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-            "DicomServerEnabled": True, "Plugins": [], "StableAge": 1, "ConcurrentJobs": 1,
-            "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "HttpDescribeErrors": True,
-            "DicomModalities": {name: {"AET": aet, "Host": "127.0.0.1", "Port": port}
-                                for name, (aet, port) in self.modalities.items()},
+            "Name": "ainode-test",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "storage"),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "HttpServerEnabled": True,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomServerEnabled": True,
+            "Plugins": [],
+            "StableAge": 1,
+            "ConcurrentJobs": 1,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "HttpDescribeErrors": True,
+            "DicomModalities": {
+                name: {"AET": aet, "Host": "127.0.0.1", "Port": port} for name, (aet, port) in self.modalities.items()
+            },
         }
         path = self.workdir / "orthanc.json"
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -83,8 +95,9 @@ class StoreSCP:
     ``sop_classes`` limits what it accepts (others get their presentation context rejected).
     """
 
-    def __init__(self, sop_classes: list[str], statuses: list[int] | None = None, aet: str = "TESTSCP",
-                 delay_s: float = 0.0):
+    def __init__(
+        self, sop_classes: list[str], statuses: list[int] | None = None, aet: str = "TESTSCP", delay_s: float = 0.0
+    ):
         self.port = free_port()
         self.delay_s = delay_s  # a slow PACS: time spent on each C-STORE before answering
         self.aet = aet
@@ -110,8 +123,9 @@ class StoreSCP:
         return status
 
     def start(self) -> "StoreSCP":
-        self._server = self._ae.start_server(("127.0.0.1", self.port), block=False,
-                                             evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self._server = self._ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
         return self
 
     def stop(self) -> None:

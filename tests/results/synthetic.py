@@ -27,8 +27,9 @@ NODULE = ("27925004", "SCT", "Nodule")
 LUNG = ("39607008", "SCT", "Lung")
 
 
-def write_ct_series(folder: Path, shape=(12, 48, 48), spacing=(2.5, 0.8, 0.8), minimal: bool = False,
-                    seed: int = 0) -> tuple[list[Path], np.ndarray, dict]:
+def write_ct_series(
+    folder: Path, shape=(12, 48, 48), spacing=(2.5, 0.8, 0.8), minimal: bool = False, seed: int = 0
+) -> tuple[list[Path], np.ndarray, dict]:
     """A CT series of ``shape`` (k, j, i) with an ellipsoid 'organ' and a small sphere.
 
     Returns the file paths (slice order), the HU volume and the identifiers used. ``minimal``
@@ -37,11 +38,18 @@ def write_ct_series(folder: Path, shape=(12, 48, 48), spacing=(2.5, 0.8, 0.8), m
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     k, j, i = np.indices(shape)
-    organ = ((k - shape[0] / 2) / (shape[0] / 3)) ** 2 + ((j - shape[1] / 2) / (shape[1] / 4)) ** 2 \
-        + ((i - shape[2] / 2) / (shape[2] / 3)) ** 2 <= 1
+    organ = ((k - shape[0] / 2) / (shape[0] / 3)) ** 2 + ((j - shape[1] / 2) / (shape[1] / 4)) ** 2 + (
+        (i - shape[2] / 2) / (shape[2] / 3)
+    ) ** 2 <= 1
     hu = np.where(organ, 60.0, -100.0) + rng.normal(0, 5, shape)
-    ids = {"study": generate_uid(), "series": generate_uid(), "for": generate_uid(),
-           "accession": "ACC123", "patient_id": "PID-42", "organ": organ}
+    ids = {
+        "study": generate_uid(),
+        "series": generate_uid(),
+        "for": generate_uid(),
+        "accession": "ACC123",
+        "patient_id": "PID-42",
+        "organ": organ,
+    }
     paths = []
     for n in range(shape[0]):
         ds = Dataset()
@@ -68,8 +76,18 @@ def write_ct_series(folder: Path, shape=(12, 48, 48), spacing=(2.5, 0.8, 0.8), m
             ds.RequestAttributesSequence[0].RequestedProcedureDescription = "CT abdomen"
             ds.RequestAttributesSequence[0].ScheduledProcedureStepID = "SPS1"
         else:
-            for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                       "ReferringPhysicianName", "StudyID", "AccessionNumber", "Manufacturer"):
+            for kw in (
+                "PatientName",
+                "PatientID",
+                "PatientBirthDate",
+                "PatientSex",
+                "StudyDate",
+                "StudyTime",
+                "ReferringPhysicianName",
+                "StudyID",
+                "AccessionNumber",
+                "Manufacturer",
+            ):
                 setattr(ds, kw, "")
         ds.SeriesNumber, ds.InstanceNumber = 1, n + 1
         ds.PatientPosition = "HFS"
@@ -104,8 +122,15 @@ def volume_of(paths: list[Path], hu: np.ndarray, ids: dict, spacing=(2.5, 0.8, 0
     affine = np.eye(4)
     affine[0, 0], affine[1, 1], affine[2, 2] = spacing[2], spacing[1], spacing[0]
     affine[:3, 3] = [-20.0, -20.0, 0.0]
-    return Volume(pixels=hu, affine=affine, sources=frames, study_instance_uid=ids["study"],
-                  series_instance_uid=ids["series"], frame_of_reference_uid=ids["for"], modality="CT")
+    return Volume(
+        pixels=hu,
+        affine=affine,
+        sources=frames,
+        study_instance_uid=ids["study"],
+        series_instance_uid=ids["series"],
+        frame_of_reference_uid=ids["for"],
+        modality="CT",
+    )
 
 
 def segmentation_findings(volume: Volume, *, empty: bool = False, version: str = "1.0.0") -> Findings:
@@ -114,13 +139,28 @@ def segmentation_findings(volume: Volume, *, empty: bool = False, version: str =
     spleen = np.zeros(volume.pixels.shape, bool)  # looked for, not found
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     return Findings(
-        analysis="ct-organs", algorithm_name="ThresholdNet", algorithm_version=version,
-        model_sha256="0" * 64, volume=volume, kind="segmentation",
-        segments=[Segment("liver", liver, LIVER, anatomic_region=ABDOMEN, tracking_id="liver"),
-                  Segment("spleen", spleen, SPLEEN, anatomic_region=ABDOMEN, tracking_id="spleen")],
-        measurements=[Measurement(("118565006", "SCT", "Volume"), liver.sum() * voxel_ml,
-                                  ("cm3", "UCUM", "cubic centimeter"), segment_label="liver",
-                                  finding_site=LIVER, tracking_id="liver")] if not empty else [],
+        analysis="ct-organs",
+        algorithm_name="ThresholdNet",
+        algorithm_version=version,
+        model_sha256="0" * 64,
+        volume=volume,
+        kind="segmentation",
+        segments=[
+            Segment("liver", liver, LIVER, anatomic_region=ABDOMEN, tracking_id="liver"),
+            Segment("spleen", spleen, SPLEEN, anatomic_region=ABDOMEN, tracking_id="spleen"),
+        ],
+        measurements=[
+            Measurement(
+                ("118565006", "SCT", "Volume"),
+                liver.sum() * voxel_ml,
+                ("cm3", "UCUM", "cubic centimeter"),
+                segment_label="liver",
+                finding_site=LIVER,
+                tracking_id="liver",
+            )
+        ]
+        if not empty
+        else [],
     )
 
 
@@ -128,15 +168,38 @@ def detection_findings(volume: Volume) -> Findings:
     """A detection with a box, a classification and a reconstruction (one of each kind)."""
     kdim = volume.pixels.shape[0]
     return Findings(
-        analysis="ct-nodules", algorithm_name="BoxNet", algorithm_version="2.1",
-        model_sha256="1" * 64, volume=volume, kind="detection",
-        detections=[Detection("nodule", NODULE, (kdim // 2, 20.0, 22.0), ((kdim // 2 - 1, 16.0, 18.0),
-                                                                         (kdim // 2 + 1, 24.0, 26.0)),
-                              score=0.91, diameter_mm=6.4, finding_site=LUNG, tracking_id="nodule-1"),
-                    Detection("nodule", NODULE, (1, 10.0, 10.0), ((1, 10.0, 10.0), (1, 10.0, 10.0)),
-                              score=0.55, tracking_id="nodule-2")],
-        classifications=[Classification("malignancy", ("363346000", "SCT", "Malignant neoplastic disease"), 0.12,
-                                        finding_site=LUNG)],
-        derived=[DerivedImage(volume.pixels * 0.5 + 10, "AI denoised", "Denoised by BoxNet 2.1",
-                              ("113086", "DCM", "Image Processing"))],
+        analysis="ct-nodules",
+        algorithm_name="BoxNet",
+        algorithm_version="2.1",
+        model_sha256="1" * 64,
+        volume=volume,
+        kind="detection",
+        detections=[
+            Detection(
+                "nodule",
+                NODULE,
+                (kdim // 2, 20.0, 22.0),
+                ((kdim // 2 - 1, 16.0, 18.0), (kdim // 2 + 1, 24.0, 26.0)),
+                score=0.91,
+                diameter_mm=6.4,
+                finding_site=LUNG,
+                tracking_id="nodule-1",
+            ),
+            Detection(
+                "nodule",
+                NODULE,
+                (1, 10.0, 10.0),
+                ((1, 10.0, 10.0), (1, 10.0, 10.0)),
+                score=0.55,
+                tracking_id="nodule-2",
+            ),
+        ],
+        classifications=[
+            Classification("malignancy", ("363346000", "SCT", "Malignant neoplastic disease"), 0.12, finding_site=LUNG)
+        ],
+        derived=[
+            DerivedImage(
+                volume.pixels * 0.5 + 10, "AI denoised", "Denoised by BoxNet 2.1", ("113086", "DCM", "Image Processing")
+            )
+        ],
     )

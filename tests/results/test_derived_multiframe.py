@@ -22,8 +22,15 @@ from workers.synthetic.phantoms import make_ct_phantom
 
 
 def reconstruction(volume, pixels) -> Findings:
-    return Findings(analysis="ct-denoise", algorithm_name="DenoiseNet", algorithm_version="1", model_sha256="2" * 64,
-                    volume=volume, kind="reconstruction", derived=[DerivedImage(pixels, "AI denoised", "denoised")])
+    return Findings(
+        analysis="ct-denoise",
+        algorithm_name="DenoiseNet",
+        algorithm_version="1",
+        model_sha256="2" * 64,
+        volume=volume,
+        kind="reconstruction",
+        derived=[DerivedImage(pixels, "AI denoised", "denoised")],
+    )
 
 
 def write(findings, folder: Path) -> list[Path]:
@@ -33,8 +40,7 @@ def write(findings, folder: Path) -> list[Path]:
 @pytest.fixture
 def enhanced_ct(tmp_path):
     """An oblique phantom stored feet-first in frame order: frame n is not slice n of the volume."""
-    phantom = make_ct_phantom(21, shape=(14, 64, 64), spacing=(5.0, 5.5, 5.5), orientation="oblique",
-                              descending=True)
+    phantom = make_ct_phantom(21, shape=(14, 64, 64), spacing=(5.0, 5.5, 5.5), orientation="oblique", descending=True)
     path = write_enhanced_ct(phantom, tmp_path / "ect.dcm")
     return path, load_series([path])
 
@@ -60,16 +66,21 @@ def test_derived_enhanced_ct_from_the_denoising_model(enhanced_ct, tmp_path):
     assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
     assert list(ds.ImageType) == ["DERIVED", "PRIMARY", "VOLUME", "FILTERED"]
     assert ds.SharedFunctionalGroupsSequence[0].CTImageFrameTypeSequence[0].FrameType[0] == "DERIVED"
-    for n, (ours, theirs) in enumerate(zip(ds.PerFrameFunctionalGroupsSequence,
-                                           source.PerFrameFunctionalGroupsSequence), 1):
-        assert ours.PlanePositionSequence[0].ImagePositionPatient == theirs.PlanePositionSequence[0].ImagePositionPatient
+    for n, (ours, theirs) in enumerate(
+        zip(ds.PerFrameFunctionalGroupsSequence, source.PerFrameFunctionalGroupsSequence), 1
+    ):
+        assert (
+            ours.PlanePositionSequence[0].ImagePositionPatient == theirs.PlanePositionSequence[0].ImagePositionPatient
+        )
         ref = ours.DerivationImageSequence[0].SourceImageSequence[0]
         assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID and ref.ReferencedFrameNumber == n
         assert ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
     evidence = ds.SourceImageEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.SeriesInstanceUID == source.SeriesInstanceUID
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert (
+        ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    )
     back = load_series(paths)
     np.testing.assert_allclose(back.affine, volume.affine, atol=1e-6)
     # Stored as the source stores (unsigned 16 bit, intercept -1024): values below -1024 HU clip.

@@ -28,16 +28,20 @@ def make_settings(tmp_path: Path, destinations: list[dict]) -> Settings:
     for d in destinations:
         d.setdefault("retry_initial_s", 0.2)
         d.setdefault("retry_max_s", 1.0)
-    return Settings.model_validate({"database": {"url": f"sqlite:///{tmp_path}/ainode.db"},
-                                    "node": {"ae_title": "AINODE", "acse_timeout_s": 5, "network_timeout_s": 10,
-                                             "dimse_timeout_s": 10},
-                                    "destinations": destinations})
+    return Settings.model_validate(
+        {
+            "database": {"url": f"sqlite:///{tmp_path}/ainode.db"},
+            "node": {"ae_title": "AINODE", "acse_timeout_s": 5, "network_timeout_s": 10, "dimse_timeout_s": 10},
+            "destinations": destinations,
+        }
+    )
 
 
 def results(ct, tmp_path, profiles=None) -> list[Path]:
     volume, _ = ct
-    ctx = ResultContext(job_key="job-1", output_dir=tmp_path / "results",
-                        destinations=profiles or [CapabilityProfile()])
+    ctx = ResultContext(
+        job_key="job-1", output_dir=tmp_path / "results", destinations=profiles or [CapabilityProfile()]
+    )
     return write_results(segmentation_findings(volume), ctx)
 
 
@@ -54,9 +58,11 @@ def rows(settings) -> list[Delivery]:
 
 def run_until_settled(settings, timeout=60.0) -> bool:
     """Delivery passes (as the node's periodic task does) until nothing is pending or sending."""
+
     def settled() -> bool:
         deliver_due(settings)
         return all(r.state not in (PENDING, "sending") for r in rows(settings))
+
     return wait_for(settled, timeout=timeout, interval=0.2)
 
 
@@ -70,8 +76,10 @@ def test_status_classes():
 
 
 def test_backoff_is_exponential_and_capped(tmp_path):
-    dest = make_settings(tmp_path, [{"name": "p", "ae_title": "P", "host": "127.0.0.1", "port": 1,
-                                     "retry_initial_s": 5, "retry_max_s": 3600}]).destinations[0]
+    dest = make_settings(
+        tmp_path,
+        [{"name": "p", "ae_title": "P", "host": "127.0.0.1", "port": 1, "retry_initial_s": 5, "retry_max_s": 3600}],
+    ).destinations[0]
     assert [backoff_s(dest, n) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
     assert backoff_s(dest, 30) == 3600
 
@@ -79,8 +87,9 @@ def test_backoff_is_exponential_and_capped(tmp_path):
 def test_out_of_resources_is_retried(ct, tmp_path):
     scp = StoreSCP([SEG_SOP, SR_SOP, KOS_SOP], statuses=[0xA700]).start()
     try:
-        settings = make_settings(tmp_path, [{"name": "pacs", "ae_title": scp.aet, "host": "127.0.0.1",
-                                             "port": scp.port}])
+        settings = make_settings(
+            tmp_path, [{"name": "pacs", "ae_title": scp.aet, "host": "127.0.0.1", "port": scp.port}]
+        )
         paths = results(ct, tmp_path)
         ids = enqueue(settings, paths, ["pacs"])
         first = deliver(ids[0], settings)
@@ -98,9 +107,13 @@ def test_refused_sop_class_fails_for_good_and_others_are_served(ct, tmp_path):
     picky = StoreSCP([CTImageStorage], aet="PICKY").start()  # accepts no result SOP class
     good = StoreSCP([SEG_SOP, SR_SOP, KOS_SOP], aet="GOOD").start()
     try:
-        settings = make_settings(tmp_path, [
-            {"name": "picky", "ae_title": "PICKY", "host": "127.0.0.1", "port": picky.port},
-            {"name": "good", "ae_title": "GOOD", "host": "127.0.0.1", "port": good.port}])
+        settings = make_settings(
+            tmp_path,
+            [
+                {"name": "picky", "ae_title": "PICKY", "host": "127.0.0.1", "port": picky.port},
+                {"name": "good", "ae_title": "GOOD", "host": "127.0.0.1", "port": good.port},
+            ],
+        )
         paths = results(ct, tmp_path)
         enqueue(settings, paths, ["picky", "good"])
         assert run_until_settled(settings)
@@ -123,9 +136,13 @@ def test_down_destination_waits_without_blocking_others(ct, tmp_path):
     good = StoreSCP([SEG_SOP, SR_SOP, KOS_SOP], aet="GOOD").start()
     down = StoreSCP([SEG_SOP, SR_SOP, KOS_SOP], aet="LATER")  # not started yet: port closed
     try:
-        settings = make_settings(tmp_path, [
-            {"name": "later", "ae_title": "LATER", "host": "127.0.0.1", "port": down.port},
-            {"name": "good", "ae_title": "GOOD", "host": "127.0.0.1", "port": good.port}])
+        settings = make_settings(
+            tmp_path,
+            [
+                {"name": "later", "ae_title": "LATER", "host": "127.0.0.1", "port": down.port},
+                {"name": "good", "ae_title": "GOOD", "host": "127.0.0.1", "port": good.port},
+            ],
+        )
         paths = results(ct, tmp_path)
         enqueue(settings, paths, ["later", "good"])
         deliver_due(settings)
@@ -148,8 +165,9 @@ def test_capability_profile_filters_per_destination(ct, tmp_path):
     scp = StoreSCP([SEG_SOP, SR_SOP, KOS_SOP, "1.2.840.10008.5.1.4.1.1.11.1"], aet="OLD").start()
     try:
         old = {"seg": False, "sr": False, "kos": False, "gsps": True}
-        settings = make_settings(tmp_path, [{"name": "old", "ae_title": "OLD", "host": "127.0.0.1",
-                                             "port": scp.port, "capabilities": old}])
+        settings = make_settings(
+            tmp_path, [{"name": "old", "ae_title": "OLD", "host": "127.0.0.1", "port": scp.port, "capabilities": old}]
+        )
         paths = results(ct, tmp_path, [CapabilityProfile(), CapabilityProfile(**old)])
         enqueue(settings, paths, ["old"])
         assert run_until_settled(settings)
@@ -193,8 +211,9 @@ def test_stow_rs_destination(ct, tmp_path):
 def test_stow_rs_status_classes(ct, tmp_path, answer, state):
     server = StowServer(answer=answer)
     try:
-        settings = make_settings(tmp_path, [{"name": "web", "type": "dicomweb", "url": server.url,
-                                             "retry_initial_s": 60}])
+        settings = make_settings(
+            tmp_path, [{"name": "web", "type": "dicomweb", "url": server.url, "retry_initial_s": 60}]
+        )
         paths = results(ct, tmp_path)
         ids = enqueue(settings, paths, ["web"])
         deliver(ids[0], settings)

@@ -23,8 +23,11 @@ from workers.results import ResultContext, write_results
 
 def push_with_storescu(orthanc: Orthanc, folder) -> None:
     """The modality's images reach the PACS first (as they would in the hospital)."""
-    subprocess.run(["storescu", "-aec", orthanc.aet, "+sd", "127.0.0.1", str(orthanc.dicom_port), str(folder)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["storescu", "-aec", orthanc.aet, "+sd", "127.0.0.1", str(orthanc.dicom_port), str(folder)],
+        check=True,
+        capture_output=True,
+    )
 
 
 def orthanc_destination(orthanc: Orthanc, **extra) -> dict:
@@ -48,12 +51,16 @@ def test_results_arrive_in_the_source_study_and_the_seg_decodes(tmp_path, orthan
     modalities = sorted(orthanc.get_json(f"/series/{s}")["MainDicomTags"].get("Modality") for s in study["Series"])
     assert modalities == ["CT", "KO", "SEG", "SR"]
 
-    seg_series = next(s for s in study["Series"] if orthanc.get_json(f"/series/{s}")["MainDicomTags"]["Modality"] == "SEG")
+    seg_series = next(
+        s for s in study["Series"] if orthanc.get_json(f"/series/{s}")["MainDicomTags"]["Modality"] == "SEG"
+    )
     seg_instance = orthanc.get_json(f"/series/{seg_series}")["Instances"][0]
     seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(io.BytesIO(orthanc.instance_file(seg_instance))))
     decoded = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=[f.sop_instance_uid for f in volume.sources], segment_numbers=[1],
-        assert_missing_frames_are_empty=True)[..., 0].astype(bool)
+        source_sop_instance_uids=[f.sop_instance_uid for f in volume.sources],
+        segment_numbers=[1],
+        assert_missing_frames_are_empty=True,
+    )[..., 0].astype(bool)
     truth = ids["organ"]
     dice = 2 * np.logical_and(decoded, truth).sum() / (decoded.sum() + truth.sum())
     print(f"SEG fetched back from Orthanc: Dice vs phantom ground truth = {dice:.4f}")
@@ -67,10 +74,14 @@ def test_orthanc_killed_during_delivery_then_everything_arrives_once(tmp_path):
         volume = volume_of(paths, hu, ids)
         # Derived series + overlays: many objects, so the PACS dies in the middle of the batch.
         profiles = [CapabilityProfile(secondary_capture=True)]
-        outputs = write_results(detection_findings(volume), ResultContext(job_key="outage", output_dir=tmp_path / "out",
-                                                                          destinations=profiles))
-        outputs += write_results(segmentation_findings(volume), ResultContext(
-            job_key="outage", output_dir=tmp_path / "out2", destinations=profiles))
+        outputs = write_results(
+            detection_findings(volume),
+            ResultContext(job_key="outage", output_dir=tmp_path / "out", destinations=profiles),
+        )
+        outputs += write_results(
+            segmentation_findings(volume),
+            ResultContext(job_key="outage", output_dir=tmp_path / "out2", destinations=profiles),
+        )
         settings = make_settings(tmp_path, [orthanc_destination(pacs, capabilities={"secondary_capture": True})])
         enqueue(settings, outputs, ["pacs"])
 
@@ -109,12 +120,12 @@ def test_storage_commitment_with_orthanc(tmp_path, ct):
         # Our listener's part: accept the report (the requestor plays the SCP role here).
         ae = AE(ae_title="AINODE")
         ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
-        server = ae.start_server(("127.0.0.1", listener_port), block=False,
-                                 evt_handlers=commitment_handlers(settings))
+        server = ae.start_server(("127.0.0.1", listener_port), block=False, evt_handlers=commitment_handlers(settings))
         try:
             volume, _ = ct
-            outputs = write_results(segmentation_findings(volume), ResultContext(job_key="commit",
-                                                                                 output_dir=tmp_path / "out"))
+            outputs = write_results(
+                segmentation_findings(volume), ResultContext(job_key="commit", output_dir=tmp_path / "out")
+            )
             enqueue(settings, outputs, ["pacs"])
             assert run_until_settled(settings)
             assert wait_for(lambda: {r.commitment for r in rows(settings)} == {"committed"}, timeout=60)
@@ -135,14 +146,17 @@ def test_storage_commitment_report_is_received_by_ainode_serve(tmp_path, ct):
     pacs = Orthanc(tmp_path / "orthanc", modalities={"ainode": ("AINODE", placeholder.port)}).start()
     try:
         settings = make_settings(tmp_path, [orthanc_destination(pacs, storage_commitment=True)])
-        overrides = {"node": {"port": placeholder.port},
-                     "database": {"url": settings.database.url},
-                     "peers": [{"ae_title": pacs.aet, "hosts": ["127.0.0.1"]}],
-                     "destinations": [orthanc_destination(pacs, storage_commitment=True)]}
+        overrides = {
+            "node": {"port": placeholder.port},
+            "database": {"url": settings.database.url},
+            "peers": [{"ae_title": pacs.aet, "hosts": ["127.0.0.1"]}],
+            "destinations": [orthanc_destination(pacs, storage_commitment=True)],
+        }
         with NodeProcess(node_dir, overrides):
             volume, _ = ct
-            outputs = write_results(segmentation_findings(volume), ResultContext(job_key="commit-serve",
-                                                                                 output_dir=tmp_path / "out"))
+            outputs = write_results(
+                segmentation_findings(volume), ResultContext(job_key="commit-serve", output_dir=tmp_path / "out")
+            )
             enqueue(settings, outputs, ["pacs"])
             assert run_until_settled(settings)
             assert wait_for(lambda: {r.commitment for r in rows(settings)} == {"committed"}, timeout=60)

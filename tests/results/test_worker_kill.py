@@ -32,18 +32,32 @@ def test_worker_killed_mid_delivery(ct, tmp_path):
     try:
         config = {
             "node": {"ae_title": "AINODE", "acse_timeout_s": 5, "dimse_timeout_s": 5, "network_timeout_s": 5},
-            "database": {"url": f"sqlite:///{tmp_path}/ainode.db"}, "broker": {"url": redis.url},
-            "storage": {"path": str(tmp_path / "store")}, "audit": {"path": str(tmp_path / "audit.log")},
-            "destinations": [{"name": "pacs", "ae_title": "SLOWPACS", "host": "127.0.0.1", "port": pacs.port,
-                              "retry_initial_s": 0.5, "retry_max_s": 2,
-                              "capabilities": {"secondary_capture": True}}],
+            "database": {"url": f"sqlite:///{tmp_path}/ainode.db"},
+            "broker": {"url": redis.url},
+            "storage": {"path": str(tmp_path / "store")},
+            "audit": {"path": str(tmp_path / "audit.log")},
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "ae_title": "SLOWPACS",
+                    "host": "127.0.0.1",
+                    "port": pacs.port,
+                    "retry_initial_s": 0.5,
+                    "retry_max_s": 2,
+                    "capabilities": {"secondary_capture": True},
+                }
+            ],
         }
         config_path = tmp_path / "ainode.yaml"
         config_path.write_text(yaml.safe_dump(config))
         settings = load_settings(config_path)
         volume, _ = ct
-        outputs = write_results(segmentation_findings(volume), ResultContext(
-            job_key="kill", output_dir=tmp_path / "out", destinations=[CapabilityProfile(secondary_capture=True)]))
+        outputs = write_results(
+            segmentation_findings(volume),
+            ResultContext(
+                job_key="kill", output_dir=tmp_path / "out", destinations=[CapabilityProfile(secondary_capture=True)]
+            ),
+        )
         expected = sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in outputs)
         assert len(expected) >= 8
 

@@ -37,8 +37,9 @@ def seg_mask_by_source(seg_path, volume) -> np.ndarray:
     seg = hd.seg.segread(seg_path)
     uids = [f.sop_instance_uid for f in volume.sources]
     n = len(seg.SegmentSequence)
-    return seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=list(range(1, n + 1)),
-                                             assert_missing_frames_are_empty=True).astype(bool)
+    return seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=list(range(1, n + 1)), assert_missing_frames_are_empty=True
+    ).astype(bool)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -57,8 +58,9 @@ def test_every_object_type_passes_dciodvfy(ct, tmp_path):
 
 def test_srs_pass_dicom_sr_validator_and_dsrdump(ct, tmp_path):
     volume, _ = ct
-    for n, findings in enumerate([segmentation_findings(volume), detection_findings(volume),
-                                  segmentation_findings(volume, empty=True)]):
+    for n, findings in enumerate(
+        [segmentation_findings(volume), detection_findings(volume), segmentation_findings(volume, empty=True)]
+    ):
         for sr in by_kind(write(findings, tmp_path / str(n)))["sr"]:
             errors = [e for e in sr_validator_errors(sr) if KNOWN_SR_VALIDATOR_LIMITATION not in e]
             assert errors == [], sr
@@ -99,8 +101,10 @@ def test_seg_from_label_array_equals_stacked_segments_and_overlaps_still_work(ct
     lower = liver.mask.copy()
     lower[: lower.shape[0] // 2] = False
     upper = liver.mask & ~lower
-    findings.segments = [Segment("upper", upper, liver.property_type, tracking_id="upper"),
-                         Segment("lower", lower, liver.property_type, tracking_id="lower")]
+    findings.segments = [
+        Segment("upper", upper, liver.property_type, tracking_id="upper"),
+        Segment("lower", lower, liver.property_type, tracking_id="lower"),
+    ]
     fast = pydicom.dcmread(by_kind(write(findings, tmp_path / "a"))["seg"][0])
     monkeypatch.setattr(seg_writer, "_label_array", lambda segments: None)
     stacked = pydicom.dcmread(by_kind(write(findings, tmp_path / "b"))["seg"][0])
@@ -129,8 +133,7 @@ def test_other_segmentation_types(ct, tmp_path, seg_type):
         # it knows neither the IOD nor the background segment 0. See docs/conformance.md.
         assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
         assert seg.SegmentSequence[0].SegmentNumber == 0 and seg.SegmentSequence[1].SegmentNumber == 1
-        errors = [e for e in errors if "Information Object Not found" not in e
-                  and "SegmentNumber of 0" not in e]
+        errors = [e for e in errors if "Information Object Not found" not in e and "SegmentNumber of 0" not in e]
     assert errors == []
 
 
@@ -169,8 +172,11 @@ def test_detections_classifications_and_derived(ct, tmp_path):
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == frame.sop_instance_uid
         assert ds.SOPInstanceUID != frame.sop_instance_uid and ds.DerivationDescription
     first = sorted(derived, key=lambda d: d.InstanceNumber)[0]
-    np.testing.assert_allclose(first.pixel_array * float(first.RescaleSlope) + float(first.RescaleIntercept),
-                               np.rint(volume.pixels[0] * 0.5 + 10), atol=1)
+    np.testing.assert_allclose(
+        first.pixel_array * float(first.RescaleSlope) + float(first.RescaleIntercept),
+        np.rint(volume.pixels[0] * 0.5 + 10),
+        atol=1,
+    )
 
 
 def test_empty_result_is_stated_not_silent(ct, tmp_path):
@@ -236,17 +242,35 @@ def test_reconstruction_and_measurement_only_results(ct, tmp_path):
     from workers.analysis.findings import DerivedImage, Findings, Measurement
 
     volume, _ = ct
-    recon = Findings(analysis="ct-denoise", algorithm_name="DenoiseNet", algorithm_version="1", model_sha256="2" * 64,
-                     volume=volume, kind="reconstruction",
-                     derived=[DerivedImage(volume.pixels, "AI denoised", "denoised")])
+    recon = Findings(
+        analysis="ct-denoise",
+        algorithm_name="DenoiseNet",
+        algorithm_version="1",
+        model_sha256="2" * 64,
+        volume=volume,
+        kind="reconstruction",
+        derived=[DerivedImage(volume.pixels, "AI denoised", "denoised")],
+    )
     kinds = by_kind(write(recon, tmp_path / "r"))
     assert set(kinds) == {"derived"}  # no report claiming "no finding" for a denoising job
     for path in kinds["derived"][:2]:
         assert dciodvfy_errors(path) == []
-    ef = Findings(analysis="ef", algorithm_name="EFNet", algorithm_version="1", model_sha256="3" * 64,
-                  volume=volume, kind="ejection_fraction",
-                  measurements=[Measurement(("10230-1", "LN", "Left ventricular Ejection fraction"), 57.0,
-                                            ("%", "UCUM", "percent"), tracking_id="lv-ef")])
+    ef = Findings(
+        analysis="ef",
+        algorithm_name="EFNet",
+        algorithm_version="1",
+        model_sha256="3" * 64,
+        volume=volume,
+        kind="ejection_fraction",
+        measurements=[
+            Measurement(
+                ("10230-1", "LN", "Left ventricular Ejection fraction"),
+                57.0,
+                ("%", "UCUM", "percent"),
+                tracking_id="lv-ef",
+            )
+        ],
+    )
     sr = by_kind(write(ef, tmp_path / "e"))["sr"][0]
     text = dsrdump(sr)
     assert "Ejection fraction" in text and "Clinical finding absent" not in text

@@ -62,8 +62,9 @@ def _activate(logits, output: str, dim: int = 1):
     return torch.softmax(logits.float(), dim=dim)
 
 
-def source_labels(volume: Volume, work_affine: np.ndarray, probs: np.ndarray, output: str,
-                  threshold: float = 0.5) -> np.ndarray:
+def source_labels(
+    volume: Volume, work_affine: np.ndarray, probs: np.ndarray, output: str, threshold: float = 0.5
+) -> np.ndarray:
     """Label per source voxel from class maps (C, k, j, i) on the model's grid (``work_affine``).
 
     ``softmax``: channel 0 is background, the arg-max wins. Otherwise (sigmoid, multi-label): the
@@ -107,8 +108,9 @@ def steps_for(task: str, labels: list[str], params: dict) -> Steps:
             mask = label_map == idx
             if mask.any():
                 category, ptype = codes_for(name)
-                out.segments.append(Segment(label=name, mask=mask, property_type=ptype,
-                                            property_category=category, tracking_id=name))
+                out.segments.append(
+                    Segment(label=name, mask=mask, property_type=ptype, property_category=category, tracking_id=name)
+                )
         return out
 
     def post_detection(volume: Volume, inputs: dict, probs: np.ndarray, run_params: dict) -> Outputs:
@@ -121,10 +123,17 @@ def steps_for(task: str, labels: list[str], params: dict) -> Steps:
                 voxels = np.argwhere(components == c)
                 lo, hi = voxels.min(axis=0), voxels.max(axis=0)
                 diameter = float(2 * (len(voxels) * np.prod(spacing) * 3 / (4 * np.pi)) ** (1 / 3))
-                out.detections.append(Detection(
-                    label=s.label, finding_type=s.property_type, center_kji=tuple(voxels.mean(axis=0).tolist()),
-                    box_kji=(tuple(lo.astype(float).tolist()), tuple(hi.astype(float).tolist())),
-                    score=1.0, diameter_mm=round(diameter, 1), tracking_id=f"{s.tracking_id}-{c}"))
+                out.detections.append(
+                    Detection(
+                        label=s.label,
+                        finding_type=s.property_type,
+                        center_kji=tuple(voxels.mean(axis=0).tolist()),
+                        box_kji=(tuple(lo.astype(float).tolist()), tuple(hi.astype(float).tolist())),
+                        score=1.0,
+                        diameter_mm=round(diameter, 1),
+                        tracking_id=f"{s.tracking_id}-{c}",
+                    )
+                )
         return out
 
     def prep_2d(volume: Volume, run_params: dict) -> np.ndarray:
@@ -141,31 +150,55 @@ def steps_for(task: str, labels: list[str], params: dict) -> Steps:
         probs = probs.reshape(len(images), -1).max(axis=0)
         threshold = float(params.get("threshold", 0.5))
         out = Outputs()
-        for name, p in zip(labels or ["finding"], probs[-max(1, len(labels)):]):
+        for name, p in zip(labels or ["finding"], probs[-max(1, len(labels)) :]):
             _, ptype = codes_for(name)
-            out.classifications.append(Classification(label=name, finding=ptype, probability=float(p), threshold=threshold))
+            out.classifications.append(
+                Classification(label=name, finding=ptype, probability=float(p), threshold=threshold)
+            )
         return out
 
     def prep_image(volume: Volume, run_params: dict) -> dict:
-        return {"image": _normalise(volume.pixels, params)[None], "mean": float(volume.pixels.mean()),
-                "std": float(volume.pixels.std())}
+        return {
+            "image": _normalise(volume.pixels, params)[None],
+            "mean": float(volume.pixels.mean()),
+            "std": float(volume.pixels.std()),
+        }
 
     def infer_image(predictor, inputs: dict, ctx: RunContext) -> np.ndarray:
         with ctx.inference():
-            return predictor.torch_module()(torch.from_numpy(inputs["image"][None]).to(ctx.device)).float().cpu().numpy()
+            return (
+                predictor.torch_module()(torch.from_numpy(inputs["image"][None]).to(ctx.device)).float().cpu().numpy()
+            )
 
     def post_reconstruction(volume: Volume, inputs: dict, raw: np.ndarray, run_params: dict) -> Outputs:
         img = raw.reshape(volume.pixels.shape)
         window = params.get("window")
-        img = img * (float(window[1]) - float(window[0])) + float(window[0]) if window else img * inputs["std"] + inputs["mean"]
-        return Outputs(derived=[DerivedImage(pixels=img.astype(np.float32),
-                                             series_description=str(params.get("series_description", "Processed")),
-                                             derivation_description=str(params.get("derivation_description", "model output")))])
+        img = (
+            img * (float(window[1]) - float(window[0])) + float(window[0])
+            if window
+            else img * inputs["std"] + inputs["mean"]
+        )
+        return Outputs(
+            derived=[
+                DerivedImage(
+                    pixels=img.astype(np.float32),
+                    series_description=str(params.get("series_description", "Processed")),
+                    derivation_description=str(params.get("derivation_description", "model output")),
+                )
+            ]
+        )
 
     def post_ef(volume: Volume, inputs: dict, raw: np.ndarray, run_params: dict) -> Outputs:
         value = float(np.asarray(raw).ravel()[0])
-        return Outputs(measurements=[Measurement(name=("10230-1", "LN", "Left ventricular Ejection fraction"),
-                                                 value=round(value, 1), unit=("%", "UCUM", "percent"))])
+        return Outputs(
+            measurements=[
+                Measurement(
+                    name=("10230-1", "LN", "Left ventricular Ejection fraction"),
+                    value=round(value, 1),
+                    unit=("%", "UCUM", "percent"),
+                )
+            ]
+        )
 
     if task == "segmentation":
         return Steps("3d", prep_3d, infer_3d, post_segmentation)
@@ -187,8 +220,11 @@ class _Predictor:
     def __init__(self, fmt: str, path: Path, device: str):
         self.fmt, self.device = fmt, device
         if fmt == "onnx":
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") \
+            providers = (
+                ["CUDAExecutionProvider", "CPUExecutionProvider"]
+                if device.startswith("cuda")
                 else ["CPUExecutionProvider"]
+            )
             providers = [p for p in providers if p in ort.get_available_providers()]
             self.session = ort.InferenceSession(str(path), providers=providers)
             self.input_name = self.session.get_inputs()[0].name
@@ -203,6 +239,7 @@ class _Predictor:
         """The model as a torch callable (ONNX wrapped), for MONAI sliding-window inference."""
         if self.fmt != "onnx":
             return self.module
+
         def call(x: torch.Tensor) -> torch.Tensor:
             out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
             return torch.from_numpy(out).to(x.device)
@@ -216,7 +253,9 @@ def _load_monai_bundle(path: Path, device: str):
     ts = path / "models" / "model.ts"
     if ts.exists():
         return torch.jit.load(str(ts), map_location=device).eval()
-    config = next((path / "configs" / n for n in ("inference.json", "inference.yaml") if (path / "configs" / n).exists()), None)
+    config = next(
+        (path / "configs" / n for n in ("inference.json", "inference.yaml") if (path / "configs" / n).exists()), None
+    )
     if config is None:
         raise AnalysisError(f"{path}: a MONAI bundle needs configs/inference.json or models/model.ts")
     parser = ConfigParser()
@@ -258,11 +297,19 @@ def external_analysis(cfg) -> Analysis:
     weights = _weights_file(cfg.format, path)
     steps = steps_for(cfg.task, list(cfg.labels), dict(cfg.params))
     return Analysis(
-        name=cfg.name, task=cfg.task, modalities=tuple(cfg.modalities), dimensionality=steps.dimensionality,
-        algorithm_name=cfg.params.get("algorithm_name", cfg.name), version=version,
+        name=cfg.name,
+        task=cfg.task,
+        modalities=tuple(cfg.modalities),
+        dimensionality=steps.dimensionality,
+        algorithm_name=cfg.params.get("algorithm_name", cfg.name),
+        version=version,
         load=lambda device: _Predictor(cfg.format, path, device),
-        preprocess=steps.preprocess, infer=steps.infer, postprocess=steps.postprocess,
-        weights=weights, card=Path(cfg.params["card"]) if cfg.params.get("card") else None,
-        description=f"{cfg.format} model at {path}", gpu_memory_bytes=int(cfg.params.get("gpu_memory_bytes", 1 << 30)),
+        preprocess=steps.preprocess,
+        infer=steps.infer,
+        postprocess=steps.postprocess,
+        weights=weights,
+        card=Path(cfg.params["card"]) if cfg.params.get("card") else None,
+        description=f"{cfg.format} model at {path}",
+        gpu_memory_bytes=int(cfg.params.get("gpu_memory_bytes", 1 << 30)),
         source=cfg.format,
     )

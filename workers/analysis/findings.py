@@ -145,5 +145,8 @@ class Findings:
     @property
     def empty(self) -> bool:
         """True when the analysis found nothing (results still say so explicitly)."""
-        return not (self.segments and any(s.mask.any() for s in self.segments)) and not self.detections \
+        return (
+            not (self.segments and any(s.mask.any() for s in self.segments))
+            and not self.detections
             and not any(c.present for c in self.classifications)
+        )

@@ -144,7 +144,7 @@ def _monochrome1(values: np.ndarray, ds: Dataset) -> np.ndarray:
         return values
     bits = int(ds.get("BitsStored", 16))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
-    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     lo_r, hi_r = _rescale(np.array([lo, hi], dtype=np.float64), ds, None)
     return (lo_r + hi_r - values).astype(np.float32)
 
@@ -170,15 +170,17 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
         transform = next((g for g in groups if "PixelValueTransformationSequence" in g), None)
         values = _monochrome1(_rescale(pixels[n], ds, transform), ds)
         temporal = _temporal_index(per_frame)
-        out.append(_Frame(
-            pixels=values.astype(np.float32),
-            position=None if position is None else np.asarray([float(v) for v in position]),
-            orientation=None if orientation is None else np.asarray([float(v) for v in orientation]),
-            spacing=(float(spacing[0]), float(spacing[1])),
-            source=SourceFrame(str(ds.SOPClassUID), str(ds.SOPInstanceUID), path, n + 1 if multi else None),
-            order_key=(temporal, int(ds.get("InstanceNumber", 0) or 0), n),
-            thickness=float(thickness) if thickness not in (None, "") else None,
-        ))
+        out.append(
+            _Frame(
+                pixels=values.astype(np.float32),
+                position=None if position is None else np.asarray([float(v) for v in position]),
+                orientation=None if orientation is None else np.asarray([float(v) for v in orientation]),
+                spacing=(float(spacing[0]), float(spacing[1])),
+                source=SourceFrame(str(ds.SOPClassUID), str(ds.SOPInstanceUID), path, n + 1 if multi else None),
+                order_key=(temporal, int(ds.get("InstanceNumber", 0) or 0), n),
+                thickness=float(thickness) if thickness not in (None, "") else None,
+            )
+        )
     return out
 
 
@@ -293,7 +295,8 @@ def _stack(frames: list[_Frame]) -> tuple[list[_Frame], np.ndarray]:
     if np.abs(steps - median).max() > SPACING_TOLERANCE * median:
         raise SeriesError(
             f"uneven slice spacing: steps from {steps.min():.3g} to {steps.max():.3g} mm "
-            f"(median {median:.3g} mm; a gap or missing slice?)")
+            f"(median {median:.3g} mm; a gap or missing slice?)"
+        )
     # The slice step is the mean displacement between neighbours: exact for gantry tilt too.
     step = (frames[-1].position - frames[0].position) / (len(frames) - 1)
     affine[:3, 2] = step
@@ -309,8 +312,9 @@ def _check_same_shape(frames: list[_Frame]) -> None:
 # --- grids for models -------------------------------------------------------------------------
 
 
-def resample_to_spacing(volume: Volume, spacing: Sequence[float], order: int = 1,
-                        data: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def resample_to_spacing(
+    volume: Volume, spacing: Sequence[float], order: int = 1, data: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The volume's pixels (or ``data`` on its grid) on a grid of the same orientation and extent
     with ``spacing`` (k, j, i) mm; returns (array, affine of the new grid)."""
     src = volume.pixels if data is None else data
@@ -336,8 +340,9 @@ def resample_back(volume: Volume, work_affine: np.ndarray, data: np.ndarray, ord
     return np.stack([ndimage.map_coordinates(c, coords, order=order, mode="nearest") for c in data]).astype(np.float32)
 
 
-def argmax_on_source(volume: Volume, work_affine: np.ndarray, data: np.ndarray,
-                     chunk_voxels: int = 1 << 20) -> np.ndarray:
+def argmax_on_source(
+    volume: Volume, work_affine: np.ndarray, data: np.ndarray, chunk_voxels: int = 1 << 20
+) -> np.ndarray:
     """Arg-max over the channels of ``data`` (C, k, j, i on a working grid) sampled trilinearly at
     every source voxel: the labels of ``resample_back(volume, work_affine, data).argmax(0)``
     without interpolating C full-resolution volumes.
@@ -377,8 +382,13 @@ def argmax_on_source(volume: Volume, work_affine: np.ndarray, data: np.ndarray,
                 view[2 - s] = counts[s]
                 coords[w] = (to_work[w, s] * index + to_work[w, 3]).reshape(view)
         else:
-            k, j, i = np.meshgrid(np.arange(k0, k1, dtype=np.float64), np.arange(shape[1], dtype=np.float64),
-                                  np.arange(shape[2], dtype=np.float64), indexing="ij", sparse=True)
+            k, j, i = np.meshgrid(
+                np.arange(k0, k1, dtype=np.float64),
+                np.arange(shape[1], dtype=np.float64),
+                np.arange(shape[2], dtype=np.float64),
+                indexing="ij",
+                sparse=True,
+            )
             coords = [to_work[w, 0] * i + to_work[w, 1] * j + to_work[w, 2] * k + to_work[w, 3] for w in range(3)]
         # Per working axis (k, j, i order): lower corner, upper corner, weight of the upper one.
         lo, hi, frac = zip(*(_corner_indices(coords[w], work_shape[2 - w]) for w in (2, 1, 0)))
@@ -391,8 +401,14 @@ def argmax_on_source(volume: Volume, work_affine: np.ndarray, data: np.ndarray,
             labels = cells[lo[0], lo[1], lo[2]]
         where = np.nonzero(labels == mixed)
         if len(where[0]):
-            pick = [(np.broadcast_to(a, labels.shape)[where], np.broadcast_to(b, labels.shape)[where],
-                     np.broadcast_to(f, labels.shape)[where]) for a, b, f in zip(lo, hi, frac)]
+            pick = [
+                (
+                    np.broadcast_to(a, labels.shape)[where],
+                    np.broadcast_to(b, labels.shape)[where],
+                    np.broadcast_to(f, labels.shape)[where],
+                )
+                for a, b, f in zip(lo, hi, frac)
+            ]
             total = np.zeros((len(where[0]), n_classes))
             for corner in range(8):
                 idx, weight = [], np.ones(len(where[0]))
@@ -451,20 +467,29 @@ def canonical_grid(volume: Volume, spacing: float) -> tuple[tuple[int, int, int]
     return (int(n_ijk[2]), int(n_ijk[1]), int(n_ijk[0])), affine
 
 
-def resample_to_grid(volume: Volume, shape: tuple[int, int, int], affine: np.ndarray, order: int = 1,
-                     fill: float | None = None) -> np.ndarray:
+def resample_to_grid(
+    volume: Volume, shape: tuple[int, int, int], affine: np.ndarray, order: int = 1, fill: float | None = None
+) -> np.ndarray:
     """The volume's pixels sampled at every voxel of another grid (outside: ``fill``, default the
     volume's minimum, i.e. air for CT)."""
     cval = float(volume.pixels.min()) if fill is None else fill
     return sample_on_grid(volume.pixels, volume.affine, shape, affine, order=order, cval=cval)
 
 
-def sample_on_grid(data: np.ndarray, data_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray,
-                   order: int = 1, mode: str = "constant", cval: float = 0.0) -> np.ndarray:
+def sample_on_grid(
+    data: np.ndarray,
+    data_affine: np.ndarray,
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    order: int = 1,
+    mode: str = "constant",
+    cval: float = 0.0,
+) -> np.ndarray:
     """``data`` (k, j, i), placed in patient space by ``data_affine``, sampled at every voxel centre
     of the grid (``shape``, ``affine``); outside it scipy's ``mode`` applies (``cval`` for constant)."""
     to_data = np.linalg.inv(data_affine) @ affine  # target (i, j, k) -> data (i, j, k)
     k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
     ijk = np.stack([i, j, k, np.ones_like(i)], axis=-1) @ to_data.T
-    return ndimage.map_coordinates(data, [ijk[..., 2], ijk[..., 1], ijk[..., 0]], order=order,
-                                   mode=mode, cval=cval).astype(np.float32)
+    return ndimage.map_coordinates(
+        data, [ijk[..., 2], ijk[..., 1], ijk[..., 0]], order=order, mode=mode, cval=cval
+    ).astype(np.float32)

@@ -60,7 +60,9 @@ def available_analyses(settings=None) -> dict[str, Analysis]:
     for cfg in getattr(settings, "analyses", None) or []:
         if cfg.format == "builtin":
             if cfg.name not in found:
-                raise AnalysisError(f"analysis {cfg.name!r} is configured as builtin but no built-in model has that name")
+                raise AnalysisError(
+                    f"analysis {cfg.name!r} is configured as builtin but no built-in model has that name"
+                )
             continue
         found[cfg.name] = external_analysis(cfg)
     return found
@@ -139,8 +141,12 @@ def pick_device(analysis: Analysis, params: dict | None = None) -> str:
         return "cpu"
     free, _total = torch.cuda.mem_get_info()
     if free < analysis.gpu_memory_bytes:
-        log.warning("analysis %s: %.1f GiB free on the GPU, %.1f GiB needed; running on the CPU",
-                    analysis.name, free / 2**30, analysis.gpu_memory_bytes / 2**30)
+        log.warning(
+            "analysis %s: %.1f GiB free on the GPU, %.1f GiB needed; running on the CPU",
+            analysis.name,
+            free / 2**30,
+            analysis.gpu_memory_bytes / 2**30,
+        )
         return "cpu"
     return "cuda"
 
@@ -150,7 +156,9 @@ def loaded_model(analysis: Analysis, device: str) -> Any:
 
     Analyses sharing a loader and weight file (segmentation and detection) share one copy.
     """
-    loader = f"{analysis.source}:{getattr(analysis.load, '__module__', '')}.{getattr(analysis.load, '__qualname__', '')}"
+    loader = (
+        f"{analysis.source}:{getattr(analysis.load, '__module__', '')}.{getattr(analysis.load, '__qualname__', '')}"
+    )
     if analysis.source != "builtin":
         loader += f":{analysis.name}"  # configured models: one loader closure per configuration
     key = (loader, str(analysis.weights), analysis_sha256(analysis), device)
@@ -158,8 +166,10 @@ def loaded_model(analysis: Analysis, device: str) -> Any:
         if key not in _models:
             if not weights_present(analysis):
                 missing = [str(p) for p in weight_files(analysis) if not p.exists()] or [str(analysis.weights)]
-                raise AnalysisError(f"{analysis.name}: weights not found at {', '.join(missing)}; "
-                                    f"run `ainode train` or fix the configured path")
+                raise AnalysisError(
+                    f"{analysis.name}: weights not found at {', '.join(missing)}; "
+                    f"run `ainode train` or fix the configured path"
+                )
             _models[key] = analysis.load(device)
         return _models[key]
 
@@ -189,10 +199,18 @@ def run_analysis(name: str, volume: Volume, params: dict | None = None, settings
     outputs = analysis.postprocess(volume, inputs, raw, params)
     timings["postprocess"] = time.perf_counter() - t
     return Findings(
-        analysis=analysis.name, algorithm_name=analysis.algorithm_name, algorithm_version=analysis.version,
-        model_sha256=analysis_sha256(analysis), volume=volume, kind=analysis.task,
-        segments=outputs.segments, detections=outputs.detections, classifications=outputs.classifications,
-        measurements=outputs.measurements, derived=outputs.derived, timings_s=timings,
+        analysis=analysis.name,
+        algorithm_name=analysis.algorithm_name,
+        algorithm_version=analysis.version,
+        model_sha256=analysis_sha256(analysis),
+        volume=volume,
+        kind=analysis.task,
+        segments=outputs.segments,
+        detections=outputs.detections,
+        classifications=outputs.classifications,
+        measurements=outputs.measurements,
+        derived=outputs.derived,
+        timings_s=timings,
     )
 
 
@@ -216,7 +234,14 @@ def print_models(settings) -> int:
         sha = analysis_sha256(a)
         if not sha:
             missing += 1
-        table.add_row(name, a.task, f"{'/'.join(a.modalities)} {a.dimensionality}", a.source, a.version,
-                      sha[:12] if sha else "[red]weights missing[/red]", str(a.card) if a.card else "-")
+        table.add_row(
+            name,
+            a.task,
+            f"{'/'.join(a.modalities)} {a.dimensionality}",
+            a.source,
+            a.version,
+            sha[:12] if sha else "[red]weights missing[/red]",
+            str(a.card) if a.card else "-",
+        )
     console.print(table)
     return 1 if missing else 0

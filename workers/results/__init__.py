@@ -24,8 +24,17 @@ from workers.results.seg import write_seg
 from workers.results.sources import SourceImages, write
 from workers.results.sr import write_sr
 
-__all__ = ["ResultContext", "ResultObject", "write_results", "wanted_kinds", "kinds_for_destinations", "kind_of",
-           "ALL_KINDS", "ResultKind"]
+__all__ = [
+    "ResultContext",
+    "ResultObject",
+    "write_results",
+    "wanted_kinds",
+    "kinds_for_destinations",
+    "kind_of",
+    "ALL_KINDS",
+    "ResultKind",
+]
+
 
 def build_results(findings: Findings, context: ResultContext | Mapping[str, Any]) -> list[Dataset]:
     """The result datasets for the context's destinations, in delivery order (not written)."""
@@ -42,8 +51,9 @@ def build_results(findings: Findings, context: ResultContext | Mapping[str, Any]
         if seg is not None:
             objects.append(seg)
     # A pure reconstruction has nothing to report: its derived series is the result.
-    reports = findings.kind != "reconstruction" or bool(findings.segments or findings.detections
-                                                        or findings.classifications or findings.measurements)
+    reports = findings.kind != "reconstruction" or bool(
+        findings.segments or findings.detections or findings.classifications or findings.measurements
+    )
     if "sr" in kinds and reports:
         objects.append(write_sr(findings, sources, context, uids, seg))
     if "gsps" in kinds:
@@ -75,6 +85,7 @@ def write_results(findings: Findings, context: ResultContext | Mapping[str, Any]
     for ds in build_results(findings, context):
         kind = kind_of(ds.SOPClassUID)
         path = write(ds, Path(context.output_dir), f"{kind}-{ds.SOPInstanceUID}")
-        written.append(ResultObject(path, kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                                    str(ds.get("StudyInstanceUID", ""))))
+        written.append(
+            ResultObject(path, kind, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.get("StudyInstanceUID", "")))
+        )
     return written

@@ -21,8 +21,7 @@ SOFTWARE_VERSION = "0.1.0"
 
 # Result series numbers: far above what modalities use, one block per kind so a re-run lands in
 # the same series (the series UID is deterministic too).
-SERIES_NUMBERS: dict[str, int] = {"seg": 9001, "sr": 9002, "kos": 9003, "gsps": 9004, "sc": 9005,
-                                  "derived": 9010}
+SERIES_NUMBERS: dict[str, int] = {"seg": 9001, "sr": 9002, "kos": 9003, "gsps": 9004, "sc": 9005, "derived": 9010}
 
 
 @dataclass

@@ -29,15 +29,25 @@ from workers.results.sources import SourceImages, add_laterality, contributing_e
 
 SOURCE_FOR_PROCESSING: Code = ("121322", "DCM", "Source image for image processing operation")
 # Attributes that describe the source's pixel values or acquisition storage and would be false.
-STALE = ("SmallestImagePixelValue", "LargestImagePixelValue", "LossyImageCompression",
-         "LossyImageCompressionRatio", "LossyImageCompressionMethod", "ContributingEquipmentSequence")
+STALE = (
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "LossyImageCompression",
+    "LossyImageCompressionRatio",
+    "LossyImageCompressionMethod",
+    "ContributingEquipmentSequence",
+)
 # A derived multi-frame instance stands alone: it is not part of the source's concatenation.
-CONCATENATION = ("ConcatenationUID", "SOPInstanceUIDOfConcatenationSource", "ConcatenationFrameOffsetNumber",
-                 "InConcatenationNumber", "InConcatenationTotalNumber")
+CONCATENATION = (
+    "ConcatenationUID",
+    "SOPInstanceUIDOfConcatenationSource",
+    "ConcatenationFrameOffsetNumber",
+    "InConcatenationNumber",
+    "InConcatenationTotalNumber",
+)
 # Enhanced IODs (Enhanced CT / MR image modules): Lossy Image Compression is Type 1 there and the
 # source's value stays true of pixels derived from it ("01" is never reset), so it is kept.
-ENHANCED_STALE = ("SmallestImagePixelValue", "LargestImagePixelValue", "ContributingEquipmentSequence",
-                  *CONCATENATION)
+ENHANCED_STALE = ("SmallestImagePixelValue", "LargestImagePixelValue", "ContributingEquipmentSequence", *CONCATENATION)
 # Image Type / Frame Type value 4 (Derived Pixel Contrast) of a frame whose pixels a model
 # recomputed from one source frame: the enhanced image modules' defined term for filtered images.
 DERIVED_PIXEL_CONTRAST = "FILTERED"
@@ -53,8 +63,9 @@ def _integer_dtype(bits_allocated: int, signed: bool) -> type:
     return {8: (np.uint8, np.int8), 16: (np.uint16, np.int16), 32: (np.uint32, np.int32)}[int(bits_allocated)][signed]
 
 
-def stored_values(values: np.ndarray, source: Dataset, slope: float | None = None,
-                  intercept: float | None = None) -> np.ndarray:
+def stored_values(
+    values: np.ndarray, source: Dataset, slope: float | None = None, intercept: float | None = None
+) -> np.ndarray:
     """Modality values back to stored pixel values in the source's pixel representation (with the
     source's rescale, or the given frame's ``slope`` / ``intercept``)."""
     slope = float(slope if slope is not None else (source.get("RescaleSlope", 1) or 1))
@@ -62,7 +73,7 @@ def stored_values(values: np.ndarray, source: Dataset, slope: float | None = Non
     stored = np.rint((np.asarray(values, dtype=np.float64) - intercept) / slope)
     bits = int(source.BitsStored)
     signed = int(source.PixelRepresentation) == 1
-    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     return np.clip(stored, low, high).astype(_integer_dtype(source.BitsAllocated, signed))
 
 
@@ -76,8 +87,16 @@ def _source_reference(source: Dataset, frame_number: int | None = None) -> Datas
     return ref
 
 
-def _new_identity(ds: Dataset, source: Dataset, image: DerivedImage, index: int, instance_number: int,
-                  findings: Findings, ctx: ResultContext, uids: UIDFactory) -> None:
+def _new_identity(
+    ds: Dataset,
+    source: Dataset,
+    image: DerivedImage,
+    index: int,
+    instance_number: int,
+    findings: Findings,
+    ctx: ResultContext,
+    uids: UIDFactory,
+) -> None:
     """New series and instance UIDs (deterministic), numbers, dates, equipment, file meta."""
     ds.SeriesInstanceUID = uids.uid("derived", index, "series")
     ds.SOPInstanceUID = uids.uid("derived", index, "sop", source.SOPInstanceUID)
@@ -91,8 +110,9 @@ def _new_identity(ds: Dataset, source: Dataset, image: DerivedImage, index: int,
     ds.ContributingEquipmentSequence = Sequence([e for e in contributing_equipment(findings, ctx)])
 
 
-def derived_slice(image: DerivedImage, index: int, k: int, source: Dataset, findings: Findings,
-                  ctx: ResultContext, uids: UIDFactory) -> Dataset:
+def derived_slice(
+    image: DerivedImage, index: int, k: int, source: Dataset, findings: Findings, ctx: ResultContext, uids: UIDFactory
+) -> Dataset:
     """One derived instance: the source's header with new pixels, new UIDs and its derivation."""
     ds = copy.deepcopy(source)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
@@ -126,22 +146,38 @@ def _frame_rescale(source: Dataset, frame: int) -> tuple[float | None, float | N
         items = group.get("PixelValueTransformationSequence")
         if items:
             slope, intercept = items[0].get("RescaleSlope"), items[0].get("RescaleIntercept")
-            return (None if slope in (None, "") else float(slope),
-                    None if intercept in (None, "") else float(intercept))
+            return (
+                None if slope in (None, "") else float(slope),
+                None if intercept in (None, "") else float(intercept),
+            )
     return None, None
 
 
 def _set_pixels(ds: Dataset, source: Dataset, image: DerivedImage, frames: dict[int, int]) -> None:
     """Pixel Data of every frame of the source (in its frame order) from the derived volume."""
     colour = int(source.get("SamplesPerPixel", 1)) != 1 or str(source.get("PhotometricInterpretation", "")) in (
-        "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420")
+        "PALETTE COLOR",
+        "RGB",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_RCT",
+        "YBR_ICT",
+        "YBR_PARTIAL_420",
+    )
     if colour:
         # The volume holds luminance (imaging._to_grey): the derived image is greyscale.
-        for keyword in ("PlanarConfiguration", "RedPaletteColorLookupTableDescriptor",
-                        "GreenPaletteColorLookupTableDescriptor", "BluePaletteColorLookupTableDescriptor",
-                        "RedPaletteColorLookupTableData", "GreenPaletteColorLookupTableData",
-                        "BluePaletteColorLookupTableData", "SegmentedRedPaletteColorLookupTableData",
-                        "SegmentedGreenPaletteColorLookupTableData", "SegmentedBluePaletteColorLookupTableData"):
+        for keyword in (
+            "PlanarConfiguration",
+            "RedPaletteColorLookupTableDescriptor",
+            "GreenPaletteColorLookupTableDescriptor",
+            "BluePaletteColorLookupTableDescriptor",
+            "RedPaletteColorLookupTableData",
+            "GreenPaletteColorLookupTableData",
+            "BluePaletteColorLookupTableData",
+            "SegmentedRedPaletteColorLookupTableData",
+            "SegmentedGreenPaletteColorLookupTableData",
+            "SegmentedBluePaletteColorLookupTableData",
+        ):
             if keyword in ds:
                 delattr(ds, keyword)
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -205,9 +241,16 @@ def _reference_source_instance(ds: Dataset, source: Dataset) -> None:
     ds.ReferencedSeriesSequence = Sequence(list(series.values()))
 
 
-def derived_multiframe(image: DerivedImage, index: int, instance_number: int, source: Dataset,
-                       frames: dict[int, int], findings: Findings, ctx: ResultContext,
-                       uids: UIDFactory) -> Dataset:
+def derived_multiframe(
+    image: DerivedImage,
+    index: int,
+    instance_number: int,
+    source: Dataset,
+    frames: dict[int, int],
+    findings: Findings,
+    ctx: ResultContext,
+    uids: UIDFactory,
+) -> Dataset:
     """The derived instance of one multi-frame source instance; ``frames`` maps each 1-based
     frame number of the source to its slice k of the volume."""
     n_frames = int(source.get("NumberOfFrames", 1) or 1)
@@ -217,7 +260,7 @@ def derived_multiframe(image: DerivedImage, index: int, instance_number: int, so
     ds = copy.deepcopy(source)
     _set_pixels(ds, source, image, frames)
     enhanced = "PerFrameFunctionalGroupsSequence" in source
-    for keyword in (ENHANCED_STALE if enhanced else (*STALE, *CONCATENATION)):
+    for keyword in ENHANCED_STALE if enhanced else (*STALE, *CONCATENATION):
         if keyword in ds:
             delattr(ds, keyword)
     _new_identity(ds, source, image, index, instance_number, findings, ctx, uids)
@@ -248,8 +291,7 @@ def derived_multiframe(image: DerivedImage, index: int, instance_number: int, so
     return finish_common(ds, source, findings, ctx, image.series_description)
 
 
-def write_derived(findings: Findings, sources: SourceImages, ctx: ResultContext,
-                  uids: UIDFactory) -> list[Dataset]:
+def write_derived(findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory) -> list[Dataset]:
     """Every derived image volume as a series in the source IOD: one instance per source instance
     (single-frame slices, or multi-frame instances frame for frame)."""
     out = []

@@ -22,8 +22,9 @@ def slices_with_findings(findings: Findings) -> list[int]:
     return sorted(ks)
 
 
-def write_kos(findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory,
-              results: list[Dataset]) -> Dataset | None:
+def write_kos(
+    findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory, results: list[Dataset]
+) -> Dataset | None:
     """KOS naming the key images and the result objects; None when nothing was found."""
     ks = slices_with_findings(findings)
     if not ks:
@@ -36,10 +37,14 @@ def write_kos(findings: Findings, sources: SourceImages, ctx: ResultContext, uid
         description=f"Images with findings of {findings.analysis}"[:1024],
     )
     kos = KeyObjectSelectionDocument(
-        evidence=list(sources.headers) + results, content=content,
-        series_instance_uid=uids.uid("kos", "series"), series_number=SERIES_NUMBERS["kos"],
-        sop_instance_uid=uids.uid("kos", "sop"), instance_number=1,
-        manufacturer=ctx.manufacturer, institution_name=ctx.institution_name,
+        evidence=list(sources.headers) + results,
+        content=content,
+        series_instance_uid=uids.uid("kos", "series"),
+        series_number=SERIES_NUMBERS["kos"],
+        sop_instance_uid=uids.uid("kos", "sop"),
+        instance_number=1,
+        manufacturer=ctx.manufacturer,
+        institution_name=ctx.institution_name,
         requested_procedures=[referenced_request(sources.first, ctx)],
         contributing_equipment=contributing_equipment(findings, ctx),
     )

@@ -29,8 +29,7 @@ def mask_outlines(mask: np.ndarray) -> list[np.ndarray]:
     rows, cols = np.nonzero(core)
     edges: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
     # (neighbour offset, start corner, end corner) for top, right, bottom, left edges.
-    sides = (((-1, 0), (0, 0), (1, 0)), ((0, 1), (1, 0), (1, 1)),
-             ((1, 0), (1, 1), (0, 1)), ((0, -1), (0, 1), (0, 0)))
+    sides = (((-1, 0), (0, 0), (1, 0)), ((0, 1), (1, 0), (1, 1)), ((1, 0), (1, 1), (0, 1)), ((0, -1), (0, 1), (0, 0)))
     for (dr, dc), (sx, sy), (ex, ey) in sides:
         open_side = ~m[1 + rows + dr, 1 + cols + dc]
         for r, c in zip(rows[open_side], cols[open_side]):
@@ -74,16 +73,26 @@ def _graphic_objects(findings: Findings, k: int) -> list[hd.pr.GraphicObject]:
     objects = []
     for segment in findings.segments:
         for outline in mask_outlines(segment.mask[k]):
-            objects.append(hd.pr.GraphicObject(graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
-                                               graphic_data=outline, units=hd.pr.AnnotationUnitsValues.PIXEL,
-                                               tracking_id=(segment.tracking_id or segment.label)[:64],
-                                               tracking_uid=tracking_uid(findings, segment.tracking_id or segment.label)))
+            objects.append(
+                hd.pr.GraphicObject(
+                    graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                    graphic_data=outline,
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                    tracking_id=(segment.tracking_id or segment.label)[:64],
+                    tracking_uid=tracking_uid(findings, segment.tracking_id or segment.label),
+                )
+            )
     for det in findings.detections:
         if int(round(det.center_kji[0])) == k:
             (_, j0, i0), (_, j1, i1) = det.box_kji
             box = np.array([[i0, j0], [i1 + 1, j0], [i1 + 1, j1 + 1], [i0, j1 + 1], [i0, j0]], dtype=float)
-            objects.append(hd.pr.GraphicObject(graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
-                                               graphic_data=box, units=hd.pr.AnnotationUnitsValues.PIXEL))
+            objects.append(
+                hd.pr.GraphicObject(
+                    graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
+                    graphic_data=box,
+                    units=hd.pr.AnnotationUnitsValues.PIXEL,
+                )
+            )
     return objects
 
 
@@ -94,16 +103,28 @@ def write_gsps(findings: Findings, sources: SourceImages, ctx: ResultContext, ui
         # Multi-frame sources would need per-frame annotations; SEG covers them instead.
         return None
     layer = hd.pr.GraphicLayer(layer_name="AI_FINDINGS", order=1, description=findings.analysis[:64])
-    annotations = [hd.pr.GraphicAnnotation(referenced_images=[sources.header_of_slice(k)], graphic_layer=layer,
-                                           graphic_objects=_graphic_objects(findings, k)) for k in ks]
+    annotations = [
+        hd.pr.GraphicAnnotation(
+            referenced_images=[sources.header_of_slice(k)],
+            graphic_layer=layer,
+            graphic_objects=_graphic_objects(findings, k),
+        )
+        for k in ks
+    ]
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[sources.header_of_slice(k) for k in ks],
-        series_instance_uid=uids.uid("gsps", "series"), series_number=SERIES_NUMBERS["gsps"],
-        sop_instance_uid=uids.uid("gsps", "sop"), instance_number=1,
-        manufacturer=ctx.manufacturer, manufacturer_model_name=findings.algorithm_name[:64],
-        software_versions=ctx.software_version, device_serial_number=ctx.device_serial_number,
-        content_label="AI_OUTLINES", content_description=f"{findings.analysis} outlines"[:64],
-        graphic_annotations=annotations, graphic_layers=[layer],
+        series_instance_uid=uids.uid("gsps", "series"),
+        series_number=SERIES_NUMBERS["gsps"],
+        sop_instance_uid=uids.uid("gsps", "sop"),
+        instance_number=1,
+        manufacturer=ctx.manufacturer,
+        manufacturer_model_name=findings.algorithm_name[:64],
+        software_versions=ctx.software_version,
+        device_serial_number=ctx.device_serial_number,
+        content_label="AI_OUTLINES",
+        content_description=f"{findings.analysis} outlines"[:64],
+        graphic_annotations=annotations,
+        graphic_layers=[layer],
         institution_name=ctx.institution_name,
         contributing_equipment=contributing_equipment(findings, ctx),
     )
@@ -113,8 +134,9 @@ def write_gsps(findings: Findings, sources: SourceImages, ctx: ResultContext, ui
 
 def _windowed(ds: Dataset) -> np.ndarray:
     """The image as 8-bit grey through its first window (or its full range)."""
-    pixels = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) \
-        + float(ds.get("RescaleIntercept", 0) or 0)
+    pixels = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(
+        ds.get("RescaleIntercept", 0) or 0
+    )
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is not None and width is not None:
         center = float(center[0] if hasattr(center, "__len__") and not isinstance(center, str) else center)
@@ -141,8 +163,8 @@ def overlay_image(findings: Findings, source: Dataset, k: int) -> np.ndarray:
     for det in findings.detections:
         if int(round(det.center_kji[0])) == k:
             (_, j0, i0), (_, j1, i1) = [tuple(int(round(v)) for v in c) for c in det.box_kji]
-            rgb[j0:j1 + 1, [i0, i1]] = (255, 255, 0)
-            rgb[[j0, j1], i0:i1 + 1] = (255, 255, 0)
+            rgb[j0 : j1 + 1, [i0, i1]] = (255, 255, 0)
+            rgb[[j0, j1], i0 : i1 + 1] = (255, 255, 0)
     return rgb
 
 
@@ -158,8 +180,9 @@ def patient_orientation(ds: Dataset) -> tuple[str, str]:
     return letter(iop[:3]), letter(iop[3:])
 
 
-def write_secondary_captures(findings: Findings, sources: SourceImages, ctx: ResultContext,
-                             uids: UIDFactory) -> list[Dataset]:
+def write_secondary_captures(
+    findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory
+) -> list[Dataset]:
     """One burned-in overlay secondary capture per image with findings."""
     out = []
     if sources.multiframe:
@@ -167,11 +190,17 @@ def write_secondary_captures(findings: Findings, sources: SourceImages, ctx: Res
     for number, k in enumerate(slices_with_findings(findings), 1):
         source = sources.full_dataset(k)
         sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source, pixel_array=overlay_image(findings, source, k),
-            photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
-            series_instance_uid=uids.uid("sc", "series"), series_number=SERIES_NUMBERS["sc"],
-            sop_instance_uid=uids.uid("sc", "sop", source.SOPInstanceUID), instance_number=number,
-            manufacturer=ctx.manufacturer, transfer_syntax_uid="1.2.840.10008.1.2.1",
+            ref_dataset=source,
+            pixel_array=overlay_image(findings, source, k),
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=uids.uid("sc", "series"),
+            series_number=SERIES_NUMBERS["sc"],
+            sop_instance_uid=uids.uid("sc", "sop", source.SOPInstanceUID),
+            instance_number=number,
+            manufacturer=ctx.manufacturer,
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
             patient_orientation=patient_orientation(source),
             contributing_equipment=contributing_equipment(findings, ctx),
         )

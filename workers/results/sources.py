@@ -62,21 +62,26 @@ def slices_with(mask: np.ndarray) -> list[int]:
 
 def contributing_equipment(findings: Findings, ctx: ResultContext) -> list[hd.ContributingEquipment]:
     """IHE AIR: the algorithm that made the object, as Contributing Equipment."""
-    return [hd.ContributingEquipment(
-        manufacturer=ctx.manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=findings.algorithm_name[:64],
-        software_versions=findings.algorithm_version[:64],
-        device_serial_number=ctx.device_serial_number,
-        contribution_description=f"{findings.analysis} (model sha256 {findings.model_sha256[:16]})"[:64],
-    )]
+    return [
+        hd.ContributingEquipment(
+            manufacturer=ctx.manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=findings.algorithm_name[:64],
+            software_versions=findings.algorithm_version[:64],
+            device_serial_number=ctx.device_serial_number,
+            contribution_description=f"{findings.analysis} (model sha256 {findings.model_sha256[:16]})"[:64],
+        )
+    ]
 
 
 def algorithm_identification(findings: Findings) -> hd.AlgorithmIdentificationSequence:
     """Algorithm Identification for SEG: family artificial intelligence, name and version."""
     return hd.AlgorithmIdentificationSequence(
-        name=findings.algorithm_name[:64], family=codes.DCM.ArtificialIntelligence,
-        version=findings.algorithm_version[:64], source=findings.analysis[:64])
+        name=findings.algorithm_name[:64],
+        family=codes.DCM.ArtificialIntelligence,
+        version=findings.algorithm_version[:64],
+        source=findings.analysis[:64],
+    )
 
 
 def accession_number(source: Dataset, ctx: ResultContext) -> str:
@@ -113,8 +118,9 @@ def referenced_request(source: Dataset, ctx: ResultContext) -> Dataset:
     return item
 
 
-def finish_common(ds: Dataset, source: Dataset, findings: Findings, ctx: ResultContext,
-                  series_description: str) -> Dataset:
+def finish_common(
+    ds: Dataset, source: Dataset, findings: Findings, ctx: ResultContext, series_description: str
+) -> Dataset:
     """Attributes every result object shares: order identifiers, description, algorithm.
 
     highdicom copies patient and study attributes from the source; here the order's accession
@@ -125,8 +131,16 @@ def finish_common(ds: Dataset, source: Dataset, findings: Findings, ctx: ResultC
     if ctx.institution_name:
         ds.InstitutionName = ctx.institution_name
     # Type 2 attributes the source may lack must still be present (empty) in our objects.
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-                    "StudyTime", "ReferringPhysicianName", "StudyID"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+    ):
         if keyword not in ds:
             setattr(ds, keyword, "")
     return ds

@@ -38,12 +38,14 @@ DIAMETER = hd.sr.CodedConcept("81827009", "SCT", "Diameter")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 # Procedure reported must come from CID 100 (Quantitative Diagnostic Imaging Procedures).
-PROCEDURES = {"CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
-              "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
-              "CR": hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region"),
-              "DX": hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region"),
-              "NM": hd.sr.CodedConcept("49118-3", "LN", "NM unspecified body region"),
-              "PT": hd.sr.CodedConcept("44136-0", "LN", "PET unspecified body region")}
+PROCEDURES = {
+    "CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
+    "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
+    "CR": hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region"),
+    "DX": hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region"),
+    "NM": hd.sr.CodedConcept("49118-3", "LN", "NM unspecified body region"),
+    "PT": hd.sr.CodedConcept("44136-0", "LN", "PET unspecified body region"),
+}
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 
 
@@ -62,17 +64,29 @@ def sites(code: Code | None) -> list[FindingSite] | None:
 
 
 def _measurements_of(findings: Findings, segment_label: str | None) -> list[Measurement]:
-    return [Measurement(name=coded(m.name), value=float(m.value), unit=coded(m.unit),
-                        algorithm_id=algorithm_id(findings), finding_sites=sites(m.finding_site))
-            for m in findings.measurements if m.segment_label == segment_label]
+    return [
+        Measurement(
+            name=coded(m.name),
+            value=float(m.value),
+            unit=coded(m.unit),
+            algorithm_id=algorithm_id(findings),
+            finding_sites=sites(m.finding_site),
+        )
+        for m in findings.measurements
+        if m.segment_label == segment_label
+    ]
 
 
-def volume_group(findings: Findings, number: int, segment: Segment, seg: Dataset,
-                 sources: SourceImages) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
+def volume_group(
+    findings: Findings, number: int, segment: Segment, seg: Dataset, sources: SourceImages
+) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411: one segmented structure, referencing its SEG segment, with its measurements."""
     referenced = ReferencedSegment(
-        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
-        source_series=hd.sr.SourceSeriesForSegmentation(findings.volume.series_instance_uid))
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=number,
+        source_series=hd.sr.SourceSeriesForSegmentation(findings.volume.series_instance_uid),
+    )
     group = VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking(findings, segment.tracking_id or segment.label),
         referenced_segment=referenced,
@@ -97,7 +111,7 @@ def in_template_order(group):  # type: ignore[no-untyped-def]
     moved = [it for it in items if it.ConceptNameCodeSequence[0].CodeValue in SEGMENT_REFERENCE_CODES]
     rest = [it for it in items if it.ConceptNameCodeSequence[0].CodeValue not in SEGMENT_REFERENCE_CODES]
     last_tracking = max(n for n, it in enumerate(rest) if it.ConceptNameCodeSequence[0].CodeValue in TRACKING_CODES)
-    group[0].ContentSequence = rest[:last_tracking + 1] + moved + rest[last_tracking + 1:]
+    group[0].ContentSequence = rest[: last_tracking + 1] + moved + rest[last_tracking + 1 :]
     return group
 
 
@@ -105,9 +119,11 @@ def absent_structure_group(findings: Findings, segment: Segment) -> Measurements
     """A structure the model looked for and did not find: said explicitly, not left out."""
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking(findings, segment.tracking_id or segment.label),
-        finding_type=coded(segment.property_type), algorithm_id=algorithm_id(findings),
+        finding_type=coded(segment.property_type),
+        algorithm_id=algorithm_id(findings),
         finding_sites=sites(segment.anatomic_region),
-        qualitative_evaluations=[QualitativeEvaluation(coded(segment.property_type), ABSENT)])
+        qualitative_evaluations=[QualitativeEvaluation(coded(segment.property_type), ABSENT)],
+    )
 
 
 def detection_region(findings: Findings, det: Detection, sources: SourceImages) -> ImageRegion:
@@ -115,8 +131,9 @@ def detection_region(findings: Findings, det: Detection, sources: SourceImages) 
     k = int(round(det.center_kji[0]))
     k = min(max(k, 0), len(sources.frames) - 1)
     frame = sources.frames[k]
-    image = SourceImageForRegion(frame.sop_class_uid, frame.sop_instance_uid,
-                                 [frame.frame_number] if frame.frame_number else None)
+    image = SourceImageForRegion(
+        frame.sop_class_uid, frame.sop_instance_uid, [frame.frame_number] if frame.frame_number else None
+    )
     (_, j0, i0), (_, j1, i1) = det.box_kji
     if j1 > j0 and i1 > i0:
         # Image coordinates are (column, row); +0.5 puts voxel centres on pixel centres.
@@ -126,37 +143,52 @@ def detection_region(findings: Findings, det: Detection, sources: SourceImages) 
     return ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=point, source_image=image)
 
 
-def detection_group(findings: Findings, index: int, det: Detection,
-                    sources: SourceImages) -> PlanarROIMeasurementsAndQualitativeEvaluations:
-    measurements = [Measurement(name=PROBABILITY, value=float(det.score), unit=NO_UNITS,
-                                algorithm_id=algorithm_id(findings))]
+def detection_group(
+    findings: Findings, index: int, det: Detection, sources: SourceImages
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    measurements = [
+        Measurement(name=PROBABILITY, value=float(det.score), unit=NO_UNITS, algorithm_id=algorithm_id(findings))
+    ]
     if det.diameter_mm is not None:
-        measurements.append(Measurement(name=DIAMETER, value=float(det.diameter_mm), unit=MILLIMETER,
-                                        algorithm_id=algorithm_id(findings)))
+        measurements.append(
+            Measurement(
+                name=DIAMETER, value=float(det.diameter_mm), unit=MILLIMETER, algorithm_id=algorithm_id(findings)
+            )
+        )
     return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking(findings, det.tracking_id or f"{det.label}-{index}"),
         referenced_region=detection_region(findings, det, sources),
-        finding_type=coded(det.finding_type), algorithm_id=algorithm_id(findings),
-        finding_sites=sites(det.finding_site), measurements=measurements,
-        qualitative_evaluations=[QualitativeEvaluation(coded(det.finding_type), PRESENT)])
+        finding_type=coded(det.finding_type),
+        algorithm_id=algorithm_id(findings),
+        finding_sites=sites(det.finding_site),
+        measurements=measurements,
+        qualitative_evaluations=[QualitativeEvaluation(coded(det.finding_type), PRESENT)],
+    )
 
 
 def classification_group(findings: Findings, c: Classification) -> MeasurementsAndQualitativeEvaluations:
     """TID 1501: the finding present or absent by the threshold, with its probability."""
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking(findings, c.label),
-        finding_type=coded(c.finding), algorithm_id=algorithm_id(findings),
+        finding_type=coded(c.finding),
+        algorithm_id=algorithm_id(findings),
         finding_sites=sites(c.finding_site),
-        measurements=[Measurement(name=PROBABILITY, value=float(c.probability), unit=NO_UNITS,
-                                  algorithm_id=algorithm_id(findings))],
-        qualitative_evaluations=[QualitativeEvaluation(coded(c.finding), PRESENT if c.present else ABSENT)])
+        measurements=[
+            Measurement(
+                name=PROBABILITY, value=float(c.probability), unit=NO_UNITS, algorithm_id=algorithm_id(findings)
+            )
+        ],
+        qualitative_evaluations=[QualitativeEvaluation(coded(c.finding), PRESENT if c.present else ABSENT)],
+    )
 
 
 def no_finding_group(findings: Findings) -> MeasurementsAndQualitativeEvaluations:
     """The explicit statement that the analysis found nothing."""
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking(findings, "no-finding"), algorithm_id=algorithm_id(findings),
-        qualitative_evaluations=[QualitativeEvaluation(FINDING, NO_FINDING)])
+        tracking_identifier=tracking(findings, "no-finding"),
+        algorithm_id=algorithm_id(findings),
+        qualitative_evaluations=[QualitativeEvaluation(FINDING, NO_FINDING)],
+    )
 
 
 def loose_measurements_group(findings: Findings) -> MeasurementsAndQualitativeEvaluations | None:
@@ -164,21 +196,29 @@ def loose_measurements_group(findings: Findings) -> MeasurementsAndQualitativeEv
     measurements = _measurements_of(findings, None)
     if not measurements:
         return None
-    tracking_id = next((m.tracking_id for m in findings.measurements if m.segment_label is None and m.tracking_id),
-                       f"{findings.analysis}-measurements")
+    tracking_id = next(
+        (m.tracking_id for m in findings.measurements if m.segment_label is None and m.tracking_id),
+        f"{findings.analysis}-measurements",
+    )
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking(findings, tracking_id), algorithm_id=algorithm_id(findings),
-        measurements=measurements)
+        tracking_identifier=tracking(findings, tracking_id),
+        algorithm_id=algorithm_id(findings),
+        measurements=measurements,
+    )
 
 
 def observation_context(findings: Findings, ctx: ResultContext) -> ObservationContext:
     """TID 1002 device observer: the algorithm, identified by a UID stable per model version."""
     device = DeviceObserverIdentifyingAttributes(
         uid=derived_uid("device", findings.algorithm_name, findings.algorithm_version),
-        name=findings.algorithm_name[:64], manufacturer_name=ctx.manufacturer,
-        model_name=findings.algorithm_name[:64], serial_number=ctx.device_serial_number)
-    return ObservationContext(observer_device_context=ObserverContext(
-        observer_type=codes.DCM.Device, observer_identifying_attributes=device))
+        name=findings.algorithm_name[:64],
+        manufacturer_name=ctx.manufacturer,
+        model_name=findings.algorithm_name[:64],
+        serial_number=ctx.device_serial_number,
+    )
+    return ObservationContext(
+        observer_device_context=ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
+    )
 
 
 def measurement_groups(findings: Findings, seg: Dataset | None, sources: SourceImages) -> list:
@@ -212,8 +252,9 @@ def library_images(findings: Findings, sources: SourceImages) -> list[Dataset]:
     return images or [sources.first]
 
 
-def write_sr(findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory,
-             seg: Dataset | None) -> Dataset:
+def write_sr(
+    findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory, seg: Dataset | None
+) -> Dataset:
     """The TID 1500 measurement report of the findings (always written, also when empty)."""
     report = MeasurementReport(
         observation_context=observation_context(findings, ctx),
@@ -223,10 +264,16 @@ def write_sr(findings: Findings, sources: SourceImages, ctx: ResultContext, uids
     )
     evidence = list(sources.headers) + ([seg] if seg is not None else [])
     sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report,
-        series_instance_uid=uids.uid("sr", "series"), series_number=SERIES_NUMBERS["sr"],
-        sop_instance_uid=uids.uid("sr", "sop"), instance_number=1,
-        manufacturer=ctx.manufacturer, is_complete=True, is_verified=False, is_final=False,
+        evidence=evidence,
+        content=report,
+        series_instance_uid=uids.uid("sr", "series"),
+        series_number=SERIES_NUMBERS["sr"],
+        sop_instance_uid=uids.uid("sr", "sop"),
+        instance_number=1,
+        manufacturer=ctx.manufacturer,
+        is_complete=True,
+        is_verified=False,
+        is_final=False,
         institution_name=ctx.institution_name,
         requested_procedures=[referenced_request(sources.first, ctx)],
         contributing_equipment=contributing_equipment(findings, ctx),

@@ -87,8 +87,9 @@ def _speckle(rng: np.random.Generator, shape: tuple[int, ...], correlation_px: f
     return mag / (mag.mean() + 1e-6)
 
 
-def make_cine(rng: np.random.Generator, size: int = 64, n_frames: int = 32,
-              ef_range: tuple[float, float] = (15.0, 75.0)) -> CineLoop:
+def make_cine(
+    rng: np.random.Generator, size: int = 64, n_frames: int = 32, ef_range: tuple[float, float] = (15.0, 75.0)
+) -> CineLoop:
     """Generate one cine loop of ``n_frames`` frames of ``size`` x ``size`` pixels."""
     ef = rng.uniform(*ef_range) / 100.0
     heart_rate = rng.uniform(50, 110)
@@ -111,7 +112,7 @@ def make_cine(rng: np.random.Generator, size: int = 64, n_frames: int = 32,
     # The muscle keeps its area: the wall thickens as the cavity shrinks.
     ring_area = np.pi * ((a_ed + wall_ed) * (b_ed + wall_ed) - a_ed * b_ed)
     p = a + b
-    wall = (-p + np.sqrt(p ** 2 + 4 * ring_area / np.pi)) / 2
+    wall = (-p + np.sqrt(p**2 + 4 * ring_area / np.pi)) / 2
 
     # Geometry: apex near the top of the fan, long axis roughly vertical with some tilt.
     centre_y = rng.uniform(0.45, 0.55) * fov_mm
@@ -148,8 +149,14 @@ def make_cine(rng: np.random.Generator, size: int = 64, n_frames: int = 32,
     volumes = ellipsoid_volume_ml(a, b)
     edv = float(ellipsoid_volume_ml(a_ed, b_ed))
     esv = float(ellipsoid_volume_ml(a_ed * (1 - s_a), b_ed * (1 - s_b)))
-    return CineLoop(frames=frames, frame_time_s=float(frame_time), pixel_spacing_mm=float(spacing),
-                    ef_percent=100.0 * (edv - esv) / edv, volumes_ml=volumes, heart_rate_bpm=float(heart_rate))
+    return CineLoop(
+        frames=frames,
+        frame_time_s=float(frame_time),
+        pixel_spacing_mm=float(spacing),
+        ef_percent=100.0 * (edv - esv) / edv,
+        volumes_ml=volumes,
+        heart_rate_bpm=float(heart_rate),
+    )
 
 
 def make_cine_set(n: int, seed: int, size: int = 64, n_frames: int = 32) -> list[CineLoop]:
@@ -158,9 +165,16 @@ def make_cine_set(n: int, seed: int, size: int = 64, n_frames: int = 32) -> list
     return [make_cine(rng, size, n_frames) for _ in range(n)]
 
 
-def write_us_multiframe(loop: CineLoop, path: Path, *, study_uid: str | None = None,
-                        series_uid: str | None = None, patient_id: str = "PHANTOM-ECHO",
-                        patient_name: str = "Phantom^Echo", instance_number: int = 1) -> Path:
+def write_us_multiframe(
+    loop: CineLoop,
+    path: Path,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_id: str = "PHANTOM-ECHO",
+    patient_name: str = "Phantom^Echo",
+    instance_number: int = 1,
+) -> Path:
     """Write ``loop`` as an Ultrasound Multi-frame Image Storage instance (explicit VR little endian)."""
     now = _dt.datetime.now()
     meta = FileMetaDataset()
@@ -172,9 +186,18 @@ def write_us_multiframe(loop: CineLoop, path: Path, *, study_uid: str | None = N
     ds.SOPClassUID = US_MULTIFRAME_STORAGE
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.ImageType = ["ORIGINAL", "PRIMARY", "TTE", "0001"]  # transthoracic echo, 2D (B-mode)
-    phantom_header(ds, modality="US", study_description="Echocardiography phantom",
-                   series_description="Apical long-axis cine", body_part="HEART", patient_name=patient_name,
-                   patient_id=patient_id, study_uid=study_uid, series_uid=series_uid, instance_number=instance_number)
+    phantom_header(
+        ds,
+        modality="US",
+        study_description="Echocardiography phantom",
+        series_description="Apical long-axis cine",
+        body_part="HEART",
+        patient_name=patient_name,
+        patient_id=patient_id,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        instance_number=instance_number,
+    )
     ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
     ds.PatientOrientation = ""
     ds.LossyImageCompression = "00"

@@ -43,11 +43,19 @@ def _item(**attributes):
     return item
 
 
-def write_enhanced_ct(phantom: CTPhantom, path: str | Path, *, patient_id: str = "PHANTOM001",
-                      patient_name: str = "Phantom^Test", study_uid: str | None = None,
-                      series_uid: str | None = None, frame_of_reference_uid: str | None = None,
-                      rescale: tuple[float, float] = (1.0, -1024.0), accession_number: str = "ACC0001",
-                      series_number: int = 1) -> Path:
+def write_enhanced_ct(
+    phantom: CTPhantom,
+    path: str | Path,
+    *,
+    patient_id: str = "PHANTOM001",
+    patient_name: str = "Phantom^Test",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    rescale: tuple[float, float] = (1.0, -1024.0),
+    accession_number: str = "ACC0001",
+    series_number: int = 1,
+) -> Path:
     """Write the phantom as one Enhanced CT Image instance (frames in slice order); returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,62 +107,127 @@ def write_enhanced_ct(phantom: CTPhantom, path: str | Path, *, patient_id: str =
     # Multi-frame dimension: one stack, frames indexed by their position in it.
     ds.DimensionOrganizationSequence = Sequence([_item(DimensionOrganizationUID=dim_uid)])
     ds.DimensionOrganizationType = "3D"
-    ds.DimensionIndexSequence = Sequence([
-        _item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=STACK_ID,
-              FunctionalGroupPointer=FRAME_CONTENT_SEQUENCE, DimensionDescriptionLabel="Stack ID"),
-        _item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=IN_STACK_POSITION_NUMBER,
-              FunctionalGroupPointer=FRAME_CONTENT_SEQUENCE, DimensionDescriptionLabel="In-Stack Position"),
-    ])
+    ds.DimensionIndexSequence = Sequence(
+        [
+            _item(
+                DimensionOrganizationUID=dim_uid,
+                DimensionIndexPointer=STACK_ID,
+                FunctionalGroupPointer=FRAME_CONTENT_SEQUENCE,
+                DimensionDescriptionLabel="Stack ID",
+            ),
+            _item(
+                DimensionOrganizationUID=dim_uid,
+                DimensionIndexPointer=IN_STACK_POSITION_NUMBER,
+                FunctionalGroupPointer=FRAME_CONTENT_SEQUENCE,
+                DimensionDescriptionLabel="In-Stack Position",
+            ),
+        ]
+    )
     # Shared functional groups: what every frame has in common.
     shared = _item(
-        PixelMeasuresSequence=Sequence([_item(PixelSpacing=[_ds_num(spacing_j), _ds_num(spacing_i)],
-                                              SliceThickness=_ds_num(spacing_k))]),
+        PixelMeasuresSequence=Sequence(
+            [_item(PixelSpacing=[_ds_num(spacing_j), _ds_num(spacing_i)], SliceThickness=_ds_num(spacing_k))]
+        ),
         PlaneOrientationSequence=Sequence([_item(ImageOrientationPatient=[_ds_num(v) for v in (*row_dir, *col_dir)])]),
-        FrameAnatomySequence=Sequence([_item(FrameLaterality="U", AnatomicRegionSequence=Sequence(
-            [_code("818981001", "SCT", "Abdomen")]))]),
-        PixelValueTransformationSequence=Sequence([_item(RescaleIntercept=_ds_num(intercept),
-                                                         RescaleSlope=_ds_num(slope), RescaleType="HU")]),
+        FrameAnatomySequence=Sequence(
+            [_item(FrameLaterality="U", AnatomicRegionSequence=Sequence([_code("818981001", "SCT", "Abdomen")]))]
+        ),
+        PixelValueTransformationSequence=Sequence(
+            [_item(RescaleIntercept=_ds_num(intercept), RescaleSlope=_ds_num(slope), RescaleType="HU")]
+        ),
         FrameVOILUTSequence=Sequence([_item(WindowCenter="40", WindowWidth="400")]),
         IrradiationEventIdentificationSequence=Sequence([_item(IrradiationEventUID=generate_uid())]),
-        CTImageFrameTypeSequence=Sequence([_item(
-            FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"], PixelPresentation="MONOCHROME",
-            VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE")]),
-        CTAcquisitionTypeSequence=Sequence([_item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO",
-                                                  FluoroscopyFlag="NO")]),
-        CTAcquisitionDetailsSequence=Sequence([_item(
-            DataCollectionDiameter=500.0, RevolutionTime=0.5, TotalCollimationWidth=40.0,
-            SingleCollimationWidth=0.625, TableHeight=150.0, GantryDetectorTilt=0.0,
-            RotationDirection="CW")]),
-        CTTableDynamicsSequence=Sequence([_item(TableSpeed=80.0, TableFeedPerRotation=40.0,
-                                                SpiralPitchFactor=1.0)]),
-        CTGeometrySequence=Sequence([_item(DistanceSourceToDetector=1085.6,
-                                           DistanceSourceToDataCollectionCenter=595.0)]),
-        CTReconstructionSequence=Sequence([_item(
-            ReconstructionAlgorithm="FILTER_BACK_PROJ", ConvolutionKernel="STANDARD",
-            ConvolutionKernelGroup="SOFT_TISSUE", ReconstructionDiameter=_ds_num(spacing_i * cols),
-            ReconstructionPixelSpacing=[float(spacing_j), float(spacing_i)], ReconstructionAngle=360.0,
-            ImageFilter="NONE")]),
-        CTExposureSequence=Sequence([_item(ExposureTimeInms=500.0, XRayTubeCurrentInmA=200.0,
-                                           ExposureInmAs=100.0, ExposureModulationType="NONE")]),
-        CTXRayDetailsSequence=Sequence([_item(KVP=120.0, FocalSpots=[1.2], FilterType="BODY",
-                                              FilterMaterial=["ALUMINUM"])]),
+        CTImageFrameTypeSequence=Sequence(
+            [
+                _item(
+                    FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"],
+                    PixelPresentation="MONOCHROME",
+                    VolumetricProperties="VOLUME",
+                    VolumeBasedCalculationTechnique="NONE",
+                )
+            ]
+        ),
+        CTAcquisitionTypeSequence=Sequence(
+            [_item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")]
+        ),
+        CTAcquisitionDetailsSequence=Sequence(
+            [
+                _item(
+                    DataCollectionDiameter=500.0,
+                    RevolutionTime=0.5,
+                    TotalCollimationWidth=40.0,
+                    SingleCollimationWidth=0.625,
+                    TableHeight=150.0,
+                    GantryDetectorTilt=0.0,
+                    RotationDirection="CW",
+                )
+            ]
+        ),
+        CTTableDynamicsSequence=Sequence([_item(TableSpeed=80.0, TableFeedPerRotation=40.0, SpiralPitchFactor=1.0)]),
+        CTGeometrySequence=Sequence(
+            [_item(DistanceSourceToDetector=1085.6, DistanceSourceToDataCollectionCenter=595.0)]
+        ),
+        CTReconstructionSequence=Sequence(
+            [
+                _item(
+                    ReconstructionAlgorithm="FILTER_BACK_PROJ",
+                    ConvolutionKernel="STANDARD",
+                    ConvolutionKernelGroup="SOFT_TISSUE",
+                    ReconstructionDiameter=_ds_num(spacing_i * cols),
+                    ReconstructionPixelSpacing=[float(spacing_j), float(spacing_i)],
+                    ReconstructionAngle=360.0,
+                    ImageFilter="NONE",
+                )
+            ]
+        ),
+        CTExposureSequence=Sequence(
+            [
+                _item(
+                    ExposureTimeInms=500.0,
+                    XRayTubeCurrentInmA=200.0,
+                    ExposureInmAs=100.0,
+                    ExposureModulationType="NONE",
+                )
+            ]
+        ),
+        CTXRayDetailsSequence=Sequence(
+            [_item(KVP=120.0, FocalSpots=[1.2], FilterType="BODY", FilterMaterial=["ALUMINUM"])]
+        ),
     )
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per_frame = []
     for k in range(frames):
         position = affine[:3, :3] @ np.array([0, 0, k]) + affine[:3, 3]
         moment = (now + _dt.timedelta(milliseconds=10 * k)).strftime("%Y%m%d%H%M%S.%f")
-        per_frame.append(_item(
-            FrameContentSequence=Sequence([_item(
-                FrameAcquisitionNumber=1, FrameReferenceDateTime=moment, FrameAcquisitionDateTime=moment,
-                FrameAcquisitionDuration=10.0, StackID="1", InStackPositionNumber=k + 1,
-                DimensionIndexValues=[1, k + 1])]),
-            PlanePositionSequence=Sequence([_item(ImagePositionPatient=[_ds_num(v) for v in position])]),
-            CTPositionSequence=Sequence([_item(
-                TablePosition=float(position[2]),
-                ReconstructionTargetCenterPatient=[float(v) for v in (affine @ [(cols - 1) / 2, (rows - 1) / 2, k, 1])[:3]],
-                DataCollectionCenterPatient=[0.0, 0.0, float(position[2])])]),
-        ))
+        per_frame.append(
+            _item(
+                FrameContentSequence=Sequence(
+                    [
+                        _item(
+                            FrameAcquisitionNumber=1,
+                            FrameReferenceDateTime=moment,
+                            FrameAcquisitionDateTime=moment,
+                            FrameAcquisitionDuration=10.0,
+                            StackID="1",
+                            InStackPositionNumber=k + 1,
+                            DimensionIndexValues=[1, k + 1],
+                        )
+                    ]
+                ),
+                PlanePositionSequence=Sequence([_item(ImagePositionPatient=[_ds_num(v) for v in position])]),
+                CTPositionSequence=Sequence(
+                    [
+                        _item(
+                            TablePosition=float(position[2]),
+                            ReconstructionTargetCenterPatient=[
+                                float(v) for v in (affine @ [(cols - 1) / 2, (rows - 1) / 2, k, 1])[:3]
+                            ],
+                            DataCollectionCenterPatient=[0.0, 0.0, float(position[2])],
+                        )
+                    ]
+                ),
+            )
+        )
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
     ds.PixelData = stored.tobytes()
     ds.save_as(path, enforce_file_format=True)

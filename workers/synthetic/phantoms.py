@@ -23,13 +23,30 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-LABELS: dict[int, str] = {1: "lung", 2: "liver", 3: "spleen", 4: "kidney", 5: "spine",
-                          6: "liver_lesion", 7: "lung_nodule"}
+LABELS: dict[int, str] = {
+    1: "lung",
+    2: "liver",
+    3: "spleen",
+    4: "kidney",
+    5: "spine",
+    6: "liver_lesion",
+    7: "lung_nodule",
+}
 LESION_LABELS = {"liver_lesion": 6, "lung_nodule": 7}
 
 # Portal-venous phase attenuation (HU) of each tissue.
-HU = {"air": -1000.0, "fat": -100.0, "soft_tissue": 45.0, "lung": -850.0, "liver": 105.0,
-      "spleen": 120.0, "kidney": 170.0, "spine": 450.0, "liver_lesion": 35.0, "lung_nodule": 25.0}
+HU = {
+    "air": -1000.0,
+    "fat": -100.0,
+    "soft_tissue": 45.0,
+    "lung": -850.0,
+    "liver": 105.0,
+    "spleen": 120.0,
+    "kidney": 170.0,
+    "spine": 450.0,
+    "liver_lesion": 35.0,
+    "lung_nodule": 25.0,
+}
 
 Orientation = Literal["axial", "coronal", "sagittal", "oblique"]
 
@@ -139,20 +156,26 @@ def _point_in(rng: np.random.Generator, shape: Ellipsoid, margin: float) -> np.n
             return np.asarray(shape.center) + u * np.asarray(shape.radii)
 
 
-def make_anatomy(rng: np.random.Generator, liver_lesions: tuple[int, int] = (0, 3),
-                 lung_nodules: tuple[int, int] = (0, 3),
-                 lesion_diameter_mm: tuple[float, float] = (6.0, 32.0)) -> Anatomy:
+def make_anatomy(
+    rng: np.random.Generator,
+    liver_lesions: tuple[int, int] = (0, 3),
+    lung_nodules: tuple[int, int] = (0, 3),
+    lesion_diameter_mm: tuple[float, float] = (6.0, 32.0),
+) -> Anatomy:
     """Random anatomy: organ sizes and places vary by ±15 %, lesions vary in number, size, place."""
     s = lambda v: _jitter(rng, v, 0.15)  # noqa: E731 - a local shorthand
     sh = lambda: rng.uniform(-8, 8)  # noqa: E731
     body = (s(165.0), s(115.0))
-    lungs = [Ellipsoid((sgn * s(78.0) + sh(), s(5.0) + sh(), s(55.0) + sh()), (s(55.0), s(70.0), s(75.0)))
-             for sgn in (-1, 1)]
+    lungs = [
+        Ellipsoid((sgn * s(78.0) + sh(), s(5.0) + sh(), s(55.0) + sh()), (s(55.0), s(70.0), s(75.0))) for sgn in (-1, 1)
+    ]
     # Patient right is -x in LPS: the liver lies on the right, the spleen on the left.
     liver = Ellipsoid((-s(55.0) + sh(), -s(5.0) + sh(), -s(35.0) + sh()), (s(80.0), s(65.0), s(50.0)))
     spleen = Ellipsoid((s(85.0) + sh(), s(40.0) + sh(), -s(25.0) + sh()), (s(30.0), s(40.0), s(42.0)))
-    kidneys = [Ellipsoid((sgn * s(62.0) + sh(), s(60.0) + sh(), -s(75.0) + sh()), (s(24.0), s(28.0), s(45.0)))
-               for sgn in (-1, 1)]
+    kidneys = [
+        Ellipsoid((sgn * s(62.0) + sh(), s(60.0) + sh(), -s(75.0) + sh()), (s(24.0), s(28.0), s(45.0)))
+        for sgn in (-1, 1)
+    ]
     organs = {"lung": lungs, "liver": [liver], "spleen": [spleen], "kidney": kidneys}
     lesions: list[Lesion] = []
     for kind, count, hosts in (("liver_lesion", liver_lesions, [liver]), ("lung_nodule", lung_nodules, lungs)):
@@ -167,8 +190,9 @@ def make_anatomy(rng: np.random.Generator, liver_lesions: tuple[int, int] = (0, 
     # The spine's centre lies inside the body wall: the jitter alone could push it through,
     # leaving a sliver of "spine" labels with soft-tissue values.
     spine_y = min(spine_y, body[1] - fat_mm - 2.0)
-    return Anatomy(body=body, fat_mm=fat_mm, organs=organs,
-                   spine_center=(spine_x, spine_y), spine_radius=spine_r, lesions=lesions)
+    return Anatomy(
+        body=body, fat_mm=fat_mm, organs=organs, spine_center=(spine_x, spine_y), spine_radius=spine_r, lesions=lesions
+    )
 
 
 def _tissue_at(anatomy: Anatomy, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +218,7 @@ def _tissue_at(anatomy: Anatomy, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarra
         for organ in anatomy.organs[name]:
             paint(organ.inside(xyz), name, lab)
     cx, cy = anatomy.spine_center
-    paint(((x - cx) ** 2 + (y - cy) ** 2) <= anatomy.spine_radius ** 2, "spine", 5)
+    paint(((x - cx) ** 2 + (y - cy) ** 2) <= anatomy.spine_radius**2, "spine", 5)
     for lesion in anatomy.lesions:
         paint(Ellipsoid(lesion.center_mm, lesion.radii_mm).inside(xyz), lesion.kind, lesion.label)
     return hu, label
@@ -221,10 +245,14 @@ def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * (k @ k)
 
 
-def make_grid(shape: tuple[int, int, int], spacing: tuple[float, float, float],
-              orientation: Orientation = "axial", descending: bool = False,
-              center_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
-              rng: np.random.Generator | None = None) -> Grid:
+def make_grid(
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    orientation: Orientation = "axial",
+    descending: bool = False,
+    center_mm: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    rng: np.random.Generator | None = None,
+) -> Grid:
     """A grid of ``shape`` (k, j, i) and ``spacing`` (k, j, i) mm centred on ``center_mm``.
 
     ``descending`` reverses the slice direction (e.g. axial slices running feet to head in
@@ -252,8 +280,9 @@ def make_grid(shape: tuple[int, int, int], spacing: tuple[float, float, float],
 # --- rendering --------------------------------------------------------------------------------
 
 
-def render(anatomy: Anatomy, grid: Grid, rng: np.random.Generator, noise_hu: float = 15.0,
-           supersample: bool = True) -> CTPhantom:
+def render(
+    anatomy: Anatomy, grid: Grid, rng: np.random.Generator, noise_hu: float = 15.0, supersample: bool = True
+) -> CTPhantom:
     """Sample the anatomy on a grid: labels at voxel centres; HU averaged over 8 sub-voxel points
     (partial volume), with smooth correlated noise of ``noise_hu`` standard deviation."""
     _, labels = _tissue_at(anatomy, grid.patient_points())
@@ -271,10 +300,15 @@ def render(anatomy: Anatomy, grid: Grid, rng: np.random.Generator, noise_hu: flo
     return CTPhantom(hu=hu, labels=labels, grid=grid, anatomy=anatomy)
 
 
-def make_ct_phantom(seed: int, shape: tuple[int, int, int] = (48, 64, 64),
-                    spacing: tuple[float, float, float] = (5.0, 5.5, 5.5),
-                    orientation: Orientation = "axial", descending: bool = False,
-                    noise_hu: float = 15.0, **anatomy_args) -> CTPhantom:
+def make_ct_phantom(
+    seed: int,
+    shape: tuple[int, int, int] = (48, 64, 64),
+    spacing: tuple[float, float, float] = (5.0, 5.5, 5.5),
+    orientation: Orientation = "axial",
+    descending: bool = False,
+    noise_hu: float = 15.0,
+    **anatomy_args,
+) -> CTPhantom:
     """One reproducible phantom (same seed, same phantom) on a grid centred on the abdomen."""
     rng = np.random.default_rng(seed)
     anatomy = make_anatomy(rng, **anatomy_args)
@@ -296,8 +330,9 @@ def clinical_ct_phantom(seed: int) -> CTPhantom:
     return _phantom_on_random_grid(seed, (1.5, 2.5), (2.0, 5.0), None)
 
 
-def _phantom_on_random_grid(seed: int, in_plane_mm: tuple[float, float], slice_mm: tuple[float, float],
-                            max_shape: int | None) -> CTPhantom:
+def _phantom_on_random_grid(
+    seed: int, in_plane_mm: tuple[float, float], slice_mm: tuple[float, float], max_shape: int | None
+) -> CTPhantom:
     rng = np.random.default_rng(seed + 1_000_003)
     orientation = str(rng.choice(["axial", "axial", "coronal", "sagittal", "oblique"]))
     in_plane = float(rng.uniform(*in_plane_mm))
@@ -305,8 +340,14 @@ def _phantom_on_random_grid(seed: int, in_plane_mm: tuple[float, float], slice_m
     cap = max_shape or 1 << 30
     n = min(cap, int(360.0 / in_plane))
     shape = (min(cap, int(260 / thick)), n, n)
-    return make_ct_phantom(seed, shape, (thick, in_plane, in_plane), orientation,  # type: ignore[arg-type]
-                           descending=bool(rng.integers(2)), noise_hu=float(rng.uniform(8, 25)))
+    return make_ct_phantom(
+        seed,
+        shape,
+        (thick, in_plane, in_plane),
+        orientation,  # type: ignore[arg-type]
+        descending=bool(rng.integers(2)),
+        noise_hu=float(rng.uniform(8, 25)),
+    )
 
 
 def lesion_mask(phantom: CTPhantom, lesion: Lesion) -> np.ndarray:
@@ -318,9 +359,19 @@ def lesion_mask(phantom: CTPhantom, lesion: Lesion) -> np.ndarray:
 # --- DICOM ------------------------------------------------------------------------------------
 
 
-def phantom_header(ds, *, modality: str, study_description: str, series_description: str, body_part: str,
-                   patient_name: str, patient_id: str, study_uid: str | None, series_uid: str | None,
-                   instance_number: int) -> None:
+def phantom_header(
+    ds,
+    *,
+    modality: str,
+    study_description: str,
+    series_description: str,
+    body_part: str,
+    patient_name: str,
+    patient_id: str,
+    study_uid: str | None,
+    series_uid: str | None,
+    instance_number: int,
+) -> None:
     """Patient, study, series and equipment attributes shared by the single-object phantom writers
     (DX, US cine): today's dates, an anonymous sex and birth date, one series numbered 1."""
     now = _dt.datetime.now()
@@ -341,12 +392,22 @@ def phantom_header(ds, *, modality: str, study_description: str, series_descript
     ds.InstanceNumber = instance_number
 
 
-def write_ct_series(phantom: CTPhantom, folder: str | Path, *, patient_id: str = "PHANTOM001",
-                    patient_name: str = "Phantom^Test", study_uid: str | None = None,
-                    series_uid: str | None = None, frame_of_reference_uid: str | None = None,
-                    series_number: int = 1, instance_order: Literal["slice", "reversed", "shuffled"] = "slice",
-                    rescale: tuple[float, float] = (1.0, -1024.0), transfer_syntax: str | None = None,
-                    accession_number: str = "ACC0001", seed: int = 0) -> list[Path]:
+def write_ct_series(
+    phantom: CTPhantom,
+    folder: str | Path,
+    *,
+    patient_id: str = "PHANTOM001",
+    patient_name: str = "Phantom^Test",
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    series_number: int = 1,
+    instance_order: Literal["slice", "reversed", "shuffled"] = "slice",
+    rescale: tuple[float, float] = (1.0, -1024.0),
+    transfer_syntax: str | None = None,
+    accession_number: str = "ACC0001",
+    seed: int = 0,
+) -> list[Path]:
     """Write the phantom as a CT Image Storage series (one file per slice) and return the paths.
 
     Geometry is exact: Image Position (Patient) of each slice is the affine's origin plus k slice

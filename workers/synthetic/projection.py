@@ -63,18 +63,26 @@ def lung_thickness(lung_mask: np.ndarray, spacing_kji: tuple[float, float, float
     return t[::-1].copy()
 
 
-def add_nodule(paths: np.ndarray, row: float, col: float, diameter_mm: float, pixel_mm: float,
-               nodule_hu: float = NODULE_HU, background_hu: float = LUNG_HU) -> np.ndarray:
+def add_nodule(
+    paths: np.ndarray,
+    row: float,
+    col: float,
+    diameter_mm: float,
+    pixel_mm: float,
+    nodule_hu: float = NODULE_HU,
+    background_hu: float = LUNG_HU,
+) -> np.ndarray:
     """Add a spherical nodule's exact projection (chord length x attenuation difference)."""
     r = diameter_mm / 2
-    yy, xx = np.mgrid[0:paths.shape[0], 0:paths.shape[1]]
+    yy, xx = np.mgrid[0 : paths.shape[0], 0 : paths.shape[1]]
     d2 = ((yy - row) * pixel_mm) ** 2 + ((xx - col) * pixel_mm) ** 2
     chord = 2 * np.sqrt(np.clip(r * r - d2, 0, None))
     return paths + chord * MU_WATER_PER_MM * (nodule_hu - background_hu) / 1000.0
 
 
-def expose(paths: np.ndarray, photons: float, rng: np.random.Generator, scatter: float = 0.08,
-           blur_px: float = 0.6) -> np.ndarray:
+def expose(
+    paths: np.ndarray, photons: float, rng: np.random.Generator, scatter: float = 0.08, blur_px: float = 0.6
+) -> np.ndarray:
     """Detector image ``-log(I / I0)`` with scatter, Poisson noise and detector blur."""
     primary = np.exp(-paths)
     scattered = scatter * ndimage.gaussian_filter(primary, 12.0)
@@ -92,10 +100,16 @@ def place_nodule(thickness_mm: np.ndarray, diameter_mm: float, rng: np.random.Ge
     return int(rows[pick]), int(cols[pick])
 
 
-def radiographs_of(hu: np.ndarray, lung_mask: np.ndarray, spacing_kji: tuple[float, float, float],
-                   n: int, rng: np.random.Generator, pixel_mm: float = 2.0,
-                   diameter_range_mm: tuple[float, float] = (8.0, 25.0),
-                   photons_range: tuple[float, float] = (3e3, 3e4)) -> list[Radiograph]:
+def radiographs_of(
+    hu: np.ndarray,
+    lung_mask: np.ndarray,
+    spacing_kji: tuple[float, float, float],
+    n: int,
+    rng: np.random.Generator,
+    pixel_mm: float = 2.0,
+    diameter_range_mm: tuple[float, float] = (8.0, 25.0),
+    photons_range: tuple[float, float] = (3e3, 3e4),
+) -> list[Radiograph]:
     """``n`` radiographs of one nodule-free CT phantom, about half with one lung nodule.
 
     ``hu`` and ``lung_mask`` are axial (k, j, i) arrays; nodule size and place, and dose, vary.
@@ -116,8 +130,15 @@ def radiographs_of(hu: np.ndarray, lung_mask: np.ndarray, spacing_kji: tuple[flo
                 overlap = float(base[where] - clear_field)
                 nodules.append({"row": where[0], "col": where[1], "diameter_mm": diameter, "overlap": overlap})
         photons = float(np.exp(rng.uniform(np.log(photons_range[0]), np.log(photons_range[1]))))
-        images.append(Radiograph(pixels=expose(paths, photons, rng), pixel_spacing_mm=pixel_mm,
-                                 nodule=bool(nodules), nodules=nodules, photons=photons))
+        images.append(
+            Radiograph(
+                pixels=expose(paths, photons, rng),
+                pixel_spacing_mm=pixel_mm,
+                nodule=bool(nodules),
+                nodules=nodules,
+                photons=photons,
+            )
+        )
     return images
 
 
@@ -140,8 +161,16 @@ def to_stored_values(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(image / 8.0 * 4095), 0, 4095).astype(np.uint16)
 
 
-def write_dx(radiograph: Radiograph, path: Path, *, study_uid: str | None = None, series_uid: str | None = None,
-             patient_id: str = "PHANTOM-DX", patient_name: str = "Phantom^Chest", instance_number: int = 1) -> Path:
+def write_dx(
+    radiograph: Radiograph,
+    path: Path,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_id: str = "PHANTOM-DX",
+    patient_name: str = "Phantom^Chest",
+    instance_number: int = 1,
+) -> Path:
     """Write a radiograph as Digital X-Ray Image Storage - For Presentation (explicit VR little endian)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
@@ -152,9 +181,18 @@ def write_dx(radiograph: Radiograph, path: Path, *, study_uid: str | None = None
     ds.SOPClassUID = DX_FOR_PRESENTATION
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    phantom_header(ds, modality="DX", study_description="Chest radiograph phantom", series_description="Chest PA",
-                   body_part="CHEST", patient_name=patient_name, patient_id=patient_id, study_uid=study_uid,
-                   series_uid=series_uid, instance_number=instance_number)
+    phantom_header(
+        ds,
+        modality="DX",
+        study_description="Chest radiograph phantom",
+        series_description="Chest PA",
+        body_part="CHEST",
+        patient_name=patient_name,
+        patient_id=patient_id,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        instance_number=instance_number,
+    )
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.ViewPosition = "PA"
     ds.ImageLaterality = "U"

@@ -23,8 +23,15 @@ from rich.console import Console
 from workers.training import classification, denoising, ejection_fraction, lesion_refinement, segmentation
 from workers.training.progress import STEP_LINE, TrainingProgress, configure_logging, reporting_kwargs
 
-__all__ = ["STEP_LINE", "TRAINER_MODULES", "TrainingProgress", "configure_logging", "reporting_kwargs", "train_model",
-           "trainers"]
+__all__ = [
+    "STEP_LINE",
+    "TRAINER_MODULES",
+    "TrainingProgress",
+    "configure_logging",
+    "reporting_kwargs",
+    "train_model",
+    "trainers",
+]
 
 log = logging.getLogger("workers.training")
 

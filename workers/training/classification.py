@@ -43,7 +43,7 @@ def nodule_discs(radiographs: list, shape: tuple[int, int] = INPUT_SHAPE) -> tor
             centre_r = (n["row"] + 0.5) * shape[0] / rows - 0.5
             centre_c = (n["col"] + 0.5) * shape[1] / cols - 0.5
             radius = max(n["diameter_mm"] / 2 / r.pixel_spacing_mm * shape[0] / rows, 1.5)
-            out[i][(yy - centre_r) ** 2 + (xx - centre_c) ** 2 <= radius ** 2] = 1
+            out[i][(yy - centre_r) ** 2 + (xx - centre_c) ** 2 <= radius**2] = 1
     return out
 
 
@@ -51,22 +51,37 @@ def balanced_batch(labels: torch.Tensor, n: int, gen: torch.Generator) -> torch.
     """Indices of ``n`` training images, half with a nodule and half without."""
     pos, neg = torch.nonzero(labels).flatten(), torch.nonzero(~labels).flatten()
     half = n // 2
-    return torch.cat([pos[torch.randint(len(pos), (half,), generator=gen)],
-                      neg[torch.randint(len(neg), (n - half,), generator=gen)]])
+    return torch.cat(
+        [pos[torch.randint(len(pos), (half,), generator=gen)], neg[torch.randint(len(neg), (n - half,), generator=gen)]]
+    )
 
 
-def map_loss(model: NoduleClassifier, images: torch.Tensor, discs: torch.Tensor, labels: torch.Tensor,
-             pos_weight: float = 50.0, image_weight: float = 0.2) -> torch.Tensor:
+def map_loss(
+    model: NoduleClassifier,
+    images: torch.Tensor,
+    discs: torch.Tensor,
+    labels: torch.Tensor,
+    pos_weight: float = 50.0,
+    image_weight: float = 0.2,
+) -> torch.Tensor:
     """BCE of the nodule map against the discs (nodule pixels weighted ``pos_weight``: they are a few
     in ten thousand) plus ``image_weight`` x BCE of the image logit against the image label."""
     logit, nodule_map = model(images)
-    dense = F.binary_cross_entropy_with_logits(nodule_map, discs.float(),
-                                               pos_weight=torch.tensor(pos_weight, device=images.device))
+    dense = F.binary_cross_entropy_with_logits(
+        nodule_map, discs.float(), pos_weight=torch.tensor(pos_weight, device=images.device)
+    )
     return dense + image_weight * F.binary_cross_entropy_with_logits(logit, labels.float())
 
 
-def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print, device: str | None = None,
-          workers: int | None = None, steps: int | None = None) -> dict:
+def train(
+    out: Path | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    log=print,
+    device: str | None = None,
+    workers: int | None = None,
+    steps: int | None = None,
+) -> dict:
     """Train the classifier on phantom radiographs; write weights + metrics JSON; return the metrics.
 
     Whole radiographs, half with a nodule, left-right flipped at random, ``map_loss``; AdamW with a
@@ -101,8 +116,10 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
     val_labels = np.array([r.nodule for r in val_set])
     if gpu:
         torch.set_num_threads(threads)
-    log(f"radiographs: train {len(train_set)}, validation {len(val_set)}, test {len(test_set)} "
-        f"({time.time() - t_start:.0f} s); training on {device}")
+    log(
+        f"radiographs: train {len(train_set)}, validation {len(val_set)}, test {len(test_set)} "
+        f"({time.time() - t_start:.0f} s); training on {device}"
+    )
     model = NoduleClassifier().to(device)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -131,10 +148,22 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
     model.calibration = fit_platt(val_logits, val_labels)
     threshold = youden_threshold(calibrated(model, val_logits), val_labels)
     torch.set_num_threads(threads)
-    result = {"model": NAME, "version": VERSION, "test": evaluate(model, test_set, threshold), "validation_auc": best,
-              "threshold": threshold, "calibration_platt": list(model.calibration), "device": device,
-              "train_radiographs": len(train_set), "train_phantoms": n_tr, "steps": steps, "batch": batch,
-              "train_seconds": round(time.time() - t_start, 1), "quick": quick, "seed": seed}
+    result = {
+        "model": NAME,
+        "version": VERSION,
+        "test": evaluate(model, test_set, threshold),
+        "validation_auc": best,
+        "threshold": threshold,
+        "calibration_platt": list(model.calibration),
+        "device": device,
+        "train_radiographs": len(train_set),
+        "train_phantoms": n_tr,
+        "steps": steps,
+        "batch": batch,
+        "train_seconds": round(time.time() - t_start, 1),
+        "quick": quick,
+        "seed": seed,
+    }
     save_trained({k: v.cpu() for k, v in model.state_dict().items()}, out, WEIGHTS, result)
     log(json.dumps(result["test"]))
     return result

@@ -36,10 +36,16 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, width: int = 24):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, width, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(2 * width, 2 * width, 3, 1, 1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(2 * width, 1, 3, 1, 1))
+            nn.Conv2d(1, width, 4, 2, 1),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(width, 2 * width, 4, 2, 1),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(2 * width, 2 * width, 3, 1, 1),
+            nn.BatchNorm2d(2 * width),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(2 * width, 1, 3, 1, 1),
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.net(image)
@@ -49,13 +55,21 @@ def _random_patches(clean: np.ndarray, noisy: np.ndarray, n: int, size: int, gen
     idx = torch.randint(0, len(clean), (n,), generator=gen)
     ys = torch.randint(0, clean.shape[1] - size + 1, (n,), generator=gen)
     xs = torch.randint(0, clean.shape[2] - size + 1, (n,), generator=gen)
-    c = np.stack([clean[i, y:y + size, x:x + size] for i, y, x in zip(idx, ys, xs)])
-    z = np.stack([noisy[i, y:y + size, x:x + size] for i, y, x in zip(idx, ys, xs)])
+    c = np.stack([clean[i, y : y + size, x : x + size] for i, y, x in zip(idx, ys, xs)])
+    z = np.stack([noisy[i, y : y + size, x : x + size] for i, y, x in zip(idx, ys, xs)])
     return torch.as_tensor(c / HU_SCALE)[:, None].float(), torch.as_tensor(z / HU_SCALE)[:, None].float()
 
 
-def train_gan(clean: np.ndarray, noisy: np.ndarray, steps: int, validation: tuple[np.ndarray, np.ndarray],
-              seed: int = 0, adv_weight: float = 2e-3, patch: int = 40, log=print) -> DenoisingGenerator:
+def train_gan(
+    clean: np.ndarray,
+    noisy: np.ndarray,
+    steps: int,
+    validation: tuple[np.ndarray, np.ndarray],
+    seed: int = 0,
+    adv_weight: float = 2e-3,
+    patch: int = 40,
+    log=print,
+) -> DenoisingGenerator:
     """Train the generator (L1 + adversarial) and discriminator (least squares) on random patches.
 
     Every tenth of the run the generator is scored on the validation slices; the best is kept.
@@ -74,8 +88,10 @@ def train_gan(clean: np.ndarray, noisy: np.ndarray, steps: int, validation: tupl
         if step >= warmup:
             opt_d.zero_grad()
             real_score, fake_score = d(c), d(fake.detach())
-            loss_d = 0.5 * (F.mse_loss(real_score, torch.ones_like(real_score))
-                            + F.mse_loss(fake_score, torch.zeros_like(fake_score)))
+            loss_d = 0.5 * (
+                F.mse_loss(real_score, torch.ones_like(real_score))
+                + F.mse_loss(fake_score, torch.zeros_like(fake_score))
+            )
             loss_d.backward()
             opt_d.step()
         opt_g.zero_grad()
@@ -108,11 +124,18 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
     noisy_va = make_pairs(clean_va, px_va, seed=2)
     noisy_te = make_pairs(clean_te, px_te, seed=3)
     log(f"slices: train {len(clean_tr)}, validation {len(clean_va)}, test {len(clean_te)}")
-    model = train_gan(clean_tr, noisy_tr, steps=40 if quick else 1200, validation=(clean_va, noisy_va), seed=seed,
-                      log=log)
-    result = {"model": NAME, "version": VERSION, "test": evaluate(model, clean_te, noisy_te),
-              "train_slices": int(len(clean_tr)), "train_seconds": round(time.time() - t_start, 1),
-              "quick": quick, "seed": seed}
+    model = train_gan(
+        clean_tr, noisy_tr, steps=40 if quick else 1200, validation=(clean_va, noisy_va), seed=seed, log=log
+    )
+    result = {
+        "model": NAME,
+        "version": VERSION,
+        "test": evaluate(model, clean_te, noisy_te),
+        "train_slices": int(len(clean_tr)),
+        "train_seconds": round(time.time() - t_start, 1),
+        "quick": quick,
+        "seed": seed,
+    }
     save_trained(model.state_dict(), out, WEIGHTS, result)
     log(json.dumps(result["test"]))
     return result

@@ -35,7 +35,7 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
         model.train()
         order = torch.randperm(n_train)
         for i in range(0, n_train, 16):
-            idx = order[i:i + 16]
+            idx = order[i : i + 16]
             x = train_x[idx]
             # Time reversal and horizontal flips keep the EF: cheap augmentation.
             if torch.rand(()) < 0.5:
@@ -56,9 +56,17 @@ def train(out: Path | None = None, quick: bool = False, seed: int = 0, log=print
             best = metrics["mae_ef_points"]
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    result = {"model": NAME, "version": VERSION, "test": evaluate(model, test), "validation_mae": best,
-              "train_loops": n_train, "epochs": epochs, "train_seconds": round(time.time() - t_start, 1),
-              "quick": quick, "seed": seed}
+    result = {
+        "model": NAME,
+        "version": VERSION,
+        "test": evaluate(model, test),
+        "validation_mae": best,
+        "train_loops": n_train,
+        "epochs": epochs,
+        "train_seconds": round(time.time() - t_start, 1),
+        "quick": quick,
+        "seed": seed,
+    }
     save_trained(model.state_dict(), out, WEIGHTS, result)
     log(json.dumps(result["test"]))
     return result

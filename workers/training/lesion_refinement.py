@@ -95,15 +95,28 @@ def make_dataset(seeds, path: Path, workers: int = 2, jittered: int = 1) -> dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, x=x, y=y)
-    summary = {"series": len(list(seeds)), "patches": int(len(x)), "seconds": round(time.monotonic() - started, 1),
-               "lesion_voxel_fraction": round(float((y > 0).mean()), 4)}
+    summary = {
+        "series": len(list(seeds)),
+        "patches": int(len(x)),
+        "seconds": round(time.monotonic() - started, 1),
+        "lesion_voxel_fraction": round(float((y > 0).mean()), 4),
+    }
     log.info("dataset %s: %s", path, summary)
     return summary
 
 
-def train(out: Path | None = None, quick: bool = False, minutes: float | None = None, seed: int = 0,
-          series: int = 480, jittered: int = 2, data: Path | None = None, workers: int = 2,
-          max_lr: float = 2e-3, batch: int = 8) -> dict:
+def train(
+    out: Path | None = None,
+    quick: bool = False,
+    minutes: float | None = None,
+    seed: int = 0,
+    series: int = 480,
+    jittered: int = 2,
+    data: Path | None = None,
+    workers: int = 2,
+    max_lr: float = 2e-3,
+    batch: int = 8,
+) -> dict:
     """Train the 2 mm refinement network and save its weights; returns a summary.
 
     Patches come from ``series`` training series (``training_patches``, made by ``workers``
@@ -130,20 +143,33 @@ def train(out: Path | None = None, quick: bool = False, minutes: float | None = 
     generate_s = time.monotonic() - started
     log.info("%d patches ready after %.0f s", len(x_all), generate_s)
     train_start = time.monotonic()
-    net, steps, loss = _fit(x_all, y_all, 60 * (minutes if minutes is not None else 25), max_lr, batch,
-                            np.random.default_rng(seed))
+    net, steps, loss = _fit(
+        x_all, y_all, 60 * (minutes if minutes is not None else 25), max_lr, batch, np.random.default_rng(seed)
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, out)
-    summary = {"model": TRAIN_NAME, "steps": steps, "batch": batch, "patch": list(PATCH), "channels": list(CHANNELS),
-               "series": series, "jittered": jittered, "patches": int(len(x_all)), "dataset": made,
-               "max_lr": max_lr, "seed": seed, "final_loss": loss, "generate_seconds": round(generate_s, 1),
-               "train_seconds": round(time.monotonic() - train_start, 1), "weights": str(out)}
+    summary = {
+        "model": TRAIN_NAME,
+        "steps": steps,
+        "batch": batch,
+        "patch": list(PATCH),
+        "channels": list(CHANNELS),
+        "series": series,
+        "jittered": jittered,
+        "patches": int(len(x_all)),
+        "dataset": made,
+        "max_lr": max_lr,
+        "seed": seed,
+        "final_loss": loss,
+        "generate_seconds": round(generate_s, 1),
+        "train_seconds": round(time.monotonic() - train_start, 1),
+        "weights": str(out),
+    }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _fit(x_all: np.ndarray, y_all: np.ndarray, budget_s: float, max_lr: float, batch: int,
-         rng: np.random.Generator):
+def _fit(x_all: np.ndarray, y_all: np.ndarray, budget_s: float, max_lr: float, batch: int, rng: np.random.Generator):
     """The training loop: (network, steps, mean loss of the last 100 steps)."""
     net = build_network()
     opt = torch.optim.AdamW(net.parameters(), lr=max_lr, weight_decay=1e-5)

@@ -32,8 +32,9 @@ from rich.progress import (
 )
 
 # "step 40/1200: loss ...", "epoch 2/16: val MAE ...", "step 50 loss ..." (no total: a time budget).
-STEP_LINE = re.compile(r"\s*(?P<unit>step|epoch|iteration)\s+(?P<done>\d+)(?:\s*/\s*(?P<total>\d+))?\b[\s:,;-]*(?P<rest>.*)",
-                       re.IGNORECASE)
+STEP_LINE = re.compile(
+    r"\s*(?P<unit>step|epoch|iteration)\s+(?P<done>\d+)(?:\s*/\s*(?P<total>\d+))?\b[\s:,;-]*(?P<rest>.*)", re.IGNORECASE
+)
 
 
 class TrainingProgress:
@@ -44,8 +45,7 @@ class TrainingProgress:
     move the bar.
     """
 
-    def __init__(self, name: str, console: Console | None = None, live: bool | None = None,
-                 interval_s: float = 10.0):
+    def __init__(self, name: str, console: Console | None = None, live: bool | None = None, interval_s: float = 10.0):
         self.name = name
         self.console = console or Console(stderr=True)
         self.live = (self.console.is_terminal and not self.console.is_dumb_terminal) if live is None else live
@@ -59,9 +59,18 @@ class TrainingProgress:
 
     def __enter__(self) -> "TrainingProgress":
         if self.live:
-            self._bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[info]}"), console=self.console, transient=False)
+            self._bar = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.console,
+                transient=False,
+            )
             self._task = self._bar.add_task(f"{self.name}: preparing", total=None, info="")
             self._bar.start()
         logging.getLogger("workers").addHandler(self._handler)
@@ -80,8 +89,11 @@ class TrainingProgress:
         self._advance(unit, done, total, info)
         if self._bar is None:
             now = time.monotonic()
-            if (self._last_line is None or now - self._last_line >= self.interval_s
-                    or (total is not None and done >= total)):
+            if (
+                self._last_line is None
+                or now - self._last_line >= self.interval_s
+                or (total is not None and done >= total)
+            ):
                 self._last_line = now
                 self._logger.info("%s %d%s%s", unit, done, f"/{total}" if total else "", f": {info}" if info else "")
 
@@ -93,8 +105,9 @@ class TrainingProgress:
         self.unit, self.done = unit.lower(), done
         self.total = total if total is not None else self.total
         if self._bar is not None:
-            self._bar.update(self._task, description=f"{self.name}: {self.unit}s", completed=done,
-                             total=self.total, info=info)
+            self._bar.update(
+                self._task, description=f"{self.name}: {self.unit}s", completed=done, total=self.total, info=info
+            )
 
     def _from_line(self, message: str) -> None:
         found = STEP_LINE.match(message)

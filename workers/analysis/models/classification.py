@@ -45,8 +45,15 @@ class NoduleClassifier(nn.Module):
 
     def __init__(self, channels: tuple[int, ...] = CHANNELS):
         super().__init__()
-        self.unet = UNet(spatial_dims=2, in_channels=2, out_channels=1, channels=channels,
-                         strides=(2,) * (len(channels) - 1), num_res_units=1, norm="batch")
+        self.unet = UNet(
+            spatial_dims=2,
+            in_channels=2,
+            out_channels=1,
+            channels=channels,
+            strides=(2,) * (len(channels) - 1),
+            num_res_units=1,
+            norm="batch",
+        )
         # Platt scaling (scale, offset) of the image logit, fitted on validation radiographs after
         # training (``fit_platt``): the maximum of a map is no probability by itself.
         self.calibration: tuple[float, float] = (1.0, 0.0)
@@ -76,7 +83,7 @@ def prepare_radiograph(image: np.ndarray, shape: tuple[int, int] = INPUT_SHAPE) 
     x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False)
     lo, mid, hi = torch.quantile(x.flatten(), torch.tensor([0.01, 0.5, 0.99]))
     x = (x - mid) / (hi - lo).clamp_min(1e-6)
-    g = torch.exp(-((torch.arange(25, dtype=torch.float32) - 12) ** 2) / (2 * 4.0 ** 2))
+    g = torch.exp(-((torch.arange(25, dtype=torch.float32) - 12) ** 2) / (2 * 4.0**2))
     g = g / g.sum()
     blurred = F.conv2d(F.pad(x, (12, 12, 0, 0), mode="replicate"), g.view(1, 1, 1, -1))
     blurred = F.conv2d(F.pad(blurred, (0, 0, 12, 12), mode="replicate"), g.view(1, 1, -1, 1))
@@ -125,7 +132,7 @@ def image_logits(model: NoduleClassifier, images: torch.Tensor, ctx: RunContext,
     out = []
     with ctx.inference():
         for i in range(0, len(images), batch):
-            x = images[i:i + batch].to(ctx.device)
+            x = images[i : i + batch].to(ctx.device)
             out.append(((model(x)[0] + model(x.flip(3))[0]) / 2).float().cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
@@ -139,8 +146,14 @@ def postprocess(volume: Volume, inputs: torch.Tensor, probs: np.ndarray, params:
     """One Classification (finding: nodule, site: lung) per radiograph; ``params['threshold']`` overrides
     the operating point chosen on validation."""
     threshold = float(params.get("threshold", operating_threshold()))
-    return Outputs(classifications=[Classification(label="Lung nodule", finding=NODULE, probability=float(p),
-                                                   threshold=threshold, finding_site=LUNG) for p in probs])
+    return Outputs(
+        classifications=[
+            Classification(
+                label="Lung nodule", finding=NODULE, probability=float(p), threshold=threshold, finding_site=LUNG
+            )
+            for p in probs
+        ]
+    )
 
 
 def predict_probabilities(model: NoduleClassifier, images: list[np.ndarray]) -> np.ndarray:
@@ -153,14 +166,25 @@ def predict_probabilities(model: NoduleClassifier, images: list[np.ndarray]) -> 
 
 def analyses() -> list[Analysis]:
     """The radiograph nodule classifier (discovered by the registry)."""
-    return [Analysis(
-        name=NAME, task="classification", modalities=PROJECTION_MODALITIES, dimensionality="2d",
-        algorithm_name="ainode NoduleClassifier (2D U-Net)", version=VERSION,
-        load=load, preprocess=preprocess, infer=infer, postprocess=postprocess,
-        weights=weights_dir() / WEIGHTS, card=CARD, gpu_memory_bytes=256 << 20,
-        description="Chest radiograph (DX/CR): probability that a lung nodule is present",
-        example=example_radiograph,
-    )]
+    return [
+        Analysis(
+            name=NAME,
+            task="classification",
+            modalities=PROJECTION_MODALITIES,
+            dimensionality="2d",
+            algorithm_name="ainode NoduleClassifier (2D U-Net)",
+            version=VERSION,
+            load=load,
+            preprocess=preprocess,
+            infer=infer,
+            postprocess=postprocess,
+            weights=weights_dir() / WEIGHTS,
+            card=CARD,
+            gpu_memory_bytes=256 << 20,
+            description="Chest radiograph (DX/CR): probability that a lung nodule is present",
+            example=example_radiograph,
+        )
+    ]
 
 
 def example_radiograph(folder: Path) -> list[Path]:
@@ -212,8 +236,14 @@ def calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> 
     weighted by how many images fall in each."""
     probs, labels = np.asarray(probs, dtype=float), np.asarray(labels, dtype=float)
     which = np.minimum((probs * bins).astype(int), bins - 1)
-    return float(sum(abs(probs[which == b].mean() - labels[which == b].mean()) * (which == b).sum()
-                     for b in range(bins) if (which == b).any()) / len(probs))
+    return float(
+        sum(
+            abs(probs[which == b].mean() - labels[which == b].mean()) * (which == b).sum()
+            for b in range(bins)
+            if (which == b).any()
+        )
+        / len(probs)
+    )
 
 
 def evaluate(model: NoduleClassifier, radiographs: list, threshold: float = 0.5) -> dict:
@@ -234,10 +264,18 @@ def evaluate(model: NoduleClassifier, radiographs: list, threshold: float = 0.5)
         if group.any():
             keep = group | ~labels
             by_overlap[name] = {"n": int(group.sum()), "auc": roc_auc(probs[keep], labels[keep])}
-    return {"n": len(radiographs), "positives": int(labels.sum()), "auc": roc_auc(probs, labels), "threshold": threshold,
-            "sensitivity": float(pred[labels].mean()), "specificity": float((~pred[~labels]).mean()),
-            "sensitivity_ge_15mm": float(pred[big].mean()) if big.any() else None, "auc_by_overlap": by_overlap,
-            "brier": float(np.mean((probs - labels) ** 2)), "calibration_error": calibration_error(probs, labels)}
+    return {
+        "n": len(radiographs),
+        "positives": int(labels.sum()),
+        "auc": roc_auc(probs, labels),
+        "threshold": threshold,
+        "sensitivity": float(pred[labels].mean()),
+        "specificity": float((~pred[~labels]).mean()),
+        "sensitivity_ge_15mm": float(pred[big].mean()) if big.any() else None,
+        "auc_by_overlap": by_overlap,
+        "brier": float(np.mean((probs - labels) ** 2)),
+        "calibration_error": calibration_error(probs, labels),
+    }
 
 
 def validation_logits(model: NoduleClassifier, radiographs: list | torch.Tensor) -> np.ndarray:
@@ -245,8 +283,11 @@ def validation_logits(model: NoduleClassifier, radiographs: list | torch.Tensor)
     with the network in eval mode (BatchNorm uses and keeps its running statistics); the network is
     left in the mode it was in."""
     device = next(model.parameters()).device
-    images = radiographs if isinstance(radiographs, torch.Tensor) else \
-        torch.cat([prepare_radiograph(r.pixels) for r in radiographs])
+    images = (
+        radiographs
+        if isinstance(radiographs, torch.Tensor)
+        else torch.cat([prepare_radiograph(r.pixels) for r in radiographs])
+    )
     was_training = model.training
     model.eval()
     try:
@@ -282,5 +323,3 @@ def _phantom_radiographs(job: tuple[int, int]) -> list:
     phantom_seed, per_phantom = job
     hu, lung, spacing = projection_source(phantom_seed)
     return radiographs_of(hu, lung, spacing, per_phantom, np.random.default_rng(phantom_seed + 77))
-
-

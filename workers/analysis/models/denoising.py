@@ -51,8 +51,9 @@ def forward_project(image: torch.Tensor, n_angles: int) -> torch.Tensor:
     th = _angles(n_angles)
     cos, sin = torch.cos(th), torch.sin(th)
     # Rotate the image by each angle (sampling grid), then sum along rows.
-    rot = torch.stack([torch.stack([cos, -sin, torch.zeros_like(th)], 1),
-                       torch.stack([sin, cos, torch.zeros_like(th)], 1)], 1)
+    rot = torch.stack(
+        [torch.stack([cos, -sin, torch.zeros_like(th)], 1), torch.stack([sin, cos, torch.zeros_like(th)], 1)], 1
+    )
     grid = F.affine_grid(rot, (n_angles, 1, h, w), align_corners=False)
     out = []
     for img in image:
@@ -81,8 +82,9 @@ def filtered_back_project(sino: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack(out) * (math.pi / n)
 
 
-def simulate_low_dose(hu: np.ndarray, pixel_mm: float, photons: float, rng: np.random.Generator,
-                      n_angles: int = 180) -> np.ndarray:
+def simulate_low_dose(
+    hu: np.ndarray, pixel_mm: float, photons: float, rng: np.random.Generator, n_angles: int = 180
+) -> np.ndarray:
     """Add low-dose projection noise to full-dose slices (B, H, W) in HU; ``photons`` = I0 per ray."""
     hu_t = torch.as_tensor(np.asarray(hu, dtype=np.float32))
     mu = (MU_WATER_PER_MM * (1 + hu_t / 1000.0)).clamp_min(0) * pixel_mm  # per pixel
@@ -120,14 +122,14 @@ def psnr(pred: np.ndarray, ref: np.ndarray, data_range: float = PSNR_RANGE_HU) -
     """Peak signal-to-noise ratio in dB, over HU clipped to [-1000, 1000]."""
     p, r = np.clip(pred, -1000, 1000), np.clip(ref, -1000, 1000)
     mse = float(np.mean((p.astype(np.float64) - r) ** 2))
-    return 10 * math.log10(data_range ** 2 / max(mse, 1e-12))
+    return 10 * math.log10(data_range**2 / max(mse, 1e-12))
 
 
 def ssim(pred: np.ndarray, ref: np.ndarray, data_range: float = PSNR_RANGE_HU) -> float:
     """Structural similarity (Wang et al. 2004: Gaussian window 11, sigma 1.5), mean over the slices."""
     p = torch.as_tensor(np.clip(pred, -1000, 1000), dtype=torch.float64).reshape(-1, 1, *pred.shape[-2:])
     r = torch.as_tensor(np.clip(ref, -1000, 1000), dtype=torch.float64).reshape(-1, 1, *ref.shape[-2:])
-    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5 ** 2))
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
     g = g / g.sum()
     win = (g[:, None] * g[None, :])[None, None]
 
@@ -136,8 +138,8 @@ def ssim(pred: np.ndarray, ref: np.ndarray, data_range: float = PSNR_RANGE_HU) -
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mp, mr = blur(p), blur(r)
-    vp, vr, cov = blur(p * p) - mp ** 2, blur(r * r) - mr ** 2, blur(p * r) - mp * mr
-    s = ((2 * mp * mr + c1) * (2 * cov + c2)) / ((mp ** 2 + mr ** 2 + c1) * (vp + vr + c2))
+    vp, vr, cov = blur(p * p) - mp**2, blur(r * r) - mr**2, blur(p * r) - mp * mr
+    s = ((2 * mp * mr + c1) * (2 * cov + c2)) / ((mp**2 + mr**2 + c1) * (vp + vr + c2))
     return float(s.mean())
 
 
@@ -166,17 +168,23 @@ def infer(model: DenoisingGenerator, hu: np.ndarray, ctx: RunContext, batch: int
     out = np.empty(hu.shape, dtype=np.float32)
     with ctx.inference():
         for i in range(0, hu.shape[0], batch):
-            x = torch.from_numpy(hu[i:i + batch] / HU_SCALE)[:, None].to(ctx.device)
-            out[i:i + batch] = model(x)[:, 0].float().cpu().numpy() * HU_SCALE
+            x = torch.from_numpy(hu[i : i + batch] / HU_SCALE)[:, None].to(ctx.device)
+            out[i : i + batch] = model(x)[:, 0].float().cpu().numpy() * HU_SCALE
     return out
 
 
 def postprocess(volume: Volume, hu: np.ndarray, denoised: np.ndarray, params: dict) -> Outputs:
     """The denoised slices as a derived series on the source geometry."""
-    return Outputs(derived=[DerivedImage(
-        pixels=denoised, series_description="Denoised (AI, GAN)",
-        derivation_description=f"Low-dose noise reduction by a CNN generator trained adversarially ({NAME} {VERSION})",
-        derivation_code=("113086", "DCM", "Image Processing"))])
+    return Outputs(
+        derived=[
+            DerivedImage(
+                pixels=denoised,
+                series_description="Denoised (AI, GAN)",
+                derivation_description=f"Low-dose noise reduction by a CNN generator trained adversarially ({NAME} {VERSION})",
+                derivation_code=("113086", "DCM", "Image Processing"),
+            )
+        ]
+    )
 
 
 def denoise_slices(model: DenoisingGenerator, hu: np.ndarray) -> np.ndarray:
@@ -187,18 +195,30 @@ def denoise_slices(model: DenoisingGenerator, hu: np.ndarray) -> np.ndarray:
 
 def analyses() -> list[Analysis]:
     """The low-dose CT denoising analysis (discovered by the registry)."""
-    return [Analysis(
-        name=NAME, task="reconstruction", modalities=("CT",), dimensionality="2d",
-        algorithm_name="ainode low-dose CT denoising GAN", version=VERSION,
-        load=load, preprocess=preprocess, infer=infer, postprocess=postprocess,
-        weights=weights_dir() / WEIGHTS, card=CARD, gpu_memory_bytes=512 << 20,
-        description="Low-dose CT noise reduction (generator trained with adversarial + L1 loss): derived series",
-        example=example_series,
-    )]
+    return [
+        Analysis(
+            name=NAME,
+            task="reconstruction",
+            modalities=("CT",),
+            dimensionality="2d",
+            algorithm_name="ainode low-dose CT denoising GAN",
+            version=VERSION,
+            load=load,
+            preprocess=preprocess,
+            infer=infer,
+            postprocess=postprocess,
+            weights=weights_dir() / WEIGHTS,
+            card=CARD,
+            gpu_memory_bytes=512 << 20,
+            description="Low-dose CT noise reduction (generator trained with adversarial + L1 loss): derived series",
+            example=example_series,
+        )
+    ]
 
 
-def example_series(folder: Path, shape: tuple[int, int, int] = (80, 256, 256),
-                   spacing: tuple[float, float, float] = (3.0, 1.4, 1.4)) -> list[Path]:
+def example_series(
+    folder: Path, shape: tuple[int, int, int] = (80, 256, 256), spacing: tuple[float, float, float] = (3.0, 1.4, 1.4)
+) -> list[Path]:
     """A clinical-sized phantom CT series (benchmarks): 80 x 256 x 256 at 3 x 1.4 x 1.4 mm."""
     return phantoms.write_ct_series(phantoms.make_ct_phantom(321, shape=shape, spacing=spacing), folder)
 
@@ -206,14 +226,15 @@ def example_series(folder: Path, shape: tuple[int, int, int] = (80, 256, 256),
 # --- evaluation and data (the training loop: workers/training/) --------------------------------
 
 
-def make_pairs(clean_hu: np.ndarray, pixel_mm: np.ndarray, seed: int,
-               photons_range: tuple[float, float] = (2e4, 1e5)) -> np.ndarray:
+def make_pairs(
+    clean_hu: np.ndarray, pixel_mm: np.ndarray, seed: int, photons_range: tuple[float, float] = (2e4, 1e5)
+) -> np.ndarray:
     """Noisy versions of clean slices (N, H, W), each at a random dose (I0 per ray, log-uniform)."""
     rng = np.random.default_rng(seed)
     noisy = np.empty_like(clean_hu, dtype=np.float32)
     for i in range(len(clean_hu)):
         photons = math.exp(rng.uniform(math.log(photons_range[0]), math.log(photons_range[1])))
-        noisy[i] = simulate_low_dose(clean_hu[i:i + 1], float(pixel_mm[i]), photons, rng)[0]
+        noisy[i] = simulate_low_dose(clean_hu[i : i + 1], float(pixel_mm[i]), photons, rng)[0]
     return noisy
 
 
@@ -252,11 +273,13 @@ def training_slices(n_phantoms: int, seed: int, per_phantom: int = 6) -> tuple[n
     for _ in range(n_phantoms):
         anatomy = phantoms.make_anatomy(rng)
         px = float(rng.uniform(2.6, 3.2))
-        grid = phantoms.make_grid((per_phantom, 128, 128), (200.0 / per_phantom, px, px), "axial",
-                                  center_mm=(0.0, 0.0, float(rng.uniform(-20, 20))))
+        grid = phantoms.make_grid(
+            (per_phantom, 128, 128),
+            (200.0 / per_phantom, px, px),
+            "axial",
+            center_mm=(0.0, 0.0, float(rng.uniform(-20, 20))),
+        )
         ct = phantoms.render(anatomy, grid, rng, noise_hu=6.0)  # full dose still has a little noise
         slices.append(ct.hu)
         pixel += [px] * per_phantom
     return np.concatenate(slices), np.asarray(pixel)
-
-

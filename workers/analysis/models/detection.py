@@ -31,7 +31,9 @@ LIVER, LUNG = 6, 7
 SITES = {LIVER: ("10200004", "SCT", "Liver"), LUNG: ("39607008", "SCT", "Lung")}
 
 
-def candidates(probs: np.ndarray, affine: np.ndarray, min_score: float = 0.5, min_diameter_mm: float = 4.0) -> list[dict]:
+def candidates(
+    probs: np.ndarray, affine: np.ndarray, min_score: float = 0.5, min_diameter_mm: float = 4.0
+) -> list[dict]:
     """Lesion candidates on the working grid: centre/box in patient mm, score, kind, diameter."""
     lesion = probs[LIVER] + probs[LUNG]
     components, n = ndimage.label(lesion >= 0.5, structure=np.ones((3, 3, 3)))
@@ -51,9 +53,15 @@ def candidates(probs: np.ndarray, affine: np.ndarray, min_score: float = 0.5, mi
         centre_kji = (local * weights[mask][:, None]).sum(axis=0) / weights[mask].sum() + offset
         lo, hi = local.min(axis=0) + offset - 0.5, local.max(axis=0) + offset + 0.5
         kind = LIVER if (probs[LIVER][sl] * mask).sum() >= (probs[LUNG][sl] * mask).sum() else LUNG
-        found.append({"centre_mm": _to_patient(affine, centre_kji[None])[0],
-                      "corners_mm": _to_patient(affine, _corners(lo, hi)),
-                      "score": score, "kind": kind, "diameter_mm": diameter})
+        found.append(
+            {
+                "centre_mm": _to_patient(affine, centre_kji[None])[0],
+                "corners_mm": _to_patient(affine, _corners(lo, hi)),
+                "score": score,
+                "kind": kind,
+                "diameter_mm": diameter,
+            }
+        )
     return sorted(found, key=lambda c: -c["score"])
 
 
@@ -69,31 +77,49 @@ def _to_patient(affine: np.ndarray, kji: np.ndarray) -> np.ndarray:
 def postprocess(volume: Volume, inputs: dict, probs: np.ndarray, params: dict) -> Outputs:
     """Detections in source voxel indices (centre, box) with score, kind and diameter."""
     out = Outputs()
-    found = candidates(probs, inputs["affine"], float(params.get("min_score", 0.5)),
-                       float(params.get("min_diameter_mm", 4.0)))
+    found = candidates(
+        probs, inputs["affine"], float(params.get("min_score", 0.5)), float(params.get("min_diameter_mm", 4.0))
+    )
     for n, c in enumerate(found, start=1):
         name = phantoms.LABELS[c["kind"]]
         _, finding_type = codes_for(name)
         box = volume.patient_to_index(c["corners_mm"])
-        out.detections.append(Detection(
-            label=name.replace("_", " "), finding_type=finding_type,
-            center_kji=tuple(float(v) for v in volume.patient_to_index(c["centre_mm"])[0]),
-            box_kji=(tuple(float(v) for v in box.min(axis=0)), tuple(float(v) for v in box.max(axis=0))),
-            score=round(c["score"], 4), diameter_mm=round(c["diameter_mm"], 1),
-            finding_site=SITES[c["kind"]], tracking_id=f"lesion-{n}"))
+        out.detections.append(
+            Detection(
+                label=name.replace("_", " "),
+                finding_type=finding_type,
+                center_kji=tuple(float(v) for v in volume.patient_to_index(c["centre_mm"])[0]),
+                box_kji=(tuple(float(v) for v in box.min(axis=0)), tuple(float(v) for v in box.max(axis=0))),
+                score=round(c["score"], 4),
+                diameter_mm=round(c["diameter_mm"], 1),
+                finding_site=SITES[c["kind"]],
+                tracking_id=f"lesion-{n}",
+            )
+        )
     return out
 
 
 def analyses() -> list[Analysis]:
     """The CT lesion detection analysis (discovered by the registry)."""
-    return [Analysis(
-        name=NAME, task="detection", modalities=("CT",), dimensionality="3d",
-        algorithm_name="ainode CT lesion detector (U-Net lesion probability)", version=VERSION,
-        load=segmentation.load, preprocess=segmentation.preprocess, infer=segmentation.infer,
-        postprocess=postprocess, weights=segmentation.WEIGHTS, card=CARD, gpu_memory_bytes=1 << 30,
-        description="liver lesions and lung nodules on CT: centres, boxes, scores",
-        example=segmentation.example_series,
-    )]
+    return [
+        Analysis(
+            name=NAME,
+            task="detection",
+            modalities=("CT",),
+            dimensionality="3d",
+            algorithm_name="ainode CT lesion detector (U-Net lesion probability)",
+            version=VERSION,
+            load=segmentation.load,
+            preprocess=segmentation.preprocess,
+            infer=segmentation.infer,
+            postprocess=postprocess,
+            weights=segmentation.WEIGHTS,
+            card=CARD,
+            gpu_memory_bytes=1 << 30,
+            description="liver lesions and lung nodules on CT: centres, boxes, scores",
+            example=segmentation.example_series,
+        )
+    ]
 
 
 def evaluate(seeds, device: str = "cpu", min_diameter_mm: float = 10.0) -> dict:
@@ -123,5 +149,10 @@ def evaluate(seeds, device: str = "cpu", min_diameter_mm: float = 10.0) -> dict:
                     misses.append(round(lesion.diameter_mm, 1))
         fps += len(centres) - len(matched)
         studies += 1
-    return {"sensitivity": round(hits / total, 4) if total else None, "lesions": total,
-            "fp_per_study": round(fps / studies, 3), "studies": studies, "missed_diameters_mm": misses}
+    return {
+        "sensitivity": round(hits / total, 4) if total else None,
+        "lesions": total,
+        "fp_per_study": round(fps / studies, 3),
+        "studies": studies,
+        "missed_diameters_mm": misses,
+    }

@@ -39,13 +39,23 @@ class EchoEFNet(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
-                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
 
-        self.encoder = nn.Sequential(block(1, width), block(width, 2 * width), block(2 * width, 4 * width),
-                                     block(4 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.encoder = nn.Sequential(
+            block(1, width),
+            block(width, 2 * width),
+            block(2 * width, 4 * width),
+            block(4 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.gru = nn.GRU(4 * width, hidden, batch_first=True, bidirectional=True)
         self.frame_volume = nn.Linear(2 * hidden, 1)
         self.ef_head = nn.Sequential(nn.Linear(4 * hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
@@ -83,8 +93,10 @@ def load(device: str = "cpu", path: Path | None = None) -> EchoEFNet:
 def preprocess(volume: Volume, params: dict) -> torch.Tensor:
     """The loop as a (1, t, 48, 48) tensor; refuses loops too short to hold a cardiac cycle."""
     if volume.pixels.ndim != 3 or volume.pixels.shape[0] < MIN_FRAMES:
-        raise AnalysisError(f"{NAME} needs a cine loop of at least {MIN_FRAMES} frames covering a heart beat, "
-                            f"got {volume.pixels.shape[0]} frame(s)")
+        raise AnalysisError(
+            f"{NAME} needs a cine loop of at least {MIN_FRAMES} frames covering a heart beat, "
+            f"got {volume.pixels.shape[0]} frame(s)"
+        )
     return prepare_cine(volume.pixels)
 
 
@@ -97,8 +109,13 @@ def infer(model: EchoEFNet, cine: torch.Tensor, ctx: RunContext) -> tuple[float,
 
 def postprocess(volume: Volume, inputs: torch.Tensor, raw: tuple[float, np.ndarray], params: dict) -> Outputs:
     """The EF as a coded Measurement (LOINC 10230-1, UCUM %), site: left ventricle."""
-    return Outputs(measurements=[Measurement(name=LVEF_CODE, value=round(raw[0], 1), unit=PERCENT,
-                                             finding_site=LEFT_VENTRICLE, tracking_id="lvef")])
+    return Outputs(
+        measurements=[
+            Measurement(
+                name=LVEF_CODE, value=round(raw[0], 1), unit=PERCENT, finding_site=LEFT_VENTRICLE, tracking_id="lvef"
+            )
+        ]
+    )
 
 
 def predict_ef(model: EchoEFNet, frames: np.ndarray) -> tuple[float, np.ndarray]:
@@ -109,14 +126,25 @@ def predict_ef(model: EchoEFNet, frames: np.ndarray) -> tuple[float, np.ndarray]
 
 def analyses() -> list[Analysis]:
     """The EF analysis (discovered by the registry)."""
-    return [Analysis(
-        name=NAME, task="ejection_fraction", modalities=("US", "MR"), dimensionality="2d+t",
-        algorithm_name="ainode EchoEFNet (CNN + GRU)", version=VERSION,
-        load=load, preprocess=preprocess, infer=infer, postprocess=postprocess,
-        weights=weights_dir() / WEIGHTS, card=CARD, gpu_memory_bytes=256 << 20,
-        description="Recurrent network over the frames of an apical long-axis cine: LV ejection fraction",
-        example=example_cine,
-    )]
+    return [
+        Analysis(
+            name=NAME,
+            task="ejection_fraction",
+            modalities=("US", "MR"),
+            dimensionality="2d+t",
+            algorithm_name="ainode EchoEFNet (CNN + GRU)",
+            version=VERSION,
+            load=load,
+            preprocess=preprocess,
+            infer=infer,
+            postprocess=postprocess,
+            weights=weights_dir() / WEIGHTS,
+            card=CARD,
+            gpu_memory_bytes=256 << 20,
+            description="Recurrent network over the frames of an apical long-axis cine: LV ejection fraction",
+            example=example_cine,
+        )
+    ]
 
 
 def example_cine(folder: Path) -> list[Path]:
@@ -140,12 +168,15 @@ def evaluate(model: EchoEFNet, loops: list) -> dict[str, float]:
     model.eval()
     pred = []
     for i in range(0, len(loops), 32):
-        x, _, _ = _stack(loops[i:i + 32])
+        x, _, _ = _stack(loops[i : i + 32])
         pred.append(model(x)[0].numpy() * 100.0)
     pred = np.concatenate(pred)
     truth = np.array([loop.ef_percent for loop in loops])
     err = np.abs(pred - truth)
-    return {"n": len(loops), "mae_ef_points": float(err.mean()), "p95_abs_error": float(np.percentile(err, 95)),
-            "pearson_r": float(np.corrcoef(pred, truth)[0, 1]), "bias": float((pred - truth).mean())}
-
-
+    return {
+        "n": len(loops),
+        "mae_ef_points": float(err.mean()),
+        "p95_abs_error": float(np.percentile(err, 95)),
+        "pearson_r": float(np.corrcoef(pred, truth)[0, 1]),
+        "bias": float((pred - truth).mean()),
+    }

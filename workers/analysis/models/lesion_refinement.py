@@ -55,8 +55,15 @@ class Patch:
 
 def build_network(channels: tuple[int, ...] = CHANNELS):
     """The small 3D U-Net (MONAI) of the 2 mm pass: 4 inputs, 3 classes."""
-    return UNet(spatial_dims=3, in_channels=N_INPUTS, out_channels=len(CLASSES), channels=channels,
-                strides=(2,) * (len(channels) - 1), num_res_units=1, norm="instance")
+    return UNet(
+        spatial_dims=3,
+        in_channels=N_INPUTS,
+        out_channels=len(CLASSES),
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=1,
+        norm="instance",
+    )
 
 
 def load(device: str, weights: Path = WEIGHTS):
@@ -120,12 +127,13 @@ def patch_inputs(volume: Volume, probs: np.ndarray, work_affine: np.ndarray, aff
     return np.concatenate([intensity_channels(hu), np.stack(lesion)]).astype(np.float32)
 
 
-def refine(net, volume: Volume, probs: np.ndarray, work_affine: np.ndarray, device: str = "cpu",
-           batch: int = 8) -> list[Patch]:
+def refine(
+    net, volume: Volume, probs: np.ndarray, work_affine: np.ndarray, device: str = "cpu", batch: int = 8
+) -> list[Patch]:
     """Run the 2 mm network on a patch around every lesion candidate of the 4 mm pass."""
     patches = [Patch(patch_affine(c)) for c in candidate_centres(probs, work_affine)]
     for start in range(0, len(patches), batch):
-        group = patches[start:start + batch]
+        group = patches[start : start + batch]
         x = np.stack([patch_inputs(volume, probs, work_affine, p.affine) for p in group])
         with torch.inference_mode():
             out = torch.softmax(net(torch.from_numpy(x).to(device)).float(), dim=1).cpu().numpy()
@@ -137,8 +145,9 @@ def refine(net, volume: Volume, probs: np.ndarray, work_affine: np.ndarray, devi
 # --- labels on the source grid ----------------------------------------------------------------
 
 
-def apply(volume: Volume, labels: np.ndarray, probs: np.ndarray, work_affine: np.ndarray,
-          patches: list[Patch]) -> np.ndarray:
+def apply(
+    volume: Volume, labels: np.ndarray, probs: np.ndarray, work_affine: np.ndarray, patches: list[Patch]
+) -> np.ndarray:
     """Labels with the lesion decision of each patch at the source voxels inside it.
 
     Inside a patch's inner part (``MARGIN`` voxels from its faces) a source voxel is a lesion of

@@ -45,8 +45,15 @@ ROI = (64, 64, 64)
 
 def build_network(channels: tuple[int, ...] = CHANNELS):
     """The 3D U-Net (MONAI): 2 input windows, one output channel per class."""
-    return UNet(spatial_dims=3, in_channels=len(WINDOWS), out_channels=N_CLASSES, channels=channels,
-                strides=(2,) * (len(channels) - 1), num_res_units=1, norm="instance")
+    return UNet(
+        spatial_dims=3,
+        in_channels=len(WINDOWS),
+        out_channels=N_CLASSES,
+        channels=channels,
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=1,
+        norm="instance",
+    )
 
 
 def load(device: str):
@@ -84,8 +91,14 @@ def infer(model, inputs: dict, ctx: RunContext) -> np.ndarray:
     model = model.net if isinstance(model, Models) else model
     x = torch.from_numpy(inputs["image"][None]).to(ctx.device)
     with ctx.inference():
-        logits = sliding_window_inference(x, ROI, sw_batch_size=int(ctx.params.get("sw_batch_size", 2)),
-                                          predictor=model, overlap=0.25, mode="gaussian")
+        logits = sliding_window_inference(
+            x,
+            ROI,
+            sw_batch_size=int(ctx.params.get("sw_batch_size", 2)),
+            predictor=model,
+            overlap=0.25,
+            mode="gaussian",
+        )
         probs = torch.softmax(logits.float(), dim=1)[0]
     return probs.cpu().numpy()
 
@@ -128,30 +141,57 @@ def postprocess(volume: Volume, inputs: dict, raw: dict | np.ndarray, params: di
         if not mask.any():
             continue
         category, ptype = codes_for(name)
-        out.segments.append(Segment(label=name.replace("_", " "), mask=mask, property_type=ptype,
-                                    property_category=category, tracking_id=name))
-        out.measurements.append(Measurement(name=("118565006", "SCT", "Volume"), value=round(float(mask.sum()) * voxel_cm3, 2),
-                                            unit=("cm3", "UCUM", "cubic centimeter"),
-                                            segment_label=name.replace("_", " "), finding_site=ptype, tracking_id=name))
+        out.segments.append(
+            Segment(
+                label=name.replace("_", " "),
+                mask=mask,
+                property_type=ptype,
+                property_category=category,
+                tracking_id=name,
+            )
+        )
+        out.measurements.append(
+            Measurement(
+                name=("118565006", "SCT", "Volume"),
+                value=round(float(mask.sum()) * voxel_cm3, 2),
+                unit=("cm3", "UCUM", "cubic centimeter"),
+                segment_label=name.replace("_", " "),
+                finding_site=ptype,
+                tracking_id=name,
+            )
+        )
     return out
 
 
-def example_series(folder: Path, shape: tuple[int, int, int] = (80, 256, 256),
-                   spacing: tuple[float, float, float] = (3.0, 1.4, 1.4)) -> list[Path]:
+def example_series(
+    folder: Path, shape: tuple[int, int, int] = (80, 256, 256), spacing: tuple[float, float, float] = (3.0, 1.4, 1.4)
+) -> list[Path]:
     """A clinical-sized phantom CT series (for benchmarks): 80 x 256 x 256 at 3 x 1.4 x 1.4 mm."""
     return phantoms.write_ct_series(phantoms.make_ct_phantom(123, shape=shape, spacing=spacing), folder)
 
 
 def analyses() -> list[Analysis]:
     """The CT segmentation analysis (discovered by the registry)."""
-    return [Analysis(
-        name=NAME, task="segmentation", modalities=("CT",), dimensionality="3d",
-        algorithm_name="ainode CT organ and lesion U-Net", version=VERSION,
-        load=load_with_refinement, preprocess=preprocess, infer=infer_with_refinement, postprocess=postprocess,
-        weights=WEIGHTS, extra_weights=(lesion_refinement.WEIGHTS,), card=CARD, gpu_memory_bytes=1 << 30,
-        description="3D U-Net: lung, liver, spleen, kidney, spine, liver lesions, lung nodules on CT",
-        example=example_series,
-    )]
+    return [
+        Analysis(
+            name=NAME,
+            task="segmentation",
+            modalities=("CT",),
+            dimensionality="3d",
+            algorithm_name="ainode CT organ and lesion U-Net",
+            version=VERSION,
+            load=load_with_refinement,
+            preprocess=preprocess,
+            infer=infer_with_refinement,
+            postprocess=postprocess,
+            weights=WEIGHTS,
+            extra_weights=(lesion_refinement.WEIGHTS,),
+            card=CARD,
+            gpu_memory_bytes=1 << 30,
+            description="3D U-Net: lung, liver, spleen, kidney, spine, liver lesions, lung nodules on CT",
+            example=example_series,
+        )
+    ]
 
 
 # --- evaluation (training: workers/training/segmentation.py) --------------------------------
@@ -226,6 +266,8 @@ class _Scores:
     def summary(self) -> dict:
         """Mean per-phantom Dice, pooled Dice and the number of phantoms where the class is predicted
         but absent from the truth (false specks, Dice 0), by class name."""
-        return {"per_class": {n: round(float(np.mean(v)), 4) if v else None for n, v in self.per.items()},
-                "global": {n: round(2 * i / s, 4) if s else None for n, (i, s) in self.pooled.items()},
-                "predicted_only": {n: self.specks[n] for n in phantoms.LESION_LABELS}}
+        return {
+            "per_class": {n: round(float(np.mean(v)), 4) if v else None for n, v in self.per.items()},
+            "global": {n: round(2 * i / s, 4) if s else None for n, (i, s) in self.pooled.items()},
+            "predicted_only": {n: self.specks[n] for n in phantoms.LESION_LABELS},
+        }
