@@ -67,7 +67,7 @@ class ResultObject:
     """One written result object: its file and what the outbox needs to know of it.
 
     The writer has these values in memory, so the outbox never reads the file again for them.
-    It is a path-like object (``open``, ``pydicom.dcmread`` and ``Path`` take it).
+    It is a path-like object (``open``, ``pydicom.dcmread`` and ``Path`` take it; ``str`` gives the path).
     """
 
     path: Path
@@ -77,4 +77,7 @@ class ResultObject:
     study_instance_uid: str
 
     def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
         return os.fspath(self.path)
