@@ -3,7 +3,7 @@
 1. A local test PACS: Orthanc when installed, otherwise a small built-in pynetdicom storage SCP.
 2. `ainode serve` on embedded defaults (SQLite, local storage, the embedded broker and worker),
    with one rule: CT → ct-segmentation → the test PACS.
-3. A generated CT phantom (``workers.phantoms``) pushed over C-STORE, with a progress bar.
+3. A generated CT phantom (``workers.synthetic.phantoms``) pushed over C-STORE, with a progress bar.
 4. Wait for the results to reach the PACS; print the per-stage timeline and the result objects;
    write a PNG of the key slice (the largest lesion at its widest cross-section) with the
    segmentation outline and lesion boxes.
@@ -38,6 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from node.admin.keyslice import key_slices, render_png, study_overlay
+from node.core.dicom import SUCCESS
 from node.core.settings import load_settings, resolve_paths
 from node.dispatch.scu import associate
 from workers.analysis.registry import available_analyses
@@ -168,7 +169,7 @@ class BuiltinPACS:
             buffer = BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
             self.received[str(ds.SOPInstanceUID)] = (str(ds.StudyInstanceUID), buffer.getvalue())
-            return 0x0000
+            return SUCCESS
 
         self._server = ae.start_server(
             ("127.0.0.1", self.dicom_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
@@ -376,7 +377,7 @@ def print_results(view: dict[str, Any], in_pacs: dict[str, bytes]) -> None:
 
 
 def write_key_slice(config_path: Path, study_uid: str, target: Path) -> tuple[int, int]:
-    """Render the key slice (the largest lesion at its widest; ``node.keyslice.key_slices``, as on
+    """Render the key slice (the largest lesion at its widest; ``node.admin.keyslice.key_slices``, as on
     the dashboard's study page) with the overlay to ``target``; (slice index, findings on it)."""
     settings = resolve_paths(load_settings(config_path), config_path.parent)
     overlay = study_overlay(settings, study_uid)

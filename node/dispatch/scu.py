@@ -19,6 +19,8 @@ from pynetdicom.sop_class import Verification
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from node.core.dicom import SUCCESS, quiet_pynetdicom
+
 console = Console(stderr=True)
 log = logging.getLogger("ainode.scu")
 _MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
@@ -59,12 +61,6 @@ def associate(ae: AE, host: str, port: int, **kwargs: Any) -> Association:
     return assoc
 
 
-def _quiet() -> None:
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    _config.LOG_HANDLER_LEVEL = "none"
-
-
 def verify(calling_ae: str, ae_title: str, host: str, port: int, timeout_s: float | None = 10.0) -> dict[str, Any]:
     """C-ECHO a remote AE, the one Verification of the node (``ainode echo`` and the admin API).
 
@@ -91,7 +87,7 @@ def verify(calling_ae: str, ae_title: str, host: str, port: int, timeout_s: floa
     ms = round((time.monotonic() - start) * 1000, 1)
     code = getattr(response, "Status", None)
     return {
-        "ok": code == 0x0000,
+        "ok": code == SUCCESS,
         "result": f"status 0x{code:04X}" if code is not None else "no response",
         "round_trip_ms": ms,
         "status": code,
@@ -100,7 +96,7 @@ def verify(calling_ae: str, ae_title: str, host: str, port: int, timeout_s: floa
 
 def echo(target: str, calling_ae: str) -> int:
     """C-ECHO the target; print the outcome; 0 on Success."""
-    _quiet()
+    quiet_pynetdicom()
     try:
         t = parse_target(target)
     except ValueError as err:
@@ -148,7 +144,7 @@ def send(target: str, paths: list[Path], calling_ae: str) -> int:
     Files are sent as they are on disk (no transcoding): each (SOP Class, transfer syntax) pair
     gets its own presentation context.
     """
-    _quiet()
+    quiet_pynetdicom()
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream from disk: large files stay out of memory
     try:
         t = parse_target(target)
@@ -200,7 +196,7 @@ def _send_batch(
                 continue
             status = assoc.send_c_store(path)
             code = getattr(status, "Status", None)
-            if code is None or not (code == 0x0000 or 0xB000 <= code <= 0xBFFF):
+            if code is None or not (code == SUCCESS or 0xB000 <= code <= 0xBFFF):  # Bxxx: warning, stored
                 failed += 1
                 console.print(f"failed: {path.name}: status {code if code is None else hex(code)}", style="red")
             progress.advance(task)
