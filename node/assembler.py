@@ -178,7 +178,7 @@ def studies_in_progress(settings: Settings) -> bool:
 
 class CompletionTicker:
     """The periodic completion check, skipped while nothing can have changed: no study is in
-    progress and the database has seen no commit (``db.ChangeGate``). An idle node then costs
+    progress and the database has seen no commit (``core.db.ChangeGate``). An idle node then costs
     one ``PRAGMA data_version`` per tick instead of a handful of queries."""
 
     def __init__(self, settings: Settings):

@@ -25,7 +25,7 @@ class TransferAuditor:
     (the overlap covers rows committed after the timestamp they carry), through indexes on those
     times; and it remembers what it reported only for that window. Neither the scans nor the
     memory grow with the history the database holds. Passes run only after a commit
-    (``db.ChangeGate``). What completed before this auditor was made is the previous run's to
+    (``core.db.ChangeGate``). What completed before this auditor was made is the previous run's to
     report (its last pass runs when the node stops: ``run_at_stop``); what completed after, even
     before the first pass, is this run's. A study completed again after late arrivals is reported
     again.

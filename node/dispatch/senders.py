@@ -216,5 +216,5 @@ def send_dicomweb_batch(
 
 Sender = Callable[[Destination, list[Delivery], Settings, "Progress | None"], dict[int, Outcome]]
 
-# One sender per destination type (settings.Destination.type).
+# One sender per destination type (core.settings.Destination.type).
 SENDERS: dict[str, Sender] = {"dicom": send_dicom_batch, "dicomweb": send_dicomweb_batch}

@@ -1,7 +1,7 @@
 """What a result writer needs besides the findings: the job, where to write, what to write.
 
 ``ResultContext`` is filled by the job runner (workers/tasks.py). The choice of object kinds
-follows the destinations' capability profiles (``settings.CapabilityProfile``): a PACS that cannot
+follows the destinations' capability profiles (``core.settings.CapabilityProfile``): a PACS that cannot
 show SEG gets GSPS outlines, one that asks for it gets a burned-in secondary capture.
 """
 
