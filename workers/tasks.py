@@ -27,7 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
 
 from node.core.db import database_session
-from node.core.settings import CapabilityProfile, Settings, current_settings
+from node.core.settings import CapabilityProfile, Settings, current_settings, use_settings
 from node.dispatch.kinds import ResultObject
 from node.dispatch.outbox import deliver as dispatch
 from node.dispatch.outbox import enqueue_results
@@ -191,7 +191,7 @@ def deliver(delivery_id: int) -> Any:
 
 def _embedded_main(argv: list[str]) -> int:
     """Run one job in this process (started by the node's embedded worker), with a soft time limit."""
-    settings = Settings.model_validate_json(os.environ["AINODE_SETTINGS_JSON"])
+    settings = use_settings(Settings.model_validate_json(os.environ["AINODE_SETTINGS_JSON"]))
     job_id = int(argv[0])
     with database_session(settings.database.url) as session:
         job = session.get(Job, job_id)
