@@ -15,7 +15,6 @@ from typing import Any
 from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
-import workers.tasks  # noqa: F401 - registers the tasks on the app
 from node.core.db import dispose_engines, init_db
 from node.core.settings import Settings
 from node.jobs.broker import app, configured_app
@@ -81,6 +80,10 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     log.info("%d pool process(es), %d CPU thread(s) each", max(1, concurrency), share_cpu_threads(concurrency))
     _init_db_beside_node(settings.database.url)
     configured_app(settings)
+    # The tasks (and with them torch, MONAI, OpenMP) are imported only now: they read the thread
+    # settings share_cpu_threads just made when first imported. Imported at the top, they ignored
+    # them, and a job took 0.3-0.5 s longer beside the node and the PACS (bench/time_to_result.py).
+    import workers.tasks  # noqa: F401, PLC0415 - registers the tasks on the app
 
     queues = [q.strip() for q in queues if q.strip()] or ["gpu", "cpu"]
     argv = [
