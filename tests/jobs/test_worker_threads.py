@@ -31,3 +31,11 @@ def test_pool_processes_import_torch_with_their_share(monkeypatch):
     # The operator's own setting wins.
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert celery_app.share_cpu_threads(1) == 3
+
+
+def test_the_worker_entry_leaves_torch_unimported_until_the_threads_are_set():
+    # torch, OpenMP and BLAS read their thread settings when first imported: `ainode worker` must
+    # not import them before share_cpu_threads has run.
+    probe = "import sys, workers.worker; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
