@@ -18,14 +18,13 @@ import copy
 import datetime
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from workers.analysis.findings import Code, DerivedImage, Findings
 from workers.results.context import SERIES_NUMBERS, ResultContext, UIDFactory
-from workers.results.sources import SourceImages, add_laterality, contributing_equipment, finish_common
+from workers.results.sources import SourceImages, add_laterality, contributing_equipment, finish_common, read_source
 
 SOURCE_FOR_PROCESSING: Code = ("121322", "DCM", "Source image for image processing operation")
 # Attributes that describe the source's pixel values or acquisition storage and would be false.
@@ -306,6 +305,6 @@ def write_derived(findings: Findings, sources: SourceImages, ctx: ResultContext,
             instances.setdefault(frame.sop_instance_uid, {})[frame.frame_number or 1] = k
             paths[frame.sop_instance_uid] = frame.path
         for number, (uid, frames) in enumerate(instances.items(), 1):
-            source = pydicom.dcmread(paths[uid])
+            source = read_source(paths[uid])
             out.append(derived_multiframe(image, index, number, source, frames, findings, ctx, uids))
     return out

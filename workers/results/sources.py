@@ -16,10 +16,61 @@ from pydicom.sr.codedict import codes
 from workers.analysis.findings import Findings, SourceFrame
 from workers.results.context import ResultContext
 
+# Type 2 attributes (present, possibly zero length) of the source modules the result objects copy
+# or highdicom reads as attributes (``source.PatientID``: AttributeError when absent). A source that
+# lacks one gets it empty in memory, never an invented value; the file itself is not touched.
+PATIENT_STUDY_TYPE2 = (
+    # Patient
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    # General Study
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+SOURCE_TYPE2 = (
+    *PATIENT_STUDY_TYPE2,
+    # General Series, General Equipment, General Image (derived images keep the source's header)
+    "SeriesNumber",
+    "Manufacturer",
+    "InstanceNumber",
+)
+
+
+def fill_type2(ds: Dataset) -> Dataset:
+    """Add the Type 2 attributes ``ds`` lacks, present and empty (in memory; returns ``ds``).
+
+    Frame of Reference's Position Reference Indicator only where the module is (a Frame of
+    Reference UID), Image Plane's Slice Thickness (read by highdicom's SEG) only on single-frame
+    images with a plane position; values already there, empty or not, are kept as they are.
+    """
+    keywords = list(SOURCE_TYPE2)
+    if "FrameOfReferenceUID" in ds:
+        keywords.append("PositionReferenceIndicator")
+    if "ImagePositionPatient" in ds and "PerFrameFunctionalGroupsSequence" not in ds:
+        keywords.append("SliceThickness")
+    for keyword in keywords:
+        if keyword not in ds:
+            setattr(ds, keyword, None)  # zero length, whatever the VR
+    return ds
+
+
+def read_source(path: str | os.PathLike, stop_before_pixels: bool = False) -> Dataset:
+    """A source instance as the writers use it: read, with its missing Type 2 attributes empty."""
+    return fill_type2(pydicom.dcmread(path, stop_before_pixels=stop_before_pixels))
+
 
 @dataclass
 class SourceImages:
-    """The stored instances one volume was built from, read once and shared by the writers."""
+    """The stored instances one volume was built from, read once and shared by the writers.
+
+    Every dataset handed out has the Type 2 attributes the source lacks filled in, empty
+    (``fill_type2``), so highdicom and the copies in derived images find them.
+    """
 
     frames: list[SourceFrame]
 
@@ -29,7 +80,7 @@ class SourceImages:
         seen: dict[str, Dataset] = {}
         for frame in self.frames:
             if frame.sop_instance_uid not in seen:
-                seen[frame.sop_instance_uid] = pydicom.dcmread(frame.path, stop_before_pixels=True)
+                seen[frame.sop_instance_uid] = read_source(frame.path, stop_before_pixels=True)
         return list(seen.values())
 
     @cached_property
@@ -43,7 +94,7 @@ class SourceImages:
 
     def full_dataset(self, k: int) -> Dataset:
         """Slice k's instance with pixel data (for overlays and derived images)."""
-        return pydicom.dcmread(self.frames[k].path)
+        return read_source(self.frames[k].path)
 
     @property
     def first(self) -> Dataset:
@@ -131,18 +182,9 @@ def finish_common(
     if ctx.institution_name:
         ds.InstitutionName = ctx.institution_name
     # Type 2 attributes the source may lack must still be present (empty) in our objects.
-    for keyword in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyDate",
-        "StudyTime",
-        "ReferringPhysicianName",
-        "StudyID",
-    ):
+    for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in ds:
-            setattr(ds, keyword, "")
+            setattr(ds, keyword, None)
     return ds
 
 

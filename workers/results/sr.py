@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import highdicom as hd
 import numpy as np
 from highdicom.sr import (
@@ -252,16 +254,57 @@ def library_images(findings: Findings, sources: SourceImages) -> list[Dataset]:
     return images or [sources.first]
 
 
+IMAGE_LIBRARY = "111028"
+SLICE_THICKNESS = "112225"
+
+
+def _thickness_unknown(image: Dataset) -> bool:
+    """A single-frame image in a plane (Image Plane module) whose Slice Thickness is absent or empty."""
+    return "ImagePositionPatient" in image and image.get("SliceThickness") in (None, "")
+
+
+def _describable(image: Dataset) -> Dataset:
+    """The image as highdicom's TID 1604 descriptors can take it.
+
+    highdicom reads Slice Thickness (Type 2: may be absent or empty) of CT, MR and PET images as a
+    number. An image without one is described from a copy with a placeholder, and the Slice
+    Thickness descriptor (optional in TID 1604) is removed again by ``_drop_unknown_thickness``.
+    """
+    if not _thickness_unknown(image):
+        return image
+    described = copy.deepcopy(image)
+    described.SliceThickness = 0
+    return described
+
+
+def _drop_unknown_thickness(report: MeasurementReport, uids: set[str]) -> None:
+    """Remove the Slice Thickness descriptors of the library entries of ``uids`` (placeholders)."""
+    for library in report[0].ContentSequence:
+        if library.ConceptNameCodeSequence[0].CodeValue != IMAGE_LIBRARY:
+            continue
+        for group in library.get("ContentSequence", []):
+            for entry in group.get("ContentSequence", []):
+                refs = entry.get("ReferencedSOPSequence", [])
+                if not refs or refs[0].ReferencedSOPInstanceUID not in uids or "ContentSequence" not in entry:
+                    continue
+                descriptors = entry.ContentSequence
+                for n in reversed(range(len(descriptors))):
+                    if descriptors[n].ConceptNameCodeSequence[0].CodeValue == SLICE_THICKNESS:
+                        del descriptors[n]
+
+
 def write_sr(
     findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory, seg: Dataset | None
 ) -> Dataset:
     """The TID 1500 measurement report of the findings (always written, also when empty)."""
+    images = library_images(findings, sources)
     report = MeasurementReport(
         observation_context=observation_context(findings, ctx),
         procedure_reported=PROCEDURES.get(findings.volume.modality, IMAGING_PROCEDURE),
         imaging_measurements=measurement_groups(findings, seg, sources),
-        referenced_images=library_images(findings, sources),
+        referenced_images=[_describable(image) for image in images],
     )
+    _drop_unknown_thickness(report, {str(image.SOPInstanceUID) for image in images if _thickness_unknown(image)})
     evidence = list(sources.headers) + ([seg] if seg is not None else [])
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
