@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 from celery.signals import worker_process_init
-from sqlalchemy.exc import OperationalError
 
 import workers.tasks  # noqa: F401 - registers the tasks on the app
 from node.core.db import dispose_engines, init_db
@@ -27,19 +25,6 @@ log = logging.getLogger("ainode.worker")
 def _fresh_connections(**_: Any) -> None:
     # A forked pool process must not share the parent's database connections.
     dispose_engines()
-
-
-def _init_db_beside_node(url: str) -> None:
-    # The node may be creating the same tables this instant (both start together); SQLite then
-    # reports "table already exists" to the slower one: trying again sees the finished schema.
-    for attempt in range(5):
-        try:
-            init_db(url)
-            return
-        except OperationalError:
-            if attempt == 4:
-                raise
-            time.sleep(0.5)
 
 
 def threads_per_process(concurrency: int) -> int:
@@ -79,7 +64,9 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
         )
         return 2
     log.info("%d pool process(es), %d CPU thread(s) each", max(1, concurrency), share_cpu_threads(concurrency))
-    _init_db_beside_node(settings.database.url)
+    # The node may be creating the same tables this instant (both start together): init_db
+    # serialises the schema change, so this waits for the node's and finds the tables made.
+    init_db(settings.database.url)
     configured_app(settings)
 
     queues = [q.strip() for q in queues if q.strip()] or ["gpu", "cpu"]
