@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 from celery.signals import worker_process_init
-from sqlalchemy.exc import OperationalError
 
 from node.core.db import dispose_engines, init_db
 from node.core.settings import Settings
@@ -26,19 +24,6 @@ log = logging.getLogger("ainode.worker")
 def _fresh_connections(**_: Any) -> None:
     # A forked pool process must not share the parent's database connections.
     dispose_engines()
-
-
-def _init_db_beside_node(url: str) -> None:
-    # The node may be creating the same tables this instant (both start together); SQLite then
-    # reports "table already exists" to the slower one: trying again sees the finished schema.
-    for attempt in range(5):
-        try:
-            init_db(url)
-            return
-        except OperationalError:
-            if attempt == 4:
-                raise
-            time.sleep(0.5)
 
 
 def threads_per_process(concurrency: int) -> int:
@@ -78,7 +63,9 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
         )
         return 2
     log.info("%d pool process(es), %d CPU thread(s) each", max(1, concurrency), share_cpu_threads(concurrency))
-    _init_db_beside_node(settings.database.url)
+    # The node may be creating the same tables this instant (both start together): init_db
+    # serialises the schema change, so this waits for the node's and finds the tables made.
+    init_db(settings.database.url)
     configured_app(settings)
     # The tasks (and with them torch, MONAI, OpenMP) are imported only now: they read the thread
     # settings share_cpu_threads just made when first imported. Imported at the top, they ignored

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 
@@ -65,38 +65,79 @@ def engine_for(url: str) -> Engine:
     return engine
 
 
+# The key of the PostgreSQL advisory lock that init_db holds while it changes the schema: any
+# fixed 64-bit number, the same in every process and release (advisory locks are per database).
+SCHEMA_LOCK_KEY = 0x61696E6F6465  # "ainode"
+
+
 def init_db(url: str) -> Engine:
-    """Create every table that does not exist yet and return the engine."""
+    """Create every table and index that does not exist yet, upgrade old columns, return the engine.
+
+    Safe when several processes start together (the node, its workers, ``ainode status``): the
+    whole schema change is one transaction that holds the database's schema lock, so the others
+    wait for it and then find every table made.
+    """
     # The stages' table modules are imported by name: core sits below every stage and must not
     # import them (import-linter holds that); this is the one place that names them all.
     for module in TABLE_MODULES:
         importlib.import_module(module)
 
     engine = engine_for(url)
-    Base.metadata.create_all(engine)
-    # create_all skips tables that exist: indexes added to a table since its database was made
-    # (an upgraded node) are created here.
-    for table in Base.metadata.sorted_tables:
-        for index in table.indexes:
-            index.create(engine, checkfirst=True)
-    _upgrade_columns(engine)
+    with _schema_transaction(engine) as conn:
+        Base.metadata.create_all(conn)
+        # create_all skips tables that exist: indexes added to a table since its database was
+        # made (an upgraded node) are created here.
+        for table in Base.metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
+        _upgrade_columns(conn)
     return engine
 
 
-def _upgrade_columns(engine: Engine) -> None:
+@contextmanager
+def _schema_transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction, committed on success, that no other process changes the schema beside.
+
+    Without it two processes creating the tables at once both see a table missing and both create
+    it: the slower one fails (PostgreSQL: UniqueViolation on pg_type; SQLite: "table already
+    exists"). PostgreSQL runs DDL in transactions: an advisory lock held to the commit makes the
+    next process wait, then its checks see the committed tables. SQLite: BEGIN IMMEDIATE takes the
+    database's write lock before the first check (waiting up to the busy timeout) and keeps it to
+    the commit.
+    """
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            yield conn
+    elif engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            # pysqlite begins transactions itself, and only before DML: this BEGIN is explicit,
+            # and the CREATE statements after it run inside it until the commit.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+    else:
+        with engine.begin() as conn:
+            yield conn
+
+
+def _upgrade_columns(conn: Connection) -> None:
     # deliveries.job_id names a job row; databases made before it was an integer hold text. SQLite
     # compares either way (column affinity); PostgreSQL needs the column converted once.
-    if engine.dialect.name != "postgresql":
+    if conn.dialect.name != "postgresql":
         return
-    with engine.begin() as conn:
-        kind = conn.execute(
-            text(
-                "SELECT data_type FROM information_schema.columns WHERE table_name = 'deliveries' "
-                "AND column_name = 'job_id' AND table_schema = current_schema()"
-            )
-        ).scalar()
-        if kind is not None and kind != "integer":
-            conn.execute(text("ALTER TABLE deliveries ALTER COLUMN job_id TYPE integer USING job_id::integer"))
+    kind = conn.execute(
+        text(
+            "SELECT data_type FROM information_schema.columns WHERE table_name = 'deliveries' "
+            "AND column_name = 'job_id' AND table_schema = current_schema()"
+        )
+    ).scalar()
+    if kind is not None and kind != "integer":
+        conn.execute(text("ALTER TABLE deliveries ALTER COLUMN job_id TYPE integer USING job_id::integer"))
 
 
 def dispose_engines() -> None:
