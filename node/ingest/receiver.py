@@ -41,6 +41,7 @@ from node.core.dicom import (
     NOT_AUTHORIZED,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
+    SOP_CLASS_NOT_SUPPORTED,
     STORAGE_COMMITMENT_PUSH,
     SUCCESS,
     WARNING_ELEMENTS_DISCARDED,
@@ -229,6 +230,16 @@ class Receiver:
         context = acceptor.accepted_context(assoc, req.context_id)
         if context is None:
             return _Refusal(PROCESSING_FAILURE, "no such presentation context")
+        if req.sop_class_uid != str(context.abstract_syntax):
+            # A C-STORE on a presentation context is for the context's abstract syntax (PS3.7,
+            # PS3.8 7.1.1.13); a SOP Class the association never negotiated is refused with the
+            # general status 0122 (Refused: SOP Class not supported). A data set that differs
+            # from its command is A900 (header_problem).
+            return _Refusal(
+                SOP_CLASS_NOT_SUPPORTED,
+                "SOP Class differs from the presentation context",
+                "instance refused (0122): SOP Class UID differs from the presentation context's abstract syntax",
+            )
         try:
             self.space.check()
             meta = file_meta(
