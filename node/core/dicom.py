@@ -22,6 +22,7 @@ NO_SUCH_SOP_CLASS = 0x0118
 MISSING_ATTRIBUTE = 0x0120
 INVALID_ATTRIBUTE_VALUE = 0x0106
 NOT_AUTHORIZED = 0x0124
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Refused: the SOP Class is not the presentation context's
 # Storage (PS3.4 B.2.3)
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900  # the data set does not match the request's SOP Class/Instance

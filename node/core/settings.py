@@ -104,8 +104,12 @@ class NodeSettings(Section):
     acse_timeout_s: Seconds = 30
     dimse_timeout_s: Seconds = 60
     network_timeout_s: Seconds = 60
-    # Largest P-DATA PDU we accept; 0 means unlimited.
+    # Largest P-DATA PDU we accept (announced to peers; longer PDUs abort the association).
+    # 0 announces no limit; the receiver still refuses P-DATA PDUs over 256 MiB.
     max_pdu_bytes: int = Field(default=1_048_576, ge=0)
+    # Largest data set accepted, as received or once inflated (Deflated Explicit VR Little
+    # Endian): a deflated data set inflating past this is refused with A700 (Out of Resources).
+    max_instance_bytes: ByteSize = ByteSize(4 * 1024**3)
     # A second copy of a stored SOP Instance UID with different bytes: keep the first or replace.
     duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
     # Accept any calling AE title (demo and lab use only); peers are still logged.

@@ -52,6 +52,8 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from node.core import audit
+
 LOGGER = logging.getLogger("ainode.acceptor")
 
 # The private pynetdicom methods overridden here are those of 3.0.x: with any other version the
@@ -62,6 +64,19 @@ SUPPORTED = pynetdicom.__version__.startswith("3.0.")
 # ARTIM and network idle timers are seconds long, so this only bounds their precision.
 _IDLE_WAIT_S = 0.05
 _PDATA_TF = 0x04
+# A PDU body is read into a buffer of at most this size first, grown only as bytes arrive.
+_FIRST_READ = 1 << 20
+# The largest PDU (length field, PS3.8 9.3.1) accepted of each kind other than P-DATA-TF. An
+# A-ASSOCIATE-RQ holds at most 128 presentation contexts (odd IDs 1-255) and one user
+# information item: 1 MiB fits 128 contexts of 16 transfer syntaxes with 64-character UIDs and
+# a large user identity many times over. Release, abort and reject PDUs are 4 bytes long.
+_ASSOCIATE_MAX = 1 << 20
+_OTHER_PDU_MAX = {0x01: _ASSOCIATE_MAX, 0x02: _ASSOCIATE_MAX, 0x03: 64, 0x05: 64, 0x06: 64, 0x07: 64}
+# With max_pdu_bytes 0 (no limit announced) a P-DATA-TF is still read whole into memory: this
+# bounds it.
+_UNLIMITED_PDATA_MAX = 256 << 20
+# PS3.8 9.3.8: A-ABORT from the service provider (source 2), invalid PDU parameter value (6).
+_ABORT_INVALID_PARAMETER = 0x06
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
@@ -128,16 +143,28 @@ class FastSocket(AssociationSocket):
             super().send(bytestream)
 
     def recv_exact(self, nr_bytes: int) -> bytearray:
-        """Read exactly ``nr_bytes`` (fewer only when the peer closed the connection)."""
+        """Read exactly ``nr_bytes`` (fewer only when the peer closed the connection).
+
+        The buffer grows as bytes arrive (at most doubling, from ``_FIRST_READ``), never to a
+        length the peer only claimed: a header that promises gigabytes costs what was sent.
+        """
         sock = self.socket
-        buf = bytearray(nr_bytes)
+        buf = bytearray(min(nr_bytes, _FIRST_READ))
         view, got = memoryview(buf), 0
-        while got < nr_bytes:
-            n = sock.recv_into(view[got:], nr_bytes - got)  # type: ignore[union-attr]
-            if not n:
-                del view
-                return buf[:got]
-            got += n
+        try:
+            while got < nr_bytes:
+                if got == len(buf):  # full and more to come: grow (no view may be held meanwhile)
+                    view.release()
+                    buf.extend(bytes(min(nr_bytes - got, got)))
+                    view = memoryview(buf)
+                n = sock.recv_into(view[got:], len(buf) - got)  # type: ignore[union-attr]
+                if not n:
+                    break
+                got += n
+        finally:
+            view.release()
+        if got < len(buf):
+            del buf[got:]
         return buf
 
     def recv(self, nr_bytes: int) -> bytearray:  # noqa: D102 - same contract as pynetdicom's
@@ -154,6 +181,8 @@ class FastDUL(DULServiceProvider):
         self._wake_w.setblocking(False)
         self._poller: Any = None
         self._polled_fd = -1
+        # The longest P-DATA-TF accepted (PDU length field): set from our announced maximum.
+        self.pdata_max = _UNLIMITED_PDATA_MAX
 
     # -- waking
 
@@ -285,6 +314,8 @@ class FastDUL(DULServiceProvider):
         pdu_type, _, length = struct.unpack(">BBL", header)
         if pdu_type != _PDATA_TF:
             return self._read_other_pdu(sock, header, pdu_type, length)
+        if length > self.pdata_max:
+            return self._refuse_length(sock, pdu_type, length, self.pdata_max)
         try:
             body = sock.recv_exact(length)
         except (OSError, TimeoutError):
@@ -323,6 +354,8 @@ class FastDUL(DULServiceProvider):
             LOGGER.error("unknown PDU type received 0x%02X", pdu_type)
             self.event_queue.put("Evt19")
             return
+        if length > _OTHER_PDU_MAX[pdu_type]:
+            return self._refuse_length(sock, pdu_type, length, _OTHER_PDU_MAX[pdu_type])
         try:
             body = sock.recv_exact(length)
         except (OSError, TimeoutError):
@@ -339,6 +372,37 @@ class FastDUL(DULServiceProvider):
             return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
+
+    def _refuse_length(self, sock: FastSocket, pdu_type: int, length: int, limit: int) -> None:
+        """A PDU longer than we accept: nothing of it is read. A-ABORT (PS3.8 9.3.8: service
+        provider, invalid PDU parameter value), close the connection (Evt17: the state machine
+        ends the association as for any lost connection), log and audit it."""
+        assoc = self.assoc
+        address = str(assoc.requestor.address or "")
+        established = self.state_machine.current_state != "Sta2"
+        calling = str(assoc.requestor.ae_title).strip() if established else ""
+        LOGGER.error(
+            "PDU of type 0x%02X claiming %d bytes from %s refused (limit %d): association aborted",
+            pdu_type,
+            length,
+            address,
+            limit,
+        )
+        audit.security_alert(
+            audit.NODE_AUTHENTICATION,
+            user=calling or address,
+            address=address,
+            outcome=audit.MINOR_FAILURE,
+            detail=f"PDU type 0x{pdu_type:02X} of {length} bytes refused (limit {limit}): association aborted",
+        )
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = _ABORT_INVALID_PARAMETER
+        try:
+            sock.send(abort_pdu.encode())
+        except Exception:
+            pass
+        sock.close()  # queues Evt17
 
 
 # --- DIMSE ------------------------------------------------------------------------------------
@@ -687,6 +751,8 @@ class FastRequestHandler(RequestHandler):
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         assoc.set_socket(FastSocket(assoc, client_socket=self.request))
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        if self.ae.maximum_pdu_size:  # what we announce; 6 bytes of slack for peers that count the header
+            assoc.dul.pdata_max = self.ae.maximum_pdu_size + 6  # type: ignore[attr-defined]
         assoc.acceptor.ae_title = self.server.ae_title
         assoc.acceptor.address_info = self.local
         assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid

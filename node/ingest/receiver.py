@@ -19,11 +19,12 @@ import errno
 import logging
 import socket
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from pydicom import uid as dcm_uid
 from pydicom.dataset import Dataset
@@ -40,6 +41,7 @@ from node.core.dicom import (
     NOT_AUTHORIZED,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
+    SOP_CLASS_NOT_SUPPORTED,
     STORAGE_COMMITMENT_PUSH,
     SUCCESS,
     WARNING_ELEMENTS_DISCARDED,
@@ -51,7 +53,7 @@ from node.ingest.arrival import Arrival, header_problem, instance_tag
 from node.ingest.indexer import IndexBacklog, Indexer
 from node.ingest.policy import AssociationSlots, address_allowed, tls_context
 from node.ingest.recovery import recover_journal, recover_landed
-from node.ingest.wire import Unparseable, file_meta, read_header
+from node.ingest.wire import TooLarge, Unparseable, file_meta, read_header
 
 log = logging.getLogger("ainode.receiver")
 security_log = logging.getLogger("ainode.security")
@@ -228,6 +230,16 @@ class Receiver:
         context = acceptor.accepted_context(assoc, req.context_id)
         if context is None:
             return _Refusal(PROCESSING_FAILURE, "no such presentation context")
+        if req.sop_class_uid != str(context.abstract_syntax):
+            # A C-STORE on a presentation context is for the context's abstract syntax (PS3.7,
+            # PS3.8 7.1.1.13); a SOP Class the association never negotiated is refused with the
+            # general status 0122 (Refused: SOP Class not supported). A data set that differs
+            # from its command is A900 (header_problem).
+            return _Refusal(
+                SOP_CLASS_NOT_SUPPORTED,
+                "SOP Class differs from the presentation context",
+                "instance refused (0122): SOP Class UID differs from the presentation context's abstract syntax",
+            )
         try:
             self.space.check()
             meta = file_meta(
@@ -298,17 +310,27 @@ class Receiver:
             sink = sink.file  # spilled: a large instance goes the per-file way
         if sink.error is not None:
             raise sink.error
+        limit = int(self.settings.node.max_instance_bytes)
+        if sink.data_len > limit:
+            log.warning("instance %s refused (A700): data set of %d bytes, over %d", name, sink.data_len, limit)
+            return OUT_OF_RESOURCES, "data set larger than the node's maximum instance size"
         in_memory = isinstance(sink, store.DataSetBuffer)
         data = sink.data() if in_memory else None
         try:
+            scratch = self._scratch
             if in_memory:
-                header = read_header(memoryview(data), transfer_syntax)  # type: ignore[arg-type]
+                header = read_header(memoryview(data), transfer_syntax, limit, scratch)  # type: ignore[arg-type]
             else:
                 with sink.data_set_view() as view:
-                    header = read_header(view, transfer_syntax)
+                    header = read_header(view, transfer_syntax, limit, scratch)
         except Unparseable as err:
             log.warning("instance %s refused (C000): %s", name, err)
             return CANNOT_UNDERSTAND, f"data set cannot be parsed: {err}"
+        except TooLarge as err:
+            # PS3.4 B.2.3: A700 Refused, Out of Resources. The encoding may well be valid
+            # (C000 would say it is not): it is larger than this node takes. Nothing is written.
+            log.warning("instance %s refused (A700): %s", name, err)
+            return OUT_OF_RESOURCES, "data set larger than the node's maximum instance size"
         problem = header_problem(header, sop_class, sop_instance)
         if problem:
             log.warning("instance %s refused: %s", name, problem[1])
@@ -359,6 +381,10 @@ class Receiver:
         metrics.INSTANCES_RECEIVED.inc()
         metrics.BYTES_RECEIVED.inc(sink.size)
         return SUCCESS
+
+    def _scratch(self) -> BinaryIO:
+        """An unnamed temporary file for a large inflated data set (gone when closed)."""
+        return tempfile.TemporaryFile(dir=self.root / store.INCOMING, prefix=self.prefix)
 
     def _known_sha(self, sop_instance: str, looked_up: Any = _UNKNOWN) -> str | None:
         """The content hash already answered for a UID: pending in this process, else indexed.

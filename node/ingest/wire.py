@@ -3,16 +3,18 @@
 ``read_header`` walks the element headers of an encoded data set once, checking that every
 declared length fits (a truncated or garbled data set is refused before it is stored), and takes
 out the fields the index needs without decoding the rest (``Header``). ``file_meta`` encodes the
-preamble and File Meta Information written in front of every stored data set. Nothing here
-touches the disk, the database or the network.
+preamble and File Meta Information written in front of every stored data set. A deflated data
+set is inflated to at most a given size; past 16 MiB into a scratch file the caller hands over
+(the one way anything here reaches the disk). Nothing here touches the database or the network.
 """
 
 from __future__ import annotations
 
 import io
+import mmap
 import struct
 import zlib
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 from pydicom import uid as dcm_uid
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -64,6 +66,17 @@ class Unparseable(Exception):
     """The data set is not a complete, well-formed DICOM encoding (answer C000)."""
 
 
+class TooLarge(Exception):
+    """The data set inflates to more than the configured maximum (answer A700)."""
+
+
+# Inflated data sets are kept in memory up to this size; beyond it they go to the caller's
+# scratch file (mapped for the walk, which touches element headers only).
+_INFLATE_IN_MEMORY = 16 * 1024 * 1024
+_INFLATE_STEP = 4 * 1024 * 1024  # output per zlib call
+_INFLATE_INPUT_STEP = 256 * 1024  # input per zlib call
+
+
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
@@ -82,7 +95,8 @@ def _walk(
 
     Checks that every declared length fits in the buffer, so a truncated data set is caught
     without reading any value. ``stop_at`` is an item/sequence delimiter tag that ends the walk;
-    ``pixel_at`` receives the offset of the top-level Pixel Data element, ``uids`` the (offset,
+    ``pixel_at`` receives the offset of the first top-level element after the index's fields
+    (where the header the index needs ends), ``uids`` the (offset,
     length, VR) of the top-level elements the index needs (``_INDEX_TAGS``; VR ``b""`` when
     implicit).
     """
@@ -93,7 +107,7 @@ def _walk(
             raise Unparseable("data set ends inside an element header")
         group, elem = struct.unpack_from("<HH" if little else ">HH", buf, pos)
         tag = (group << 16) | elem
-        if pixel_at is not None and not pixel_at and tag >= _PIXEL_DATA:
+        if pixel_at is not None and not pixel_at and tag > _LAST_INDEX_TAG:
             pixel_at.append(pos)
         if tag in (_ITEM_END, _SEQ_END):
             if tag != stop_at:
@@ -154,6 +168,7 @@ _UID_TAGS = {
     0x0020000E: "SeriesInstanceUID",
 }
 _INDEX_TAGS = {int(tag): keyword for tag, keyword in zip(HEADER_TAGS, HEADER_KEYWORDS)}
+_LAST_INDEX_TAG = max(_INDEX_TAGS)
 # Value representations whose bytes are the text itself (PS3.5 6.2); ASCII text of these is
 # decoded here, anything else by pydicom.
 _TEXT_VRS = frozenset(
@@ -247,15 +262,92 @@ class Header:
 UID_KEYWORDS = frozenset(_UID_TAGS.values())
 
 
-def read_header(encoded: memoryview, transfer_syntax: str) -> Header:
-    """Check the encoded data set is complete and take out what the index needs."""
+def _inflate(encoded: memoryview, limit: int | None, scratch: Callable[[], BinaryIO] | None) -> Any:
+    """Inflate a deflated data set in steps, never past ``limit`` bytes (raises TooLarge).
+
+    Returns a bytearray, or (past ``_INFLATE_IN_MEMORY``, when ``scratch`` gives a file) a
+    read-only map of the scratch file the rest was written to. The input is fed in slices, so
+    zlib's copy of the unconsumed input stays small whatever the data set's size.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    file: BinaryIO | None = None
+    total = 0
+
+    def step(data: Any) -> bool:
+        """Inflate ``data`` completely (output in bounded steps); False once the stream ended."""
+        nonlocal out, file, total
+        while True:
+            room = _INFLATE_STEP if limit is None else min(_INFLATE_STEP, limit - total + 1)
+            chunk = inflater.decompress(data, room)
+            data = inflater.unconsumed_tail
+            total += len(chunk)
+            if limit is not None and total > limit:
+                raise TooLarge(f"data set inflates to more than {limit} bytes")
+            if file is None and scratch is not None and len(out) + len(chunk) > _INFLATE_IN_MEMORY:
+                file = scratch()
+                file.write(out)
+                out = bytearray()
+            if file is not None:
+                file.write(chunk)
+            else:
+                out += chunk
+            if inflater.eof:
+                return False
+            if not data and len(chunk) < room:  # this input is used up, no output pending
+                return True
+
+    try:
+        for offset in range(0, len(encoded), _INFLATE_INPUT_STEP):
+            if not step(encoded[offset : offset + _INFLATE_INPUT_STEP]):
+                break
+        else:
+            step(b"")  # anything zlib still holds
+    except zlib.error as err:
+        if file is not None:
+            file.close()
+        raise Unparseable(f"deflated data set does not inflate: {err}") from None
+    except BaseException:
+        if file is not None:
+            file.close()
+        raise
+    if file is None:
+        return out
+    file.flush()
+    try:
+        return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    finally:
+        file.close()  # the map keeps the (unlinked) file's pages
+
+
+def read_header(
+    encoded: memoryview,
+    transfer_syntax: str,
+    max_inflated: int | None = None,
+    scratch: Callable[[], BinaryIO] | None = None,
+) -> Header:
+    """Check the encoded data set is complete and take out what the index needs.
+
+    A deflated data set is inflated to at most ``max_inflated`` bytes (more raises TooLarge);
+    past 16 MiB the inflated bytes go to the file ``scratch`` returns (an unnamed temporary
+    file), so memory stays flat whatever the data set inflates to.
+    """
     ts = dcm_uid.UID(transfer_syntax)
     if ts == dcm_uid.DeflatedExplicitVRLittleEndian:
+        inflated = _inflate(encoded, max_inflated, scratch)
         try:
-            raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded)
-        except zlib.error as err:
-            raise Unparseable(f"deflated data set does not inflate: {err}") from None
-        encoded = memoryview(raw)
+            with memoryview(inflated) as view:
+                return _read_header(view, ts)
+        finally:
+            if isinstance(inflated, mmap.mmap):
+                try:
+                    inflated.close()
+                except BufferError:  # a view still held (by a traceback): closed when collected
+                    pass
+    return _read_header(encoded, ts)
+
+
+def _read_header(encoded: memoryview, ts: dcm_uid.UID) -> Header:
     implicit, little = ts.is_implicit_VR, ts.is_little_endian
     if len(encoded) == 0:
         raise Unparseable("empty data set")
@@ -273,8 +365,10 @@ def read_header(encoded: memoryview, transfer_syntax: str) -> Header:
         if tag in _UID_TAGS
     }
     fields = {_INDEX_TAGS[tag]: where for tag, where in found.items() if tag not in _UID_TAGS}
-    # Copy only the header for the parser, never the pixel data.
-    return Header(bytes(encoded[: pixel_at[0]] if pixel_at else encoded), implicit, little, uids, fields)
+    # Copy only the header for the parser (up to the last of the index's fields), never the
+    # pixel data or any other large value that follows.
+    end = max([pixel_at[0] if pixel_at else len(encoded)] + [pos + length for pos, length, _ in found.values()])
+    return Header(bytes(encoded[:end]), implicit, little, uids, fields)
 
 
 def _before_pixels(tag: Any, _vr: Any, _length: int) -> bool:
