@@ -68,8 +68,8 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     init_db(settings.database.url)
     configured_app(settings)
     # The tasks (and with them torch, MONAI, OpenMP) are imported only now: they read the thread
-    # settings share_cpu_threads just made when first imported. Imported at the top, they ignored
-    # them, and a job took 0.3-0.5 s longer beside the node and the PACS (bench/time_to_result.py).
+    # settings share_cpu_threads just made when first imported; imported at the top of this module
+    # they came first and the settings did not apply (see docs/benchmarks.md, the layout change).
     import workers.tasks  # noqa: F401, PLC0415 - registers the tasks on the app
 
     queues = [q.strip() for q in queues if q.strip()] or ["gpu", "cpu"]
