@@ -7,10 +7,15 @@ DICOM results (``workers.results``, output UIDs derived from the job key and inp
 rewrites the same objects) and records them in the dispatcher's outbox in the transaction that
 marks the job succeeded.
 
-Two diagnostic analyses exist for tests and operations checks; they are not models:
+Errors are sorted by what running the job again could change (``is_transient``): a transient one
+(worker lost, out of memory, database or storage unreachable) is retried while attempts remain;
+a permanent one (invalid input, a writer's refusal, a bug that would repeat) fails the job once
+with a reason; an input outside the analysis' intended use ends it "not applicable".
+
+Diagnostic analyses exist for tests and operations checks; they are not models:
 ``count-instances`` records how many instances the job's inputs hold, and ``sleep`` waits
 ``params.seconds`` (optionally appending a line to ``params.record`` when it finishes); ``fail``
-always raises, to exercise retries and the dead state.
+always raises a transient error, to exercise retries and the dead state.
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from billiard.exceptions import WorkerLostError
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
+from sqlalchemy.exc import DBAPIError
 
 from node.core.db import database_session
 from node.core.settings import CapabilityProfile, Settings, current_settings, use_settings
@@ -34,8 +42,9 @@ from node.dispatch.outbox import enqueue_results
 from node.jobs import lifecycle
 from node.jobs.broker import app, publish_delivery, publish_job
 from node.jobs.inputs import InputInstance, job_inputs
-from node.jobs.table import FAILED, RETRYING, SUCCEEDED, Job
+from node.jobs.table import FAILED, INAPPLICABLE, RETRYING, SUCCEEDED, Job
 from workers.analysis.imaging import load_series
+from workers.analysis.contract import NotApplicable
 from workers.analysis.registry import AnalysisError
 from workers.analysis.registry import run_analysis as run_registered
 from workers.results import ResultContext, write_results
@@ -49,6 +58,40 @@ class PermanentJobError(Exception):
     """Running the job again would fail the same way (missing input, unknown analysis)."""
 
 
+class TransientJobError(Exception):
+    """Running the job again may succeed (a resource was briefly unavailable)."""
+
+
+# Errors that say nothing about the input: running the job again may succeed.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TransientJobError,
+    OSError,  # storage or network (ConnectionError, TimeoutError are OSErrors)
+    MemoryError,
+    torch.OutOfMemoryError,
+    DBAPIError,  # the database was unreachable or busy
+    WorkerLostError,
+)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a retry may succeed; everything else (ValueError, AttributeError, a writer's
+    refusal …) would fail the same way again on the same input."""
+    if isinstance(err, (AnalysisError, PermanentJobError)):
+        return False
+    if isinstance(err, TRANSIENT_ERRORS):
+        return True
+    # CUDA errors other than out-of-memory (a lost or busy device) are worth another worker.
+    return isinstance(err, RuntimeError) and "CUDA" in str(err)
+
+
+def error_reason(err: BaseException) -> str:
+    """The job's error text, never empty: our own refusals as written, others with their class."""
+    text = str(err).strip() or "(no message)"
+    if isinstance(err, (AnalysisError, PermanentJobError)):
+        return text[:2000]
+    return f"{type(err).__name__}: {text}"[:2000]
+
+
 # --- the analyses ----------------------------------------------------------------------------
 
 
@@ -58,7 +101,7 @@ def run_diagnostic(job: Job, inputs: list[InputInstance], attempt: int) -> dict[
     if job.analysis == "count-instances":
         return {"instances": len(inputs), "series": len({i.series_uid for i in inputs})}
     if job.analysis == "fail":
-        raise RuntimeError("diagnostic analysis 'fail' always fails")
+        raise TransientJobError("diagnostic analysis 'fail' always fails")
     seconds = float(params.get("seconds", 1.0))
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -88,11 +131,8 @@ def run_model_job(
     for item in inputs:
         by_series.setdefault(item.series_uid, []).append(item.path)
     series_uid, members = max(by_series.items(), key=lambda entry: len(entry[1]))
-    try:
-        volume = load_series(members)
-        findings = run_registered(job.analysis, volume, job.params_dict(), settings=settings)
-    except AnalysisError as err:  # unknown analysis, or data it does not accept: a re-run cannot help
-        raise PermanentJobError(str(err)) from err
+    volume = load_series(members)
+    findings = run_registered(job.analysis, volume, job.params_dict(), settings=settings)
     context = ResultContext(
         job_key=job.key,
         output_dir=Path(settings.storage.path) / "results" / f"job-{job.id}",
@@ -126,19 +166,29 @@ def execute_job(settings: Settings, job_id: int) -> str:
     except SoftTimeLimitExceeded:
         lifecycle.mark_time_limit_exceeded(settings, job_id, job.soft_time_limit_s, soft=True)
         return FAILED
-    except PermanentJobError as err:
-        lifecycle.fail_job(settings, claim, str(err))
-        log.error("job %s failed: %s", job_id, err)
-        return FAILED
-    except Exception as err:  # noqa: BLE001 - any other error: retry while attempts remain
-        state = lifecycle.retry_or_bury(settings, claim, f"{type(err).__name__}: {err}"[:2000], job.max_attempts)
-        if state == RETRYING:
-            log.warning("job %s attempt %d failed (%s); retrying", job_id, claim.attempt, type(err).__name__)
-            publish_job(settings, job_id, countdown=min(300, 2**claim.attempt))
-        else:
-            log.error("job %s dead after %d attempts: %s", job_id, claim.attempt, type(err).__name__)
-        return state
+    except NotApplicable as err:
+        lifecycle.not_applicable(settings, claim, str(err))
+        log.info("job %s not applicable: %s", job_id, err)
+        return INAPPLICABLE
+    except Exception as err:  # noqa: BLE001 - sorted into permanent and transient below
+        return record_error(settings, job, claim, err)
     return deliver_results(settings, job, claim, outputs, summary)
+
+
+def record_error(settings: Settings, job: Job, claim: lifecycle.Claim, err: BaseException) -> str:
+    """Fail the job once for a permanent error; retry a transient one while attempts remain."""
+    reason = error_reason(err)
+    if not is_transient(err):
+        log.error("job %s failed: %s", job.id, reason, exc_info=not isinstance(err, (AnalysisError, PermanentJobError)))
+        lifecycle.fail_job(settings, claim, reason)
+        return FAILED
+    state = lifecycle.retry_or_bury(settings, claim, reason, job.max_attempts)
+    if state == RETRYING:
+        log.warning("job %s attempt %d failed (%s); retrying", job.id, claim.attempt, type(err).__name__)
+        publish_job(settings, job.id, countdown=min(300, 2**claim.attempt))
+    else:
+        log.error("job %s dead after %d attempts: %s", job.id, claim.attempt, reason)
+    return state
 
 
 def deliver_results(

@@ -2,6 +2,7 @@
 workers (tasks) both call these.
 
     queued ──claim──▶ running ──▶ succeeded
+      ▲                  │ ├────▶ inapplicable (outside the analysis' intended use; never retried)
       ▲                  │ ├────▶ failed     (time limit, bad input: running it again cannot help)
       │                  │ └────▶ retrying ──publish──▶ (claimed again) … or dead (attempts used up)
       └── retry (API) ◀── dead | failed;  rerun (API): a new job that supersedes a finished one
@@ -33,6 +34,7 @@ from node.jobs.table import (
     DEAD,
     FAILED,
     FINAL_STATES,
+    INAPPLICABLE,
     PENDING_STATES,
     PRIORITY_RANK,
     QUEUED,
@@ -236,6 +238,12 @@ def _finish(settings: Settings, claim: Claim, **values: Any) -> bool:
 def fail_job(settings: Settings, claim: Claim, reason: str) -> bool:
     """Failed for good: running it again would fail the same way."""
     return _finish(settings, claim, state=FAILED, error=reason, finished_at=utcnow())
+
+
+def not_applicable(settings: Settings, claim: Claim, reason: str) -> bool:
+    """Not applicable: the input is outside what the analysis is for (a distinct outcome, not an
+    error; running it again would refuse it again)."""
+    return _finish(settings, claim, state=INAPPLICABLE, error=reason, finished_at=utcnow())
 
 
 def retry_or_bury(settings: Settings, claim: Claim, reason: str, max_attempts: int) -> str:

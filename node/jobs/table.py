@@ -1,9 +1,10 @@
 """The job table: one row per analysis of a study or series, the truth about every job.
 
 A job row is committed (state ``queued``) before its message is published. A worker claims it
-atomically (``running``, attempts + 1, heartbeat), and finishes it as ``succeeded``, ``failed``
-(time limit, bad input: running it again would not help), ``retrying`` (an error; published again)
-or ``dead`` (attempts used up). Every transition is written by ``node.jobs.lifecycle``.
+atomically (``running``, attempts + 1, heartbeat), and finishes it as ``succeeded``,
+``inapplicable`` (the input is outside the analysis' intended use: "not applicable", never
+retried), ``failed`` (time limit, bad input, a writer's refusal: running it again would not help),
+``retrying`` (a transient error; published again) or ``dead`` (attempts used up). Every transition is written by ``node.jobs.lifecycle``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from node.core.clock import aware, utcnow
 from node.core.db import Base
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, RETRYING, DEAD = "queued", "running", "succeeded", "failed", "retrying", "dead"
+# "not applicable" (the state column is 12 characters wide).
+INAPPLICABLE = "inapplicable"
 PENDING_STATES = (QUEUED, RUNNING, RETRYING)
-FINAL_STATES = (SUCCEEDED, FAILED, DEAD)
+FINAL_STATES = (SUCCEEDED, INAPPLICABLE, FAILED, DEAD)
+ALL_STATES = (QUEUED, RUNNING, RETRYING, SUCCEEDED, INAPPLICABLE, FAILED, DEAD)
 
 # Redis priorities: a lower number is served first. STAT overtakes routine, routine overtakes low.
 PRIORITY_RANK = {"stat": 0, "routine": 3, "low": 6}
@@ -89,15 +93,19 @@ def input_fingerprint(sop_instance_uids: Iterable[str]) -> str:
 
 
 def status_summary(session: Session) -> dict[str, Any]:
-    """Job counts per state, the dead and failed jobs with their reasons, the oldest waiting job."""
+    """Job counts per state; the dead, failed and not-applicable jobs with their reasons; the oldest
+    waiting job."""
     counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
     oldest = session.scalar(select(func.min(Job.created_at)).where(Job.state.in_((QUEUED, RETRYING))))
     problems = session.scalars(
         select(Job).where(Job.state.in_((DEAD, FAILED))).order_by(Job.finished_at.desc()).limit(20)
     ).all()
+    inapplicable = session.scalars(
+        select(Job).where(Job.state == INAPPLICABLE).order_by(Job.finished_at.desc()).limit(20)
+    ).all()
     oldest_age = (utcnow() - aware(oldest)).total_seconds() if oldest else None
     return {
-        "jobs": {state: counts.get(state, 0) for state in (QUEUED, RUNNING, RETRYING, SUCCEEDED, FAILED, DEAD)},
+        "jobs": {state: counts.get(state, 0) for state in ALL_STATES},
         "oldest_waiting_s": round(oldest_age, 1) if oldest_age is not None else None,
         "dead": [
             {"id": j.id, "analysis": j.analysis, "rule": j.rule, "attempts": j.attempts, "error": j.error[:200]}
@@ -108,5 +116,8 @@ def status_summary(session: Session) -> dict[str, Any]:
             {"id": j.id, "analysis": j.analysis, "rule": j.rule, "error": j.error[:200]}
             for j in problems
             if j.state == FAILED
+        ],
+        "not_applicable": [
+            {"id": j.id, "analysis": j.analysis, "rule": j.rule, "reason": j.error[:200]} for j in inapplicable
         ],
     }

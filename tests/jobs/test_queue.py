@@ -152,7 +152,7 @@ def test_failing_analysis_retries_then_is_dead(make_settings, redis_server, work
     [job] = _route(settings, "1.2.4.7", "BROKEN")
     assert wait_for(lambda: _job(settings, job.id).state == "dead", 180), worker.output()[-3000:]
     dead = _job(settings, job.id)
-    assert dead.attempts == 2 and dead.error == "RuntimeError: diagnostic analysis 'fail' always fails"
+    assert dead.attempts == 2 and dead.error == "TransientJobError: diagnostic analysis 'fail' always fails"
     with session_scope(engine_for(settings.database.url)) as session:
         assert status_summary(session)["dead"][0]["id"] == job.id
 

@@ -4,7 +4,8 @@ An analysis is declared by an ``Analysis`` record: its name, the task, the modal
 dimensionality it accepts, how to load its model (once per worker process, cached by the
 registry), how to turn a ``Volume`` into model inputs (``preprocess``), how to run the model
 (``infer``, under a ``RunContext``), and how to turn model outputs into findings (``postprocess``
-returns an ``Outputs``). ``AnalysisError`` says why an analysis cannot run.
+returns an ``Outputs``). ``AnalysisError`` says why an analysis cannot run (a permanent error);
+``NotApplicable`` says the input is outside the analysis' intended use (a distinct job outcome).
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ Dimensionality = Literal["2d", "3d", "2d+t"]
 
 
 class AnalysisError(RuntimeError):
-    """The analysis cannot run on this input or with this model; the message says why."""
+    """The analysis cannot run on this input or with this model; the message says why.
+
+    Permanent: the job fails once with this message and is not retried."""
+
+
+class NotApplicable(AnalysisError):
+    """The input is outside the analysis' intended use (modality, body region, dimensionality,
+    spacing, or what the image itself shows); the job ends "not applicable" with this reason."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from workers.analysis.contract import Analysis, AnalysisError, RunContext
+from workers.analysis.contract import Analysis, AnalysisError, NotApplicable, RunContext
 from workers.analysis.external import external_analysis
 from workers.analysis.findings import Findings, Volume
 from workers.analysis.models import classification, denoising, detection, ejection_fraction, segmentation
@@ -180,7 +180,7 @@ def run_analysis(name: str, volume: Volume, params: dict | None = None, settings
     analysis = get_analysis(name, settings)
     reason = analysis.accepts(volume)
     if reason:
-        raise AnalysisError(reason)
+        raise NotApplicable(reason)
     device = pick_device(analysis, params)
     ctx = RunContext(device=device, autocast=device.startswith("cuda") and params.get("amp", True), params=params)
     timings: dict[str, float] = {}
