@@ -32,6 +32,11 @@ fi
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 if [ $WITH_TEST = 1 ]; then
   "$VENV/bin/python" -m pip install -q -e ".[test]"
+  # The FHIR server the RIS tests talk to (Medplum's router, pinned in its package.json).
+  if [ ! -d tests/peers/fhir/node_modules/@medplum/fhir-router ]; then
+    command -v npm >/dev/null || { SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"; $SUDO apt-get install -y -q npm; }
+    npm install --prefix tests/peers/fhir --no-audit --no-fund --loglevel=error >/dev/null
+  fi
 else
   "$VENV/bin/python" -m pip install -q -e .
 fi

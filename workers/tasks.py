@@ -39,12 +39,13 @@ from node.core.settings import CapabilityProfile, Settings, current_settings, us
 from node.dispatch.kinds import ResultObject
 from node.dispatch.outbox import deliver as dispatch
 from node.dispatch.outbox import enqueue_results
+from node.dispatch.report import ReportContext
 from node.jobs import lifecycle
 from node.jobs.broker import app, publish_delivery, publish_job
 from node.jobs.inputs import InputInstance, job_inputs
 from node.jobs.table import FAILED, INAPPLICABLE, RETRYING, SUCCEEDED, Job
-from workers.analysis.imaging import load_series
 from workers.analysis.contract import NotApplicable
+from workers.analysis.imaging import load_series
 from workers.analysis.registry import AnalysisError
 from workers.analysis.registry import run_analysis as run_registered
 from workers.results import ResultContext, write_results
@@ -202,7 +203,10 @@ def deliver_results(
             return "skipped"
         delivery_ids = []
         if outputs and job.destination_names():
-            delivery_ids = enqueue_results(session, job.id, outputs, job.destination_names(), settings=settings)
+            report = ReportContext(job.key, job.analysis, job.rule, correction=job.supersedes_job_id is not None)
+            delivery_ids = enqueue_results(
+                session, job.id, outputs, job.destination_names(), settings=settings, report=report
+            )
     log.info("job %s succeeded (%d result objects)", job.id, len(outputs))
     for delivery_id in delivery_ids:
         publish_delivery(settings, delivery_id)

@@ -184,11 +184,39 @@ class CapabilityProfile(Section):
     derived_series: bool = True
 
 
+RIS_TYPES = ("hl7", "fhir")
+
+
+class RISSettings(Section):
+    """How results are reported to a RIS (``hl7`` and ``fhir`` destinations)."""
+
+    # HL7 v2 MSH-3..6.
+    sending_application: str = "AINODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    # Which DICOM attribute links a result to the RIS order (ORC-2/OBR-2, FHIR basedOn).
+    order_number: Literal["accession_number", "requested_procedure_id"] = "accession_number"
+    # FHIR Patient.identifier system for the DICOM Patient ID (when the study has no Issuer of Patient ID).
+    patient_identifier_system: str = "urn:ainode:patient-id"
+    # Bearer token for FHIR (basic auth uses the destination's username/password).
+    token: str | None = None
+    # Seconds to wait for the HL7 ACK or the FHIR answer.
+    answer_timeout_s: Seconds = 30
+    # A peer that answers "application error" (HL7 AE/CE, FHIR 4xx other than 400/422) is tried
+    # this many times in all before the delivery fails for good with the peer's text.
+    max_refusals: int = Field(default=5, ge=1)
+    # Most entries one FHIR transaction of conditional writes may hold (Medplum: 8); a larger
+    # report is sent in steps. 0: no limit.
+    max_transaction_entries: int = Field(default=8, ge=0)
+
+
 class Destination(Section):
-    """Where results are sent: a DICOM C-STORE SCP or a DICOMweb STOW-RS endpoint."""
+    """Where results are sent: a DICOM C-STORE SCP, a DICOMweb STOW-RS endpoint, or a RIS
+    (``hl7``: HL7 v2.5.1 ORU^R01 over MLLP at host:port; ``fhir``: an R4 server at url)."""
 
     name: str = Field(min_length=1)
-    type: Literal["dicom", "dicomweb"] = "dicom"
+    type: Literal["dicom", "dicomweb", "hl7", "fhir"] = "dicom"
     ae_title: AETitle | None = None
     host: str | None = None
     port: Port | None = None
@@ -198,6 +226,7 @@ class Destination(Section):
     tls: TLSSettings = TLSSettings()
     storage_commitment: bool = False
     capabilities: CapabilityProfile = CapabilityProfile()
+    ris: RISSettings = RISSettings()
     # Retry with exponential backoff from retry_initial_s up to retry_max_s between attempts.
     retry_initial_s: Seconds = 5
     retry_max_s: Seconds = 3600
@@ -208,8 +237,17 @@ class Destination(Section):
             missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
             if missing:
                 raise ValueError(f"a dicom destination needs {', '.join(missing)}")
+        elif self.type == "hl7":
+            missing = [k for k in ("host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"an hl7 destination needs {', '.join(missing)}")
         elif not self.url:
-            raise ValueError("a dicomweb destination needs url")
+            raise ValueError(f"a {self.type} destination needs url")
+        if self.type in RIS_TYPES:
+            # A RIS takes reports, not images: only the SR (read into ORU / FHIR resources).
+            self.capabilities = CapabilityProfile(
+                seg=False, sr=True, kos=False, gsps=False, secondary_capture=False, derived_series=False
+            )
         return self
 
 
@@ -308,6 +346,25 @@ class AnalysisRef(Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class CriticalFinding(Section):
+    """When a result is critical: a finding (code or meaning) present, or present with at least
+    ``min_probability``, or a measurement (code or meaning) above / below a limit."""
+
+    finding: str | None = None
+    min_probability: float | None = Field(default=None, ge=0, le=1)
+    measurement: str | None = None
+    above: float | None = None
+    below: float | None = None
+
+    @model_validator(mode="after")
+    def _one_test(self) -> "CriticalFinding":
+        if bool(self.finding) == bool(self.measurement):
+            raise ValueError("a critical finding names either a finding or a measurement")
+        if self.measurement and self.above is None and self.below is None:
+            raise ValueError("a critical measurement needs above or below")
+        return self
+
+
 class Rule(Section):
     """A routing rule: what it matches, what it runs, where the results go."""
 
@@ -318,6 +375,9 @@ class Rule(Section):
     priority: Literal["stat", "routine", "low"] = "routine"
     destinations: list[str] = Field(default_factory=list)
     timers: Timers | None = None
+    # Results matching any of these are critical: flagged (HL7 OBX-8 AA, FHIR interpretation AA)
+    # and the RIS is asked to raise the order's priority.
+    critical: list[CriticalFinding] = Field(default_factory=list)
 
     @field_validator("analyses", mode="before")
     @classmethod

@@ -29,7 +29,9 @@ from node.core.db import engine_for, session_scope
 from node.core.settings import Destination, Settings, current_settings
 from node.dispatch.commitment import request_commitment
 from node.dispatch.kinds import ResultObject, kind_of, wanted_kinds
-from node.dispatch.senders import SENDERS, LinkDown, Outcome
+from node.dispatch.link import LinkDown, Outcome
+from node.dispatch.report import ReportContext, write_report_context
+from node.dispatch.senders import SENDERS
 from node.dispatch.table import DELIVERED, FAILED, PENDING, SENDING, SKIPPED, STATES, Delivery, DestinationHealth
 
 log = logging.getLogger("ainode.dispatcher")
@@ -59,17 +61,21 @@ def enqueue_results(
     objects: Iterable[ResultObject],
     destination_names: Iterable[str],
     settings: Settings | None = None,
+    report: ReportContext | None = None,
 ) -> list[int]:
     """Record one outbox row per (object, destination) in the caller's transaction; return row ids.
 
     The files must already be on disk. With ``settings``, objects a destination's capability
     profile does not ask for are left out. An object already in the outbox for a destination
     (same SOP Instance UID: a re-run of the job) is not added twice; a failed one is re-armed.
+    ``report`` (the job's identity) is written beside each SR, for the RIS senders.
     """
     ids: list[int] = []
     names = list(destination_names)
     for obj in objects:
         path = str(obj.path)
+        if report is not None and obj.kind == "sr":
+            write_report_context(path, report)
         for name in names:
             if settings is not None and not destination_wants(settings.destination(name), obj.kind):
                 continue

@@ -1,38 +1,32 @@
 """Senders: one per destination type, each sending a batch of outbox rows and reporting an outcome per row.
 
 ``dicom``: C-STORE on one association (TLS when configured). ``dicomweb``: one STOW-RS request.
+``hl7`` (``node.dispatch.hl7``) and ``fhir`` (``node.dispatch.fhir``): the SR's report to a RIS.
 A sender raises ``LinkDown`` when the destination could not be reached at all; otherwise it
-classifies each object's answer: delivered, retry (transient) or failed (permanent).
+classifies each object's answer: delivered, retry (transient) or failed (permanent)
+(``node.dispatch.link``).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import ssl
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from node.core.dicom import SUCCESS
 from node.core.settings import Destination, Settings
+from node.dispatch.fhir import send_fhir_batch
+from node.dispatch.hl7 import send_hl7_batch
+from node.dispatch.link import LinkDown, Outcome, Progress, Sender, tls_context
 from node.dispatch.scu import associate
 from node.dispatch.table import DELIVERED, FAILED, PENDING, Delivery
-
-
-@dataclass
-class Outcome:
-    """What happened to one object: delivered, retry (transient) or failed (permanent)."""
-
-    result: str  # DELIVERED | PENDING (retry) | FAILED
-    status: str = ""
-    reason: str = ""
 
 
 def classify_dimse_status(status: int) -> Outcome:
@@ -49,21 +43,6 @@ def classify_dimse_status(status: int) -> Outcome:
     if (status & 0xF000) == 0xC000:
         return Outcome(FAILED, code, "cannot understand (Cxxx)")
     return Outcome(FAILED, code, "refused")
-
-
-class LinkDown(Exception):
-    """The destination could not be reached or the association/request failed as a whole."""
-
-
-def _tls_context(dest: Destination) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.tls.ca_certificates)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if dest.tls.certificate and dest.tls.private_key:
-        context.load_cert_chain(dest.tls.certificate, dest.tls.private_key)
-    return context
-
-
-Progress = Callable[[Delivery, Outcome], None]
 
 
 def send_dicom(
@@ -90,7 +69,7 @@ def send_dicom(
     ae.add_requested_context("1.2.840.10008.1.1")
     kwargs: dict[str, Any] = {"ae_title": dest.ae_title}
     if dest.tls.enabled:
-        kwargs["tls_args"] = (_tls_context(dest), dest.host)
+        kwargs["tls_args"] = (tls_context(dest), dest.host)
     assoc = associate(ae, dest.host, dest.port, **kwargs)
     if not assoc.is_established:
         why = (
@@ -180,7 +159,7 @@ def send_dicomweb(dest: Destination, rows: list[Delivery]) -> dict[int, Outcome]
     if dest.username:
         token = base64.b64encode(f"{dest.username}:{dest.password or ''}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
-    context = _tls_context(dest) if dest.url.startswith("https") else None
+    context = tls_context(dest) if dest.url.startswith("https") else None
     try:
         with urllib.request.urlopen(request, timeout=120, context=context) as response:
             code, payload = response.status, response.read()
@@ -214,7 +193,10 @@ def send_dicomweb_batch(
     return send_dicomweb(dest, rows)
 
 
-Sender = Callable[[Destination, list[Delivery], Settings, "Progress | None"], dict[int, Outcome]]
-
 # One sender per destination type (core.settings.Destination.type).
-SENDERS: dict[str, Sender] = {"dicom": send_dicom_batch, "dicomweb": send_dicomweb_batch}
+SENDERS: dict[str, Sender] = {
+    "dicom": send_dicom_batch,
+    "dicomweb": send_dicomweb_batch,
+    "hl7": send_hl7_batch,
+    "fhir": send_fhir_batch,
+}

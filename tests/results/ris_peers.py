@@ -1,0 +1,107 @@
+"""The RIS peers of the tests: python-hl7's MLLP server and Medplum's FHIR router (none written here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import threading
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import hl7
+import hl7.mllp
+
+from tests.helpers import free_port, wait_for
+
+FHIR_SERVER = Path(__file__).resolve().parents[1] / "peers" / "fhir" / "server.cjs"
+
+
+class MllpRis:
+    """A RIS on MLLP: parses every message with python-hl7 and answers with ``ack_code``."""
+
+    def __init__(self, port: int | None = None, ack_code: str = "AA", ack_text: str = ""):
+        self.port = port or free_port()
+        self.ack_code, self.ack_text = ack_code, ack_text
+        self.messages: list[hl7.Message] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+
+    async def _answer(self, reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
+        try:
+            while not writer.is_closing():
+                message = await reader.readmessage()
+                self.messages.append(message)
+                ack = message.create_ack(self.ack_code)
+                if self.ack_text:  # MSA-3, the text message a RIS gives with a refusal
+                    msa = str(ack.segment("MSA"))
+                    ack = hl7.parse(str(ack).replace(msa, f"{msa}|{self.ack_text}"))
+                writer.writemessage(ack)
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass
+        finally:
+            writer.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with await hl7.mllp.start_hl7_server(
+            self._answer, host="127.0.0.1", port=self.port, encoding="utf-8"
+        ):
+            self._ready.set()
+            await self._stop.wait()
+
+    def start(self) -> "MllpRis":
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._serve(),), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "MLLP server did not start"
+        return self
+
+    def stop(self) -> None:
+        if self._loop and self._stop:
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(10)
+
+
+class FhirServer:
+    """Medplum's FhirRouter with its in-memory repository behind a small Node HTTP server; every
+    resource written is validated against the R4 StructureDefinitions (tests/peers/fhir)."""
+
+    def __init__(self, log_dir: Path):
+        self.port = free_port()
+        self.log_path = log_dir / "fhir-server.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/fhir/R4"
+
+    def start(self) -> "FhirServer":
+        node = shutil.which("node")
+        assert node, "node is not installed (scripts/install.sh --test installs the FHIR server's packages)"
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([node, str(FHIR_SERVER), str(self.port)], stdout=log, stderr=subprocess.STDOUT)
+        assert wait_for(lambda: "fhir ready" in self.log_path.read_text(), timeout=60), self.log_path.read_text()
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def search(self, resource: str, **params: str) -> list[dict[str, Any]]:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.base}/{resource}?{query}", timeout=30) as response:
+            bundle = json.loads(response.read())
+        return [e["resource"] for e in bundle.get("entry", [])]
+
+    def writes(self) -> list[dict[str, Any]]:
+        """What reached the server (method, path, auth header, body), in order."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_log", timeout=30) as response:
+            return [w for w in json.loads(response.read()) if w["method"] in ("POST", "PUT")]
