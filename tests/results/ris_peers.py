@@ -50,9 +50,7 @@ class MllpRis:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        async with await hl7.mllp.start_hl7_server(
-            self._answer, host="127.0.0.1", port=self.port, encoding="utf-8"
-        ):
+        async with await hl7.mllp.start_hl7_server(self._answer, host="127.0.0.1", port=self.port, encoding="utf-8"):
             self._ready.set()
             await self._stop.wait()
 

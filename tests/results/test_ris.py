@@ -59,8 +59,14 @@ def study_results(tmp_path: Path, name: str, extra_nodules: int = 0) -> list:
     findings = detection_findings(volume_of(paths, hu, ids))
     for n in range(extra_nodules):
         findings.detections.append(
-            Detection("nodule", NODULE, (2, 30.0, 30.0 + n), ((2, 29.0, 29.0 + n), (2, 31.0, 31.0 + n)), score=0.6,
-                      tracking_id=f"nodule-x{n}")
+            Detection(
+                "nodule",
+                NODULE,
+                (2, 30.0, 30.0 + n),
+                ((2, 29.0, 29.0 + n), (2, 31.0, 31.0 + n)),
+                score=0.6,
+                tracking_id=f"nodule-x{n}",
+            )
         )
     return list(write_results(findings, ResultContext(job_key=JOB_KEY, output_dir=tmp_path / "out")))
 
@@ -110,7 +116,11 @@ def test_critical_study_reaches_ris_and_fhir_once_each(tmp_path, ris, fhir):
     (oru,) = ris.messages
     assert str(oru.segment("MSH")[9]) == "ORU^R01^ORU_R01" and str(oru.segment("MSH")[12]) == "2.5.1"
     names = str(oru.segment("PID")[5]).split("~")
-    assert names[0].startswith("Yamada^Tarou") and names[1].startswith("山田^太郎") and names[2].startswith("やまだ^たろう")
+    assert (
+        names[0].startswith("Yamada^Tarou")
+        and names[1].startswith("山田^太郎")
+        and names[2].startswith("やまだ^たろう")
+    )
     assert str(oru.segment("OBR")[2]) == "ACC-7781" and str(oru.segment("OBR")[25]) == "P"
     assert str(oru.segment("TQ1")[9]).startswith("S")  # the order's priority raised to STAT
     flagged = [o for o in oru.segments("OBX") if str(o[8]) == "AA"]
