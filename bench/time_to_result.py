@@ -14,7 +14,11 @@ measures from the last C-STORE response to the last result object acknowledged b
 Peer comparison in the same run: DCMTK storescu sending the same result files to the same Orthanc
 (the floor for the deliver stage), and storescu pushing the source study to Orthanc.
 
-The last line printed is JSON: {"time_to_result_s", "stages", "device", ...}.
+The same study's report also goes to a RIS: ``time_to_ris_s`` is last acknowledgement → ORU^R01
+ACKed by python-hl7's MLLP server, ``time_to_fhir_s`` → the FHIR transaction answered by
+Medplum's router (tests/peers/fhir; left out when Node or its packages are missing).
+
+The last line printed is JSON: {"time_to_result_s", "time_to_ris_s", "stages", "device", ...}.
 Usage: python bench/time_to_result.py [--json] [--slices 300] [--size 256]
 """
 
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +45,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import epoch as _epoch  # noqa: E402
 from common import free_port, push, start_redis, stop_processes, wait_port
+
+from tests.results.ris_peers import FHIR_SERVER, FhirServer, MllpRis  # noqa: E402
 
 ANALYSIS = "ct-segmentation"
 
@@ -139,7 +146,7 @@ def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str
                 raise RuntimeError(f"job {job[0]} {job[1]}: {job[5]}")
             rows = (
                 conn.execute(
-                    text("SELECT state, delivered_at FROM deliveries WHERE job_id = :j"),
+                    text("SELECT state, delivered_at, destination FROM deliveries WHERE job_id = :j"),
                     {"j": str(job[0]) if job else ""},
                 ).all()
                 if job
@@ -152,8 +159,10 @@ def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str
                 "created": _epoch(job[2]),
                 "started": _epoch(job[3]),
                 "finished": _epoch(job[4]),
-                "delivered": max(_epoch(r[1]) for r in rows),
-                "objects": len(rows),
+                "delivered": max(_epoch(r[1]) for r in rows if r[2] == "pacs"),
+                "ris": max((_epoch(r[1]) for r in rows if r[2] == "ris"), default=None),
+                "fhir": max((_epoch(r[1]) for r in rows if r[2] == "fhir"), default=None),
+                "objects": sum(1 for r in rows if r[2] == "pacs"),
             }
         if rows and any(r[0] == "failed" for r in rows):
             raise RuntimeError("a result delivery failed")
@@ -208,6 +217,8 @@ def main() -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("AINODE_CONFIG", None)
     procs: list[subprocess.Popen] = []
+    ris: MllpRis | None = None
+    fhir: FhirServer | None = None
     try:
         files = write_phantom(args.slices, args.size)
         warm_files = write_phantom(48, 64, seed=8)
@@ -215,6 +226,15 @@ def main() -> int:
         procs.append(orthanc)
         redis, redis_port = start_redis(work)
         procs.append(redis)
+        ris = MllpRis().start()
+        destinations = [
+            {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port},
+            {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port},
+        ]
+        fhir = None
+        if shutil.which("node") and (FHIR_SERVER.parent / "node_modules").exists():
+            fhir = FhirServer(work).start()
+            destinations.append({"name": "fhir", "type": "fhir", "url": fhir.base})
         dicom_port = free_port()
         db_url = f"sqlite:///{work / 'ainode.db'}"
         config = {
@@ -228,9 +248,16 @@ def main() -> int:
             "storage": {"path": str(work / "store"), "min_free_bytes": "16MiB"},
             "database": {"url": db_url},
             "broker": {"url": f"redis://127.0.0.1:{redis_port}/0"},
-            "destinations": [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}],
+            "destinations": destinations,
             "timers": {"series_quiet_s": 30, "study_quiet_s": 30},
-            "rules": [{"name": "ct", "match": {"modality": "CT"}, "analyses": [ANALYSIS], "destinations": ["pacs"]}],
+            "rules": [
+                {
+                    "name": "ct",
+                    "match": {"modality": "CT"},
+                    "analyses": [ANALYSIS],
+                    "destinations": [d["name"] for d in destinations],
+                }
+            ],
             "api": {"enabled": False},
             "audit": {"sink": "none"},
         }
@@ -281,6 +308,8 @@ def main() -> int:
         total = t["delivered"] - last_ack
         result = {
             "time_to_result_s": round(total, 3),
+            "time_to_ris_s": round(t["ris"] - last_ack, 3) if t["ris"] else None,
+            "time_to_fhir_s": round(t["fhir"] - last_ack, 3) if t["fhir"] else None,
             "stages": stages,
             "device": device_name(),
             "goal_s": 5.0 if device_name().startswith("cuda") else 20.0,
@@ -298,10 +327,15 @@ def main() -> int:
             for name, value in stages.items():
                 print(f"  {name:10s} {value:8.3f} s")
             print(f"peer: storescu of the same results to Orthanc {result['peer_storescu_results_to_orthanc_s']} s")
+            print(f"time to RIS (ORU ACK): {result['time_to_ris_s']} s, to FHIR: {result['time_to_fhir_s']} s")
         print(json.dumps(result))
         return 0
     finally:
         stop_processes(procs, work if args.json else None)
+        if ris is not None:
+            ris.stop()
+        if fhir is not None:
+            fhir.stop()
 
 
 if __name__ == "__main__":

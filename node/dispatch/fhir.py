@@ -21,14 +21,13 @@ import json
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 from typing import Any
 
 from fhir.resources.R4B.bundle import Bundle
 
 from node.core.settings import Destination, Settings
 from node.dispatch.link import LinkDown, Outcome, Progress, tls_context
-from node.dispatch.report import Code, Group, Quantity, Report, read_report
+from node.dispatch.report import Code, Group, Quantity, Report, reports_to_send
 from node.dispatch.table import DELIVERED, FAILED, PENDING, Delivery
 
 SYSTEMS = {
@@ -309,21 +308,18 @@ def post_report(dest: Destination, bundle: dict[str, Any], attempts: int) -> Out
 def send_fhir_batch(
     dest: Destination, rows: list[Delivery], settings: Settings, progress: Progress | None = None
 ) -> dict[int, Outcome]:
-    """The ``fhir`` sender: a transaction Bundle per SR row."""
-    outcomes: dict[int, Outcome] = {}
-    for row in rows:
-        if not Path(row.path).exists():
-            outcomes[row.id] = Outcome(FAILED, "missing", f"result file is gone: {row.path}")
-            continue
+    """The ``fhir`` sender: a transaction Bundle per SR row, critical ones first."""
+    reports, outcomes = reports_to_send(rows, settings)
+    for row, report in reports:
         try:
-            bundle = build_bundle(read_report(row.path, settings), dest)
+            bundle = build_bundle(report, dest)
         except Exception as err:  # noqa: BLE001 - this report cannot be expressed: say why, send the rest
             outcomes[row.id] = Outcome(FAILED, "unbuildable", f"Bundle not built: {type(err).__name__}: {err}")
             continue
         try:
             outcomes[row.id] = post_report(dest, bundle, row.attempts)
         except LinkDown:
-            if outcomes:
+            if any(o.result != FAILED or o.status not in ("missing", "unreadable") for o in outcomes.values()):
                 break
             raise
         if progress is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import socket
 import ssl
 from datetime import datetime, timezone
-from pathlib import Path
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
@@ -24,7 +23,7 @@ from hl7apy.parser import parse_message
 
 from node.core.settings import Destination, Settings
 from node.dispatch.link import LinkDown, Outcome, Progress, tls_context
-from node.dispatch.report import Code, Group, Person, Report, read_report
+from node.dispatch.report import Code, Group, Person, Report, reports_to_send
 from node.dispatch.table import DELIVERED, FAILED, PENDING, Delivery
 
 START, END = b"\x0b", b"\x1c\x0d"
@@ -182,22 +181,19 @@ def ack_outcome(ack_text: str, control_id: str, attempts: int, dest: Destination
 def send_hl7_batch(
     dest: Destination, rows: list[Delivery], settings: Settings, progress: Progress | None = None
 ) -> dict[int, Outcome]:
-    """The ``hl7`` sender: an ORU per SR row, one connection per message, ACK awaited."""
-    outcomes: dict[int, Outcome] = {}
-    for row in rows:
-        if not Path(row.path).exists():
-            outcomes[row.id] = Outcome(FAILED, "missing", f"result file is gone: {row.path}")
-            continue
+    """The ``hl7`` sender: an ORU per SR row (critical ones first), one connection each, ACK awaited."""
+    reports, outcomes = reports_to_send(rows, settings)
+    for row, report in reports:
         control_id = f"{row.id}-{row.attempts}"
         try:
-            message = build_oru(read_report(row.path, settings), dest, control_id)
+            message = build_oru(report, dest, control_id)
         except Exception as err:  # noqa: BLE001 - this report cannot be expressed: say why, send the rest
             outcomes[row.id] = Outcome(FAILED, "unbuildable", f"ORU not built: {type(err).__name__}: {err}")
             continue
         try:
             outcomes[row.id] = ack_outcome(exchange(dest, message), control_id, row.attempts, dest)
         except LinkDown:
-            if outcomes:
+            if any(o.result != FAILED or o.status not in ("missing", "unreadable") for o in outcomes.values()):
                 break  # what was answered is recorded; the rest is retried with the link
             raise
         if progress is not None:

@@ -19,6 +19,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.core.settings import CriticalFinding, Rule, Settings
+from node.dispatch.link import Outcome
+from node.dispatch.table import FAILED, Delivery
 
 MEASUREMENT_GROUP = "125007"
 TRACKING_IDENTIFIER = "112039"
@@ -281,3 +283,22 @@ def mark_critical(report: Report, rule: Rule | None) -> None:
     """Set ``critical`` on every group that meets one of the rule's critical criteria."""
     for group in report.groups:
         group.critical = bool(rule and any(is_critical(group, c) for c in rule.critical))
+
+
+def reports_to_send(
+    rows: list[Delivery], settings: Settings
+) -> tuple[list[tuple[Delivery, Report]], dict[int, Outcome]]:
+    """The reports of a batch of RIS rows, critical ones first (they go out ahead of routine
+    ones), and the outcome of each row whose report cannot be read (failed for good, with why)."""
+    reports: list[tuple[Delivery, Report]] = []
+    unreadable: dict[int, Outcome] = {}
+    for row in rows:
+        if not Path(row.path).exists():
+            unreadable[row.id] = Outcome(FAILED, "missing", f"result file is gone: {row.path}")
+            continue
+        try:
+            reports.append((row, read_report(row.path, settings)))
+        except Exception as err:  # noqa: BLE001 - this SR cannot be read: say why, send the rest
+            unreadable[row.id] = Outcome(FAILED, "unreadable", f"report not read: {type(err).__name__}: {err}")
+    reports.sort(key=lambda pair: not pair[1].critical())
+    return reports, unreadable

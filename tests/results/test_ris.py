@@ -49,7 +49,7 @@ def make_settings(tmp_path: Path, ris_port: int, fhir_url: str, **ris: object) -
     )
 
 
-def study_results(tmp_path: Path, name: str, extra_nodules: int = 0) -> list:
+def study_results(tmp_path: Path, name: str, extra_nodules: int = 0, critical: bool = True) -> list:
     """Results the real writers make for a CT whose patient has ``name`` (UTF-8)."""
     paths, hu, ids = write_ct_series(tmp_path / "ct")
     for path in paths:
@@ -57,6 +57,9 @@ def study_results(tmp_path: Path, name: str, extra_nodules: int = 0) -> list:
         ds.SpecificCharacterSet, ds.PatientName, ds.AccessionNumber = "ISO_IR 192", name, "ACC-7781"
         ds.save_as(path)
     findings = detection_findings(volume_of(paths, hu, ids))
+    if not critical:
+        for detection in findings.detections:
+            detection.score = min(detection.score, 0.6)
     for n in range(extra_nodules):
         findings.detections.append(
             Detection(
@@ -218,3 +221,14 @@ def test_ris_down_then_back_gets_every_report_once(tmp_path):
         assert len(ris.messages) == 1
     finally:
         ris.stop()
+
+
+def test_critical_reports_go_out_ahead_of_routine_ones(tmp_path, ris):
+    settings = make_settings(tmp_path, ris.port, "http://127.0.0.1:9/fhir")
+    enqueue(settings, study_results(tmp_path / "routine", "Routine^Case", critical=False), job_id=1)
+    enqueue(settings, study_results(tmp_path / "critical", "Critical^Case"), job_id=2)
+    assert deliver_destination(settings, "ris")["delivered"] == 2
+    first, second = ris.messages
+    assert str(first.segment("PID")[5]).startswith("Critical^Case") and str(first.segment("TQ1")[9]).startswith("S")
+    assert str(second.segment("PID")[5]).startswith("Routine^Case")
+    assert not [o for o in second.segments("OBX") if str(o[8]) == "AA"]
