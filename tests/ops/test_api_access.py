@@ -16,8 +16,12 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
+from node.admin.access import allowed_host_names, host_allowed, host_name
+from node.core.settings import Settings
 from tests.helpers import wait_for
 from tests.ops.conftest import TOKEN, Client, audit_text, make_ct_study, node_with_api, storescu, wait_phase
 
@@ -196,3 +200,27 @@ def test_allowed_hosts_admit_a_proxy_name(tmp_path: Path):
         bearer = {"Authorization": f"Bearer {TOKEN}"}
         assert send(port, "GET", "/api/jobs", {"Host": "ainode.example.org", **bearer}).status == 200
         assert send(port, "GET", "/api/jobs", {"Host": "other.example.org", **bearer}).status == 421
+
+
+def test_host_names_are_validated_and_matched_without_port_case_or_trailing_dot():
+    settings = Settings.model_validate(
+        {"api": {"host": "0.0.0.0", "allowed_hosts": ["Ainode.Example.ORG", "*.hospital.org", "[fd00::5]"]}}
+    )
+    allowed = allowed_host_names(settings)
+    for header, ok in [
+        ("ainode.example.org:8080", True),
+        ("AINODE.example.org.", True),
+        ("pacs.hospital.org", True),
+        ("hospital.org", False),
+        ("evilhospital.org", False),
+        ("[fd00::5]:8080", True),
+        ("[::1]", True),
+        ("127.0.0.1:1", True),
+        ("0.0.0.0:8080", False),  # a wildcard listen address is no name of this node
+        ("127.0.0.1.nip.io", False),
+        ("", False),
+    ]:
+        assert host_allowed(host_name(header), allowed) is ok, header
+    assert "10.1.2.3" in allowed_host_names(Settings.model_validate({"api": {"host": "10.1.2.3"}}))
+    with pytest.raises(ValidationError, match="allowed_hosts"):
+        Settings.model_validate({"api": {"allowed_hosts": ["http://ainode.example.org/"]}})
