@@ -175,7 +175,7 @@ class Access:
     """Decides who may read and change, keeps the dashboard's sessions, and audits
     authentication, searches and changes."""
 
-    def __init__(self, settings: Settings, token: str):
+    def __init__(self, token: str):
         self.token = token
         self._sessions: dict[str, float] = {}
         self._lock = threading.Lock()

@@ -73,7 +73,7 @@ def create_app(settings: Settings, analyses: AnalysesProvider | None = None) -> 
     # Swagger UI and ReDoc load their scripts from a CDN, which a hospital network does not reach:
     # the OpenAPI document itself is served at /openapi.json.
     app = FastAPI(title="ainode admin API", version="1", description=__doc__, docs_url=None, redoc_url=None)
-    access = Access(settings, ensure_api_token(settings))
+    access = Access(ensure_api_token(settings))
     engine = engine_for(settings.database.url)
 
     @app.middleware("http")

@@ -18,6 +18,7 @@ async function api(path, options = {}) {
 
 function showLogin(message) {
   loggedOut = true;
+  document.getElementById("logout").hidden = true;
   view.innerHTML = `<section id="login"><h2>Log in</h2><p>${esc(message)}</p>
     <form id="login-form"><label>API token <input id="token" type="password" autocomplete="current-password"></label>
     <button type="submit">Log in</button></form>
@@ -143,6 +144,7 @@ async function route() {
     else if (hash === "#/destinations") await destinations();
     else if (hash === "#/workers") await workers();
     else await overview();
+    document.getElementById("logout").hidden = false;
     document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) {
     if (e instanceof LoginNeeded) showLogin(e.message);
