@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from functools import cached_property
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from node.admin.access import read_api_token, token_path
 from node.admin.keyslice import key_slices, render_png, study_overlay
 from node.core.dicom import SUCCESS
-from node.core.settings import load_settings, resolve_paths
+from node.core.settings import Settings, load_settings, resolve_paths
 from node.dispatch.scu import associate
 from workers.analysis.registry import available_analyses
 from workers.synthetic import phantoms
@@ -270,8 +272,17 @@ class DemoNode:
         if not up or self.proc.poll() is not None:
             raise RuntimeError("the node did not start:\n" + self.log_path.read_text(errors="replace")[-2000:])
 
+    @cached_property
+    def settings(self) -> Settings:
+        """The node's settings, as `ainode serve` resolved them."""
+        return resolve_paths(load_settings(self.config_path), self.config_path.parent)
+
     def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.api + path, timeout=60) as r:
+        # The demo configures no api.token: the node generated one into its storage folder.
+        request = urllib.request.Request(
+            self.api + path, headers={"Authorization": f"Bearer {read_api_token(self.settings)}"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as r:
             return json.loads(r.read())
 
     def stop(self) -> None:
@@ -404,7 +415,10 @@ def run_demo(out: Path | None, workdir: Path | None, analysis: str = ANALYSIS) -
         console.print(f"test PACS: {pacs.name} ({PACS_AE} on port {pacs.dicom_port})")
         node = DemoNode(workdir, node_config(workdir, pacs.dicom_port, analysis))
         node.start()
-        console.print(f"node: AINODE on port {node.config['node']['port']}, dashboard {node.api}/dashboard/")
+        console.print(
+            f"node: AINODE on port {node.config['node']['port']}, dashboard {node.api}/dashboard/"
+            f" (token in {token_path(node.settings)})"
+        )
         study_uid, paths = make_study(workdir / "phantom")
         console.print(f"generated a CT phantom: {len(paths)} slices")
         if push(paths, node.config["node"]["port"]):

@@ -5,9 +5,11 @@ destinations, workers, configuration (secrets masked), an overview for the dashb
 PNGs. Actions: re-run a job, retry a dead or failed job, re-send a study's results, C-ECHO a
 destination, reload the configuration (validated first).
 
-Access: with ``api.token`` set every ``/api`` call needs ``Authorization: Bearer <token>``; with
-no token the API answers loopback clients only and refuses every change (read-only). Every change
-and every refused token is written to the audit trail.
+Access (``node/admin/access.py``): the Host header must name this node (DNS rebinding); every
+``/api`` call except ``/api/health`` needs the token (``api.token``, else the one generated into
+``<storage>/api-token``) as a bearer token or as the dashboard's session cookie; changes made with
+the cookie must pass the cross-site check. Every change and every refused token is written to the
+audit trail.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
 from node.admin import routes_config, routes_deliveries, routes_jobs, routes_studies, routes_system
-from node.admin.access import Access
+from node.admin.access import Access, HostCheck, allowed_host_names, ensure_api_token, token_path
 from node.admin.routes_system import DASHBOARD
 from node.admin.transfers import TransferAuditor
 from node.core import audit
@@ -65,12 +67,13 @@ def create_app(settings: Settings, analyses: AnalysesProvider | None = None) -> 
     """The FastAPI application of one node (API under /api, dashboard at /, metrics at /metrics).
 
     ``analyses(settings)`` lists the analyses installed on this machine for ``/api/workers``
-    (dicts with name, version, weights); without it the list is empty.
+    (dicts with name, version, weights); without it the list is empty. Without ``api.token`` the
+    token is read from, or first generated into, the storage folder.
     """
     # Swagger UI and ReDoc load their scripts from a CDN, which a hospital network does not reach:
     # the OpenAPI document itself is served at /openapi.json.
     app = FastAPI(title="ainode admin API", version="1", description=__doc__, docs_url=None, redoc_url=None)
-    access = Access(settings)
+    access = Access(ensure_api_token(settings))
     engine = engine_for(settings.database.url)
 
     @app.middleware("http")
@@ -85,6 +88,8 @@ def create_app(settings: Settings, analyses: AnalysesProvider | None = None) -> 
     app.include_router(routes_jobs.router(settings, access, engine))
     app.include_router(routes_deliveries.router(settings, access, engine))
     app.include_router(routes_config.router(settings, access, engine))
+    # Outermost: a request naming another site is refused before any route or middleware runs.
+    app.add_middleware(HostCheck, allowed=allowed_host_names(settings))
     return app
 
 
@@ -108,8 +113,13 @@ def start_services(settings: Settings, analyses: AnalysesProvider | None = None)
 
 
 def _start_uvicorn(settings: Settings, analyses: AnalysesProvider | None) -> Callable[[], None]:
+    try:
+        app = create_app(settings, analyses)
+    except (OSError, ValueError) as err:
+        log.error("admin API not started: its token file cannot be written or read (%s)", err)
+        return lambda: None
     config = uvicorn.Config(
-        create_app(settings, analyses),
+        app,
         host=settings.api.host,
         port=settings.api.port,
         log_level="warning",
@@ -131,10 +141,10 @@ def _start_uvicorn(settings: Settings, analyses: AnalysesProvider | None) -> Cal
         )
         return lambda: None
     log.info(
-        "admin API and dashboard on http://%s:%d/ (%s)",
+        "admin API and dashboard on http://%s:%d/ (token %s)",
         settings.api.host,
         settings.api.port,
-        "token required" if settings.api.token else "read-only, local clients only",
+        "from api.token" if settings.api.token else f"in {token_path(settings)}",
     )
 
     def stop() -> None:

@@ -82,8 +82,8 @@ def router(settings: Settings, access: Access, engine: Any) -> APIRouter:
         return out
 
     @api.post("/api/destinations/{name}/echo")
-    def echo_destination(name: str, request: Request, user: str = reader) -> dict[str, Any]:
-        """C-ECHO a DICOM destination (a test only: allowed to readers, audited)."""
+    def echo_destination(name: str, request: Request, user: str = writer) -> dict[str, Any]:
+        """C-ECHO a DICOM destination (a test, but it opens an association: a change, audited)."""
         try:
             dest = settings.destination(name)
         except KeyError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import select
@@ -22,7 +22,8 @@ DASHBOARD = Path(__file__).resolve().parent / "dashboard"
 def router(
     settings: Settings, access: Access, engine: Any, installed_analyses: Callable[[], list[dict[str, Any]]]
 ) -> APIRouter:
-    """``/``, ``/dashboard/``, ``/metrics``, ``/api/health``, ``/api/overview``, ``/api/workers``."""
+    """``/``, ``/dashboard/``, ``/metrics``, ``/api/health``, ``/api/session``, ``/api/overview``,
+    ``/api/workers``."""
     api = APIRouter()
     reader = Depends(access.read)
 
@@ -31,8 +32,27 @@ def router(
         return RedirectResponse("/dashboard/")
 
     @api.get("/dashboard/", include_in_schema=False)
-    def dashboard() -> Any:
-        return FileResponse(DASHBOARD / "index.html")
+    def dashboard(request: Request, token: str | None = None) -> Any:
+        if token is None:
+            return FileResponse(DASHBOARD / "index.html")
+        # A login link (`/dashboard/?token=...`, as Jupyter prints): the token becomes a session
+        # cookie and leaves the address bar (and the browser history) at once.
+        if not access.token_ok(token):
+            raise access.refused(request, "invalid token")
+        response = RedirectResponse("/dashboard/", status_code=303)
+        access.start_session(request, response)
+        return response
+
+    @api.post("/api/session")
+    def login(request: Request, response: Response) -> dict[str, Any]:
+        """Log the dashboard in: the bearer token becomes an HttpOnly, SameSite=Strict session cookie."""
+        return {"user": access.login(request, response)}
+
+    @api.delete("/api/session")
+    def logout(request: Request, response: Response, user: str = Depends(access.write)) -> dict[str, Any]:
+        """Log the dashboard out: the session ends and its cookie is cleared."""
+        access.logout(request, response)
+        return {"user": None}
 
     @api.get("/metrics", include_in_schema=False)
     def metrics() -> Response:

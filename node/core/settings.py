@@ -428,8 +428,24 @@ class APISettings(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 8080
-    # Bearer token for the API; empty means the API only answers on localhost and is read-only.
+    # Bearer token for the API; empty: the node generates one at first start and keeps it in the
+    # file api-token in the storage folder (mode 0600).
     token: str = ""
+    # Host names (or "*.domain") the API answers to besides localhost, 127.0.0.1, [::1] and its own
+    # listen address: any other Host header is refused (DNS rebinding).
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        names = [name.strip().lower().strip("[]") for name in value]
+        for name in names:
+            try:
+                ipaddress.ip_address(name)
+            except ValueError:
+                if not re.fullmatch(r"(\*\.)?[a-z0-9_]([a-z0-9._-]{0,252})", name):
+                    raise ValueError(f"{name!r}: must be a host name, an IP address or *.domain") from None
+        return names
 
 
 class AuditSettings(Section):

@@ -62,9 +62,13 @@ class Client:
         self.base = f"http://127.0.0.1:{port}"
         self.token = token
 
-    def call(self, method: str, path: str, token: str | None = "default") -> tuple[int, Any]:
+    def call(
+        self, method: str, path: str, token: str | None = "default", headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         token = self.token if token == "default" else token
-        req = urllib.request.Request(self.base + path, method=method, data=b"" if method == "POST" else None)
+        req = urllib.request.Request(
+            self.base + path, method=method, data=b"" if method == "POST" else None, headers=headers or {}
+        )
         if token:
             req.add_header("Authorization", f"Bearer {token}")
         try:

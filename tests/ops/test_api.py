@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.helpers import wait_for
 from tests.ops.conftest import TOKEN, audit_text, make_ct_study, storescu, wait_phase
@@ -127,19 +126,6 @@ def test_metrics_after_a_push(running_node, tmp_path: Path):
     assert metric(text, "ainode_queue_depth", 'priority="routine"') == 0.0
     assert metric(text, "ainode_pipeline_stage_seconds_count", 'stage="analysis"') == 1.0
     assert metric(text, "ainode_studies", 'state="done"') == 1.0
-
-
-def test_without_a_token_the_api_is_read_only(tmp_path: Path):
-    from tests.ops.conftest import Client, node_with_api
-
-    node = node_with_api(tmp_path / "node", {"api": {"token": ""}})
-    with node:
-        client = Client(node.config["api"]["port"], token=None)
-        assert wait_for(client.up, 120)
-        assert client.get("/api/studies") == []
-        status, body = client.post("/api/config/reload")
-        assert status == 403 and "read-only" in body["detail"]
-    assert yaml.safe_load(node.config_path.read_text())["api"]["token"] == ""
 
 
 def test_api_port_taken_leaves_the_node_receiving(tmp_path: Path):

@@ -49,6 +49,16 @@ def text_of(driver, css: str) -> str:
     return found[0].text if found else ""
 
 
+def log_in(driver, token: str) -> None:
+    """Type the token into the dashboard's login form and submit it."""
+    from selenium.webdriver.common.by import By
+
+    field = driver.find_element(By.ID, "token")
+    field.clear()
+    field.send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+
+
 def test_dashboard_shows_the_pipeline_a_study_page_and_runs_actions(running_node, browser, tmp_path: Path):
     from selenium.webdriver.common.by import By
 
@@ -58,18 +68,20 @@ def test_dashboard_shows_the_pipeline_a_study_page_and_runs_actions(running_node
     wait_phase(client, uid, ("done",))
     base = client.base
 
-    # Without the token the page says why it cannot show anything.
+    # Before the login the page asks for the token and shows nothing else; a wrong one is refused.
     browser.get(base + "/dashboard/")
-    assert wait_for(lambda: "bearer token" in text_of(browser, "#view"), 60), browser.page_source[:2000]
-
-    browser.execute_script("localStorage.setItem('ainode-token', arguments[0])", TOKEN)
-    browser.get(base + "/dashboard/")
+    assert wait_for(lambda: browser.find_elements(By.ID, "login-form"), 60), browser.page_source[:2000]
+    assert not browser.find_elements(By.CSS_SELECTOR, "tr.study-row")
+    log_in(browser, "wrong")
+    assert wait_for(lambda: "Refused" in text_of(browser, "#login"), 60), browser.page_source[:2000]
+    log_in(browser, TOKEN)
     assert wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.study-row[data-phase='done']"), 60), (
         browser.page_source[:3000]
     )
     assert text_of(browser, "#phase-done").startswith("1")
     assert text_of(browser, "#queue-depth") == "0 0 0"
     assert "free of" in text_of(browser, "#disk")
+    assert browser.execute_script("return document.cookie") == ""  # the session cookie is HttpOnly
     row = text_of(browser, "tr.study-row")
     assert "CT OPS" in row and "ct-count" in row and "Ops^Patient" not in browser.page_source
 
@@ -90,3 +102,11 @@ def test_dashboard_shows_the_pipeline_a_study_page_and_runs_actions(running_node
     assert wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "button[data-echo='self']"), 60)
     browser.find_element(By.CSS_SELECTOR, "button[data-echo='self']").click()
     assert wait_for(lambda: text_of(browser, "#echo-self").startswith("OK"), 60), text_of(browser, "#echo-self")
+
+    # Log out: back to the login form; the login link (`?token=`, as printed for operators) logs in
+    # again and leaves no token in the address bar.
+    browser.find_element(By.ID, "logout").click()
+    assert wait_for(lambda: browser.find_elements(By.ID, "login-form"), 60), browser.page_source[:2000]
+    browser.get(f"{base}/dashboard/?token={TOKEN}")
+    assert wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.study-row"), 60), browser.page_source[:2000]
+    assert TOKEN not in browser.current_url

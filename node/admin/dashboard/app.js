@@ -2,20 +2,39 @@
 "use strict";
 
 const view = document.getElementById("view");
-const tokenInput = document.getElementById("token");
-tokenInput.value = localStorage.getItem("ainode-token") || "";
-tokenInput.addEventListener("change", () => { localStorage.setItem("ainode-token", tokenInput.value); route(); });
-
-function headers() {
-  const t = tokenInput.value.trim();
-  return t ? { "Authorization": "Bearer " + t } : {};
-}
+// The session is an HttpOnly cookie the page never sees; every call sends this header, which a
+// cross-site form cannot, so the API accepts changes made with the cookie from this page only.
+const SAME_SITE = { "X-Requested-With": "ainode" };
+class LoginNeeded extends Error {}
+let loggedOut = false;
 
 async function api(path, options = {}) {
-  const res = await fetch(path, { ...options, headers: { ...headers(), ...(options.headers || {}) } });
+  const res = await fetch(path, { credentials: "same-origin", ...options, headers: { ...SAME_SITE, ...(options.headers || {}) } });
   const body = await res.json().catch(() => ({}));
+  if (res.status === 401) throw new LoginNeeded(body.detail || "log in");
   if (!res.ok) throw new Error(body.detail || JSON.stringify(body.errors || body) || res.statusText);
   return body;
+}
+
+function showLogin(message) {
+  loggedOut = true;
+  document.getElementById("logout").hidden = true;
+  view.innerHTML = `<section id="login"><h2>Log in</h2><p>${esc(message)}</p>
+    <form id="login-form"><label>API token <input id="token" type="password" autocomplete="current-password"></label>
+    <button type="submit">Log in</button></form>
+    <p class="hint">The token is <code>api.token</code> in the configuration, or the file <code>api-token</code> in the storage folder.</p></section>`;
+  document.getElementById("login-form").addEventListener("submit", async ev => {
+    ev.preventDefault();
+    const token = document.getElementById("token").value.trim();
+    const res = await fetch("/api/session", { method: "POST", credentials: "same-origin", headers: { ...SAME_SITE, "Authorization": "Bearer " + token } });
+    if (res.ok) { loggedOut = false; route(); }
+    else showLogin("Refused: " + ((await res.json().catch(() => ({}))).detail || res.statusText));
+  });
+}
+
+async function logout() {
+  await fetch("/api/session", { method: "DELETE", credentials: "same-origin", headers: SAME_SITE });
+  showLogin("Logged out.");
 }
 
 function esc(v) {
@@ -60,7 +79,7 @@ async function study(uid) {
       <td><button data-act="rerun" data-id="${j.id}">Re-run</button>${["dead", "failed"].includes(j.state) ? ` <button data-act="retry" data-id="${j.id}">Retry</button>` : ""}</td></tr>`);
   const dels = s.deliveries.map(d => `<tr><td>${d.id}</td><td>${esc(d.destination)}</td><td>${esc(d.kind)}</td><td>${badge(d.state)}</td>
       <td>${d.retries}</td><td>${esc(d.last_status)}</td><td class="error">${esc(d.reason)}</td></tr>`);
-  const slices = s.key_slices.map(k => `<figure><img class="key-slice" alt="slice ${k}" data-src="/api/studies/${encodeURIComponent(uid)}/slices/${k}.png"><figcaption>slice ${k}</figcaption></figure>`);
+  const slices = s.key_slices.map(k => `<figure><img class="key-slice" alt="slice ${k}" src="/api/studies/${encodeURIComponent(uid)}/slices/${k}.png"><figcaption>slice ${k}</figcaption></figure>`);
   view.innerHTML = `
     <section><h2>Study ${esc(s.description || "")} ${badge(s.phase)}</h2><p>${esc(s.study_uid)} · ${s.instances} instances from ${esc(s.calling_ae)} · ready: ${esc(s.ready_reason)}</p>
       ${table(STAGES, [`<tr id="timings">${STAGES.map(k => `<td>${secs(s.timings_s[k])}</td>`).join("")}</tr>`])}</section>
@@ -68,11 +87,6 @@ async function study(uid) {
     <section><h2>Jobs</h2>${table(["#", "Rule", "Analysis", "State", "Attempts", "Worker", "Model", "Error", ""], jobs)}</section>
     <section><h2>Deliveries</h2>${table(["#", "Destination", "Object", "State", "Retries", "Status", "Reason"], dels)}
       <button id="resend">Re-send results</button></section>`;
-  // <img> cannot send the bearer token: fetch each PNG with it and show the blob.
-  view.querySelectorAll("img.key-slice").forEach(async img => {
-    const res = await fetch(img.dataset.src, { headers: headers() });
-    if (res.ok) img.src = URL.createObjectURL(await res.blob());
-  });
   view.querySelectorAll("button[data-act]").forEach(b => b.addEventListener("click", () => action(`/api/jobs/${b.dataset.id}/${b.dataset.act}`)));
   document.getElementById("resend").addEventListener("click", () => action(`/api/studies/${encodeURIComponent(uid)}/resend`));
 }
@@ -130,13 +144,16 @@ async function route() {
     else if (hash === "#/destinations") await destinations();
     else if (hash === "#/workers") await workers();
     else await overview();
+    document.getElementById("logout").hidden = false;
     document.getElementById("status").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) {
-    view.innerHTML = `<section class="error">Cannot load: ${esc(e.message)}</section>`;
+    if (e instanceof LoginNeeded) showLogin(e.message);
+    else view.innerHTML = `<section class="error">Cannot load: ${esc(e.message)}</section>`;
   }
 }
 
+document.getElementById("logout").addEventListener("click", logout);
 window.addEventListener("hashchange", route);
 route();
-// The overview refreshes itself; detail pages refresh on navigation (buttons keep their state).
-setInterval(() => { if ((location.hash || "#/") === "#/") route(); }, 3000);
+// The overview refreshes itself (not behind the login form); detail pages refresh on navigation.
+setInterval(() => { if (!loggedOut && (location.hash || "#/") === "#/") route(); }, 3000);
