@@ -7,6 +7,7 @@ go through the same durable outbox as DICOM deliveries.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pydicom
@@ -18,10 +19,13 @@ from node.core.settings import Settings
 from node.dispatch.outbox import deliver_destination, enqueue_results, status_summary
 from node.dispatch.report import ReportContext, report_id
 from node.dispatch.table import DELIVERED, FAILED, PENDING, Delivery, DestinationHealth
+from tests.helpers import NodeProcess, wait_for
 from tests.results.ris_peers import FhirServer, MllpRis
 from tests.results.synthetic import NODULE, detection_findings, volume_of, write_ct_series
 from workers.analysis.findings import Detection
+from workers.analysis.models import segmentation
 from workers.results import ResultContext, write_results
+from workers.synthetic import phantoms
 
 JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
 CHINESE = "Wang^XiaoDong=王^小東"
@@ -232,3 +236,63 @@ def test_critical_reports_go_out_ahead_of_routine_ones(tmp_path, ris):
     assert str(first.segment("PID")[5]).startswith("Critical^Case") and str(first.segment("TQ1")[9]).startswith("S")
     assert str(second.segment("PID")[5]).startswith("Routine^Case")
     assert not [o for o in second.segments("OBX") if str(o[8]) == "AA"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not segmentation.WEIGHTS.exists(), reason="ct-segmentation weights not trained yet")
+def test_a_real_node_reports_a_critical_measurement_to_ris_and_fhir(tmp_path, ris, fhir):
+    """storescu → ainode serve → ct-segmentation → SR → ORU^R01 and FHIR Bundle, critical flagged."""
+    phantom = phantoms.make_ct_phantom(4243, shape=(48, 64, 64))
+    files = phantoms.write_ct_series(phantom, tmp_path / "study")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet, ds.PatientName, ds.AccessionNumber = "ISO_IR 192", CHINESE, "ACC-9001"
+        ds.save_as(path)
+    common = {"retry_initial_s": 0.5, "retry_max_s": 2}
+    node = NodeProcess(
+        tmp_path / "node",
+        {
+            "destinations": [
+                {"name": "ris", "type": "hl7", "host": "127.0.0.1", "port": ris.port, **common},
+                {"name": "fhir", "type": "fhir", "url": fhir.base, **common},
+            ],
+            "rules": [
+                {
+                    "name": "ct-seg",
+                    "match": {"modality": "CT"},
+                    "analyses": ["ct-segmentation"],
+                    "destinations": ["ris", "fhir"],
+                    # Any liver volume over 1 ml is "critical" here: the flag's path is what is tested.
+                    "critical": [{"measurement": "Volume", "above": 1}],
+                }
+            ],
+            "timers": {"series_quiet_s": 1, "study_quiet_s": 2},
+        },
+    )
+    with node:
+        subprocess.run(
+            [
+                "/usr/bin/storescu",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                node.ae_title,
+                "127.0.0.1",
+                str(node.port),
+                *map(str, files),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        assert wait_for(lambda: ris.messages and fhir.search("DiagnosticReport"), timeout=600, interval=1.0), (
+            node.log_text()[-4000:]
+        )
+    (oru,) = ris.messages
+    assert str(oru.segment("PID")[5]).split("~")[1].startswith("王^小東")
+    assert str(oru.segment("OBR")[2]) == "ACC-9001" and str(oru.segment("OBR")[4]).startswith("ct-segmentation")
+    volumes = [o for o in oru.segments("OBX") if "Volume" in str(o[3])]
+    assert volumes and all(str(o[8]) == "AA" for o in volumes if float(str(o[5])) > 1)
+    assert str(oru.segment("TQ1")[9]).startswith("S")
+    (report,) = fhir.search("DiagnosticReport")
+    assert report["code"]["coding"][0]["code"] == "ct-segmentation" and report["status"] == "preliminary"
+    assert report["basedOn"][0]["identifier"]["value"] == "ACC-9001"
