@@ -209,6 +209,9 @@ class RISSettings(Section):
     # Most entries one FHIR transaction of conditional writes may hold (Medplum: 8); a larger
     # report is sent in steps. 0: no limit.
     max_transaction_entries: int = Field(default=8, ge=0)
+    # A critical report also asks the RIS to raise the order's priority to STAT: an OMG^O19
+    # change-order (ORC-1 XO, TQ1-9 S) after the ORU, or a PATCH of the FHIR ServiceRequest.
+    priority_update: bool = True
 
 
 class Destination(Section):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from typing import Any
@@ -218,11 +219,17 @@ def build_bundle(report: Report, dest: Destination) -> dict[str, Any]:
 
 
 def _post(dest: Destination, bundle: dict[str, Any]) -> tuple[int, bytes]:
+    return _request(dest, "POST", "", bundle)
+
+
+def _request(
+    dest: Destination, method: str, path: str, body: Any = None, content_type: str = "application/fhir+json"
+) -> tuple[int, bytes]:
     request = urllib.request.Request(
-        dest.url.rstrip("/"),
-        data=json.dumps(bundle).encode(),
-        method="POST",
-        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+        dest.url.rstrip("/") + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        method=method,
+        headers={"Content-Type": content_type, "Accept": "application/fhir+json"},
     )
     if dest.ris.token:
         request.add_header("Authorization", f"Bearer {dest.ris.token}")
@@ -305,6 +312,29 @@ def post_report(dest: Destination, bundle: dict[str, Any], attempts: int) -> Out
     return Outcome(DELIVERED, "HTTP 200", f"sent in {len(steps)} transactions")
 
 
+def raise_priority(report: Report, dest: Destination) -> str:
+    """Make the report's ServiceRequest (found by its accession identifier) STAT with a JSON
+    Patch; what came of it, as a note on the delivered row."""
+    order = report.order_number(dest.ris.order_number)
+    if not order:
+        return "no order number: priority not raised"
+    query = urllib.parse.urlencode({"identifier": order})
+    try:
+        code, payload = _request(dest, "GET", f"/ServiceRequest?{query}")
+        found = [e["resource"] for e in json.loads(payload or b"{}").get("entry", [])] if code == 200 else []
+        if len(found) != 1:
+            return f"no single ServiceRequest with identifier {order}: priority not raised"
+        patch = [{"op": "add", "path": "/priority", "value": "stat"}]
+        code, payload = _request(
+            dest, "PATCH", f"/ServiceRequest/{found[0]['id']}", patch, content_type="application/json-patch+json"
+        )
+    except LinkDown as err:
+        return f"priority update not sent: {err}"
+    return (
+        "priority raised to stat" if code == 200 else f"priority update answered HTTP {code}: {_outcome_text(payload)}"
+    )
+
+
 def send_fhir_batch(
     dest: Destination, rows: list[Delivery], settings: Settings, progress: Progress | None = None
 ) -> dict[int, Outcome]:
@@ -318,6 +348,8 @@ def send_fhir_batch(
             continue
         try:
             outcomes[row.id] = post_report(dest, bundle, row.attempts)
+            if outcomes[row.id].result == DELIVERED and report.critical() and dest.ris.priority_update:
+                outcomes[row.id].reason = raise_priority(report, dest)
         except LinkDown:
             if any(o.result != FAILED or o.status not in ("missing", "unreadable") for o in outcomes.values()):
                 break

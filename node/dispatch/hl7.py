@@ -93,20 +93,9 @@ def build_oru(report: Report, dest: Destination, control_id: str) -> str:
     """The ORU^R01 for one report, as ER7 text (segments separated by CR), validated by hl7apy."""
     ris = dest.ris
     msg = Message("ORU_R01", version="2.5.1", validation_level=VALIDATION_LEVEL.STRICT)
-    msg.msh.msh_3, msg.msh.msh_4 = escape(ris.sending_application), escape(ris.sending_facility)
-    msg.msh.msh_5, msg.msh.msh_6 = escape(ris.receiving_application), escape(ris.receiving_facility)
-    msg.msh.msh_7, msg.msh.msh_9, msg.msh.msh_10 = _now(), "ORU^R01^ORU_R01", control_id
-    msg.msh.msh_11, msg.msh.msh_18 = "P", "UNICODE UTF-8"
+    _msh(msg, dest, "ORU^R01^ORU_R01", control_id)
     result = msg.add_group("ORU_R01_PATIENT_RESULT")
-    pid = result.add_group("ORU_R01_PATIENT").pid
-    pid.pid_1 = "1"
-    issuer = escape(report.issuer_of_patient_id)
-    pid.pid_3 = f"{escape(report.patient_id)}^^^{issuer}^MR" if issuer else f"{escape(report.patient_id)}^^^^MR"
-    for repetition in xpn(report.patient_name):
-        pid.add_field("pid_5").value = repetition
-    if report.birth_date:
-        pid.pid_7 = report.birth_date
-    pid.pid_8 = SEX.get(report.sex, "U")
+    _patient(result.add_group("ORU_R01_PATIENT").pid, report)
     order = result.add_group("ORU_R01_ORDER_OBSERVATION")
     placer = escape(report.order_number(ris.order_number))
     order.orc.orc_1, order.orc.orc_3 = "RE", f"{report.report_id}^{escape(ris.sending_application)}"
@@ -130,6 +119,47 @@ def build_oru(report: Report, dest: Destination, control_id: str) -> str:
     _observation(order, set_id, "ST", SR_UID_CODE, report.sr_sop_instance_uid, report)
     for index, group in enumerate(report.groups, start=1):
         set_id = _group_observations(order, report, group, index, set_id)
+    msg.validate()
+    return msg.to_er7()
+
+
+def _msh(msg: Message, dest: Destination, message_type: str, control_id: str) -> None:
+    ris = dest.ris
+    msg.msh.msh_3, msg.msh.msh_4 = escape(ris.sending_application), escape(ris.sending_facility)
+    msg.msh.msh_5, msg.msh.msh_6 = escape(ris.receiving_application), escape(ris.receiving_facility)
+    msg.msh.msh_7, msg.msh.msh_9, msg.msh.msh_10 = _now(), message_type, control_id
+    msg.msh.msh_11, msg.msh.msh_18 = "P", "UNICODE UTF-8"
+
+
+def _patient(pid, report: Report) -> None:  # type: ignore[no-untyped-def]
+    """PID: identifier with issuer, every name group, birth date, sex (PID-5 is required: an
+    unnamed patient gets an empty name)."""
+    pid.pid_1 = "1"
+    pid.pid_3 = f"{escape(report.patient_id)}^^^{escape(report.issuer_of_patient_id)}^MR"
+    for repetition in xpn(report.patient_name) or ["^^^^^^U"]:
+        pid.add_field("pid_5").value = repetition
+    if report.birth_date:
+        pid.pid_7 = report.birth_date
+    pid.pid_8 = SEX.get(report.sex, "U")
+
+
+def build_priority_update(report: Report, dest: Destination, control_id: str) -> str | None:
+    """An OMG^O19 change-order asking the RIS to make the report's order STAT (None without an
+    order number to name it by)."""
+    placer = escape(report.order_number(dest.ris.order_number))
+    if not placer:
+        return None
+    msg = Message("OMG_O19", version="2.5.1", validation_level=VALIDATION_LEVEL.STRICT)
+    _msh(msg, dest, "OMG^O19^OMG_O19", control_id)
+    _patient(msg.add_group("OMG_O19_PATIENT").pid, report)
+    order = msg.add_group("OMG_O19_ORDER")
+    order.orc.orc_1, order.orc.orc_2 = "XO", placer
+    order.orc.orc_16 = "CRIT^Critical AI finding^99AINODE"
+    order.add_group("OMG_O19_TIMING").tq1.tq1_9 = "S^Stat^HL70485"
+    order.obr.obr_1, order.obr.obr_2 = "1", placer
+    order.obr.obr_4 = (
+        f"{escape(report.analysis or 'ai-analysis')}^{escape(report.algorithm or report.analysis)}^99AINODE"
+    )
     msg.validate()
     return msg.to_er7()
 
@@ -178,6 +208,21 @@ def ack_outcome(ack_text: str, control_id: str, attempts: int, dest: Destination
     return Outcome(PENDING, code, reason)
 
 
+def raise_priority(report: Report, dest: Destination, control_id: str) -> str:
+    """Send the change-order after a critical ORU was accepted; what came of it, as a note on the
+    delivered row (the report itself is delivered either way)."""
+    try:
+        message = build_priority_update(report, dest, control_id)
+        if message is None:
+            return "no order number: priority not raised"
+        answer = ack_outcome(exchange(dest, message), control_id, dest.ris.max_refusals, dest)
+    except LinkDown as err:
+        return f"priority update not sent: {err}"
+    except Exception as err:  # noqa: BLE001 - the report was delivered; the note says what failed
+        return f"priority update not built: {type(err).__name__}: {err}"
+    return "priority raised to STAT" if answer.result == DELIVERED else f"priority update refused: {answer.reason}"
+
+
 def send_hl7_batch(
     dest: Destination, rows: list[Delivery], settings: Settings, progress: Progress | None = None
 ) -> dict[int, Outcome]:
@@ -192,6 +237,8 @@ def send_hl7_batch(
             continue
         try:
             outcomes[row.id] = ack_outcome(exchange(dest, message), control_id, row.attempts, dest)
+            if outcomes[row.id].result == DELIVERED and report.critical() and dest.ris.priority_update:
+                outcomes[row.id].reason = raise_priority(report, dest, f"{control_id}-P")
         except LinkDown:
             if any(o.result != FAILED or o.status not in ("missing", "unreadable") for o in outcomes.values()):
                 break  # what was answered is recorded; the rest is retried with the link

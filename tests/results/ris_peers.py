@@ -99,6 +99,22 @@ class FhirServer:
             bundle = json.loads(response.read())
         return [e["resource"] for e in bundle.get("entry", [])]
 
+    def create(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """POST one resource; the stored resource (with its id)."""
+        request = urllib.request.Request(
+            f"{self.base}/{resource['resourceType']}",
+            data=json.dumps(resource).encode(),
+            method="POST",
+            headers={"Content-Type": "application/fhir+json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def read(self, reference: str) -> dict[str, Any]:
+        """GET one resource by 'Type/id'."""
+        with urllib.request.urlopen(f"{self.base}/{reference}", timeout=30) as response:
+            return json.loads(response.read())
+
     def writes(self) -> list[dict[str, Any]]:
         """What reached the server (method, path, auth header, body), in order."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_log", timeout=30) as response:

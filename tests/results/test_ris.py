@@ -30,6 +30,7 @@ from workers.synthetic import phantoms
 JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
 CHINESE = "Wang^XiaoDong=王^小東"
 JOB_KEY = "chest-ai/ct-nodules/study/1.2.3"
+ACSN = ("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN")
 
 
 def make_settings(tmp_path: Path, ris_port: int, fhir_url: str, **ris: object) -> Settings:
@@ -84,6 +85,11 @@ def enqueue(settings: Settings, objects: list, correction: bool = False, job_id:
         return enqueue_results(session, job_id, objects, ["ris", "fhir"], settings=settings, report=context)
 
 
+def orus(ris: MllpRis) -> list:
+    """The ORU^R01 messages the RIS received, in order."""
+    return [m for m in ris.messages if str(m.segment("MSH")[9]).startswith("ORU")]
+
+
 def rows(settings: Settings, destination: str) -> list[Delivery]:
     with session_scope(init_db(settings.database.url)) as session:
         found = list(session.scalars(select(Delivery).where(Delivery.destination == destination)))
@@ -114,13 +120,29 @@ def ris():
 
 def test_critical_study_reaches_ris_and_fhir_once_each(tmp_path, ris, fhir):
     settings = make_settings(tmp_path, ris.port, fhir.base)
+    order = fhir.create(
+        {
+            "resourceType": "ServiceRequest",
+            "status": "active",
+            "intent": "order",
+            "priority": "routine",
+            "subject": {"display": "the study's patient"},
+            "identifier": [{"type": {"coding": [{"system": ACSN[0], "code": ACSN[1]}]}, "value": "ACC-7781"}],
+        }
+    )
     enqueue(settings, study_results(tmp_path, JAPANESE))
     # Only the SR goes to a RIS: one row per RIS destination.
     assert [r.kind for r in rows(settings, "ris")] == ["sr"] and len(rows(settings, "fhir")) == 1
     assert deliver_destination(settings, "ris")["delivered"] == 1
     assert deliver_destination(settings, "fhir")["delivered"] == 1
 
-    (oru,) = ris.messages
+    # The ORU, then the change-order that makes the order STAT.
+    oru, omg = ris.messages
+    assert str(omg.segment("MSH")[9]) == "OMG^O19^OMG_O19" and str(omg.segment("ORC")[1]) == "XO"
+    assert str(omg.segment("ORC")[2]) == "ACC-7781" and str(omg.segment("TQ1")[9]).startswith("S")
+    assert rows(settings, "ris")[0].reason == "priority raised to STAT"
+    assert fhir.read(f"ServiceRequest/{order['id']}")["priority"] == "stat"
+    assert rows(settings, "fhir")[0].reason == "priority raised to stat"
     assert str(oru.segment("MSH")[9]) == "ORU^R01^ORU_R01" and str(oru.segment("MSH")[12]) == "2.5.1"
     names = str(oru.segment("PID")[5]).split("~")
     assert (
@@ -161,8 +183,8 @@ def test_resend_does_not_duplicate_and_a_rerun_corrects(tmp_path, ris, fhir):
     deliver_destination(settings, "fhir")
     (report,) = fhir.search("DiagnosticReport")
     assert report["status"] == "corrected" and len(fhir.search("Observation")) == 3
-    assert str(ris.messages[-1].segment("OBR")[25]) == "C"
-    assert str(ris.messages[-1].segment("PID")[5]).split("~")[1].startswith("王^小東")
+    assert str(orus(ris)[-1].segment("OBR")[25]) == "C"
+    assert str(orus(ris)[-1].segment("PID")[5]).split("~")[1].startswith("王^小東")
 
 
 def test_a_large_report_goes_in_steps_to_a_server_with_a_transaction_limit(tmp_path, fhir):
@@ -189,7 +211,7 @@ def test_nak_is_retried_then_failed_with_the_peers_text(tmp_path):
         with session_scope(init_db(settings.database.url)) as session:
             failures = status_summary(session)["destinations"]["ris"]["recent_failures"]
         assert failures[0]["reason"] == row.reason
-        assert len(ris.messages) == 2
+        assert len(ris.messages) == 2  # no change-order for a report the RIS refused
     finally:
         ris.stop()
 
@@ -222,7 +244,7 @@ def test_ris_down_then_back_gets_every_report_once(tmp_path):
     try:
         assert deliver_destination(settings, "ris")["delivered"] == 1
         assert deliver_destination(settings, "ris")["delivered"] == 0
-        assert len(ris.messages) == 1
+        assert len(orus(ris)) == 1
     finally:
         ris.stop()
 
@@ -232,7 +254,7 @@ def test_critical_reports_go_out_ahead_of_routine_ones(tmp_path, ris):
     enqueue(settings, study_results(tmp_path / "routine", "Routine^Case", critical=False), job_id=1)
     enqueue(settings, study_results(tmp_path / "critical", "Critical^Case"), job_id=2)
     assert deliver_destination(settings, "ris")["delivered"] == 2
-    first, second = ris.messages
+    first, second = orus(ris)
     assert str(first.segment("PID")[5]).startswith("Critical^Case") and str(first.segment("TQ1")[9]).startswith("S")
     assert str(second.segment("PID")[5]).startswith("Routine^Case")
     assert not [o for o in second.segments("OBX") if str(o[8]) == "AA"]
@@ -287,7 +309,7 @@ def test_a_real_node_reports_a_critical_measurement_to_ris_and_fhir(tmp_path, ri
         assert wait_for(lambda: ris.messages and fhir.search("DiagnosticReport"), timeout=600, interval=1.0), (
             node.log_text()[-4000:]
         )
-    (oru,) = ris.messages
+    (oru,) = orus(ris)
     assert str(oru.segment("PID")[5]).split("~")[1].startswith("王^小東")
     assert str(oru.segment("OBR")[2]) == "ACC-9001" and str(oru.segment("OBR")[4]).startswith("ct-segmentation")
     volumes = [o for o in oru.segments("OBX") if "Volume" in str(o[3])]
