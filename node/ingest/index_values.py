@@ -78,6 +78,8 @@ def fit_text(value: Any, limit: int | None) -> str:
     or lone surrogates, stripped, at most ``limit`` characters."""
     if value is None:
         return ""
+    if type(value) is str and value.isprintable() and value.isascii():  # nearly always: nothing to drop
+        return value.strip()[:limit] if limit else value.strip()
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         value = "\\".join(str(v) for v in value)
     text = _UNSTORABLE.sub("", str(value)).strip()
@@ -94,39 +96,56 @@ def fit_float(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def _fit(header: Any, table: Any, fields: dict[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
+_PATIENTS, _STUDIES, _SERIES, _INSTANCES = (m.__table__ for m in (Patient, Study, Series, Instance))
+_TEXT, _INT, _FLOAT = 0, 1, 2
+
+
+def _plan(table: Any, fields: dict[str, str]) -> list[tuple[str, str, int, int | None]]:
+    """(column, keyword, kind, length) for each field: read from the table once."""
+    plan = []
     for column, keyword in fields.items():
         kind = table.c[column].type
+        if isinstance(kind, Integer):
+            plan.append((column, keyword, _INT, None))
+        elif isinstance(kind, Float):
+            plan.append((column, keyword, _FLOAT, None))
+        elif isinstance(kind, String):
+            plan.append((column, keyword, _TEXT, kind.length))
+        else:  # a column type this module does not fit: the table changed, add a rule here
+            raise TypeError(f"no rule for column {table.name}.{column}")
+    return plan
+
+
+_PLANS = {
+    "patient": _plan(_PATIENTS, PATIENT_FIELDS),
+    "study": _plan(_STUDIES, STUDY_FIELDS),
+    "series": _plan(_SERIES, SERIES_FIELDS),
+    "instance": _plan(_INSTANCES, INSTANCE_FIELDS),
+}
+
+
+def _fit(header: Any, plan: list[tuple[str, str, int, int | None]]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for column, keyword, kind, length in plan:
         try:
-            if isinstance(kind, Integer):
+            if kind == _TEXT:
+                values[column] = fit_text(header.get(keyword), length)
+            elif kind == _INT:
                 values[column] = fit_int(int_value(header, keyword))
-            elif isinstance(kind, Float):
+            else:
                 values[column] = fit_float(float_value(header, keyword))
-            elif isinstance(kind, String):
-                values[column] = fit_text(header.get(keyword), kind.length)
-            else:  # a column type this module does not know: the table changed, fit it here
-                raise NotIndexable(f"no rule for column {table.name}.{column}")
-        except NotIndexable:
-            raise
         except Exception as err:  # a value pydicom cannot decode (character set, VR): refuse
             raise NotIndexable(f"{keyword} cannot be decoded ({type(err).__name__})") from None
     return values
 
 
-_PATIENTS, _STUDIES, _SERIES, _INSTANCES = (m.__table__ for m in (Patient, Study, Series, Instance))
-
-
 def index_values(header: Any) -> IndexValues:
     """The values of the index's rows for this header, fitted to their columns (NotIndexable
     when a value cannot be decoded at all)."""
-    instance = _fit(header, _INSTANCES, INSTANCE_FIELDS)
+    instance = _fit(header, _PLANS["instance"])
     instance["number_of_frames"] = instance["number_of_frames"] or 1
     return IndexValues(
-        _fit(header, _PATIENTS, PATIENT_FIELDS),
-        _fit(header, _STUDIES, STUDY_FIELDS),
-        _fit(header, _SERIES, SERIES_FIELDS),
-        instance,
+        _fit(header, _PLANS["patient"]), _fit(header, _PLANS["study"]), _fit(header, _PLANS["series"]), instance
     )
 
 

@@ -28,8 +28,9 @@ from node.core.db import init_db
 from node.core.settings import MIN_FREE_FLOOR, Settings
 from node.index import Instance, Patient
 from node.ingest import journal
+from node.ingest.index_values import index_values
 from node.ingest.quarantine import FOLDER
-from node.ingest.wire import file_meta
+from node.ingest.wire import file_meta, read_header
 from tests.helpers import REPO_ROOT, NodeProcess, wait_for
 from tests.receiver.conftest import echoscu, index_count, settled
 
@@ -93,6 +94,47 @@ def _status(node: NodeProcess) -> dict:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
+
+
+def _header(*elements: DataElement):
+    ds = Dataset()
+    for element in elements:
+        ds.add(element)
+    return read_header(memoryview(_encoded(ds)), ExplicitVRLittleEndian)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the broken VR rules
+@pytest.mark.parametrize(
+    "number, indexed", [("2147483647", 2147483647), ("-2147483648", -(2**31)), ("2147483648", None), ("1e3", 1000)]
+)
+def test_integers_outside_the_column_are_indexed_empty(number, indexed):
+    assert index_values(_header(DataElement(0x00200013, "IS", number))).instance["instance_number"] == indexed
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_text_is_fitted_to_its_column():
+    long_description = "A" * 80 + "\x00"
+    fitted = index_values(
+        _header(
+            DataElement(0x00081030, "LO", long_description),
+            DataElement(0x00100010, "PN", "Line\r\nBreak^\x00Nul"),
+            DataElement(0x00180050, "DS", "1e999"),
+        )
+    )
+    assert fitted.study["description"] == "A" * 64  # String(64)
+    assert fitted.patient["name"] == "LineBreak^Nul"
+    assert fitted.series["slice_thickness"] is None
+
+
+def test_iso_2022_text_is_decoded_not_taken_as_ascii():
+    # 7-bit bytes with escape sequences: only the character set says what they are.
+    fitted = index_values(
+        _header(
+            DataElement(0x00080005, "CS", ["", "ISO 2022 IR 87"]),
+            DataElement(0x00100010, "PN", b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B"),
+        )
+    )
+    assert fitted.patient["name"] == "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce"
 
 
 def test_odd_values_are_answered_success_and_indexed_on_postgresql(tmp_path, postgres_url):
