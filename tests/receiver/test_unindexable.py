@@ -263,3 +263,17 @@ def test_journal_that_does_not_fit_is_said_and_instances_are_refused(tmp_path, t
         assert not (node.storage / journal.FOLDER / "r0-journal.wal").exists(), "the journal filled the disk"
         assert "journal_unavailable r0-journal.wal" in _status(node)["alerts"]
         assert echoscu(node).returncode == 0
+
+
+def test_an_answered_instance_the_database_refuses_is_quarantined_not_retried_forever(tmp_path, postgres_url):
+    study, series = generate_uid(), generate_uid()
+    poisoned, normal = _instance(study, series, number="1"), _instance(study, series, number="2")
+    _poison(postgres_url, poisoned.SOPInstanceUID)
+    files = [_save(poisoned, tmp_path / "poisoned.dcm"), _save(normal, tmp_path / "normal.dcm")]
+    with NodeProcess(tmp_path / "n", {"database": {"url": postgres_url}}) as node:
+        result = _push(node, *files)
+        assert result.stderr.count("Received Store Response (Success)") == 2, result.stderr[-2000:]
+        assert wait_for(lambda: len(list((node.storage / FOLDER).glob("*.dcm"))) == 1, 120), node.log_text()[-3000:]
+        assert set(_instance_numbers(postgres_url)) == {normal.SOPInstanceUID}
+        settled(node)  # its journal record is retired: the ring does not fill up behind it
+        assert "instances_quarantined" in _status(node)["alerts"]
