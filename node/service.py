@@ -156,6 +156,7 @@ def recover_landed(settings: Settings) -> None:
     indexer = Indexer(
         engine_for(settings.database.url), settings.storage.path, settings.node.duplicate_policy, background=False
     )
+    audit.configure(settings.audit, settings.node.ae_title)  # quarantined instances are audited
     try:
         recover_all(indexer, settings.node.ae_title)
     except Exception as err:  # each receiver tries its own share again in the background

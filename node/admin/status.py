@@ -17,6 +17,7 @@ from node.core.db import init_db, session_scope
 from node.core.settings import Settings
 from node.dispatch import outbox
 from node.index import Instance, Series, Study
+from node.ingest.quarantine import alerts
 from node.jobs import table as jobs_table
 
 # The later stages' sections of the status, each from the stage's `status_summary(session) -> dict`.
@@ -50,6 +51,9 @@ def collect_status(settings: Settings) -> dict[str, Any]:
         disk["reserve_bytes"] = int(settings.storage.min_free_bytes)
         disk["accepting"] = disk["free_bytes"] >= disk["reserve_bytes"]
         report["storage"] = disk
+        # What needs an operator: instances the index could not take, journals not in use.
+        found = alerts(Path(settings.storage.path))
+        report["alerts"] = {" ".join(filter(None, (a["kind"], a.get("journal")))): a["message"] for a in found}
         for section, summary in STAGE_SUMMARIES.items():
             try:
                 report[section] = summary(session)

@@ -17,6 +17,7 @@ from node.core.metrics import gpu_status
 from node.core.settings import Settings
 from node.dispatch.table import Delivery
 from node.index import Instance, Series, Study
+from node.ingest.quarantine import alerts
 from node.jobs.table import PENDING_STATES, Job
 
 PHASES = ("received", "ready", "queued", "running", "delivered", "done", "unrouted", "failed")
@@ -223,6 +224,7 @@ def overview_data(settings: Settings, engine: Any) -> dict[str, Any]:
             "port": settings.node.port,
             "broker": "embedded" if not settings.broker.url else "redis",
         },
+        "alerts": alerts(Path(settings.storage.path)),
     }
 
 

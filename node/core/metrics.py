@@ -35,6 +35,9 @@ ASSOCIATIONS = Counter(
 )  # outcome: accepted | rejected
 INSTANCES_RECEIVED = Counter("ainode_instances_received", "Instances acknowledged with C-STORE Success")
 BYTES_RECEIVED = Counter("ainode_bytes_received", "Bytes of instances acknowledged with Success")
+INSTANCES_QUARANTINED = Counter(
+    "ainode_instances_quarantined", "Instances answered Success that the index could not take (moved aside)"
+)
 # Live latency of work done inside the node's processes, e.g. stage="store": C-STORE data set
 # received -> durable on disk and indexed (the time before we may answer Success).
 STAGE_SECONDS = Histogram(

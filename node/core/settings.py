@@ -29,6 +29,9 @@ from pydantic import (
 )
 
 ENV_PREFIX = "AINODE_"
+# The least free space kept (storage.min_free_bytes is raised to it): room to place everything
+# the journals of four receivers (64 MiB each, node.ingest.journal) hold when the disk fills.
+MIN_FREE_FLOOR = 256 * 1024**2
 
 # --- small validated types -------------------------------------------------------------------
 
@@ -122,6 +125,8 @@ class StorageSettings(Section):
 
     path: Path = Path("./var/store")
     # Below this much free space new instances are refused with A700 (Out of Resources).
+    # Never less than MIN_FREE_FLOOR: what was answered from a journal still needs room to be
+    # placed at its final path.
     min_free_bytes: ByteSize = ByteSize(2 * 1024**3)
     # Studies that matched no rule are removed after this many hours.
     unrouted_retention_h: float = Field(default=24.0, ge=0)
@@ -129,6 +134,13 @@ class StorageSettings(Section):
     retention_days: float = Field(default=7.0, ge=0)
     # When used space passes this fraction of the disk, the oldest finished studies go first.
     high_water_mark: float = Field(default=0.90, gt=0, le=1)
+
+    @field_validator("min_free_bytes")
+    @classmethod
+    def _at_least_the_floor(cls, value: ByteSize) -> ByteSize:
+        # 0 (or any small reserve) let the journals' answered instances find no room to be
+        # placed, so they were acknowledged and never indexed (issue 19).
+        return ByteSize(max(int(value), MIN_FREE_FLOOR))
 
 
 class DatabaseSettings(Section):

@@ -20,6 +20,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from node.core.clock import utcnow
 from node.core.dicom import DATASET_MISMATCH, INVALID_UID
 from node.ingest import journal, store
+from node.ingest.index_values import IndexValues, index_values
 from node.ingest.wire import Header, Unparseable, read_header
 
 
@@ -49,7 +50,14 @@ class Arrival:
     retry_at: float = 0.0
     queued_at: float = 0.0
     recovered: bool = False  # from a crash: its final file may be there but incomplete
+    values: IndexValues | None = None  # the rows' values, fitted when received (index_values)
     _stored: store.StoredFile | None = None
+
+    def index_values(self) -> IndexValues:
+        """The values of its index rows (fitted once: by the receiver, or here after a crash)."""
+        if self.values is None:
+            self.values = index_values(self.header)
+        return self.values
 
     def digest(self) -> str:
         """The data set's SHA-256 (hashing the landed file or journal record the first time)."""

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from node.index import Instance, Patient, Series, Study
 from node.ingest.arrival import Arrival
-from node.ingest.wire import float_value, int_value, text_value
+from node.ingest.index_values import fit_ae
 
 
 def _get_or_create(conn: Connection, table: Any, where: Any, values: Callable[[], dict[str, Any]]) -> int:
@@ -106,7 +106,7 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
                     sha256=stored.sha256,
                     transfer_syntax_uid=arrival.transfer_syntax,
                     received_at=arrival.received_at,
-                    calling_ae=arrival.calling_ae,
+                    calling_ae=fit_ae(arrival.calling_ae),
                 )
                 if row.get("id") is not None:
                     conn.execute(_UPDATE_INSTANCE, {"pk": row["id"], **values})
@@ -125,9 +125,8 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
             path=stored.relpath,
             size_bytes=stored.size_bytes,
             sha256=stored.sha256,
-            instance_number=int_value(ds, "InstanceNumber"),
-            number_of_frames=int_value(ds, "NumberOfFrames") or 1,
-            calling_ae=arrival.calling_ae,
+            **arrival.index_values().instance,
+            calling_ae=fit_ae(arrival.calling_ae),
             received_at=arrival.received_at,
         )
         new_rows.append(values)
@@ -156,18 +155,13 @@ def _series_of(conn: Connection, arrival: Arrival) -> tuple[int, int]:
     row = conn.execute(_SELECT_SERIES, {"uid": ds.SeriesInstanceUID}).first()
     if row is not None:
         return row.id, row.study_pk
-    patient_id, issuer = text_value(ds, "PatientID", 64), text_value(ds, "IssuerOfPatientID", 64)
+    fitted = arrival.index_values()
+    patient = fitted.patient
     patient_pk = _get_or_create(
         conn,
         _PATIENTS,
-        (_PATIENTS.c.patient_id == patient_id) & (_PATIENTS.c.issuer == issuer),
-        lambda: dict(
-            patient_id=patient_id,
-            issuer=issuer,
-            name=text_value(ds, "PatientName", 324),
-            birth_date=text_value(ds, "PatientBirthDate", 8),
-            sex=text_value(ds, "PatientSex", 16),
-        ),
+        (_PATIENTS.c.patient_id == patient["patient_id"]) & (_PATIENTS.c.issuer == patient["issuer"]),
+        lambda: dict(patient),
     )
     study_pk = _get_or_create(
         conn,
@@ -176,15 +170,9 @@ def _series_of(conn: Connection, arrival: Arrival) -> tuple[int, int]:
         lambda: dict(
             study_uid=ds.StudyInstanceUID,
             patient_pk=patient_pk,
-            accession_number=text_value(ds, "AccessionNumber", 64),
-            study_date=text_value(ds, "StudyDate", 8),
-            study_time=text_value(ds, "StudyTime", 16),
-            description=text_value(ds, "StudyDescription", 64),
-            referring_physician=text_value(ds, "ReferringPhysicianName", 324),
-            study_id=text_value(ds, "StudyID", 16),
-            patient_age=text_value(ds, "PatientAge", 4),
-            calling_ae=arrival.calling_ae,
-            called_ae=arrival.called_ae,
+            **fitted.study,
+            calling_ae=fit_ae(arrival.calling_ae),
+            called_ae=fit_ae(arrival.called_ae),
             instance_count=0,
             first_received_at=now,
             last_received_at=now,
@@ -197,14 +185,7 @@ def _series_of(conn: Connection, arrival: Arrival) -> tuple[int, int]:
         lambda: dict(
             series_uid=ds.SeriesInstanceUID,
             study_pk=study_pk,
-            modality=text_value(ds, "Modality", 16),
-            series_number=int_value(ds, "SeriesNumber"),
-            description=text_value(ds, "SeriesDescription", 64),
-            body_part=text_value(ds, "BodyPartExamined", 16),
-            station_name=text_value(ds, "StationName", 16),
-            manufacturer=text_value(ds, "Manufacturer", 64),
-            slice_thickness=float_value(ds, "SliceThickness"),
-            frame_of_reference_uid=text_value(ds, "FrameOfReferenceUID", 64),
+            **fitted.series,
             instance_count=0,
             first_received_at=now,
             last_received_at=now,

@@ -22,9 +22,15 @@ from sqlalchemy.exc import OperationalError
 from node.ingest import journal, store
 from node.ingest.arrival import Arrival, instance_tag
 from node.ingest.index_writer import begin_write, index_batch
+from node.ingest.quarantine import lasting, quarantine_arrival, reason_of
 
 # The receiver's logger: these lines read as they did before the stages were split.
 log = logging.getLogger("ainode.receiver")
+
+
+# An arrival failing this often for a lasting reason (the database refuses a value) is moved
+# aside (node.ingest.quarantine) instead of being retried forever.
+QUARANTINE_AFTER = 3
 
 
 class IndexBacklog(Exception):
@@ -74,6 +80,11 @@ class Indexer:
         if background:
             self._thread = threading.Thread(target=self._run, name="indexer", daemon=True)
             self._thread.start()
+
+    @property
+    def background(self) -> bool:
+        """True when a background thread indexes what is submitted."""
+        return self._thread is not None
 
     # -- the answer path
 
@@ -302,6 +313,8 @@ class Indexer:
                     self._done([arrival])
                 except Exception as err:
                     arrival.failures += 1
+                    if arrival.failures >= QUARANTINE_AFTER and lasting(err) and self._quarantine(arrival, err):
+                        continue
                     if arrival.failures in (1, 10) or arrival.failures % 100 == 0:
                         log.error(
                             "instance %s not indexed yet (attempt %d, %s); it is landed and will be retried",
@@ -312,3 +325,13 @@ class Indexer:
                     arrival.retry_at = time.monotonic() + min(60.0, 0.1 * 2 ** min(arrival.failures, 10))
                     with self._cond:
                         self._retry.append(arrival)
+
+    def _quarantine(self, arrival: Arrival, err: Exception) -> bool:
+        """Move an arrival the index will not take aside, so it stops holding its place."""
+        try:
+            quarantine_arrival(self.root, arrival, reason_of(err))
+        except Exception as failure:  # the disk is full: keep retrying, it is still durable
+            log.error("quarantining instance failed (%s)", type(failure).__name__)
+            return False
+        self._done([arrival])
+        return True

@@ -304,6 +304,54 @@ def _create(path: Path, size: int) -> None:
         os.close(dir_fd)
 
 
+def room_to_create(path: Path, size: int, free: int, reserve: int) -> str | None:
+    """Why a journal of ``size`` bytes cannot be preallocated at ``path`` with ``free`` bytes
+    free and ``reserve`` to keep (None: it fits, or it exists at full size already)."""
+    have = path.stat().st_size if path.exists() else 0
+    needed = max(0, size - have)
+    if needed and free - needed < reserve:
+        return (
+            f"preallocating {needed >> 20} MiB would leave {max(0, free - needed) >> 20} MiB free, "
+            f"under storage.min_free_bytes ({reserve >> 20} MiB)"
+        )
+    return None
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + ".unavailable")
+
+
+def mark_unavailable(path: Path, reason: str) -> None:
+    """Note for the operator (``node.ingest.quarantine.alerts``) that a journal cannot be used."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _marker(path).write_text(reason)
+    except OSError:  # the disk is full: the error log line is all there is
+        pass
+
+
+def mark_available(path: Path) -> None:
+    """The journal is in use again: drop its note."""
+    try:
+        _marker(path).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def unavailable_journals(root: Path) -> list[tuple[str, str]]:
+    """(journal name, reason) of every journal a receiver could not use."""
+    folder = Path(root) / FOLDER
+    if not folder.is_dir():
+        return []
+    found = []
+    for marker in sorted(folder.glob("*.unavailable")):
+        try:
+            found.append((marker.name.removesuffix(".unavailable"), marker.read_text()[:300]))
+        except OSError:
+            continue
+    return found
+
+
 def journal_files(root: Path) -> list[Path]:
     """Every journal file under a storage root."""
     folder = Path(root) / FOLDER

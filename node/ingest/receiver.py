@@ -50,6 +50,7 @@ from node.core.settings import Peer, Settings
 from node.index import Instance
 from node.ingest import acceptor, journal, store
 from node.ingest.arrival import Arrival, header_problem, instance_tag
+from node.ingest.index_values import NotIndexable, index_values
 from node.ingest.indexer import IndexBacklog, Indexer
 from node.ingest.policy import AssociationSlots, address_allowed, tls_context
 from node.ingest.recovery import recover_journal, recover_landed
@@ -79,6 +80,7 @@ TRANSFER_SYNTAXES = [
 ]
 _UNKNOWN: Any = object()  # no index lookup was made yet
 _SPILL_AT = 16 * 1024 * 1024  # larger data sets are received straight into a file
+_JOURNAL_RETRY_S = 30.0  # how often an unusable journal is tried again (on the next C-STORE)
 
 
 @dataclass
@@ -130,6 +132,10 @@ class Receiver:
         self.indexer = Indexer(self.engine, self.root, self.policy, prefix=self.prefix)
         self._lookup = _ShaLookup(self.engine)
         self.journal: journal.Journal | None = None
+        self.journal_path = self.root / journal.FOLDER / f"{self.prefix}journal.wal"
+        self.journal_problem = "not opened yet"
+        self._journal_tried = float("-inf")
+        self._journal_lock = threading.Lock()
         self.dirsync = store.DirSync()
         self._assocs: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
@@ -138,17 +144,62 @@ class Receiver:
         """Open this process's journal and index what a predecessor answered but did not index
         (normally nothing: the node indexes everything at start, before receivers run)."""
         store.prepare_root(self.root, self.prefix)
-        path = self.root / journal.FOLDER / f"{self.prefix}journal.wal"
-        try:
-            self.journal, found = recover_journal(self.indexer, self.settings.node.ae_title, path)
-        except Exception as err:  # the database is down: records stay, indexed at the next start
-            log.error("indexing journal records failed (%s); they are indexed at the next start", type(err).__name__)
-            self.journal, found = None, 0
+        found = self._open_journal()
         try:
             return found + recover_landed(self.indexer, self.settings.node.ae_title, self.prefix)
         except Exception as err:
             log.error("indexing landed instances failed (%s); retrying in the background", type(err).__name__)
             return found + recover_landed(self.indexer, self.settings.node.ae_title, self.prefix, synchronous=False)
+
+    def _open_journal(self) -> int:
+        """Open the journal and index the records it holds; how many it held.
+
+        The journal is never left off quietly: when it cannot be preallocated within the free
+        space less the reserve, or cannot be opened, this is logged as an error and shown to the
+        operator (``node.ingest.quarantine.alerts``), and C-STOREs are refused with A700 until a
+        later try succeeds. Records waiting for a database that does not answer stay in the
+        journal and are indexed in the background as soon as it does.
+        """
+        path, called = self.journal_path, self.settings.node.ae_title
+        self._journal_tried = time.monotonic()
+        try:
+            problem = journal.room_to_create(path, journal.DEFAULT_SIZE, store.free_bytes(self.root), self.reserve)
+            if problem is None:
+                jrnl, found, left = recover_journal(self.indexer, called, path)
+        except OSError as err:
+            problem = f"cannot be opened: {err.strerror or type(err).__name__}"
+        except store.OutOfSpace as err:  # no room to quarantine a record it holds
+            problem = f"its records cannot be recovered: {err}"
+        if problem is not None:
+            if problem != self.journal_problem:
+                log.error("journal %s unavailable, instances are refused (A700) until it is: %s", path.name, problem)
+                journal.mark_unavailable(path, problem)
+            self.journal_problem = problem
+            return 0
+        for arrival in left:
+            self.indexer.reserve(timeout=3600)
+            self.indexer.submit(arrival)
+        if left:
+            log.error(
+                "%d instance(s) in journal %s wait for the database; indexed as soon as it answers",
+                len(left),
+                path.name,
+            )
+        journal.mark_available(path)
+        self.journal, self.journal_problem = jrnl, ""
+        return found
+
+    def _journal_ready(self) -> bool:
+        """The journal is open (trying again now and then when it could not be used)."""
+        if self.journal is not None:
+            return True
+        with self._journal_lock:
+            if self.journal is None and time.monotonic() - self._journal_tried >= _JOURNAL_RETRY_S:
+                try:
+                    self._open_journal()
+                except Exception as err:  # the database is down while indexing its records
+                    log.error("journal %s not reopened: %s", self.journal_path.name, type(err).__name__)
+        return self.journal is not None
 
     # -- association events
 
@@ -240,12 +291,19 @@ class Receiver:
                 "SOP Class differs from the presentation context",
                 "instance refused (0122): SOP Class UID differs from the presentation context's abstract syntax",
             )
+        if not self._journal_ready():
+            return _Refusal(
+                OUT_OF_RESOURCES,
+                "journal unavailable: see the node's alerts",
+                f"instance refused (A700): journal {self.journal_path.name} unavailable ({self.journal_problem})",
+                error=True,
+            )
         try:
             self.space.check()
             meta = file_meta(
                 req.sop_class_uid, req.sop_instance_uid, str(context.transfer_syntax[0]), assoc.requestor.ae_title
             )
-            spill_at = self.journal.max_payload - len(meta) if self.journal is not None else 0
+            spill_at = self.journal.max_payload - len(meta)  # type: ignore[union-attr]
             sink = store.DataSetBuffer(self.root, self.prefix, meta, min(spill_at, _SPILL_AT))
         except store.OutOfSpace as err:
             return _Refusal(OUT_OF_RESOURCES, "out of storage space", f"instance refused (A700): {err}", error=True)
@@ -335,6 +393,11 @@ class Receiver:
         if problem:
             log.warning("instance %s refused: %s", name, problem[1])
             return problem
+        try:  # what the index will hold, fitted to its columns now: never Success and unindexed
+            values = index_values(header)
+        except NotIndexable as err:
+            log.warning("instance %s refused (C000): %s", name, err)
+            return CANNOT_UNDERSTAND, f"values cannot be indexed: {err}"
         sha = None
         existing = self._known_sha(sop_instance, sink.known_sha)
         if existing is not None:  # a duplicate (rare): only now is the content hash needed
@@ -345,8 +408,9 @@ class Receiver:
             if self.policy == "keep_first":
                 log.warning("instance %s: duplicate with different content; first copy kept (policy keep_first)", name)
                 return WARNING_ELEMENTS_DISCARDED, "duplicate SOP Instance UID with different content: first copy kept"
-        # The reserve still holds with this file written (the journal's file comes next).
-        self.space.check(sink.size if in_memory else 0)
+        # The reserve still holds with this file written and every journal record still to be
+        # placed at its final path (each one a file the size of its record).
+        self.space.check((sink.size if in_memory else 0) + self.journal.live_bytes())  # type: ignore[union-attr]
         self.indexer.reserve()
         try:
             record = landed = None
@@ -376,6 +440,7 @@ class Receiver:
                 landed=landed,
                 record=record,
                 sha256=record.sha256 if record else sha,
+                values=values,
             )
         )
         metrics.INSTANCES_RECEIVED.inc()

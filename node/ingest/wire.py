@@ -231,7 +231,8 @@ class Header:
             return default
         pos, length, vr = where
         value = self._raw[pos : pos + length]
-        if vr in _TEXT_VRS and value.isascii():
+        # ISO 2022 text (ESC sequences) is 7-bit too, but only pydicom decodes it correctly.
+        if vr in _TEXT_VRS and value.isascii() and b"\x1b" not in value:
             return value.decode("ascii").rstrip("\x00 ")
         return self.dataset().get(keyword, default)
 

@@ -17,7 +17,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
+from node.core.settings import MIN_FREE_FLOOR
 from node.index import Instance
+from node.ingest import journal
 from tests.helpers import NodeProcess
 from tests.receiver.conftest import echoscu, index_count, settled, store_file, stored_files, storescu
 
@@ -137,13 +139,15 @@ def _big_ct(folder: Path, rows: int = 512) -> Path:
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs: a real full disk (needs root; skipped where mounting is not allowed)."""
+    """A tmpfs with room for the journal and the reserve floor, plus 768 KiB: a real disk that
+    fills up (needs root; skipped where mounting is not allowed)."""
     mount = tmp_path / "tmpfs"
     mount.mkdir()
+    size = (MIN_FREE_FLOOR + journal.DEFAULT_SIZE) // 1024 + 768
     if (
         shutil.which("mount") is None
         or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+            ["mount", "-t", "tmpfs", "-o", f"size={size}k", "tmpfs", str(mount)], capture_output=True
         ).returncode
     ):
         pytest.skip("cannot mount a tmpfs here (not root)")
@@ -151,7 +155,9 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_while_writing_is_a700(tmp_path, small_tmpfs):
+def test_disk_filling_up_is_a700(tmp_path, small_tmpfs):
+    # min_free_bytes 0 is raised to the floor: the reserve is what keeps room to place what the
+    # journal answered (with 0, answered instances found no room and were never indexed).
     overrides = {"storage": {"path": str(small_tmpfs / "store"), "min_free_bytes": 0}}
     with NodeProcess(tmp_path / "n", overrides) as node:
         first, second = _big_ct(tmp_path), _big_ct(tmp_path)  # 512 KiB each: the second cannot fit
