@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 # Caret-less and multi-byte: "Wang Xiaoming" as a Chinese modality sends it.
 MULTIBYTE_NAME = "王小明"
 # Caret-less (so highdicom quotes it) and with CR/LF: a line that would look like the node's own.
-FORGING_NAME = "Kowalczyk Zofia\r\nFAKE 2024-01-01 00:00:00 1 ainode.service ERROR forged line"
+FORGING_NAME = "Kowalczyk Zofia\r\nFAKE 00:00:00 ainode ERROR forged line"  # PN: 64 at most
 FORGED_LINE_START = "FAKE"
 
 
