@@ -41,6 +41,7 @@ from rich.table import Table
 from node.admin.access import read_api_token, token_path
 from node.admin.keyslice import key_slices, render_png, study_overlay
 from node.core.dicom import SUCCESS
+from node.core.logs import configure_logging
 from node.core.settings import Settings, load_settings, resolve_paths
 from node.dispatch.scu import associate
 from workers.analysis.registry import available_analyses
@@ -399,6 +400,7 @@ def write_key_slice(config_path: Path, study_uid: str, target: Path) -> tuple[in
 
 def run_demo(out: Path | None, workdir: Path | None, analysis: str = ANALYSIS) -> int:
     """Run the demo with ``analysis`` on CT; 0 when every result object reached the test PACS."""
+    configure_logging()  # the built-in PACS and the result reading use pydicom/pynetdicom
     own_folder = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="ainode-demo-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any, Callable
@@ -23,7 +22,7 @@ from node import assembler, retention, router
 from node.admin import api
 from node.core import audit
 from node.core.db import dispose_engines, engine_for, init_db
-from node.core.dicom import quiet_pynetdicom
+from node.core.logs import configure_logging
 from node.core.settings import Settings
 from node.dispatch import commitment, outbox
 from node.ingest import mpps, store
@@ -69,16 +68,6 @@ SERVICE_STAGES: tuple[tuple[str, ServiceHook], ...] = (
     ("jobs", embedded.start_services),
     ("api", lambda settings: api.start_services(settings, analyses=installed_analyses)),
 )
-
-
-def configure_logging() -> None:
-    """One log format for every process; pynetdicom kept quiet (no identifiers)."""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(
-            level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
-        )
-    quiet_pynetdicom()
 
 
 def receiver_count(settings: Settings) -> int:

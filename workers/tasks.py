@@ -35,6 +35,7 @@ from celery.worker.request import Request
 from sqlalchemy.exc import DBAPIError
 
 from node.core.db import database_session
+from node.core.logs import configure_logging
 from node.core.settings import CapabilityProfile, Settings, current_settings, use_settings
 from node.dispatch.kinds import ResultObject
 from node.dispatch.outbox import deliver as dispatch
@@ -244,8 +245,11 @@ def deliver(delivery_id: int) -> Any:
 
 
 def _embedded_main(argv: list[str]) -> int:
-    """Run one job in this process (started by the node's embedded worker), with a soft time limit."""
-    settings = use_settings(Settings.model_validate_json(os.environ["AINODE_SETTINGS_JSON"]))
+    """Run one job in this process (started by the node's embedded worker, which writes the
+    settings as JSON on stdin: never the environment, which would expose their secrets), with a
+    soft time limit."""
+    configure_logging()  # before anything can warn: this process's stderr is the node's log
+    settings = use_settings(Settings.model_validate_json(sys.stdin.buffer.read()))
     job_id = int(argv[0])
     with database_session(settings.database.url) as session:
         job = session.get(Job, job_id)
@@ -256,7 +260,6 @@ def _embedded_main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(soft))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     execute_job(settings, job_id)
     signal.alarm(0)
     return 0

@@ -11,19 +11,29 @@ import logging
 import os
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_process_init
 
 from node.core.db import dispose_engines, init_db
+from node.core.logs import configure_logging
 from node.core.settings import Settings
 from node.jobs.broker import app, configured_app
 
 log = logging.getLogger("ainode.worker")
 
 
+@setup_logging.connect
+def _our_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    # Connected, this replaces Celery's own handlers: the worker logs in the node's format.
+    configure_logging(loglevel or "INFO")
+
+
 @worker_process_init.connect
 def _fresh_connections(**_: Any) -> None:
     # A forked pool process must not share the parent's database connections.
     dispose_engines()
+    # Celery turned on logging.captureWarnings after setting up logging; ours routes warnings the
+    # same way and withholds what the DICOM libraries say in them.
+    configure_logging()
 
 
 def threads_per_process(concurrency: int) -> int:
@@ -56,6 +66,7 @@ def share_cpu_threads(concurrency: int) -> int:
 
 def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     """Run a Celery worker consuming the given queues until stopped; returns its exit code."""
+    configure_logging()
     if not settings.broker.url:
         log.error(
             "broker.url is empty: `ainode serve` runs jobs itself (embedded worker); "

@@ -1,7 +1,7 @@
 """The embedded broker and worker: with no broker configured, the job table is the queue.
 
 A worker thread in the node claims queued rows (STAT first) and runs each job in a child process
-(``python -m workers.tasks JOB_ID``) that enforces the time limits. One workstation then needs no
+(``python -m workers.tasks JOB_ID``, its settings as JSON on stdin) that enforces the time limits. One workstation then needs no
 Redis, and a restart loses nothing: the rows are the queue.
 """
 
@@ -20,12 +20,18 @@ from sqlalchemy import or_, select
 
 from node.core.clock import utcnow
 from node.core.db import ChangeGate, database_session
-from node.core.settings import Settings
+from node.core.settings import ENV_PREFIX, Settings
 from node.jobs.broker import embedded
 from node.jobs.lifecycle import mark_time_limit_exceeded, owner_gone, release_crashed_job, running_in
 from node.jobs.table import ANALYSIS_QUEUE, QUEUED, RETRYING, RUNNING, Job
 
 log = logging.getLogger("ainode.jobs")
+
+
+def child_environment() -> dict[str, str]:
+    """The environment of a job's child: the node's, less the AINODE_* variables (the operator's
+    overrides may hold the token or passwords; the child gets its settings on stdin)."""
+    return {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
 
 
 class EmbeddedWorker:
@@ -85,12 +91,23 @@ class EmbeddedWorker:
                 continue
             self._run(job_id)
 
+    def _hand_settings(self, child: subprocess.Popen[bytes]) -> None:
+        # On stdin, not in the environment: /proc/PID/environ is readable for the process's life
+        # and inherited by all it starts, and the settings hold the secrets (API token, database
+        # and STOW passwords).
+        assert child.stdin is not None
+        try:
+            child.stdin.write(self.settings.model_dump_json().encode("utf-8"))
+            child.stdin.close()
+        except OSError:  # the child died before reading; its exit status says so below
+            pass
+
     def _run(self, job_id: int) -> None:
         with database_session(self.settings.database.url) as session:
             hard = session.get(Job, job_id).time_limit_s
-        env = dict(os.environ, AINODE_SETTINGS_JSON=self.settings.model_dump_json())
         cmd = [sys.executable, "-m", "workers.tasks", str(job_id)]
-        self._child = subprocess.Popen(cmd, env=env)
+        self._child = subprocess.Popen(cmd, env=child_environment(), stdin=subprocess.PIPE)
+        self._hand_settings(self._child)
         # The hard limit counts from the moment the child claims the job, not from its start-up
         # (importing the analysis stack can take seconds on a busy machine).
         started: float | None = None
