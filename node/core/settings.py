@@ -112,6 +112,9 @@ class NodeSettings(Section):
     max_instance_bytes: ByteSize = ByteSize(4 * 1024**3)
     # A second copy of a stored SOP Instance UID with different bytes: keep the first or replace.
     duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
+    # A storage SOP class newer than the node's list: "standard" accepts any class the standard
+    # could have defined (UID under 1.2.840.10008.5.1.4.1.1), "refuse" only the listed ones.
+    unknown_storage_classes: Literal["standard", "refuse"] = "standard"
     # Accept any calling AE title (demo and lab use only); peers are still logged.
     accept_unknown_peers: bool = False
     tls: TLSSettings = TLSSettings()
