@@ -166,13 +166,18 @@ def rules_test(
 @app.command()
 def train(
     model: str = typer.Argument(..., help="Reference model to train (see `ainode models`)."),
-    out: Optional[Path] = typer.Option(None, help="Where to write the weights (default: the package's)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Where to write the weights (default: a new folder ./trained/MODEL-TIME/, printed at the end)."
+    ),
     quick: bool = typer.Option(False, help="A short run for smoke tests."),
+    replace_shipped: bool = typer.Option(
+        False, "--replace-shipped", help="Write over the shipped weights and their metadata (workers/weights/)."
+    ),
 ) -> None:
     """Train a reference model on generated phantoms (reproduces the shipped weights)."""
     from workers.training import train_model  # noqa: PLC0415 - see the module docstring
 
-    raise typer.Exit(train_model(model, out, quick))
+    raise typer.Exit(train_model(model, out, quick, replace_shipped=replace_shipped))
 
 
 @app.command()
