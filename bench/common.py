@@ -2,16 +2,25 @@
 
 Benchmarks import it as a sibling module (``from common import ...``) after putting ``bench/``
 on ``sys.path``, so each benchmark still runs as ``python bench/NAME.py``.
+
+Ports: a port found free and released is someone else's until the service binds it, so ainode's
+DICOM port is *held* (``hold_port``: its receivers share it with SO_REUSEPORT) and every other
+service is started by ``start_listening``, which tries a fresh port when the service could not
+bind its own. A failed run keeps its work folder, logs included (``stop_processes``).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -26,6 +35,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortHold:
+    """A loopback port bound (not listening) with SO_REUSEPORT until ``release``.
+
+    Nobody else can bind it meanwhile, except sockets of this user that set SO_REUSEPORT too:
+    ainode's receivers, which share their port that way. Connections go to listeners only.
+    """
+
+    def __init__(self) -> None:
+        self.socket = socket.socket()
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port: int = self.socket.getsockname()[1]
+
+    def release(self) -> None:
+        """Let the port go (once the service listens on it)."""
+        self.socket.close()
+
+
+def hold_port() -> PortHold:
+    """A port for ainode's DICOM listener, held until the bench lets it go."""
+    return PortHold()
+
+
 def wait_port(port: int, timeout: float = 120) -> None:
     """Wait until something accepts connections on 127.0.0.1:port, else raise."""
     deadline = time.monotonic() + timeout
@@ -38,6 +70,57 @@ def wait_port(port: int, timeout: float = 120) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
+def listens(proc: subprocess.Popen, port: int) -> bool:
+    """True when ``proc`` itself holds the listening TCP socket of ``port`` (Linux /proc), not
+    merely when something answers there: another program may have taken the port."""
+    wanted = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                wanted.add(f"socket:[{fields[9]}]")
+    fds = Path(f"/proc/{proc.pid}/fd")
+    try:
+        return any(os.readlink(fd) in wanted for fd in fds.iterdir()) if wanted else False
+    except OSError:  # the process ended meanwhile
+        return False
+
+
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 120) -> bool:
+    """Wait until ``proc`` listens on ``port``: True; False once it has ended (it could not start)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if listens(proc, port):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.1)
+    raise RuntimeError(f"the service does not listen on port {port}")
+
+
+def start_listening(
+    start: Callable[[list[int]], subprocess.Popen], count: int = 1, ports: Iterator[int] | None = None, tries: int = 5
+) -> tuple[subprocess.Popen, list[int]]:
+    """Start a service on ``count`` free ports, ``start(ports) -> process``; when the process ends
+    before all of them accept connections (another program took one meanwhile), try fresh ports.
+
+    ``ports`` gives the ports to use first (default: free ones).
+    """
+    source = ports if ports is not None else iter(())
+    for _ in range(tries):
+        chosen = [next(source, None) or free_port() for _ in range(count)]
+        proc = start(chosen)
+        if all(wait_listening(proc, port) for port in chosen):
+            return proc, chosen
+        proc.wait()
+        print(f"service could not start on ports {chosen} (taken meanwhile?); trying others", file=sys.stderr)
+    raise RuntimeError(f"service did not start in {tries} tries")
+
+
 def epoch(value: object) -> float:
     """A database timestamp (datetime or ISO text, naive meaning UTC) as epoch seconds."""
     dt = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
@@ -46,31 +129,47 @@ def epoch(value: object) -> float:
     return dt.timestamp()
 
 
-def start_redis(work: Path) -> tuple[subprocess.Popen, int]:
+def start_redis(work: Path, ports: Iterator[int] | None = None) -> tuple[subprocess.Popen, int]:
     """A private, non-persistent Redis on a free loopback port, started and answering."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(work),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    wait_port(port)
+
+    def start(chosen: list[int]) -> subprocess.Popen:
+        command = ["redis-server", "--bind", "127.0.0.1", "--port", str(chosen[0])]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(work)]
+        return subprocess.Popen(command, stdout=(work / "redis.log").open("ab"), stderr=subprocess.STDOUT)
+
+    proc, (port,) = start_listening(start, ports=ports)
     return proc, port
 
 
-def stop_processes(procs: list[subprocess.Popen], remove: Path | None = None) -> None:
-    """Terminate the processes, newest first (kill one that ignores it for 30 s); then delete ``remove``."""
+def start_orthanc(work: Path, settings: dict, exe: str = "Orthanc") -> tuple[subprocess.Popen, int, int]:
+    """Orthanc (the peer PACS) on free DICOM and HTTP ports, its files and log in ``work``;
+    ``settings`` adds to or overrides its configuration. Returns (process, DICOM port, HTTP port)."""
+
+    def start(ports: list[int]) -> subprocess.Popen:
+        config = {
+            "StorageDirectory": str(work / "orthanc-db"),
+            "IndexDirectory": str(work / "orthanc-db"),
+            "DicomAet": "ORTHANC",
+            "DicomPort": ports[0],
+            "HttpPort": ports[1],
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "Plugins": [],
+            "DicomModalities": {},
+            **settings,
+        }
+        cfg = work / "orthanc.json"
+        cfg.write_text(json.dumps(config))
+        return subprocess.Popen([exe, str(cfg)], stdout=(work / "orthanc.log").open("ab"), stderr=subprocess.STDOUT)
+
+    proc, (dicom_port, http_port) = start_listening(start, count=2)
+    return proc, dicom_port, http_port
+
+
+def stop_processes(procs: list[subprocess.Popen], work: Path | None = None, remove: bool = False) -> None:
+    """Terminate the processes, newest first (kill one that ignores it for 30 s); then delete
+    ``work`` when ``remove`` (a run that succeeded), else say where its logs are."""
     for proc in reversed(procs):
         if proc.poll() is None:
             proc.terminate()
@@ -78,8 +177,17 @@ def stop_processes(procs: list[subprocess.Popen], remove: Path | None = None) ->
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    if remove is not None:
-        shutil.rmtree(remove, ignore_errors=True)
+    finish_work(work, remove)
+
+
+def finish_work(work: Path | None, remove: bool) -> None:
+    """Delete a run's work folder, or keep it and print its path (a failed run's logs are there)."""
+    if work is None:
+        return
+    if remove:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"work folder kept, logs included: {work}", file=sys.stderr)
 
 
 def push(port: int, called: str, study: list[Dataset], mpps: bool) -> float:

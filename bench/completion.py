@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from common import epoch, free_port, push, start_redis, stop_processes, wait_port  # noqa: E402
+from common import epoch, hold_port, push, start_orthanc, start_redis, stop_processes, wait_port  # noqa: E402
 
 
 def make_study(n: int) -> list[Dataset]:
@@ -90,31 +90,10 @@ def orthanc_stable_after(work: Path, study: list[Dataset], stable_age: int) -> f
     exe = shutil.which("Orthanc")
     if exe is None:
         return None
-    dicom_port, http_port = free_port(), free_port()
-    cfg = work / "orthanc.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "Name": "bench",
-                "StorageDirectory": str(work / "orthanc-db"),
-                "IndexDirectory": str(work / "orthanc-db"),
-                "DicomAet": "ORTHANC",
-                "DicomPort": dicom_port,
-                "HttpPort": http_port,
-                "RemoteAccessAllowed": False,
-                "AuthenticationEnabled": False,
-                "StableAge": stable_age,
-                "DicomCheckCalledAet": False,
-                "Plugins": [],
-                "DicomModalities": {},
-                "UnknownSopClassAccepted": True,
-            }
-        )
+    proc, dicom_port, http_port = start_orthanc(
+        work, {"Name": "bench", "StableAge": stable_age, "UnknownSopClassAccepted": True}, exe
     )
-    proc = subprocess.Popen([exe, str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(http_port)
-        wait_port(dicom_port)
         last_ack = push(dicom_port, "ORTHANC", study, mpps=False)
         deadline = time.monotonic() + stable_age + 120
         while time.monotonic() < deadline:
@@ -140,8 +119,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ainode-bench-"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("AINODE_CONFIG", None)
-    dicom_port = free_port()
+    hold = hold_port()  # ainode's receivers bind it beside the hold (SO_REUSEPORT); nobody else can
+    dicom_port = hold.port
     procs: list[subprocess.Popen] = []
+    succeeded = False
     try:
         redis, redis_port = start_redis(work)
         procs.append(redis)
@@ -184,6 +165,7 @@ def main() -> int:
             )
         )
         wait_port(dicom_port)
+        hold.release()
         # Warm-up: the first job also pays the worker's start-up.
         warm = make_study(2)
         push(dicom_port, "AINODE", warm, mpps=True)
@@ -224,9 +206,11 @@ def main() -> int:
             )
             print(f"Orthanc StableAge {int(round(args.quiet_s))} s: stable after {result['peer_orthanc_stable_s']} s")
         print(json.dumps(result))
+        succeeded = True
         return 0
     finally:
-        stop_processes(procs, work if args.json else None)
+        hold.release()
+        stop_processes(procs, work, remove=args.json and succeeded)
 
 
 if __name__ == "__main__":

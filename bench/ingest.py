@@ -49,7 +49,11 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.helpers import NodeProcess, free_port, port_open, wait_for  # noqa: E402
+sys.path.insert(0, str(REPO / "bench"))
+
+from common import finish_work, hold_port, start_listening  # noqa: E402
+
+from tests.helpers import NodeProcess, wait_for  # noqa: E402
 
 
 def build_ct(folder: Path, slices: int = 300, size: int = 512) -> list[Path]:
@@ -192,17 +196,18 @@ def dcmtk_run(files: list[Path], associations: int, work: Path) -> tuple[float, 
     seconds of storescp (with its association children) and of the storescu senders."""
     out = work / f"storescp-{associations}"
     out.mkdir(parents=True)
-    port = free_port()
-    proc = subprocess.Popen(
-        ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+
+    def start(ports: list[int]) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["storescp", "--fork", "-aet", "STORESCP", "-od", str(out), str(ports[0])],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    proc, (port,) = start_listening(start)
     try:
-        if not wait_for(lambda: port_open(port), 30):
-            raise RuntimeError("storescp did not start")
         _reap_storescp_children(port)
         cpu0, sender0 = tree_cpu_s(proc.pid), _children_cpu_s()
         seconds = push(port, "STORESCP", files, associations)
@@ -259,10 +264,18 @@ def _peak_rss_kib(pid: int) -> int:
 
 def ainode_node(work: Path, name: str, receivers: int, env: dict[str, str] | None = None) -> NodeProcess:
     """A fresh ainode (own storage and SQLite index) with production durability settings
-    (``env``: extra environment, only for the labelled no-flush diagnosis)."""
-    return NodeProcess(
-        work / name, {"node": {"receivers": receivers}, "storage": {"min_free_bytes": "1GiB"}}, env=env
-    ).start()
+    (``env``: extra environment, only for the labelled no-flush diagnosis). Its DICOM port is
+    held until it listens; it serves no API (no second port to race for)."""
+    hold = hold_port()
+    try:
+        overrides = {
+            "node": {"receivers": receivers, "port": hold.port},
+            "storage": {"min_free_bytes": "1GiB"},
+            "api": {"enabled": False},
+        }
+        return NodeProcess(work / name, overrides, env=env).start()
+    finally:
+        hold.release()
 
 
 def ainode_run(
@@ -316,7 +329,7 @@ def big_instance_run(work: Path, megabytes: int, receivers: int) -> dict[str, fl
     finally:
         node.stop()
         path.unlink()
-        shutil.rmtree(node.workdir, ignore_errors=True)
+    shutil.rmtree(node.workdir, ignore_errors=True)  # kept, node.log included, when it failed
     return {
         "size_mib": round(size / 2**20, 1),
         "seconds": round(seconds, 2),
@@ -407,6 +420,7 @@ def main() -> int:
     with_orthanc = not args.no_orthanc and orthanc_binary() is not None
 
     work = Path(tempfile.mkdtemp(prefix="ainode-bench-"))
+    succeeded = False
     try:
         files = build_ct(work / "ct", args.slices)
         n = len(files)
@@ -489,8 +503,9 @@ def main() -> int:
             result["large_instance"] = big_instance_run(work, args.big_mb, args.receivers)
             print(f"large instance: {result['large_instance']}", file=sys.stderr)
         result["load_average_1min_end"] = round(os.getloadavg()[0], 2)
+        succeeded = True
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        finish_work(work, remove=succeeded)  # a failed run's node logs stay
     print(json.dumps(result))
     return 0
 

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from common import epoch as _epoch  # noqa: E402
-from common import free_port, push, start_redis, stop_processes, wait_port
+from common import hold_port, push, start_orthanc, start_redis, stop_processes, wait_port
 
 from tests.results.ris_peers import FHIR_SERVER, FhirServer, MllpRis  # noqa: E402
 
@@ -101,32 +101,6 @@ def fresh_uids(files: list[Path]) -> list[pydicom.Dataset]:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         out.append(ds)
     return out
-
-
-def start_orthanc(work: Path) -> tuple[subprocess.Popen, int, int]:
-    dicom_port, http_port = free_port(), free_port()
-    cfg = work / "orthanc.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "Name": "bench-pacs",
-                "StorageDirectory": str(work / "orthanc-db"),
-                "IndexDirectory": str(work / "orthanc-db"),
-                "DicomAet": "ORTHANC",
-                "DicomPort": dicom_port,
-                "HttpPort": http_port,
-                "RemoteAccessAllowed": False,
-                "AuthenticationEnabled": False,
-                "DicomCheckCalledAet": False,
-                "Plugins": [],
-                "DicomModalities": {},
-            }
-        )
-    )
-    proc = subprocess.Popen(["Orthanc", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(http_port)
-    wait_port(dicom_port)
-    return proc, dicom_port, http_port
 
 
 def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str, float]:
@@ -217,12 +191,14 @@ def main() -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("AINODE_CONFIG", None)
     procs: list[subprocess.Popen] = []
+    hold = None
+    succeeded = False
     ris: MllpRis | None = None
     fhir: FhirServer | None = None
     try:
         files = write_phantom(args.slices, args.size)
         warm_files = write_phantom(48, 64, seed=8)
-        orthanc, pacs_port, _ = start_orthanc(work)
+        orthanc, pacs_port, _ = start_orthanc(work, {"Name": "bench-pacs"})
         procs.append(orthanc)
         redis, redis_port = start_redis(work)
         procs.append(redis)
@@ -235,7 +211,8 @@ def main() -> int:
         if shutil.which("node") and (FHIR_SERVER.parent / "node_modules").exists():
             fhir = FhirServer(work).start()
             destinations.append({"name": "fhir", "type": "fhir", "url": fhir.base})
-        dicom_port = free_port()
+        hold = hold_port()  # ainode's receivers bind it beside the hold (SO_REUSEPORT); nobody else can
+        dicom_port = hold.port
         db_url = f"sqlite:///{work / 'ainode.db'}"
         config = {
             "node": {
@@ -282,6 +259,7 @@ def main() -> int:
             )
         )
         wait_port(dicom_port)
+        hold.release()
 
         # Warm-up study: the worker loads the model once, as it would in service.
         warm = fresh_uids(warm_files)
@@ -329,9 +307,12 @@ def main() -> int:
             print(f"peer: storescu of the same results to Orthanc {result['peer_storescu_results_to_orthanc_s']} s")
             print(f"time to RIS (ORU ACK): {result['time_to_ris_s']} s, to FHIR: {result['time_to_fhir_s']} s")
         print(json.dumps(result))
+        succeeded = True
         return 0
     finally:
-        stop_processes(procs, work if args.json else None)
+        if hold is not None:
+            hold.release()
+        stop_processes(procs, work, remove=args.json and succeeded)
         if ris is not None:
             ris.stop()
         if fhir is not None:

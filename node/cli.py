@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
+from node.core import metrics_folder
 from node.core.settings import ConfigError, Settings, load_settings, resolve_paths
 
 app = typer.Typer(
@@ -93,11 +93,19 @@ def serve(config: Optional[Path] = ConfigOpt) -> None:
     settings = settings_from(config)
     # Receivers are forked processes: their metrics reach /metrics through prometheus
     # multiprocess mode, which must be chosen before prometheus-client is first imported.
+    folder = None
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ainode-metrics-")
-    from node.service import serve as run_service  # noqa: PLC0415 - see the module docstring
+        metrics_folder.remove_stale_folders()
+        folder = metrics_folder.create_folder()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    try:
+        from node.service import serve as run_service  # noqa: PLC0415 - see the module docstring
 
-    raise typer.Exit(run_service(settings))
+        code = run_service(settings)
+    finally:
+        if folder is not None:
+            metrics_folder.remove_folder(folder)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -158,13 +166,18 @@ def rules_test(
 @app.command()
 def train(
     model: str = typer.Argument(..., help="Reference model to train (see `ainode models`)."),
-    out: Optional[Path] = typer.Option(None, help="Where to write the weights (default: the package's)."),
+    out: Optional[Path] = typer.Option(
+        None, help="Where to write the weights (default: a new folder ./trained/MODEL-TIME/, printed at the end)."
+    ),
     quick: bool = typer.Option(False, help="A short run for smoke tests."),
+    replace_shipped: bool = typer.Option(
+        False, "--replace-shipped", help="Write over the shipped weights and their metadata (workers/weights/)."
+    ),
 ) -> None:
     """Train a reference model on generated phantoms (reproduces the shipped weights)."""
     from workers.training import train_model  # noqa: PLC0415 - see the module docstring
 
-    raise typer.Exit(train_model(model, out, quick))
+    raise typer.Exit(train_model(model, out, quick, replace_shipped=replace_shipped))
 
 
 @app.command()

@@ -50,6 +50,19 @@ def test_environment_overrides_file(tmp_path):
     assert settings.peers[0].ae_title == "X"
 
 
+def test_errors_from_the_environment_name_the_variable(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("node:\n  port: 104\n")
+    environ = {"AINODE_VENV": "/opt/venv", "AINODE_NODE__PORT": "70000", "AINODE_NODE__TLS": '{"bogus": 1}'}
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, environ=environ)
+    assert sorted(err.value.errors) == [
+        "environment variable AINODE_NODE__PORT: node.port: must be 1..65535",
+        "environment variable AINODE_NODE__TLS: node.tls.bogus: unknown setting",
+        "environment variable AINODE_VENV: venv: unknown setting",
+    ]
+
+
 def test_rule_must_name_known_destinations(tmp_path):
     cfg = tmp_path / "r.yaml"
     cfg.write_text("rules:\n  - name: r\n    analyses: [x]\n    destinations: [nowhere]\n")

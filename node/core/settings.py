@@ -115,6 +115,9 @@ class NodeSettings(Section):
     max_instance_bytes: ByteSize = ByteSize(4 * 1024**3)
     # A second copy of a stored SOP Instance UID with different bytes: keep the first or replace.
     duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
+    # A storage SOP class newer than the node's list: "standard" accepts any class the standard
+    # could have defined (UID under 1.2.840.10008.5.1.4.1.1), "refuse" only the listed ones.
+    unknown_storage_classes: Literal["standard", "refuse"] = "standard"
     # Accept any calling AE title (demo and lab use only); peers are still logged.
     accept_unknown_peers: bool = False
     tls: TLSSettings = TLSSettings()
@@ -537,9 +540,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     """Nested dict from AINODE_A__B=value variables; JSON values (lists, numbers) are parsed."""
     out: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == "AINODE_CONFIG":
-            continue
-        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        path = list(_env_path(key))
         if not path:
             continue
         try:
@@ -553,6 +554,22 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return out
+
+
+def _env_path(key: str) -> tuple[str, ...]:
+    """The setting an ``AINODE_A__B`` variable sets, ``("a", "b")``; empty for other variables."""
+    if not key.startswith(ENV_PREFIX) or key == "AINODE_CONFIG":
+        return ()
+    return tuple(p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p)
+
+
+def _env_variable(environ: dict[str, str], loc: tuple[Any, ...]) -> str | None:
+    """The environment variable that set the value at ``loc`` (or a section holding it), if any."""
+    for key in environ:
+        path = _env_path(key)
+        if path and loc[: len(path)] == path:
+            return key
+    return None
 
 
 def _deep_merge(base: Any, over: Any) -> Any:
@@ -597,15 +614,16 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
 
 
-def _messages(err: ValidationError, root: yaml.Node | None, source: str) -> list[str]:
+def _messages(err: ValidationError, root: yaml.Node | None, source: str, environ: dict[str, str]) -> list[str]:
     lines = []
     for e in err.errors():
         loc = _clean_loc(tuple(e["loc"]))
         msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown setting"
-        line = _line_of(root, loc)
-        where = f"{source}:{line}: " if line else f"{source}: "
+        variable = _env_variable(environ, loc)  # the environment overrides the file: blame it
+        line = None if variable else _line_of(root, loc)
+        where = f"environment variable {variable}: " if variable else f"{source}:{line}: " if line else f"{source}: "
         lines.append(f"{where}{_format_loc(loc)}: {msg}")
     return lines
 
@@ -639,7 +657,7 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
     try:
         settings = Settings.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, _messages(err, root, source)) from None
+        raise ConfigError(source, _messages(err, root, source, environ)) from None
     settings._source_path = Path(path).resolve() if path else None
     return settings
 

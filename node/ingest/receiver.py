@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Callable
 from pydicom import uid as dcm_uid
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
-from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext, build_context
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine, bindparam, select
@@ -78,6 +78,13 @@ TRANSFER_SYNTAXES = [
     dcm_uid.HTJ2KLosslessRPCL,
     dcm_uid.HTJ2K,
 ]
+# Every storage SOP class of the standard that pynetdicom knows (its full storage list, not the
+# 120 classes of StoragePresentationContexts that fit one requestor's 128 contexts): an
+# acceptor may support any number. docs/conformance.md lists them (tests/receiver/test_sop_classes.py).
+STORAGE_SOP_CLASSES = tuple(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+# The standard gives the storage SOP classes of composite IODs UIDs under this root (PS3.6 Annex
+# A); ``node.unknown_storage_classes: standard`` accepts the ones newer than pynetdicom's list.
+STANDARD_STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
 _UNKNOWN: Any = object()  # no index lookup was made yet
 _SPILL_AT = 16 * 1024 * 1024  # larger data sets are received straight into a file
 _JOURNAL_RETRY_S = 30.0  # how often an unusable journal is tried again (on the next C-STORE)
@@ -229,6 +236,27 @@ class Receiver:
         with self._lock:
             self._assocs[id(assoc)] = _AssociationState(peer, column)
         metrics.ASSOCIATIONS.labels("accepted").inc()
+        self._offer_unknown_storage(assoc)
+
+    def _offer_unknown_storage(self, assoc: Any) -> None:
+        """Support the requested standard storage classes newer than pynetdicom's list (policy).
+
+        Only on the fast path: pynetdicom's own C-STORE service knows no class beyond its list.
+        """
+        if self.settings.node.unknown_storage_classes != "standard" or not acceptor.SUPPORTED:
+            return
+        supported: list[PresentationContext] = assoc.acceptor.supported_contexts
+        known = {str(cx.abstract_syntax) for cx in supported}
+        extra = sorted(
+            {
+                uid
+                for uid in (str(cx.abstract_syntax) for cx in assoc.requestor.requested_contexts)
+                if uid not in known and uid.startswith(STANDARD_STORAGE_ROOT) and store.valid_uid(uid)
+            }
+        )
+        if extra:
+            log.info("storage SOP classes beyond the known list offered (unknown_storage_classes): %s", extra)
+            assoc.acceptor.supported_contexts = supported + [build_context(uid, TRANSFER_SYNTAXES) for uid in extra]
 
     def _reject(self, assoc: Any, result: int, source: int, diagnostic: int) -> None:
         metrics.ASSOCIATIONS.labels("rejected").inc()
@@ -483,8 +511,8 @@ class Receiver:
         ae.network_timeout = node.network_timeout_s
         ae.maximum_pdu_size = node.max_pdu_bytes
         ae.add_supported_context(Verification)
-        for cx in StoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         if self.mpps_handlers:
             ae.add_supported_context(ModalityPerformedProcedureStep, TRANSFER_SYNTAXES[:4])
         if self.commitment_handlers:

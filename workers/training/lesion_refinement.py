@@ -31,7 +31,9 @@ from workers.analysis.models.lesion_refinement import (
     patch_affine,
     patch_inputs,
 )
+from workers.analysis.registry import file_sha256
 from workers.synthetic import phantoms
+from workers.training.common import weights_record
 from workers.training.segmentation import inside_source, training_series
 
 log = logging.getLogger(__name__)
@@ -163,7 +165,9 @@ def train(
         "final_loss": loss,
         "generate_seconds": round(generate_s, 1),
         "train_seconds": round(time.monotonic() - train_start, 1),
-        "weights": str(out),
+        "weights": weights_record(out),
+        "sha256": file_sha256(out),
+        "used_by": f"{segmentation.NAME} {segmentation.VERSION}",
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary

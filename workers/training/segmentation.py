@@ -19,11 +19,14 @@ from monai.losses import DiceCELoss
 
 from workers.analysis.findings import SourceFrame, Volume
 from workers.analysis.models import segmentation
+from workers.analysis.registry import file_sha256
 from workers.synthetic import phantoms
+from workers.training.common import weights_record
 
 log = logging.getLogger(__name__)
 
 TRAIN_NAME = "segmentation"  # `ainode train segmentation` (the analysis is ct-segmentation)
+WEIGHTS = segmentation.WEIGHTS  # the shipped file, replaced only by `ainode train --replace-shipped`
 TRAIN_PATCH = (48, 48, 48)  # CPU training patches
 TRAIN_PATCH_GPU = (64, 64, 64)  # GPU training patches (the inference window)
 # held-out seeds are segmentation.HELD_OUT_SEEDS (900_000+), tuning seeds 800_000+
@@ -200,7 +203,7 @@ def train(
                 stream.made,
             )
     stream.close()
-    out = Path(out) if out else segmentation.WEIGHTS
+    out = Path(out) if out else WEIGHTS
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, out)
     summary = {
@@ -214,7 +217,8 @@ def train(
         "device": device,
         "final_loss": float(np.mean(losses[-50:])),
         "seconds": round(time.monotonic() - started, 1),
-        "weights": str(out),
+        "weights": weights_record(out),
+        "sha256": file_sha256(out),
     }
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary

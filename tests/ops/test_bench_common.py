@@ -1,0 +1,62 @@
+"""The benches' port and teardown helpers (bench/common.py): a held port is ainode's alone, a
+service whose port was taken starts on another, a failed run keeps its work folder."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO_ROOT, NodeProcess, port_open
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+from common import hold_port, start_redis, stop_processes  # noqa: E402
+
+
+def test_a_held_port_is_refused_to_others_and_shared_with_ainode(tmp_path: Path):
+    hold = hold_port()
+    try:
+        with socket.socket() as other, pytest.raises(OSError) as err:
+            other.bind(("127.0.0.1", hold.port))  # what free_port() in another program does
+        assert err.value.errno == errno.EADDRINUSE
+        node = NodeProcess(tmp_path / "node", {"node": {"port": hold.port}, "api": {"enabled": False}}).start()
+    finally:
+        hold.release()
+    try:
+        assert port_open(hold.port) and node.proc.poll() is None
+    finally:
+        node.stop()
+
+
+def test_a_service_whose_port_was_taken_starts_on_another(tmp_path: Path):
+    with socket.socket() as squatter:  # took the port between "free" and the service's bind
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        proc, port = start_redis(tmp_path, ports=iter([taken]))
+        try:
+            assert port != taken
+            answer = subprocess.run(
+                ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True, check=True
+            ).stdout
+            assert answer.strip() == "PONG"
+        finally:
+            stop_processes([proc])
+    assert "Address already in use" in (tmp_path / "redis.log").read_text()
+
+
+def test_a_failed_run_keeps_its_work_folder_and_says_where(tmp_path: Path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "node.log").write_text("why it failed\n")
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stop_processes([proc], work, remove=False)
+    assert proc.poll() is not None and (work / "node.log").exists()
+    assert str(work) in capsys.readouterr().err
+    stop_processes([], work, remove=True)
+    assert not work.exists()
