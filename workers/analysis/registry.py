@@ -255,7 +255,7 @@ def print_models(settings) -> int:
         table.add_row(
             name,
             a.task,
-            f"{'/'.join(a.modalities)} {a.dimensionality}",
+            f"{'/'.join(a.modalities)} {a.dimensionality} {'/'.join(a.declared_use.body_regions) or 'any region'}",
             a.source,
             a.version,
             sha[:12] if sha else "[red]weights missing[/red]",
