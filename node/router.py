@@ -5,6 +5,12 @@ Facts about a study (modality, body part, descriptions, AE titles, counts...) co
 node does. A condition on a study holds when any of its series satisfies it; a series-level rule
 sees only that series. Rules reload on SIGHUP or when the configuration file changes; an invalid
 file keeps the rules in force and logs each error with its line.
+
+Before queuing, each analysis' intended use (``node.core.intended_use``, handed over by the
+composition root) is checked against the headers of the job's series. A job that cannot apply
+is still recorded, in its final state ``inapplicable`` with the reason, and never published: what
+the node decided not to analyse, and why, stays visible in ``ainode status``, the API and the
+dashboard. A study-level job applies when any of the study's series fits.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import pydicom
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from node.core.clock import utcnow
 from node.core.db import database_session
+from node.core.intended_use import BodyRegions, IntendedUse, header_reason, series_headers
 from node.core.settings import MATCH_ATTRIBUTES, Condition, ConfigError, Match, Rule, Settings, load_settings
 from node.index import Instance, Series, Study
 from node.jobs.broker import publish_job
 from node.jobs.lifecycle import queue_job
-from node.jobs.table import DEAD, FAILED, Job, input_fingerprint
+from node.jobs.table import DEAD, FAILED, INAPPLICABLE, PENDING_STATES, Job, input_fingerprint
 
 log = logging.getLogger("ainode.router")
 
@@ -218,6 +226,9 @@ class RuleBook:
 
     def __init__(self, settings: Settings):
         self.rules: list[Rule] = list(settings.rules)
+        # Each analysis' intended use by name (set by the composition root; empty: not checked).
+        self.intended_uses: dict[str, IntendedUse] = {}
+        self.regions = BodyRegions(settings.intended_use.synonyms)
         self.path: Path | None = settings.source_path
         self._mtime = self._stat()
         self._requested = threading.Event()
@@ -287,6 +298,59 @@ def matching_rules(
     return [r for r in current_rules(settings) if (level is None or r.level == level) and evaluate(r.match, facts)[0]]
 
 
+# --- intended use ----------------------------------------------------------------------------
+
+
+def _series_frames(session: Session, series: Series) -> int:
+    return int(
+        session.scalar(
+            select(func.coalesce(func.sum(Instance.number_of_frames), 0)).where(Instance.series_pk == series.id)
+        )
+        or 0
+    )
+
+
+def stored_headers(session: Session, settings: Settings, series: Series) -> pydicom.Dataset | None:
+    """The header of one stored instance of the series (None when none can be read)."""
+    path = session.scalar(select(Instance.path).where(Instance.series_pk == series.id).order_by(Instance.id).limit(1))
+    if path is None:
+        return None
+    try:
+        return pydicom.dcmread(Path(settings.storage.path) / path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return None
+
+
+def not_applicable_reason(
+    session: Session, settings: Settings, use: IntendedUse | None, study: Study, series: Series | None
+) -> str | None:
+    """Why the analysis cannot apply to the series (or to any series of the study); None when
+    it may (the worker checks the loaded images again)."""
+    if use is None:
+        return None
+    members = (
+        [series] if series is not None else list(session.scalars(select(Series).where(Series.study_pk == study.id)))
+    )
+    regions = rule_book(settings).regions
+    reasons = []
+    for member in members:
+        ds = stored_headers(session, settings, member)
+        if ds is None:
+            return None
+        reason = header_reason(use, series_headers(ds, _series_frames(session, member)), regions)
+        if reason is None:
+            return None
+        reasons.append(f"series {member.series_uid}: {reason}")
+    return "; ".join(reasons) or None
+
+
+def _done_when_nothing_pending(session: Session, study: Study) -> None:
+    """A routed study whose jobs have all ended (e.g. every one not applicable) is done."""
+    jobs = session.scalars(select(Job.state).where(Job.study_pk == study.id)).all()
+    if jobs and not any(state in PENDING_STATES for state in jobs):
+        study.state = "done"
+
+
 # --- routing ---------------------------------------------------------------------------------
 
 
@@ -319,6 +383,9 @@ def create_jobs(
                     previous.state,
                 )
             continue
+        reason = not_applicable_reason(
+            session, settings, rule_book(settings).intended_uses.get(analysis.name), study, series
+        )
         job = queue_job(
             session,
             settings,
@@ -336,6 +403,11 @@ def create_jobs(
             fingerprint=fingerprint,
             supersedes=previous.id if previous is not None else None,
         )
+        if reason is not None:
+            job.state, job.error, job.finished_at = INAPPLICABLE, f"{analysis.name}: {reason}", utcnow()
+            session.flush()
+            log.info("study %s: rule %s: job %s not applicable (%s)", study.id, rule.name, job.id, reason)
+            continue
         session.flush()
         created.append(job.id)
         log.info(
@@ -374,6 +446,7 @@ def route_ready(settings: Settings) -> list[int]:
             )
             if hits or series_routed:
                 study.state = "routed"
+                _done_when_nothing_pending(session, study)
             else:
                 study.state = "unrouted"
                 # The reason without patient data: the study's row id and each rule's failed condition.
@@ -400,9 +473,13 @@ def _install_sighup(book: RuleBook) -> None:
         log.info("SIGHUP reload not installed here; the file is watched instead")
 
 
-def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], None]]]:
-    """Rule reload watch (SIGHUP or file change), once a second."""
+def periodic_tasks(
+    settings: Settings, intended_uses: dict[str, IntendedUse] | None = None
+) -> list[tuple[str, float, Callable[[], None]]]:
+    """Rule reload watch (SIGHUP or file change), once a second. ``intended_uses`` (analysis name
+    -> IntendedUse, from the composition root) are checked before a job is queued."""
     book = rule_book(settings)
+    book.intended_uses = dict(intended_uses or {})
     _install_sighup(book)
     log.info(
         "%d rules in force (%s); they reload on SIGHUP or when %s changes",

@@ -31,6 +31,7 @@ from node.ingest.policy import AssociationSlots
 from node.ingest.receiver import Receiver
 from node.ingest.recovery import recover_all
 from node.jobs import embedded, reconciler
+from workers.analysis.intended import declared_uses
 
 log = logging.getLogger("ainode.service")
 
@@ -58,7 +59,8 @@ def installed_analyses(settings: Settings) -> list[dict[str, Any]]:
 # The later stages, in pipeline order: what each runs periodically and which services it starts.
 PERIODIC_STAGES: tuple[tuple[str, PeriodicHook], ...] = (
     ("assembler", assembler.periodic_tasks),
-    ("router", router.periodic_tasks),
+    # The analyses' intended uses (torch-free declarations) are checked before queuing.
+    ("router", lambda settings: router.periodic_tasks(settings, intended_uses=declared_uses(settings))),
     ("reconciler", reconciler.periodic_tasks),
     ("dispatcher", outbox.periodic_tasks),
     ("api", api.periodic_tasks),

@@ -20,7 +20,7 @@ from node.index import Instance, Series, Study
 from node.ingest.quarantine import alerts
 from node.jobs.table import PENDING_STATES, Job
 
-PHASES = ("received", "ready", "queued", "running", "delivered", "done", "unrouted", "failed")
+PHASES = ("received", "ready", "queued", "running", "delivered", "done", "not applicable", "unrouted", "failed")
 
 
 def study_phase(study: Study, jobs: list[Job], deliveries: list[Delivery]) -> str:
@@ -38,6 +38,8 @@ def study_phase(study: Study, jobs: list[Job], deliveries: list[Delivery]) -> st
         return "queued"
     if deliveries:
         return "delivered" if all(d.state in ("delivered", "skipped") for d in deliveries) else "running"
+    if jobs and states == {"inapplicable"}:
+        return "not applicable"  # every analysis refused the study as outside its intended use
     if jobs:
         return "done"
     return "ready"
@@ -89,6 +91,8 @@ def job_view(job: Job) -> dict[str, Any]:
         "max_attempts": job.max_attempts,
         "worker": job.worker,
         "error": job.error,
+        # The outcome in words: "not applicable: <reason>" for a job outside the analysis' intended use.
+        "outcome": f"not applicable: {job.error}" if job.state == "inapplicable" else job.state,
         "model_version": result.get("algorithm_version") or result.get("model_version") or "",
         "outputs": len(result.get("outputs", [])) if isinstance(result.get("outputs"), list) else 0,
         "created_at": iso(job.created_at),
@@ -183,6 +187,7 @@ def _study_view(study: Study, jobs: list[Job], deliveries: list[Delivery], modal
         "rules_matched": sorted({j.rule for j in jobs if j.rule}),
         "failures": [f"job {j.id} ({j.analysis}): {j.error}" for j in jobs if j.state in ("dead", "failed")]
         + [f"delivery {d.id} to {d.destination}: {d.reason}" for d in deliveries if d.state == "failed"],
+        "not_applicable": [f"job {j.id} ({j.analysis}): {j.error}" for j in jobs if j.state == "inapplicable"],
     }
 
 

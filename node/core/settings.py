@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from node.core.intended_use import IntendedUse
+
 ENV_PREFIX = "AINODE_"
 # The least free space kept (storage.min_free_bytes is raised to it): room to place everything
 # the journals of four receivers (64 MiB each, node.ingest.journal) hold when the disk fills.
@@ -418,6 +420,8 @@ class AnalysisSettings(Section):
     params: dict[str, Any] = Field(default_factory=dict)
     soft_time_limit_s: int = Field(default=600, ge=1)
     time_limit_s: int = Field(default=900, ge=1)
+    # What the model is for (checked by the router and the worker); None: modalities only.
+    intended_use: IntendedUse | None = None
 
     @model_validator(mode="after")
     def _path_for_external(self) -> "AnalysisSettings":
@@ -426,6 +430,13 @@ class AnalysisSettings(Section):
         if self.time_limit_s < self.soft_time_limit_s:
             raise ValueError("time_limit_s must be at least soft_time_limit_s")
         return self
+
+
+class IntendedUseSettings(Section):
+    """How intended use is read from headers: a site's own words for body regions (added to the
+    built-in synonym table of ``node.core.intended_use``), e.g. {"chest": ["THORAXNATIV"]}."""
+
+    synonyms: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class JobSettings(Section):
@@ -486,6 +497,7 @@ class Settings(Section):
     timers: Timers = Timers()
     rules: list[Rule] = Field(default_factory=list)
     analyses: list[AnalysisSettings] = Field(default_factory=list)
+    intended_use: IntendedUseSettings = IntendedUseSettings()
     jobs: JobSettings = JobSettings()
     api: APISettings = APISettings()
     audit: AuditSettings = AuditSettings()

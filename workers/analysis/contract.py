@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from node.core.intended_use import BodyRegions, IntendedUse, SeriesHeaders, geometry_reason, header_reason
 from workers.analysis.findings import Classification, DerivedImage, Detection, Measurement, Segment, Volume
 
 Task = Literal["segmentation", "classification", "detection", "reconstruction", "ejection_fraction"]
@@ -92,14 +93,30 @@ class Analysis:
     source: str = "builtin"
     # Writes one example input series (DICOM files) into a folder; used by bench/analysis.py.
     example: Callable[[Path], list[Path]] | None = None
+    # What the analysis is for (node.core.intended_use); None: ``modalities`` and ``dimensionality``.
+    intended_use: IntendedUse | None = None
+    # What the image itself must show (workers.analysis.domain): None when it fits, else why not.
+    image_check: Callable[[Volume], str | None] | None = None
 
-    def accepts(self, volume: Volume) -> str | None:
-        """None when the volume suits this analysis, else the reason it does not."""
-        if self.modalities and volume.modality not in self.modalities:
-            return f"{self.name} accepts {', '.join(self.modalities)} images, not {volume.modality}"
-        frames = volume.pixels.shape[0]
-        if self.dimensionality == "3d" and frames < 2:
-            return f"{self.name} needs a 3D volume; the series has a single image"
-        if self.dimensionality == "2d+t" and frames < 2:
-            return f"{self.name} needs a cine loop of several frames"
-        return None
+    @property
+    def declared_use(self) -> IntendedUse:
+        """The intended use, or one made of ``modalities`` and ``dimensionality`` when none is declared."""
+        if self.intended_use is not None:
+            return self.intended_use
+        return IntendedUse(modalities=self.modalities, dimensionality=self.dimensionality, min_slices=2)
+
+    def accepts(
+        self, volume: Volume, headers: SeriesHeaders | None = None, regions: BodyRegions | None = None
+    ) -> str | None:
+        """None when the volume suits this analysis, else the reason it does not: its headers
+        (when given), its geometry, then what the image shows (``image_check``)."""
+        use = self.declared_use
+        if use.modalities and volume.modality not in use.modalities:
+            return f"{self.name} accepts {', '.join(use.modalities)} images, not {volume.modality or 'unknown'}"
+        reason = header_reason(use, headers, regions or BodyRegions()) if headers is not None else None
+        reason = reason or geometry_reason(
+            use, volume.modality, volume.pixels.shape, volume.spacing, volume.frame_time_s
+        )
+        if reason is None and self.image_check is not None:
+            reason = self.image_check(volume)
+        return f"{self.name}: {reason}" if reason else None

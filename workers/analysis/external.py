@@ -312,4 +312,5 @@ def external_analysis(cfg) -> Analysis:
         description=f"{cfg.format} model at {path}",
         gpu_memory_bytes=int(cfg.params.get("gpu_memory_bytes", 1 << 30)),
         source=cfg.format,
+        intended_use=cfg.intended_use,
     )

@@ -13,6 +13,7 @@ Where analyses come from:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -20,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from node.core.intended_use import BodyRegions, SeriesHeaders, series_headers
 from workers.analysis.contract import Analysis, AnalysisError, NotApplicable, RunContext
 from workers.analysis.external import external_analysis
 from workers.analysis.findings import Findings, Volume
@@ -63,6 +66,8 @@ def available_analyses(settings=None) -> dict[str, Analysis]:
                 raise AnalysisError(
                     f"analysis {cfg.name!r} is configured as builtin but no built-in model has that name"
                 )
+            if cfg.intended_use is not None:  # a site may narrow a reference model's use
+                found[cfg.name] = dataclasses.replace(found[cfg.name], intended_use=cfg.intended_use)
             continue
         found[cfg.name] = external_analysis(cfg)
     return found
@@ -174,11 +179,24 @@ def loaded_model(analysis: Analysis, device: str) -> Any:
         return _models[key]
 
 
+def volume_headers(volume: Volume) -> SeriesHeaders | None:
+    """The intended-use facts of the volume's series, from its first source file's header
+    (None for a volume that was not read from files)."""
+    if not volume.sources:
+        return None
+    try:
+        ds = pydicom.dcmread(volume.sources[0].path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return None
+    return series_headers(ds, frames=volume.pixels.shape[0])
+
+
 def run_analysis(name: str, volume: Volume, params: dict | None = None, settings=None) -> Findings:
     """Run one analysis on one volume and return its findings (timings per stage included)."""
     params = dict(params or {})
     analysis = get_analysis(name, settings)
-    reason = analysis.accepts(volume)
+    synonyms = settings.intended_use.synonyms if hasattr(settings, "intended_use") else {}
+    reason = analysis.accepts(volume, volume_headers(volume), BodyRegions(synonyms))
     if reason:
         raise NotApplicable(reason)
     device = pick_device(analysis, params)
@@ -237,7 +255,7 @@ def print_models(settings) -> int:
         table.add_row(
             name,
             a.task,
-            f"{'/'.join(a.modalities)} {a.dimensionality}",
+            f"{'/'.join(a.modalities)} {a.dimensionality} {'/'.join(a.declared_use.body_regions) or 'any region'}",
             a.source,
             a.version,
             sha[:12] if sha else "[red]weights missing[/red]",

@@ -40,7 +40,8 @@ async function logout() {
 function esc(v) {
   return String(v ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
-function badge(s) { return `<span class="badge ${esc(s)}">${esc(s)}</span>`; }
+// "inapplicable" jobs read "not applicable" (outside the analysis' intended use).
+function badge(s) { const shown = s === "inapplicable" ? "not applicable" : s; return `<span class="badge ${esc(s).replace(/ /g, "-")}">${esc(shown)}</span>`; }
 function secs(v) { return v === null || v === undefined ? "–" : (v < 10 ? v.toFixed(2) : v.toFixed(1)) + " s"; }
 function bytes(n) {
   const u = ["B", "KiB", "MiB", "GiB", "TiB"]; let i = 0;
@@ -55,7 +56,7 @@ const STAGES = ["receiving", "completion", "routing", "queue_wait", "analysis", 
 async function overview() {
   const [o, studies] = await Promise.all([api("/api/overview"), api("/api/studies?limit=50")]);
   document.getElementById("node-name").textContent = `${o.node.ae_title} · port ${o.node.port} · broker ${o.node.broker}`;
-  const flow = ["received", "ready", "queued", "running", "delivered", "done", "failed", "unrouted"]
+  const flow = ["received", "ready", "queued", "running", "delivered", "done", "not applicable", "failed", "unrouted"]
     .map(p => `<div class="phase ${p}" id="phase-${p}"><b>${o.phases[p] || 0}</b>${p}</div>`).join("");
   const rows = studies.map(s => `<tr class="study-row" data-phase="${esc(s.phase)}">
       <td><a href="#/study/${encodeURIComponent(s.study_uid)}">${esc(s.description || s.study_uid)}</a></td>

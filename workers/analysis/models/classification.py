@@ -23,6 +23,7 @@ from monai.networks.nets import UNet
 from scipy.optimize import minimize
 from torch import nn
 
+from workers.analysis import domain, intended
 from workers.analysis.contract import Analysis, Outputs, RunContext
 from workers.analysis.findings import Classification, Volume
 from workers.analysis.models.common import CARDS, weights_dir
@@ -180,6 +181,8 @@ def analyses() -> list[Analysis]:
             postprocess=postprocess,
             weights=weights_dir() / WEIGHTS,
             card=CARD,
+            intended_use=intended.REFERENCE[NAME],
+            image_check=domain.chest_radiograph,
             gpu_memory_bytes=256 << 20,
             description="Chest radiograph (DX/CR): probability that a lung nodule is present",
             example=example_radiograph,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from workers.analysis import domain, intended
 from workers.analysis.contract import Analysis, Outputs, RunContext
 from workers.analysis.findings import DerivedImage, Volume
 from workers.analysis.models.common import CARDS, weights_dir
@@ -209,6 +210,8 @@ def analyses() -> list[Analysis]:
             postprocess=postprocess,
             weights=weights_dir() / WEIGHTS,
             card=CARD,
+            intended_use=intended.REFERENCE[NAME],
+            image_check=domain.calibrated_ct,
             gpu_memory_bytes=512 << 20,
             description="Low-dose CT noise reduction (generator trained with adversarial + L1 loss): derived series",
             example=example_series,

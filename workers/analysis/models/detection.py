@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from workers.analysis import domain, intended
 from workers.analysis.codes import codes_for
 from workers.analysis.contract import Analysis, Outputs, RunContext
 from workers.analysis.findings import Detection, SourceFrame, Volume
@@ -115,6 +116,8 @@ def analyses() -> list[Analysis]:
             postprocess=postprocess,
             weights=segmentation.WEIGHTS,
             card=CARD,
+            intended_use=intended.REFERENCE[NAME],
+            image_check=domain.adult_trunk_ct,
             gpu_memory_bytes=1 << 30,
             description="liver lesions and lung nodules on CT: centres, boxes, scores",
             example=segmentation.example_series,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.analysis import domain, intended
 from workers.analysis.contract import Analysis, AnalysisError, Outputs, RunContext
 from workers.analysis.findings import Measurement, Volume
 from workers.analysis.models.common import CARDS, weights_dir
@@ -140,6 +141,8 @@ def analyses() -> list[Analysis]:
             postprocess=postprocess,
             weights=weights_dir() / WEIGHTS,
             card=CARD,
+            intended_use=intended.REFERENCE[NAME],
+            image_check=domain.heart_cine,
             gpu_memory_bytes=256 << 20,
             description="Recurrent network over the frames of an apical long-axis cine: LV ejection fraction",
             example=example_cine,

@@ -22,7 +22,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
-from workers.analysis import imaging
+from workers.analysis import domain, imaging, intended
 from workers.analysis.codes import codes_for
 from workers.analysis.contract import Analysis, Outputs, RunContext
 from workers.analysis.findings import Measurement, Segment, SourceFrame, Volume
@@ -187,6 +187,8 @@ def analyses() -> list[Analysis]:
             weights=WEIGHTS,
             extra_weights=(lesion_refinement.WEIGHTS,),
             card=CARD,
+            intended_use=intended.REFERENCE[NAME],
+            image_check=domain.adult_trunk_ct,
             gpu_memory_bytes=1 << 30,
             description="3D U-Net: lung, liver, spleen, kidney, spine, liver lesions, lung nodules on CT",
             example=example_series,
