@@ -24,6 +24,7 @@ from node.admin import api
 from node.core import audit
 from node.core.db import dispose_engines, engine_for, init_db
 from node.core.dicom import quiet_pynetdicom
+from node.core.errors import describe_error
 from node.core.settings import Settings
 from node.dispatch import commitment, outbox
 from node.ingest import mpps, store
@@ -159,7 +160,7 @@ def recover_landed(settings: Settings) -> None:
     try:
         recover_all(indexer, settings.node.ae_title)
     except Exception as err:  # each receiver tries its own share again in the background
-        log.error("indexing landed instances failed: %s", type(err).__name__)
+        log.error("indexing landed instances failed: %s", describe_error(err))
 
 
 class ReceiverPool:
@@ -231,7 +232,7 @@ def _run_periodic(name: str, interval: float, func: Callable[[], None], stop: th
         try:
             func()
         except Exception as err:  # a failing task must not stop the node; it runs again later
-            log.error("periodic task %s failed: %s", name, type(err).__name__)
+            log.error("periodic task %s failed: %s", name, describe_error(err))
 
 
 class PeriodicTasks:
@@ -251,7 +252,7 @@ class PeriodicTasks:
             try:
                 func()
             except Exception as err:
-                log.error("last pass of %s failed: %s", name, type(err).__name__)
+                log.error("last pass of %s failed: %s", name, describe_error(err))
 
 
 def start_periodic(settings: Settings, stop: threading.Event) -> PeriodicTasks:
@@ -312,7 +313,7 @@ def serve(settings: Settings) -> int:
         try:
             stopper()
         except Exception as err:
-            log.error("stopping a service failed: %s", type(err).__name__)
+            log.error("stopping a service failed: %s", describe_error(err))
     dispose_engines()
     log.info("stopped")
     return 0

@@ -46,6 +46,7 @@ from node.core.dicom import (
     SUCCESS,
     WARNING_ELEMENTS_DISCARDED,
 )
+from node.core.errors import describe_error
 from node.core.settings import Peer, Settings
 from node.index import Instance
 from node.ingest import acceptor, journal, store
@@ -142,12 +143,12 @@ class Receiver:
         try:
             self.journal, found = recover_journal(self.indexer, self.settings.node.ae_title, path)
         except Exception as err:  # the database is down: records stay, indexed at the next start
-            log.error("indexing journal records failed (%s); they are indexed at the next start", type(err).__name__)
+            log.error("indexing journal records failed (%s); they are indexed at the next start", describe_error(err))
             self.journal, found = None, 0
         try:
             return found + recover_landed(self.indexer, self.settings.node.ae_title, self.prefix)
         except Exception as err:
-            log.error("indexing landed instances failed (%s); retrying in the background", type(err).__name__)
+            log.error("indexing landed instances failed (%s); retrying in the background", describe_error(err))
             return found + recover_landed(self.indexer, self.settings.node.ae_title, self.prefix, synchronous=False)
 
     # -- association events
@@ -295,7 +296,7 @@ class Receiver:
             log.error("instance refused (A700): %s", err)
             return OUT_OF_RESOURCES, "index backlog"
         except Exception as err:  # never a traceback: database errors quote row values
-            log.error("instance failed: %s", type(err).__name__)
+            log.error("instance failed: %s", describe_error(err))
             return PROCESSING_FAILURE, "internal error"
         finally:
             sink.discard()  # nothing left behind unless it was landed
@@ -400,7 +401,7 @@ class Receiver:
         try:
             return self._lookup(sop_instance)
         except Exception as err:
-            log.warning("index lookup failed (%s); duplicate policy applied at indexing", type(err).__name__)
+            log.warning("index lookup failed (%s); duplicate policy applied at indexing", describe_error(err))
             return None
 
     # -- the AE
