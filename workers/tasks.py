@@ -46,6 +46,7 @@ from node.jobs.broker import app, publish_delivery, publish_job
 from node.jobs.inputs import InputInstance, job_inputs
 from node.jobs.table import FAILED, INAPPLICABLE, RETRYING, SUCCEEDED, Job
 from workers.analysis.contract import NotApplicable
+from workers.analysis.findings import Findings
 from workers.analysis.imaging import load_series
 from workers.analysis.registry import AnalysisError
 from workers.analysis.registry import run_analysis as run_registered
@@ -169,7 +170,26 @@ def run_model_job(
         or [CapabilityProfile()],
     )
     outputs = list(write_results(findings, context))
-    return outputs, {"outputs": [str(o.path) for o in outputs], "series_uid": series_uid}
+    return outputs, {"outputs": [str(o.path) for o in outputs], "series_uid": series_uid, **findings_summary(findings)}
+
+
+def findings_summary(findings: Findings) -> dict[str, Any]:
+    """What the job record shows of the findings (the dashboard's study page): the model version,
+    each classification's probability and each measurement's value, and how many detections and
+    segments there are. No patient data: codes' meanings and numbers only."""
+    return {
+        "algorithm_version": findings.algorithm_version,
+        "classifications": [
+            {"label": c.label, "finding": c.finding[2], "probability": float(c.probability), "present": c.present}
+            for c in findings.classifications
+        ],
+        "measurements": [
+            {"name": m.name[2], "value": float(m.value), "unit": m.unit[0], "label": m.segment_label or ""}
+            for m in findings.measurements
+        ],
+        "detections": len(findings.detections),
+        "segments": len(findings.segments),
+    }
 
 
 def execute_job(settings: Settings, job_id: int) -> str:
