@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 
 from node.core.db import database_session
 from node.core.settings import Settings
-from node.index import Instance, Series, Study
+from node.index import NODE_OUTPUT, Instance, Series, Study
 from node.jobs.table import Job
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -133,7 +133,7 @@ def _largest_series_files(settings: Settings, study_uid: str) -> list[Path]:
         series_pk = session.scalar(
             select(Instance.series_pk)
             .join(Series, Instance.series_pk == Series.id)
-            .where(Series.study_pk == study.id)
+            .where(Series.study_pk == study.id, Series.state != NODE_OUTPUT)
             .group_by(Instance.series_pk)
             .order_by(func.count().desc())
             .limit(1)

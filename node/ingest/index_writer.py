@@ -7,14 +7,17 @@ owns the transaction (``begin_write`` takes SQLite's write lock up front).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from sqlalchemy import Connection, bindparam, case, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from node.index import Instance, Patient, Series, Study
-from node.ingest.arrival import Arrival
+from node.index import NODE_OUTPUT, Instance, Patient, Series, Study
+from node.ingest.arrival import Arrival, made_here
 from node.ingest.wire import float_value, int_value, text_value
+
+log = logging.getLogger("ainode.index")
 
 
 def _get_or_create(conn: Connection, table: Any, where: Any, values: Callable[[], dict[str, Any]]) -> int:
@@ -58,7 +61,9 @@ def _count_update(table: Any) -> Any:
 _SELECT_EXISTING = select(_INSTANCES.c.id, _INSTANCES.c.sop_instance_uid, _INSTANCES.c.sha256, _INSTANCES.c.path).where(
     _INSTANCES.c.sop_instance_uid.in_(bindparam("uids", expanding=True))
 )
-_SELECT_SERIES = select(_SERIES.c.id, _SERIES.c.study_pk).where(_SERIES.c.series_uid == bindparam("uid"))
+_SELECT_SERIES = select(_SERIES.c.id, _SERIES.c.study_pk, _SERIES.c.state).where(
+    _SERIES.c.series_uid == bindparam("uid")
+)
 _INSERT_INSTANCES = insert(_INSTANCES)
 _UPDATE_INSTANCE = (
     update(_INSTANCES)
@@ -86,9 +91,9 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
     existing: dict[str, dict[str, Any]] = {
         row.sop_instance_uid: dict(row._mapping) for row in conn.execute(_SELECT_EXISTING, {"uids": uids})
     }
-    series_ids: dict[str, tuple[int, int]] = {}  # series UID -> (series id, study id)
+    series_ids: dict[str, tuple[int, int, bool]] = {}  # series UID -> (series id, study id, node output)
     new_rows: list[dict[str, Any]] = []
-    counts: dict[tuple[int, int], list[Any]] = {}  # (series id, study id) -> [count, last time]
+    counts: dict[tuple[int, int, bool], list[Any]] = {}  # (series id, study id, node output) -> [count, last time]
     for arrival in arrivals:
         ds, stored = arrival.header, arrival.stored
         uid = ds.SOPInstanceUID
@@ -141,8 +146,10 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
     # Counters and times move with the rows in the same transaction: the assembler's quiet
     # timers read last_received_at.
     per_study: dict[int, list[Any]] = {}
-    for (series_pk, study_pk), (n, last) in counts.items():
+    for (series_pk, study_pk, node_output), (n, last) in counts.items():
         conn.execute(_UPDATE_SERIES_COUNT, {"pk": series_pk, "n": n, "t": last})
+        if node_output:  # the node's own results coming back neither reopen nor extend the study
+            continue
         total = per_study.setdefault(study_pk, [0, last])
         total[0] += n
         total[1] = max(total[1], last)
@@ -150,12 +157,14 @@ def index_batch(conn: Connection, arrivals: list[Arrival], policy: str) -> None:
         conn.execute(_UPDATE_STUDY_COUNT, {"pk": study_pk, "n": n, "t": last})
 
 
-def _series_of(conn: Connection, arrival: Arrival) -> tuple[int, int]:
-    """(series id, study id) of an arrival's series, creating patient, study and series rows."""
+def _series_of(conn: Connection, arrival: Arrival) -> tuple[int, int, bool]:
+    """(series id, study id, whether the node made it) of an arrival's series, creating patient,
+    study and series rows. A series the node made (``made_here``) is created as NODE_OUTPUT."""
     ds, now = arrival.header, arrival.received_at
     row = conn.execute(_SELECT_SERIES, {"uid": ds.SeriesInstanceUID}).first()
     if row is not None:
-        return row.id, row.study_pk
+        return row.id, row.study_pk, row.state == NODE_OUTPUT
+    node_output = made_here(ds)
     patient_id, issuer = text_value(ds, "PatientID", 64), text_value(ds, "IssuerOfPatientID", 64)
     patient_pk = _get_or_create(
         conn,
@@ -208,9 +217,12 @@ def _series_of(conn: Connection, arrival: Arrival) -> tuple[int, int]:
             instance_count=0,
             first_received_at=now,
             last_received_at=now,
+            state=NODE_OUTPUT if node_output else "received",
         ),
     )
-    return series_pk, study_pk
+    if node_output:
+        log.info("series %s: made by this node (a result sent back); stored, never analysed", series_pk)
+    return series_pk, study_pk, node_output
 
 
 def begin_write(conn: Connection) -> None:
