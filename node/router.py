@@ -299,7 +299,9 @@ def matching_rules(
 
 
 def _input_uids(session: Session, study: Study, series: Series | None) -> list[str]:
-    query = select(Instance.sop_instance_uid).join(Series, Instance.series_pk == Series.id)
+    """What the inputs' fingerprint is made of: each input's SOP Instance UID and content hash, so a
+    re-sent instance with new content (a corrected patient name) makes the analyses run again."""
+    query = select(Instance.sop_instance_uid + ":" + Instance.sha256).join(Series, Instance.series_pk == Series.id)
     if series is not None:
         query = query.where(Series.id == series.id)
     else:

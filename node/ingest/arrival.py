@@ -61,7 +61,8 @@ class Arrival:
     landed: Path | None = None  # the durable landed file, until placed and indexed
     record: journal.Record | None = None  # or the durable journal record, until placed and indexed
     sha256: str | None = None  # of the data set; computed from the landed file when first needed
-    outcome: str = ""  # new | same | kept_first | replaced
+    outcome: str = ""  # new | same | kept_first | replaced | corrected
+    corrected: list[str] = field(default_factory=list)  # identifying attributes a re-send changed
     old_relpath: str = ""
     kept_relpath: str = ""
     failures: int = 0

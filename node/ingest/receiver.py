@@ -51,6 +51,7 @@ from node.core.settings import Peer, Settings
 from node.index import Instance
 from node.ingest import acceptor, journal, store
 from node.ingest.arrival import Arrival, header_problem, instance_tag
+from node.ingest.index_writer import re_send_corrections
 from node.ingest.indexer import IndexBacklog, Indexer
 from node.ingest.policy import AssociationSlots, address_allowed, tls_context
 from node.ingest.recovery import recover_journal, recover_landed
@@ -343,7 +344,7 @@ class Receiver:
             if existing == sha:
                 log.info("instance %s: identical duplicate, nothing changed", name)
                 return SUCCESS
-            if self.policy == "keep_first":
+            if self.policy == "keep_first" and not self._corrects(header):
                 log.warning("instance %s: duplicate with different content; first copy kept (policy keep_first)", name)
                 return WARNING_ELEMENTS_DISCARDED, "duplicate SOP Instance UID with different content: first copy kept"
         # The reserve still holds with this file written (the journal's file comes next).
@@ -382,6 +383,17 @@ class Receiver:
         metrics.INSTANCES_RECEIVED.inc()
         metrics.BYTES_RECEIVED.inc(sink.size)
         return SUCCESS
+
+    def _corrects(self, header: Any) -> bool:
+        """Whether a re-send with other content corrects the patient's or the order's identification
+        (then it is stored and the Indexer replaces the copy; see index_writer.corrected_attributes).
+        Unknown (database down) counts as a correction: the Indexer decides with the index."""
+        try:
+            with self.engine.connect() as conn:
+                return bool(re_send_corrections(conn, header, self.root)[1])
+        except Exception as err:  # noqa: BLE001 - the Indexer applies the policy with the index
+            log.warning("index lookup failed (%s); duplicate policy applied at indexing", describe_error(err))
+            return True
 
     def _scratch(self) -> BinaryIO:
         """An unnamed temporary file for a large inflated data set (gone when closed)."""
