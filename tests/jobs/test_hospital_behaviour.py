@@ -81,8 +81,9 @@ def threshold_node(tmp_path: Path, **extra) -> NodeProcess:
 
 
 def storescu(port: int, files: list[Path], aec: str = "AINODE") -> subprocess.CompletedProcess:
+    # -R: propose the files' own SOP classes (SEG, SR, KOS are not in storescu's default list).
     return subprocess.run(
-        [STORESCU, "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+        [STORESCU, "-R", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
         check=True,
         capture_output=True,
         text=True,
