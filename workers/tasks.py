@@ -90,7 +90,8 @@ def is_transient(err: BaseException) -> bool:
 def error_reason(err: BaseException, job: Job | None = None, inputs: Sequence[InputInstance] = ()) -> str:
     """The job's error text, never empty, that a hospital can act on: our own refusals as written,
     others with their class; stored file names replaced by the SOP Instance UIDs they hold, a
-    missing attribute named as such, and the study (and series) named when no instance is.
+    missing attribute named as such, and (for a permanent error) the study and series named when no
+    instance is.
     Quoted values that could be patient data are redacted (``core.errors``)."""
     if isinstance(err, (AnalysisError, PermanentJobError)):
         text = redact(str(err).strip()) or "(no message)"
@@ -100,7 +101,8 @@ def error_reason(err: BaseException, job: Job | None = None, inputs: Sequence[In
     if missing:
         text = f"attribute {missing.group(1)} missing ({text})"
     text = name_instances(text, inputs)
-    if job is not None and "SOP Instance UID" not in text:
+    # A permanent error is about the input: say which (a transient one is about the machine).
+    if job is not None and job.study_uid and "SOP Instance UID" not in text and not is_transient(err):
         where = f"study {job.study_uid}" + (f", series {job.series_uid}" if job.series_uid else "")
         text = f"{where}: {text}"
     return text[:2000]

@@ -17,9 +17,11 @@ from pydicom.datadict import keyword_dict
 
 # A quoted value: '...' or "..." (not across lines).
 _QUOTED = re.compile(r"""(['"])([^'"\n]{0,200}?)\1""")
-# Values safe to show: UIDs, numbers, tags like (0028,0030), transfer syntax names.
+# Values safe to show: UIDs, numbers, tags like (0028,0030), transfer syntax names, lower-case
+# identifiers (analysis names, options: patient names are upper case or carry '^').
 _SAFE = re.compile(
-    r"[0-9]+(\.[0-9]+)*|-?[0-9.eE+-]+|\(?[0-9A-Fa-f]{4},\s?[0-9A-Fa-f]{4}\)?|[A-Za-z][A-Za-z0-9 _-]{0,40} Endian"
+    r"[0-9]+(\.[0-9]+)*|-?[0-9.eE+-]+|\(?[0-9A-Fa-f]{4},\s?[0-9A-Fa-f]{4}\)?"
+    r"|[A-Za-z][A-Za-z0-9 _-]{0,40} Endian|[a-z][a-z0-9_.-]{0,40}"
 )
 # Python names a message may quote ('FileDataset' object has no attribute 'PixelSpacing').
 _CODE_NAMES = frozenset({"FileDataset", "Dataset", "DataElement", "NoneType", "str", "int", "float", "list", "bytes"})
