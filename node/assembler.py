@@ -5,11 +5,13 @@ Evidence first, timers last:
 2. Expected counts: a series whose instances state Images in Acquisition is ready when that many
    have arrived.
 3. Quiet timers: a series (study) with no new instance for series_quiet_s (study_quiet_s) is ready;
-   force_complete_s after the first instance a study is ready however much keeps arriving.
+   force_complete_s after the first instance (or after its reopening) a study is ready however
+   much keeps arriving.
    A rule that matches the study may shorten or lengthen these (its ``timers``).
 Every input is a column (last_received_at, MPPS rows), so a restart loses no timer. An instance
-arriving after a study was routed puts it back to ``received``: it is routed again and analyses
-whose inputs changed run again (see node/router.py).
+arriving after a study was routed puts it back to ``received`` (``reopened_at``, from which its
+force-complete timer counts again): it is routed again once it is quiet, and analyses whose inputs
+changed run again (see node/router.py).
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ def _mark_study_ready(session: Session, study: Study, reason: str, now: datetime
     log.info("study %s ready (%s, %d instances)", study.id, reason, study.instance_count)
 
 
-def reopen_late_arrivals(session: Session) -> int:
-    """Studies/series that received instances after they were ready go back to received."""
+def reopen_late_arrivals(session: Session, now: datetime | None = None) -> int:
+    """Studies/series that received instances after they were ready go back to received; a
+    reopened study's force-complete timer starts again (``reopened_at``)."""
     reopened = 0
     for study in session.scalars(
         select(Study).where(
@@ -77,6 +80,7 @@ def reopen_late_arrivals(session: Session) -> int:
     ):
         log.info("study %s received instances after it was %s: completing it again", study.id, study.state)
         study.state, study.ready_reason = RECEIVED, ""
+        study.reopened_at = now or utcnow()
         reopened += 1
     for series in session.scalars(
         select(Series).where(
@@ -144,7 +148,7 @@ def apply_timers(session: Session, settings: Settings, now: datetime) -> int:
         if now - aware(study.last_received_at) >= timedelta(seconds=timers.study_quiet_s):
             _mark_study_ready(session, study, "quiet-timer", now)
             made_ready += 1
-        elif now - aware(study.first_received_at) >= timedelta(seconds=timers.force_complete_s):
+        elif now - aware(study.reopened_at or study.first_received_at) >= timedelta(seconds=timers.force_complete_s):
             _mark_study_ready(session, study, "forced-complete", now)
             made_ready += 1
     return made_ready
@@ -154,7 +158,7 @@ def complete_studies(settings: Settings) -> int:
     """One pass: reopen late arrivals, apply MPPS, then timers; returns how many studies became ready."""
     with database_session(settings.database.url) as session:
         now = utcnow()
-        reopen_late_arrivals(session)
+        reopen_late_arrivals(session, now)
         ready = apply_mpps(session, now)
         ready += apply_timers(session, settings, now)
     return ready

@@ -51,8 +51,16 @@ class Study(Base):
     state: Mapped[str] = mapped_column(String(16), default="received", index=True)
     ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
     ready_reason: Mapped[str] = mapped_column(String(64), default="")
+    # When instances arriving after it was ready reopened the study (None: never): its
+    # force-complete timer counts from here, not from the first arrival.
+    reopened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list["Series"]] = relationship(back_populates="study")
+
+
+# The state of a series the node itself made (its results, sent back by a PACS): stored and
+# shown, never completed, routed or counted as an input (node.ingest.arrival.made_here).
+NODE_OUTPUT = "node-output"
 
 
 class Series(Base):
@@ -71,6 +79,7 @@ class Series(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # received -> ready -> routed | unrouted; or node-output (NODE_OUTPUT) from the start.
     state: Mapped[str] = mapped_column(String(16), default="received", index=True)
     ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     study: Mapped[Study] = relationship(back_populates="series")

@@ -31,7 +31,7 @@ from node.core.clock import utcnow
 from node.core.db import database_session
 from node.core.intended_use import BodyRegions, IntendedUse, header_reason, series_headers
 from node.core.settings import MATCH_ATTRIBUTES, Condition, ConfigError, Match, Rule, Settings, load_settings
-from node.index import Instance, Series, Study
+from node.index import NODE_OUTPUT, Instance, Series, Study
 from node.jobs.broker import publish_job
 from node.jobs.lifecycle import queue_job
 from node.jobs.table import DEAD, FAILED, INAPPLICABLE, PENDING_STATES, Job, input_fingerprint
@@ -42,6 +42,12 @@ Facts = dict[str, list[Any]]
 
 
 # --- facts -----------------------------------------------------------------------------------
+
+
+def analysable_series() -> Any:
+    """The condition on series rows that rules and jobs may see: not the node's own results sent
+    back by a PACS (``index.NODE_OUTPUT``), whatever sent them."""
+    return Series.state != NODE_OUTPUT
 
 
 def age_in_years(age: str) -> float | None:
@@ -64,7 +70,9 @@ def _distinct(values: Iterable[Any]) -> list[Any]:
 def study_facts(session: Session, study: Study, series: Series | None = None) -> Facts:
     """What rules can test about a study (or one of its series), from the index."""
     members = (
-        [series] if series is not None else list(session.scalars(select(Series).where(Series.study_pk == study.id)))
+        [series]
+        if series is not None
+        else list(session.scalars(select(Series).where(Series.study_pk == study.id, analysable_series())))
     )
     pks = [s.id for s in members]
     sop_classes = session.scalars(select(Instance.sop_class_uid).where(Instance.series_pk.in_(pks)).distinct()).all()
@@ -355,8 +363,13 @@ def _done_when_nothing_pending(session: Session, study: Study) -> None:
 
 
 def _input_uids(session: Session, study: Study, series: Series | None) -> list[str]:
-    query = select(Instance.sop_instance_uid).join(Series, Instance.series_pk == Series.id)
-    query = query.where(Series.id == series.id) if series is not None else query.where(Series.study_pk == study.id)
+    """What the inputs' fingerprint is made of: each input's SOP Instance UID and content hash, so a
+    re-sent instance with new content (a corrected patient name) makes the analyses run again."""
+    query = select(Instance.sop_instance_uid + ":" + Instance.sha256).join(Series, Instance.series_pk == Series.id)
+    if series is not None:
+        query = query.where(Series.id == series.id)
+    else:
+        query = query.where(Series.study_pk == study.id, analysable_series())
     return list(session.scalars(query))
 
 

@@ -22,6 +22,7 @@ from node import assembler, retention, router
 from node.admin import api
 from node.core import audit
 from node.core.db import dispose_engines, engine_for, init_db
+from node.core.errors import describe_error
 from node.core.logs import configure_logging
 from node.core.settings import Settings
 from node.dispatch import commitment, outbox
@@ -151,7 +152,7 @@ def recover_landed(settings: Settings) -> None:
     try:
         recover_all(indexer, settings.node.ae_title)
     except Exception as err:  # each receiver tries its own share again in the background
-        log.error("indexing landed instances failed: %s", type(err).__name__)
+        log.error("indexing landed instances failed: %s", describe_error(err))
 
 
 class ReceiverPool:
@@ -223,7 +224,7 @@ def _run_periodic(name: str, interval: float, func: Callable[[], None], stop: th
         try:
             func()
         except Exception as err:  # a failing task must not stop the node; it runs again later
-            log.error("periodic task %s failed: %s", name, type(err).__name__)
+            log.error("periodic task %s failed: %s", name, describe_error(err))
 
 
 class PeriodicTasks:
@@ -243,7 +244,7 @@ class PeriodicTasks:
             try:
                 func()
             except Exception as err:
-                log.error("last pass of %s failed: %s", name, type(err).__name__)
+                log.error("last pass of %s failed: %s", name, describe_error(err))
 
 
 def start_periodic(settings: Settings, stop: threading.Event) -> PeriodicTasks:
@@ -304,7 +305,7 @@ def serve(settings: Settings) -> int:
         try:
             stopper()
         except Exception as err:
-            log.error("stopping a service failed: %s", type(err).__name__)
+            log.error("stopping a service failed: %s", describe_error(err))
     dispose_engines()
     log.info("stopped")
     return 0

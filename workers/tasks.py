@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from billiard.exceptions import WorkerLostError
@@ -35,6 +36,7 @@ from celery.worker.request import Request
 from sqlalchemy.exc import DBAPIError
 
 from node.core.db import database_session
+from node.core.errors import describe_error, log_traceback, redact
 from node.core.logs import configure_logging
 from node.core.settings import CapabilityProfile, Settings, current_settings, use_settings
 from node.dispatch.kinds import ResultObject
@@ -46,6 +48,7 @@ from node.jobs.broker import app, publish_delivery, publish_job
 from node.jobs.inputs import InputInstance, job_inputs
 from node.jobs.table import FAILED, INAPPLICABLE, RETRYING, SUCCEEDED, Job
 from workers.analysis.contract import NotApplicable
+from workers.analysis.findings import Findings
 from workers.analysis.imaging import load_series
 from workers.analysis.registry import AnalysisError
 from workers.analysis.registry import run_analysis as run_registered
@@ -86,12 +89,37 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "CUDA" in str(err)
 
 
-def error_reason(err: BaseException) -> str:
-    """The job's error text, never empty: our own refusals as written, others with their class."""
-    text = str(err).strip() or "(no message)"
+def error_reason(err: BaseException, job: Job | None = None, inputs: Sequence[InputInstance] = ()) -> str:
+    """The job's error text, never empty, that a hospital can act on: our own refusals as written,
+    others with their class; stored file names replaced by the SOP Instance UIDs they hold, a
+    missing attribute named as such, and (for a permanent error) the study and series named when no
+    instance is.
+    Quoted values that could be patient data are redacted (``core.errors``)."""
     if isinstance(err, (AnalysisError, PermanentJobError)):
-        return text[:2000]
-    return f"{type(err).__name__}: {text}"[:2000]
+        text = redact(str(err).strip()) or "(no message)"
+    else:
+        text = describe_error(err, limit=2000)
+    missing = _MISSING_ATTRIBUTE.search(str(err)) if isinstance(err, AttributeError) else None
+    if missing:
+        text = f"attribute {missing.group(1)} missing ({text})"
+    text = name_instances(text, inputs)
+    # A permanent error is about the input: say which (a transient one is about the machine).
+    if job is not None and job.study_uid and "SOP Instance UID" not in text and not is_transient(err):
+        where = f"study {job.study_uid}" + (f", series {job.series_uid}" if job.series_uid else "")
+        text = f"{where}: {text}"
+    return text[:2000]
+
+
+_MISSING_ATTRIBUTE = re.compile(r"has no attribute '([A-Za-z0-9_]+)'")
+
+
+def name_instances(text: str, inputs: Sequence[InputInstance]) -> str:
+    """``text`` with each input's stored path (or file name, a hash) replaced by its SOP Instance UID."""
+    for item in inputs:
+        for shown in (str(item.path), item.path.name):
+            if shown and shown in text:
+                text = text.replace(shown, f"SOP Instance UID {item.sop_instance_uid}")
+    return text
 
 
 # --- the analyses ----------------------------------------------------------------------------
@@ -146,7 +174,26 @@ def run_model_job(
         or [CapabilityProfile()],
     )
     outputs = list(write_results(findings, context))
-    return outputs, {"outputs": [str(o.path) for o in outputs], "series_uid": series_uid}
+    return outputs, {"outputs": [str(o.path) for o in outputs], "series_uid": series_uid, **findings_summary(findings)}
+
+
+def findings_summary(findings: Findings) -> dict[str, Any]:
+    """What the job record shows of the findings (the dashboard's study page): the model version,
+    each classification's probability and each measurement's value, and how many detections and
+    segments there are. No patient data: codes' meanings and numbers only."""
+    return {
+        "algorithm_version": findings.algorithm_version,
+        "classifications": [
+            {"label": c.label, "finding": c.finding[2], "probability": float(c.probability), "present": c.present}
+            for c in findings.classifications
+        ],
+        "measurements": [
+            {"name": m.name[2], "value": float(m.value), "unit": m.unit[0], "label": m.segment_label or ""}
+            for m in findings.measurements
+        ],
+        "detections": len(findings.detections),
+        "segments": len(findings.segments),
+    }
 
 
 def execute_job(settings: Settings, job_id: int) -> str:
@@ -158,6 +205,7 @@ def execute_job(settings: Settings, job_id: int) -> str:
         job = session.get(Job, job_id)
         session.expunge(job)
     log.info("job %s started (%s, attempt %d/%d)", job_id, job.analysis, claim.attempt, job.max_attempts)
+    inputs: list[InputInstance] = []
     try:
         with lifecycle.Heartbeat(settings, claim):
             inputs = job_inputs(settings, job)
@@ -173,20 +221,29 @@ def execute_job(settings: Settings, job_id: int) -> str:
         log.info("job %s not applicable: %s", job_id, err)
         return INAPPLICABLE
     except Exception as err:  # noqa: BLE001 - sorted into permanent and transient below
-        return record_error(settings, job, claim, err)
+        return record_error(settings, job, claim, err, inputs)
     return deliver_results(settings, job, claim, outputs, summary)
 
 
-def record_error(settings: Settings, job: Job, claim: lifecycle.Claim, err: BaseException) -> str:
-    """Fail the job once for a permanent error; retry a transient one while attempts remain."""
-    reason = error_reason(err)
+def record_error(
+    settings: Settings, job: Job, claim: lifecycle.Claim, err: BaseException, inputs: Sequence[InputInstance] = ()
+) -> str:
+    """Fail the job once for a permanent error; retry a transient one while attempts remain.
+
+    The reason names SOP Instance UIDs, not storage paths (``error_reason``); an unexpected
+    error's traceback goes to the log with its message redacted (``core.errors.log_traceback``).
+    """
+    reason = error_reason(err, job, inputs)
     if not is_transient(err):
-        log.error("job %s failed: %s", job.id, reason, exc_info=not isinstance(err, (AnalysisError, PermanentJobError)))
+        if isinstance(err, (AnalysisError, PermanentJobError)):
+            log.error("job %s failed: %s", job.id, reason)
+        else:
+            log_traceback(log, f"job {job.id} failed: {reason}", err)
         lifecycle.fail_job(settings, claim, reason)
         return FAILED
     state = lifecycle.retry_or_bury(settings, claim, reason, job.max_attempts)
     if state == RETRYING:
-        log.warning("job %s attempt %d failed (%s); retrying", job.id, claim.attempt, type(err).__name__)
+        log.warning("job %s attempt %d failed (%s); retrying", job.id, claim.attempt, reason)
         publish_job(settings, job.id, countdown=min(300, 2**claim.attempt))
     else:
         log.error("job %s dead after %d attempts: %s", job.id, claim.attempt, reason)

@@ -30,6 +30,7 @@ from node.admin.routes_system import DASHBOARD
 from node.admin.transfers import TransferAuditor
 from node.core import audit
 from node.core.db import engine_for
+from node.core.errors import describe_error
 from node.core.metrics import API_REQUESTS, record_gpu
 from node.core.settings import Settings
 
@@ -56,7 +57,7 @@ def _listed_once(analyses: AnalysesProvider, settings: Settings) -> Callable[[],
             try:
                 cache.append(list(analyses(settings)))
             except Exception as err:  # noqa: BLE001 - the analysis side may not be installed on this machine
-                log.warning("installed analyses unknown: %s", type(err).__name__)
+                log.warning("installed analyses unknown: %s", describe_error(err))
                 cache.append([])
         return cache[0]
 

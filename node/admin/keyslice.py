@@ -28,13 +28,16 @@ from sqlalchemy import func, select
 
 from node.core.db import database_session
 from node.core.settings import Settings
-from node.index import Instance, Series, Study
+from node.index import NODE_OUTPUT, Instance, Series, Study
 from node.jobs.table import Job
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_SOP_CLASS_PREFIX, KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.88.59"
-# Soft-tissue window: organs and lesions of the abdomen are told apart here.
+# Soft-tissue window: organs and lesions of the abdomen are told apart here. The CT default when
+# an image names no window of its own.
 WINDOW = (-160.0, 240.0)
+# Without a window of its own, an image that is not CT shows its values between these percentiles.
+PERCENTILES = (0.5, 99.5)
 COLOURS = [
     (255, 80, 80),
     (80, 200, 255),
@@ -77,6 +80,8 @@ class StudyOverlay:
     segments: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)  # number -> (label, bool mask)
     detections: list[Mark] = field(default_factory=list)
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # mm: slice step, row, column
+    windows: list[tuple[float, float]] = field(default_factory=list)  # per slice (low, high), modality units
+    inverted: list[bool] = field(default_factory=list)  # per slice: MONOCHROME1 (white is low)
 
     @cached_property
     def lesions(self) -> list[list[Mark]]:
@@ -128,7 +133,7 @@ def _largest_series_files(settings: Settings, study_uid: str) -> list[Path]:
         series_pk = session.scalar(
             select(Instance.series_pk)
             .join(Series, Instance.series_pk == Series.id)
-            .where(Series.study_pk == study.id)
+            .where(Series.study_pk == study.id, Series.state != NODE_OUTPUT)
             .group_by(Instance.series_pk)
             .order_by(func.count().desc())
             .limit(1)
@@ -151,8 +156,33 @@ def result_files(settings: Settings, study_uid: str) -> list[Path]:
     return [p for p in out if p.exists()]
 
 
-def _load_stack(files: list[Path]) -> tuple[np.ndarray, list[str], tuple[float, float, float]]:
-    """Pixels (k, rows, cols) sorted along the slice normal, their SOP Instance UIDs, spacing in mm."""
+def display_window(ds: pydicom.Dataset, values: np.ndarray) -> tuple[float, float]:
+    """(low, high) in modality units to show an image with: its own VOI window (the first Window
+    Center/Width, else the range of its VOI LUT), else the CT soft-tissue window for CT, else the
+    0.5th to 99.5th percentile of its values (a radiograph has no fixed scale)."""
+    try:
+        centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if centre is not None and width is not None:
+            centre = float(centre[0] if isinstance(centre, pydicom.multival.MultiValue) else centre)
+            width = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+            if width > 1:
+                return centre - width / 2, centre + width / 2
+        if "VOILUTSequence" in ds and "LUTDescriptor" in ds.VOILUTSequence[0]:
+            entries, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+            return float(first), float(first + (entries or 65536) - 1)
+    except (TypeError, ValueError, IndexError, AttributeError):
+        pass  # a malformed window: the defaults below
+    if str(ds.get("Modality", "")) == "CT":
+        return WINDOW
+    lo, hi = (float(v) for v in np.percentile(values, PERCENTILES))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def _load_stack(
+    files: list[Path],
+) -> tuple[np.ndarray, list[str], tuple[float, float, float], list[tuple[float, float]], list[bool]]:
+    """Pixels (k, rows, cols) sorted along the slice normal, their SOP Instance UIDs, spacing in
+    mm, and each slice's display window and polarity."""
     slices, pixel_mm = [], (1.0, 1.0)
     for path in files:
         ds = pydicom.dcmread(path)
@@ -164,13 +194,22 @@ def _load_stack(files: list[Path]) -> tuple[np.ndarray, list[str], tuple[float, 
         values = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1)) + float(
             ds.get("RescaleIntercept", 0)
         )
-        slices.append((float(np.dot(normal, position)), ds.SOPInstanceUID, values))
+        inverted = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
+        slices.append(
+            (float(np.dot(normal, position)), ds.SOPInstanceUID, values, display_window(ds, values), inverted)
+        )
         pixel_mm = tuple(float(v) for v in ds.get("PixelSpacing", pixel_mm))
     if not slices:
         raise NoImages("the study has no images")
     slices.sort(key=lambda s: s[0])
     step = float(np.median(np.diff([s[0] for s in slices]))) if len(slices) > 1 else 1.0
-    return np.stack([s[2] for s in slices]), [s[1] for s in slices], (abs(step) or 1.0, *pixel_mm)
+    return (
+        np.stack([s[2] for s in slices]),
+        [s[1] for s in slices],
+        (abs(step) or 1.0, *pixel_mm),
+        [s[3] for s in slices],
+        [s[4] for s in slices],
+    )
 
 
 def _seg_masks(path: Path, sop_uids: list[str], shape: tuple[int, int, int]) -> dict[int, tuple[str, np.ndarray]]:
@@ -250,8 +289,8 @@ def _sr_marks(path: Path, index: dict[str, int], spacing: tuple[float, float, fl
 
 def overlay_from_files(images: list[Path], results: list[Path]) -> StudyOverlay:
     """The overlay of result objects (SEG masks, SR detections; others ignored) on a series' images."""
-    pixels, uids, spacing = _load_stack(images)
-    overlay = StudyOverlay(pixels, uids, spacing=spacing)
+    pixels, uids, spacing, windows, inverted = _load_stack(images)
+    overlay = StudyOverlay(pixels, uids, spacing=spacing, windows=windows, inverted=inverted)
     index = {uid: k for k, uid in enumerate(uids)}
     for path in results:
         sop_class = _sop_class(path)
@@ -314,11 +353,14 @@ def detections_on(overlay: StudyOverlay, k: int) -> list[tuple[str, Box]]:
 
 
 def render_png(overlay: StudyOverlay, k: int, scale: int | None = None) -> bytes:
-    """Slice k windowed to soft tissue, segment outlines in colour, lesion boxes with labels."""
+    """Slice k in its own window (``display_window``; the CT soft-tissue window when none is
+    known), segment outlines in colour, lesion boxes with labels."""
     if not 0 <= k < len(overlay.sop_uids):
         raise IndexError(f"slice {k} out of range 0..{len(overlay.sop_uids) - 1}")
-    lo, hi = WINDOW
+    lo, hi = overlay.windows[k] if k < len(overlay.windows) else WINDOW
     grey = (np.clip((overlay.pixels[k] - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    if k < len(overlay.inverted) and overlay.inverted[k]:
+        grey = 255 - grey
     rgb = np.repeat(grey[..., None], 3, axis=2)
     for n, (label, mask) in enumerate(overlay.segments.values()):
         edge = mask[k] & ~ndimage.binary_erosion(mask[k])

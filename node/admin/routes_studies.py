@@ -13,6 +13,7 @@ from node.admin.access import Access
 from node.admin.keyslice import NoImages, key_slices, render_png, study_overlay
 from node.admin.views import study_view, study_views
 from node.core.db import session_scope
+from node.core.errors import describe_error
 from node.core.settings import Settings
 from node.index import Study
 
@@ -25,7 +26,7 @@ def _key_slices(settings: Settings, study_uid: str) -> list[int]:
     except NoImages:
         return []
     except Exception as err:  # noqa: BLE001 - an unreadable object must not break the study page
-        log.warning("key slices of a study could not be computed: %s", type(err).__name__)
+        log.warning("key slices of a study could not be computed: %s", describe_error(err))
         return []
 
 

@@ -20,17 +20,43 @@ from node.index import Instance, Series, Study
 from node.ingest.quarantine import alerts
 from node.jobs.table import PENDING_STATES, Job
 
-PHASES = ("received", "ready", "queued", "running", "delivered", "done", "not applicable", "unrouted", "failed")
+PHASES = (
+    "received",
+    "ready",
+    "queued",
+    "running",
+    "delivered",
+    "done",
+    "not applicable",
+    "unrouted",
+    "partial",
+    "failed",
+)
+
+
+def current_jobs(jobs: list[Job]) -> list[Job]:
+    """The jobs no later job superseded (a re-run's outcome replaces its predecessor's)."""
+    superseded = {j.supersedes_job_id for j in jobs if j.supersedes_job_id is not None}
+    return [j for j in jobs if j.id not in superseded]
 
 
 def study_phase(study: Study, jobs: list[Job], deliveries: list[Delivery]) -> str:
-    """Where a study stands: received → ready → queued → running → delivered (or failed/unrouted/done)."""
+    """Where a study stands: received → ready → queued → running → delivered (or failed/unrouted/done).
+
+    "partial" when something failed but some results were delivered (or some jobs succeeded and
+    nothing is left to run): the PACS has part of the results, and the failures say what is missing.
+    """
     if study.state == "received":
         return "received"
     if study.state == "unrouted":
         return "unrouted"
+    jobs = current_jobs(jobs)
     states = {j.state for j in jobs}
     if states & {"dead", "failed"} or any(d.state == "failed" for d in deliveries):
+        if states & {"running", "queued", "retrying"}:
+            return "running" if "running" in states else "queued"
+        if any(d.state == "delivered" for d in deliveries) or "succeeded" in states:
+            return "partial"
         return "failed"
     if "running" in states:
         return "running"
@@ -100,6 +126,9 @@ def job_view(job: Job) -> dict[str, Any]:
         "finished_at": iso(job.finished_at),
         "heartbeat_at": iso(job.heartbeat_at),
         "supersedes_job_id": job.supersedes_job_id,
+        "findings": {
+            key: result[key] for key in ("classifications", "measurements", "detections", "segments") if key in result
+        },
     }
 
 
@@ -185,7 +214,9 @@ def _study_view(study: Study, jobs: list[Job], deliveries: list[Delivery], modal
         "ready_at": iso(study.ready_at),
         "timings_s": stage_timings(study, jobs, deliveries),
         "rules_matched": sorted({j.rule for j in jobs if j.rule}),
-        "failures": [f"job {j.id} ({j.analysis}): {j.error}" for j in jobs if j.state in ("dead", "failed")]
+        "failures": [
+            f"job {j.id} ({j.analysis}): {j.error}" for j in current_jobs(jobs) if j.state in ("dead", "failed")
+        ]
         + [f"delivery {d.id} to {d.destination}: {d.reason}" for d in deliveries if d.state == "failed"],
         "not_applicable": [f"job {j.id} ({j.analysis}): {j.error}" for j in jobs if j.state == "inapplicable"],
     }

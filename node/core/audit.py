@@ -38,6 +38,7 @@ RETRY_S = 1.0
 # PS3.16 CID 400-403: event IDs and types (code, meaning).
 APPLICATION_ACTIVITY = ("110100", "Application Activity")
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+PATIENT_RECORD = ("110110", "Patient Record")
 QUERY = ("110112", "Query")
 SECURITY_ALERT = ("110113", "Security Alert")
 USER_AUTHENTICATION = ("110114", "User Authentication")
@@ -416,6 +417,16 @@ def security_alert(
             SECURITY_ALERT, "E", outcome, what, detail, [Participant(user, True, address)], list(study_uids or [])
         )
     )
+
+
+def patient_record(*, study_uid: str, attributes: list[str], source_ae: str, node_ae: str = "") -> bool:
+    """Patient Record (A.5.3.9), action Update: a re-sent instance corrected the patient's or the
+    order's identification. Names the corrected attributes, never their values."""
+    detail = "re-send corrected " + ", ".join(attributes) + ": stored copy replaced, study analysed again"
+    parts = [Participant(source_ae, True, "", ROLE_SOURCE)]
+    if node_ae:
+        parts.append(Participant(node_ae, False, socket.gethostname(), ROLE_DESTINATION))
+    return record(AuditEvent(PATIENT_RECORD, "U", SUCCESS, None, detail, parts, [study_uid]))
 
 
 def query(*, user: str, address: str, text: str, outcome: int = SUCCESS) -> bool:

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 
@@ -92,8 +92,25 @@ def init_db(url: str) -> Engine:
         for table in Base.metadata.sorted_tables:
             for index in table.indexes:
                 index.create(conn, checkfirst=True)
+        _add_missing_columns(conn)
         _upgrade_columns(conn)
     return engine
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """Columns added to a table since its database was made (an upgraded node): created empty.
+
+    Only nullable columns are added this way (a new column is nullable for that reason); the rows
+    that exist get NULL, which the code reads as "not known then".
+    """
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present or not column.nullable:
+                continue
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 @contextmanager

@@ -34,6 +34,12 @@ MAY_NO_LONGER_BE_UPDATED = 0xA710
 
 STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 
+# The equipment the node's result objects name (Manufacturer and Device Serial Number of the
+# object, or of its Contributing Equipment item): how the node knows its own output when a PACS
+# sends it back (node.ingest.arrival.made_here). The writers take these values from here.
+NODE_MANUFACTURER = "ainode"
+NODE_DEVICE_SERIAL = "ainode"
+
 
 def is_success_or_warning(code: int) -> bool:
     """Success, or a warning (Bxxx, 0001, 0107, 0116): the object was stored."""

@@ -53,6 +53,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from node.core import audit
+from node.core.errors import describe_error
 
 LOGGER = logging.getLogger("ainode.acceptor")
 
@@ -732,7 +733,7 @@ class FastAssociation(Association):
             answer = self._service.store(self, req, context)  # type: ignore[union-attr]
             status, comment = answer if isinstance(answer, tuple) else (answer, None)
         except Exception as exc:
-            LOGGER.error("C-STORE handler failed: %s", type(exc).__name__)
+            LOGGER.error("C-STORE handler failed: %s", describe_error(exc))
             req.sink.discard()  # type: ignore[union-attr]
             status = 0xC211  # pynetdicom's answer when a handler raises
         if not self.is_established:

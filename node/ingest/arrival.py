@@ -18,10 +18,29 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
 from node.core.clock import utcnow
-from node.core.dicom import DATASET_MISMATCH, INVALID_UID
+from node.core.dicom import DATASET_MISMATCH, INVALID_UID, NODE_DEVICE_SERIAL, NODE_MANUFACTURER
 from node.ingest import journal, store
 from node.ingest.index_values import IndexValues, index_values
 from node.ingest.wire import Header, Unparseable, read_header
+
+
+def made_here(header: Header | Dataset) -> bool:
+    """Whether the node itself made this object (a result a PACS sent back): its equipment, or a
+    Contributing Equipment item, is this node's (Manufacturer and Device Serial Number). Such
+    objects are stored (they were acknowledged) but never analysed."""
+
+    def ours(item: Header | Dataset) -> bool:
+        return (
+            str(item.get("Manufacturer") or "").strip() == NODE_MANUFACTURER
+            and str(item.get("DeviceSerialNumber") or "").strip() == NODE_DEVICE_SERIAL
+        )
+
+    if ours(header):
+        return True
+    try:
+        return any(ours(item) for item in header.get("ContributingEquipmentSequence") or [])
+    except (TypeError, AttributeError):  # not a sequence as read: not ours
+        return False
 
 
 def instance_tag(sop_instance_uid: str) -> str:
@@ -43,7 +62,8 @@ class Arrival:
     landed: Path | None = None  # the durable landed file, until placed and indexed
     record: journal.Record | None = None  # or the durable journal record, until placed and indexed
     sha256: str | None = None  # of the data set; computed from the landed file when first needed
-    outcome: str = ""  # new | same | kept_first | replaced
+    outcome: str = ""  # new | same | kept_first | replaced | corrected
+    corrected: list[str] = field(default_factory=list)  # identifying attributes a re-send changed
     old_relpath: str = ""
     kept_relpath: str = ""
     failures: int = 0

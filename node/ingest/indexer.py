@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from node.core import audit
 from node.ingest import journal, store
 from node.ingest.arrival import Arrival, instance_tag
 from node.ingest.index_writer import begin_write, index_batch
@@ -164,6 +165,7 @@ class Indexer:
         self._commit(arrivals)
         for arrival in arrivals:
             self._settle(arrival)
+        audit_corrections(arrivals)
         with self._cond:
             self._unsynced.extend(a for a in arrivals if a.record is not None or a.landed is not None)
         if durable or self._durability_due():
@@ -224,6 +226,14 @@ class Indexer:
             if arrival.stored.relpath != arrival.kept_relpath:
                 store.remove_file(self.root, arrival.stored.relpath)
             log.warning("instance %s: duplicate with different content; first copy kept (policy keep_first)", name)
+        elif arrival.outcome == "corrected":
+            if arrival.old_relpath != arrival.stored.relpath:
+                store.remove_file(self.root, arrival.old_relpath)
+            log.warning(
+                "instance %s: re-sent with corrected %s; the stored copy was replaced and the study is analysed again",
+                name,
+                ", ".join(arrival.corrected),
+            )
         elif arrival.outcome == "replaced":
             # The new copy is durable and indexed: only now may the old one go.
             if arrival.old_relpath != arrival.stored.relpath:
@@ -239,7 +249,7 @@ class Indexer:
             with self._engine.connect() as conn:
                 try:
                     begin_write(conn)
-                    index_batch(conn, arrivals, self._policy)
+                    index_batch(conn, arrivals, self._policy, self.root)
                     conn.commit()
                     return
                 except OperationalError:
@@ -335,3 +345,15 @@ class Indexer:
             return False
         self._done([arrival])
         return True
+
+
+def audit_corrections(arrivals: list[Arrival]) -> None:
+    """One Patient Record audit message per study and sender for the corrections in a batch
+    (the attributes' names, never their values)."""
+    corrected: dict[tuple[str, str, str], set[str]] = {}
+    for arrival in arrivals:
+        if arrival.outcome == "corrected":
+            key = (str(arrival.header.StudyInstanceUID), arrival.calling_ae, arrival.called_ae)
+            corrected.setdefault(key, set()).update(arrival.corrected)
+    for (study_uid, source_ae, node_ae), attributes in corrected.items():
+        audit.patient_record(study_uid=study_uid, attributes=sorted(attributes), source_ae=source_ae, node_ae=node_ae)

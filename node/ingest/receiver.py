@@ -46,11 +46,13 @@ from node.core.dicom import (
     SUCCESS,
     WARNING_ELEMENTS_DISCARDED,
 )
+from node.core.errors import describe_error
 from node.core.settings import Peer, Settings
 from node.index import Instance
 from node.ingest import acceptor, journal, store
 from node.ingest.arrival import Arrival, header_problem, instance_tag
 from node.ingest.index_values import NotIndexable, index_values
+from node.ingest.index_writer import re_send_corrections
 from node.ingest.indexer import IndexBacklog, Indexer
 from node.ingest.policy import AssociationSlots, address_allowed, tls_context
 from node.ingest.recovery import recover_journal, recover_landed
@@ -155,7 +157,7 @@ class Receiver:
         try:
             return found + recover_landed(self.indexer, self.settings.node.ae_title, self.prefix)
         except Exception as err:
-            log.error("indexing landed instances failed (%s); retrying in the background", type(err).__name__)
+            log.error("indexing landed instances failed (%s); retrying in the background", describe_error(err))
             return found + recover_landed(self.indexer, self.settings.node.ae_title, self.prefix, synchronous=False)
 
     def _open_journal(self) -> int:
@@ -381,7 +383,7 @@ class Receiver:
             log.error("instance refused (A700): %s", err)
             return OUT_OF_RESOURCES, "index backlog"
         except Exception as err:  # never a traceback: database errors quote row values
-            log.error("instance failed: %s", type(err).__name__)
+            log.error("instance failed: %s", describe_error(err))
             return PROCESSING_FAILURE, "internal error"
         finally:
             sink.discard()  # nothing left behind unless it was landed
@@ -433,7 +435,7 @@ class Receiver:
             if existing == sha:
                 log.info("instance %s: identical duplicate, nothing changed", name)
                 return SUCCESS
-            if self.policy == "keep_first":
+            if self.policy == "keep_first" and not self._corrects(header):
                 log.warning("instance %s: duplicate with different content; first copy kept (policy keep_first)", name)
                 return WARNING_ELEMENTS_DISCARDED, "duplicate SOP Instance UID with different content: first copy kept"
         # The reserve still holds with this file written and every journal record still to be
@@ -475,6 +477,17 @@ class Receiver:
         metrics.BYTES_RECEIVED.inc(sink.size)
         return SUCCESS
 
+    def _corrects(self, header: Any) -> bool:
+        """Whether a re-send with other content corrects the patient's or the order's identification
+        (then it is stored and the Indexer replaces the copy; see index_writer.corrected_attributes).
+        Unknown (database down) counts as a correction: the Indexer decides with the index."""
+        try:
+            with self.engine.connect() as conn:
+                return bool(re_send_corrections(conn, header, self.root)[1])
+        except Exception as err:  # noqa: BLE001 - the Indexer applies the policy with the index
+            log.warning("index lookup failed (%s); duplicate policy applied at indexing", describe_error(err))
+            return True
+
     def _scratch(self) -> BinaryIO:
         """An unnamed temporary file for a large inflated data set (gone when closed)."""
         return tempfile.TemporaryFile(dir=self.root / store.INCOMING, prefix=self.prefix)
@@ -493,7 +506,7 @@ class Receiver:
         try:
             return self._lookup(sop_instance)
         except Exception as err:
-            log.warning("index lookup failed (%s); duplicate policy applied at indexing", type(err).__name__)
+            log.warning("index lookup failed (%s); duplicate policy applied at indexing", describe_error(err))
             return None
 
     # -- the AE

@@ -50,6 +50,8 @@ HEADER_KEYWORDS = (
     "PatientAge",
     "BodyPartExamined",
     "SliceThickness",
+    "DeviceSerialNumber",
+    "ContributingEquipmentSequence",
     "StudyInstanceUID",
     "SeriesInstanceUID",
     "StudyID",
@@ -59,6 +61,7 @@ HEADER_KEYWORDS = (
     "FrameOfReferenceUID",
 )
 HEADER_TAGS = [Tag(k) for k in HEADER_KEYWORDS]
+SEQUENCE_KEYWORDS = frozenset({"ContributingEquipmentSequence"})
 _PIXEL_DATA = 0x7FE00010
 
 
@@ -130,7 +133,10 @@ def _walk(
         if uids is not None and tag in _INDEX_TAGS and length != 0xFFFFFFFF:
             uids[tag] = (pos, length, vr)
         if length == 0xFFFFFFFF:
+            start = pos
             pos = _walk_items(buf, pos, end, implicit, little, encapsulated=(tag == _PIXEL_DATA))
+            if uids is not None and tag in _INDEX_TAGS:  # a sequence the index reads (pydicom decodes it)
+                uids[tag] = (start, pos - start, vr)
         else:
             pos += length
             if pos > end:
@@ -232,7 +238,7 @@ class Header:
         pos, length, vr = where
         value = self._raw[pos : pos + length]
         # ISO 2022 text (ESC sequences) is 7-bit too, but only pydicom decodes it correctly.
-        if vr in _TEXT_VRS and value.isascii() and b"\x1b" not in value:
+        if vr in _TEXT_VRS and value.isascii() and b"\x1b" not in value and keyword not in SEQUENCE_KEYWORDS:
             return value.decode("ascii").rstrip("\x00 ")
         return self.dataset().get(keyword, default)
 

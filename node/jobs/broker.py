@@ -23,6 +23,7 @@ from sqlalchemy import update
 
 from node.core.clock import utcnow
 from node.core.db import engine_for, session_scope
+from node.core.errors import describe_error
 from node.core.settings import Settings, use_settings
 from node.jobs.table import (
     ANALYSIS_QUEUE,
@@ -164,6 +165,6 @@ def publish_delivery(settings: Settings, delivery_id: int) -> bool:
             priority=PRIORITY_RANK["routine"],
         )
     except Exception as err:  # noqa: BLE001
-        log.warning("delivery %s not published (%s)", delivery_id, type(err).__name__)
+        log.warning("delivery %s not published (%s)", delivery_id, describe_error(err))
         return False
     return True

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from node.core.db import database_session
 from node.core.settings import Settings
-from node.index import Instance, Series
+from node.index import NODE_OUTPUT, Instance, Series
 from node.jobs.table import Job
 
 
@@ -31,6 +31,7 @@ def job_inputs(settings: Settings, job: Job) -> list[InputInstance]:
         if job.series_pk is not None:
             query = query.where(Series.id == job.series_pk)
         else:
-            query = query.where(Series.study_pk == job.study_pk)
+            # The node's own results sent back by a PACS are never an input (index.NODE_OUTPUT).
+            query = query.where(Series.study_pk == job.study_pk, Series.state != NODE_OUTPUT)
         rows = session.execute(query.order_by(Series.id, Instance.instance_number, Instance.id)).all()
     return [InputInstance(s, u, Path(settings.storage.path) / p) for s, u, p in rows]

@@ -21,6 +21,7 @@ from sqlalchemy import select
 
 from node.core.clock import aware, utcnow
 from node.core.db import database_session
+from node.core.errors import describe_error
 from node.core.settings import Settings
 from node.jobs.broker import embedded, publish_job
 from node.jobs.table import ANALYSIS_QUEUE, DELIVERY_QUEUE, PRIORITY_STEPS, QUEUED, RETRYING, RUNNING, Job
@@ -49,7 +50,7 @@ def broker_task_ids(settings: Settings) -> set[str] | None:
         client.close()
         return ids
     except redis.RedisError as err:
-        log.warning("broker not reachable for reconciliation (%s); trying again later", type(err).__name__)
+        log.warning("broker not reachable for reconciliation (%s); trying again later", describe_error(err))
         return None
 
 

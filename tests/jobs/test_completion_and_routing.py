@@ -270,3 +270,21 @@ def test_high_water_mark_removes_the_oldest_finished_studies_first(make_settings
     assert _study(settings, "1.2.3.203").state == "received"
     # The jobs stay as the record of what ran; they no longer point at removed rows.
     assert {j.study_pk for j in _jobs(settings)} == {None}
+
+
+def test_a_reopened_study_is_forced_complete_only_after_force_complete_s_from_its_reopening(make_settings):
+    settings = make_settings(timers={"series_quiet_s": 1, "study_quiet_s": 30, "force_complete_s": 5}, rules=[CT_RULE])
+    # Done long ago (first arrival 60 s back), then a late instance a moment ago.
+    pk = add_study(settings, study_uid="1.2.3.160", age=timedelta(seconds=50), first_age=timedelta(seconds=60))
+    with session_scope(engine_for(settings.database.url)) as session:
+        study = session.get(Study, pk)
+        study.state, study.ready_at = "done", utcnow() - timedelta(seconds=45)
+        study.last_received_at = utcnow()
+    assembler.complete_studies(settings)
+    reopened = _study(settings, "1.2.3.160")
+    assert reopened.state == "received" and reopened.reopened_at is not None
+    # Force-complete counts from the reopening: 5 s later, not at once.
+    with session_scope(engine_for(settings.database.url)) as session:
+        session.get(Study, pk).reopened_at = utcnow() - timedelta(seconds=6)
+    assembler.complete_studies(settings)
+    assert _study(settings, "1.2.3.160").ready_reason == "forced-complete"

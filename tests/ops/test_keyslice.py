@@ -11,8 +11,19 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 
-from node.admin.keyslice import Mark, StudyOverlay, detections_on, key_slices, overlay_from_files, render_png
+from node.admin.keyslice import (
+    WINDOW,
+    Mark,
+    StudyOverlay,
+    detections_on,
+    display_window,
+    key_slices,
+    overlay_from_files,
+    render_png,
+)
 from tests.results.synthetic import LIVER, NODULE, volume_of, write_ct_series
 from workers.analysis.findings import Detection, Findings, Segment
 from workers.results import ResultContext, write_results
@@ -158,3 +169,29 @@ def test_a_flat_speck_with_a_wider_cross_section_does_not_outrank_a_larger_lesio
     assert widest["lung nodule"].area > widest["liver lesion"].area
     assert widest["liver lesion"].volume_mm3 > widest["lung nodule"].volume_mm3
     assert key_slices(overlay, 2) == [18, 0]
+
+
+def test_a_real_radiograph_is_shown_in_its_own_window_not_the_ct_window():
+    # RG1: a real chest CR (MONOCHROME1, Window 15000/30000, values to 2^15): the CT soft-tissue
+    # window turned every pixel white.
+    path = Path(get_testdata_file("RG1_UNCR.dcm"))
+    overlay = overlay_from_files([path], [])
+    grey = np.asarray(Image.open(io.BytesIO(render_png(overlay, 0, scale=1))).convert("L"))
+    assert (grey == 255).mean() < 0.05, "the radiograph is saturated"
+    assert grey.std() > 20, "the radiograph shows no contrast"
+    # MONOCHROME1: the lungs (high values, little attenuation) are darker than the spine.
+    rows, cols = grey.shape
+    lung = grey[rows // 3 : rows // 2, cols // 5 : cols // 3].mean()
+    spine = grey[rows // 3 : rows // 2, cols // 2 - 10 : cols // 2 + 10].mean()
+    assert lung < spine
+
+
+def test_without_a_window_of_its_own_an_image_gets_its_modality_default():
+    ct = Dataset()
+    ct.Modality = "CT"
+    assert display_window(ct, np.array([0.0, 3000.0])) == WINDOW
+    other = Dataset()
+    other.Modality = "DX"
+    values = np.linspace(0, 4000, 1001)
+    lo, hi = display_window(other, values)
+    assert 0 < lo < 100 and 3900 < hi < 4000

@@ -28,6 +28,8 @@ class Orthanc:
     proc: subprocess.Popen | None = None
     # Known modalities (name -> (AE, port)), e.g. where Storage Commitment reports are sent.
     modalities: dict = field(default_factory=dict)
+    # More configuration (e.g. LuaScripts), merged over the defaults.
+    extra_config: dict = field(default_factory=dict)
 
     def write_config(self) -> Path:
         config = {
@@ -52,6 +54,7 @@ class Orthanc:
                 name: {"AET": aet, "Host": "127.0.0.1", "Port": port} for name, (aet, port) in self.modalities.items()
             },
         }
+        config.update(self.extra_config)
         path = self.workdir / "orthanc.json"
         self.workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config))

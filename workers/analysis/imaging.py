@@ -95,8 +95,14 @@ def _read(path: Path) -> Dataset:
     except Exception as err:  # pydicom raises many types for broken files
         raise SeriesError(f"{path.name}: not a readable DICOM file ({err.__class__.__name__}: {err})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise SeriesError(f"{path.name}: has no pixel data")
+        raise SeriesError(f"{_instance(ds, path)}: has no Pixel Data (7FE0,0010)")
     return ds
+
+
+def _instance(ds: Dataset, path: Path) -> str:
+    """How an error names an instance: its SOP Instance UID (the stored file name is a hash)."""
+    uid = ds.get("SOPInstanceUID")
+    return f"SOP Instance UID {uid}" if uid else path.name
 
 
 def _decode(ds: Dataset, path: Path) -> np.ndarray:
@@ -105,7 +111,9 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
         arr = ds.pixel_array
     except Exception as err:
         ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
-        raise SeriesError(f"{path.name}: cannot decode pixel data (transfer syntax {ts}): {err}") from None
+        raise SeriesError(
+            f"{_instance(ds, path)}: cannot decode Pixel Data (7FE0,0010) (transfer syntax {ts}): {err}"
+        ) from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1))
     if str(ds.get("PhotometricInterpretation", "")) == "PALETTE COLOR":

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
+from node.core.dicom import NODE_DEVICE_SERIAL, NODE_MANUFACTURER
 from node.core.settings import CapabilityProfile, Settings, current_settings
 from node.dispatch.kinds import ResultKind, kinds_for_destinations
 
-MANUFACTURER = "ainode"
-DEVICE_SERIAL = "ainode"
+MANUFACTURER = NODE_MANUFACTURER
+DEVICE_SERIAL = NODE_DEVICE_SERIAL
 SOFTWARE_VERSION = "0.1.0"
 
 # Result series numbers: far above what modalities use, one block per kind so a re-run lands in

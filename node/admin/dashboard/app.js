@@ -56,7 +56,7 @@ const STAGES = ["receiving", "completion", "routing", "queue_wait", "analysis", 
 async function overview() {
   const [o, studies] = await Promise.all([api("/api/overview"), api("/api/studies?limit=50")]);
   document.getElementById("node-name").textContent = `${o.node.ae_title} · port ${o.node.port} · broker ${o.node.broker}`;
-  const flow = ["received", "ready", "queued", "running", "delivered", "done", "not applicable", "failed", "unrouted"]
+  const flow = ["received", "ready", "queued", "running", "delivered", "done", "not applicable", "partial", "failed", "unrouted"]
     .map(p => `<div class="phase ${p}" id="phase-${p}"><b>${o.phases[p] || 0}</b>${p}</div>`).join("");
   const rows = studies.map(s => `<tr class="study-row" data-phase="${esc(s.phase)}">
       <td><a href="#/study/${encodeURIComponent(s.study_uid)}">${esc(s.description || s.study_uid)}</a></td>
@@ -80,10 +80,17 @@ async function study(uid) {
       <td><button data-act="rerun" data-id="${j.id}">Re-run</button>${["dead", "failed"].includes(j.state) ? ` <button data-act="retry" data-id="${j.id}">Retry</button>` : ""}</td></tr>`);
   const dels = s.deliveries.map(d => `<tr><td>${d.id}</td><td>${esc(d.destination)}</td><td>${esc(d.kind)}</td><td>${badge(d.state)}</td>
       <td>${d.retries}</td><td>${esc(d.last_status)}</td><td class="error">${esc(d.reason)}</td></tr>`);
+  const values = s.jobs.flatMap(j => [
+    ...(j.findings.classifications || []).map(c => `<tr class="finding"><td>${j.id}</td><td>${esc(j.analysis)}</td><td>${esc(c.finding || c.label)}</td>
+      <td class="value">p = ${c.probability.toFixed(3)}</td><td>${c.present ? "present" : "absent"}</td></tr>`),
+    ...(j.findings.measurements || []).map(m => `<tr class="finding"><td>${j.id}</td><td>${esc(j.analysis)}</td><td>${esc(m.name)}${m.label ? " (" + esc(m.label) + ")" : ""}</td>
+      <td class="value">${Number(m.value).toFixed(1)} ${esc(m.unit)}</td><td></td></tr>`),
+  ]);
   const slices = s.key_slices.map(k => `<figure><img class="key-slice" alt="slice ${k}" src="/api/studies/${encodeURIComponent(uid)}/slices/${k}.png"><figcaption>slice ${k}</figcaption></figure>`);
   view.innerHTML = `
     <section><h2>Study ${esc(s.description || "")} ${badge(s.phase)}</h2><p>${esc(s.study_uid)} · ${s.instances} instances from ${esc(s.calling_ae)} · ready: ${esc(s.ready_reason)}</p>
       ${table(STAGES, [`<tr id="timings">${STAGES.map(k => `<td>${secs(s.timings_s[k])}</td>`).join("")}</tr>`])}</section>
+    <section><h2>Results</h2>${table(["Job", "Analysis", "Finding", "Value", ""], values)}</section>
     <section><h2>Key slices</h2><div class="slices">${slices.join("") || "no images"}</div></section>
     <section><h2>Jobs</h2>${table(["#", "Rule", "Analysis", "State", "Attempts", "Worker", "Model", "Error", ""], jobs)}</section>
     <section><h2>Deliveries</h2>${table(["#", "Destination", "Object", "State", "Retries", "Status", "Reason"], dels)}
@@ -98,9 +105,10 @@ async function action(path) {
 }
 
 async function jobs() {
-  const rows = (await api("/api/jobs")).map(j => `<tr><td>${j.id}</td><td>${esc(j.analysis)}</td><td>${esc(j.priority)}</td><td>${badge(j.state)}</td>
+  const rows = (await api("/api/jobs")).map(j => `<tr><td>${j.id}</td>
+      <td><a href="#/study/${encodeURIComponent(j.study_uid)}">${esc(j.study_uid)}</a>${j.series_uid ? `<br><small>series ${esc(j.series_uid)}</small>` : ""}</td><td>${esc(j.analysis)}</td><td>${esc(j.priority)}</td><td>${badge(j.state)}</td>
       <td>${j.attempts}</td><td>${esc(j.worker)}</td><td class="error">${esc(j.error)}</td></tr>`);
-  view.innerHTML = `<section><h2>Jobs</h2>${table(["#", "Analysis", "Priority", "State", "Attempts", "Worker", "Error"], rows)}</section>`;
+  view.innerHTML = `<section><h2>Jobs</h2>${table(["#", "Study", "Analysis", "Priority", "State", "Attempts", "Worker", "Error"], rows)}</section>`;
 }
 
 async function deliveries() {
