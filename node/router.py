@@ -2,13 +2,18 @@
 
 Facts about a study (modality, body part, descriptions, AE titles, counts...) come from the index;
 ``ainode rules test`` builds the same facts from DICOM files, so what the command says is what the
-node does. A condition on a study holds when any of its series satisfies it; a series-level rule
-sees only that series. Rules reload on SIGHUP or when the configuration file changes; an invalid
-file keeps the rules in force and logs each error with its line.
+node does. Rules are evaluated per series: each series' facts (modality, SOP class, body part,
+series description, station, manufacturer, slice thickness, ``instances`` in the series,
+``frames``: the Number of Frames of its largest instance) together with the study's (AE titles,
+study description, patient age). A study-level rule matches a study when at least one series
+satisfies its whole match, and its job analyses exactly the series that do (``Job.series_uids``);
+a series-level rule sees only its series. Rules reload on SIGHUP or when the configuration file
+changes; an invalid file keeps the rules in force and logs each error with its line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -54,14 +59,16 @@ def _distinct(values: Iterable[Any]) -> list[Any]:
 
 
 def study_facts(session: Session, study: Study, series: Series | None = None) -> Facts:
-    """What rules can test about a study (or one of its series), from the index."""
+    """What rules can test about one series of a study (or, without ``series``, about all of them
+    together: instances summed, frames the largest), from the index."""
     members = (
         [series] if series is not None else list(session.scalars(select(Series).where(Series.study_pk == study.id)))
     )
     pks = [s.id for s in members]
     sop_classes = session.scalars(select(Instance.sop_class_uid).where(Instance.series_pk.in_(pks)).distinct()).all()
+    # Frames of one instance, never a sum: three stills are not a three-frame cine.
     count, frames = session.execute(
-        select(func.count(Instance.id), func.coalesce(func.sum(Instance.number_of_frames), 0)).where(
+        select(func.count(Instance.id), func.coalesce(func.max(Instance.number_of_frames), 0)).where(
             Instance.series_pk.in_(pks)
         )
     ).one()
@@ -96,7 +103,8 @@ def _str(ds: pydicom.Dataset, keyword: str) -> str:
 
 
 def file_facts(series_list: list[FileSeries]) -> Facts:
-    """The same facts as study_facts, from DICOM headers (AE titles are unknown for files)."""
+    """The same facts as study_facts, from DICOM headers (AE titles are unknown for files): of one
+    series, or of several together (instances summed, frames the largest)."""
     headers = [h for s in series_list for h in s.headers]
     first = headers[0]
 
@@ -112,9 +120,9 @@ def file_facts(series_list: list[FileSeries]) -> Facts:
     frames = 0
     for h in headers:
         try:
-            frames += int(h.get("NumberOfFrames", 1) or 1)
+            frames = max(frames, int(h.get("NumberOfFrames", 1) or 1))
         except (TypeError, ValueError):
-            frames += 1
+            frames = max(frames, 1)
     return {
         "calling_ae": [],
         "called_ae": [],
@@ -210,6 +218,27 @@ def evaluate(match: Match, facts: Facts) -> tuple[bool, str]:
     return True, ""
 
 
+def evaluate_per_series(match: Match, per_series: list[tuple[str, Facts]]) -> tuple[bool, str, list[str]]:
+    """A study-level match, series by series: whether any series satisfies all of it, why none
+    does (each distinct reason once), and the UIDs of the series that do."""
+    matched, reasons = [], []
+    for uid, facts in per_series:
+        ok, why = evaluate(match, facts)
+        if ok:
+            matched.append(uid)
+        elif why not in reasons:
+            reasons.append(why)
+    if matched:
+        return True, "", matched
+    return False, "; ".join(reasons) or "the study has no series", []
+
+
+def study_verdict(session: Session, study: Study, match: Match) -> tuple[bool, str, list[str]]:
+    """``evaluate_per_series`` for a study in the index."""
+    members = session.scalars(select(Series).where(Series.study_pk == study.id).order_by(Series.id)).all()
+    return evaluate_per_series(match, [(s.series_uid, study_facts(session, study, s)) for s in members])
+
+
 # --- rules in force and reloading ------------------------------------------------------------
 
 
@@ -282,30 +311,41 @@ def current_rules(settings: Settings) -> list[Rule]:
 def matching_rules(
     session: Session, settings: Settings, study: Study, series: Series | None = None, level: str | None = None
 ) -> list[Rule]:
-    """Rules (of a level, or all) whose match holds for the study or series."""
-    facts = study_facts(session, study, series)
-    return [r for r in current_rules(settings) if (level is None or r.level == level) and evaluate(r.match, facts)[0]]
+    """Rules (of a level, or all) whose match holds for the series, or for any series of the study."""
+    rules = [r for r in current_rules(settings) if level is None or r.level == level]
+    if series is not None:
+        facts = study_facts(session, study, series)
+        return [r for r in rules if evaluate(r.match, facts)[0]]
+    return [r for r in rules if study_verdict(session, study, r.match)[0]]
 
 
 # --- routing ---------------------------------------------------------------------------------
 
 
-def _input_uids(session: Session, study: Study, series: Series | None) -> list[str]:
+def _input_uids(session: Session, study: Study, series: Series | None, selected: list[str] | None = None) -> list[str]:
     query = select(Instance.sop_instance_uid).join(Series, Instance.series_pk == Series.id)
     query = query.where(Series.id == series.id) if series is not None else query.where(Series.study_pk == study.id)
+    if series is None and selected is not None:
+        query = query.where(Series.series_uid.in_(selected))
     return list(session.scalars(query))
 
 
 def create_jobs(
-    session: Session, settings: Settings, rule: Rule, study: Study, series: Series | None = None
+    session: Session,
+    settings: Settings,
+    rule: Rule,
+    study: Study,
+    series: Series | None = None,
+    selected: list[str] | None = None,
 ) -> list[int]:
     """Queue the rule's analyses unless the same inputs were already handled; returns new job ids.
 
+    ``selected``: for a study-level rule, the series that satisfy its match (the job's inputs).
     A job with the same key and other inputs (late arrivals) is superseded by the new one.
     """
 
     uid = series.series_uid if series is not None else study.study_uid
-    fingerprint = input_fingerprint(_input_uids(session, study, series))
+    fingerprint = input_fingerprint(_input_uids(session, study, series, selected))
     created = []
     for analysis in rule.analyses:
         key = f"{rule.name}/{analysis.name}/{rule.level}/{uid}"
@@ -336,6 +376,8 @@ def create_jobs(
             fingerprint=fingerprint,
             supersedes=previous.id if previous is not None else None,
         )
+        if series is None and selected is not None:
+            job.series_uids = json.dumps(selected)
         session.flush()
         created.append(job.id)
         log.info(
@@ -364,11 +406,11 @@ def route_ready(settings: Settings) -> list[int]:
                 new_jobs += create_jobs(session, settings, rule, study, series)
             series.state = "routed" if hits else "unrouted"
         for study in session.scalars(select(Study).where(Study.state == "ready")).all():
-            facts = study_facts(session, study)
-            verdicts = [(r, *evaluate(r.match, facts)) for r in rules if r.level == "study"]
-            hits = [r for r, ok, _ in verdicts if ok]
-            for rule in hits:
-                new_jobs += create_jobs(session, settings, rule, study)
+            verdicts = [(r, *study_verdict(session, study, r.match)) for r in rules if r.level == "study"]
+            hits = [r for r, ok, _, _ in verdicts if ok]
+            for rule, ok, _, selected in verdicts:
+                if ok:
+                    new_jobs += create_jobs(session, settings, rule, study, selected=selected)
             series_routed = session.scalar(
                 select(func.count(Series.id)).where(Series.study_pk == study.id, Series.state == "routed")
             )
@@ -377,7 +419,7 @@ def route_ready(settings: Settings) -> list[int]:
             else:
                 study.state = "unrouted"
                 # The reason without patient data: the study's row id and each rule's failed condition.
-                reasons = "; ".join(f"{r.name}: {why}" for r, ok, why in verdicts) or "no study-level rules"
+                reasons = "; ".join(f"{r.name}: {why}" for r, _, why, _ in verdicts) or "no study-level rules"
                 log.warning(
                     "study %s unrouted (kept %g h): %s", study.id, settings.storage.unrouted_retention_h, reasons
                 )
@@ -454,9 +496,13 @@ def explain_rules(settings: Settings, paths: list[Path]) -> int:
             f"study {number}: {study_uid} ({len(all_series)} series, {facts['instances'][0]} instances, "
             f"modality {', '.join(facts['modality']) or '-'})"
         )
+        per_series = [(s.uid, file_facts([s])) for s in all_series]
         for rule in settings.rules:
             if rule.level == "study":
-                _print_verdict(rule, *evaluate(rule.match, facts), indent="  ")
+                ok, why, selected = evaluate_per_series(rule.match, per_series)
+                _print_verdict(rule, ok, why, indent="  ")
+                if ok:
+                    print(f"    on {len(selected)} of {len(all_series)} series: {', '.join(selected)}")
             else:
                 print(f"  {rule.name} (series level):")
                 for s in all_series:

@@ -98,8 +98,13 @@ class Analysis:
         if self.modalities and volume.modality not in self.modalities:
             return f"{self.name} accepts {', '.join(self.modalities)} images, not {volume.modality}"
         frames = volume.pixels.shape[0]
-        if self.dimensionality == "3d" and frames < 2:
-            return f"{self.name} needs a 3D volume; the series has a single image"
-        if self.dimensionality == "2d+t" and frames < 2:
-            return f"{self.name} needs a cine loop of several frames"
+        # Dimensionality from what the images are (imaging.load_groups), not from how many.
+        if self.dimensionality == "3d" and (volume.kind != "volume" or frames < 2):
+            return f"{self.name} needs a 3D volume; {_where(volume)} is {volume.describe()}"
+        if self.dimensionality == "2d+t" and (volume.kind != "cine" or frames < 2):
+            return f"{self.name} needs a cine loop; {_where(volume)} is {volume.describe()}"
         return None
+
+
+def _where(volume: Volume) -> str:
+    return f"the series ({volume.label})" if volume.label else "the series"
