@@ -339,9 +339,9 @@ def _partition(frames: list[_Frame]) -> list[Group]:
     for shape, same_size in sizes.items():
         size = [f"{shape[0]}x{shape[1]} images"] if len(sizes) > 1 else []
         groups += _split_unlocated([f for f in same_size if not f.located], size)
-        planes = _split_by([f for f in same_size if f.located], _orientation_key)
-        for orientation, planar in planes.items():
-            cosines = "\\".join(f"{v:g}" for v in orientation)
+        planes = _split_by_orientation([f for f in same_size if f.located])
+        for planar in planes:
+            cosines = "\\".join(f"{v:g}" for v in np.round(planar[0].orientation, 3) + 0.0)
             words = [*size, f"Image Orientation (Patient) {cosines}"] if len(planes) > 1 else size
             groups += _split_repeats(planar, words)
     return groups
@@ -354,9 +354,18 @@ def _split_by(frames: list[_Frame], key: Callable[[_Frame], object]) -> dict:
     return dict(sorted(out.items(), key=lambda item: (item[0] is None, str(item[0]))))
 
 
-def _orientation_key(frame: _Frame) -> tuple[float, ...]:
-    # Rounded to the tolerance, so cosines written with different precision fall together.
-    return tuple(float(v) for v in np.round(frame.orientation, 3) + 0.0)
+def _split_by_orientation(frames: list[_Frame]) -> list[list[_Frame]]:
+    """Frames by Image Orientation (Patient), equal within ORIENTATION_TOLERANCE (cosines written
+    with different precision fall together), largest group first."""
+    planes: list[list[_Frame]] = []
+    for f in frames:
+        for plane in planes:
+            if np.abs(f.orientation - plane[0].orientation).max() <= ORIENTATION_TOLERANCE:
+                plane.append(f)
+                break
+        else:
+            planes.append([f])
+    return sorted(planes, key=len, reverse=True)
 
 
 def _split_unlocated(frames: list[_Frame], words: list[str]) -> list[Group]:
