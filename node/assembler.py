@@ -30,7 +30,7 @@ from node.core.db import Base, ChangeGate, database_session
 from node.core.settings import Settings, Timers
 from node.index import Instance, Series, Study
 from node.ingest import mpps
-from node.router import current_rules, evaluate, route_ready, study_facts
+from node.router import current_rules, route_ready, study_verdict
 
 log = logging.getLogger("ainode.assembler")
 
@@ -51,8 +51,7 @@ def effective_timers(session: Session, settings: Settings, study: Study) -> Time
     overriding = [r for r in current_rules(settings) if r.timers is not None]
     if not overriding:
         return settings.timers
-    facts = study_facts(session, study)
-    chosen = [r.timers for r in overriding if evaluate(r.match, facts)[0]]
+    chosen = [r.timers for r in overriding if study_verdict(session, study, r.match)[0]]
     if not chosen:
         return settings.timers
     return Timers(

@@ -2,19 +2,24 @@
 
 Facts about a study (modality, body part, descriptions, AE titles, counts...) come from the index;
 ``ainode rules test`` builds the same facts from DICOM files, so what the command says is what the
-node does. A condition on a study holds when any of its series satisfies it; a series-level rule
-sees only that series. Rules reload on SIGHUP or when the configuration file changes; an invalid
-file keeps the rules in force and logs each error with its line.
+node does. Rules are evaluated per series: each series' facts (modality, SOP class, body part,
+series description, station, manufacturer, slice thickness, ``instances`` in the series,
+``frames``: the Number of Frames of its largest instance) together with the study's (AE titles,
+study description, patient age). A study-level rule matches a study when at least one series
+satisfies its whole match, and its job analyses exactly the series that do (``Job.series_uids``);
+a series-level rule sees only its series. Rules reload on SIGHUP or when the configuration file
+changes; an invalid file keeps the rules in force and logs each error with its line.
 
 Before queuing, each analysis' intended use (``node.core.intended_use``, handed over by the
 composition root) is checked against the headers of the job's series. A job that cannot apply
 is still recorded, in its final state ``inapplicable`` with the reason, and never published: what
 the node decided not to analyse, and why, stays visible in ``ainode status``, the API and the
-dashboard. A study-level job applies when any of the study's series fits.
+dashboard. A study-level job applies when any of its selected series fits.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -68,7 +73,8 @@ def _distinct(values: Iterable[Any]) -> list[Any]:
 
 
 def study_facts(session: Session, study: Study, series: Series | None = None) -> Facts:
-    """What rules can test about a study (or one of its series), from the index."""
+    """What rules can test about one series of a study (or, without ``series``, about all of them
+    together: instances summed, frames the largest), from the index."""
     members = (
         [series]
         if series is not None
@@ -76,8 +82,9 @@ def study_facts(session: Session, study: Study, series: Series | None = None) ->
     )
     pks = [s.id for s in members]
     sop_classes = session.scalars(select(Instance.sop_class_uid).where(Instance.series_pk.in_(pks)).distinct()).all()
+    # Frames of one instance, never a sum: three stills are not a three-frame cine.
     count, frames = session.execute(
-        select(func.count(Instance.id), func.coalesce(func.sum(Instance.number_of_frames), 0)).where(
+        select(func.count(Instance.id), func.coalesce(func.max(Instance.number_of_frames), 0)).where(
             Instance.series_pk.in_(pks)
         )
     ).one()
@@ -112,7 +119,8 @@ def _str(ds: pydicom.Dataset, keyword: str) -> str:
 
 
 def file_facts(series_list: list[FileSeries]) -> Facts:
-    """The same facts as study_facts, from DICOM headers (AE titles are unknown for files)."""
+    """The same facts as study_facts, from DICOM headers (AE titles are unknown for files): of one
+    series, or of several together (instances summed, frames the largest)."""
     headers = [h for s in series_list for h in s.headers]
     first = headers[0]
 
@@ -128,9 +136,9 @@ def file_facts(series_list: list[FileSeries]) -> Facts:
     frames = 0
     for h in headers:
         try:
-            frames += int(h.get("NumberOfFrames", 1) or 1)
+            frames = max(frames, int(h.get("NumberOfFrames", 1) or 1))
         except (TypeError, ValueError):
-            frames += 1
+            frames = max(frames, 1)
     return {
         "calling_ae": [],
         "called_ae": [],
@@ -226,6 +234,27 @@ def evaluate(match: Match, facts: Facts) -> tuple[bool, str]:
     return True, ""
 
 
+def evaluate_per_series(match: Match, per_series: list[tuple[str, Facts]]) -> tuple[bool, str, list[str]]:
+    """A study-level match, series by series: whether any series satisfies all of it, why none
+    does (each distinct reason once), and the UIDs of the series that do."""
+    matched, reasons = [], []
+    for uid, facts in per_series:
+        ok, why = evaluate(match, facts)
+        if ok:
+            matched.append(uid)
+        elif why not in reasons:
+            reasons.append(why)
+    if matched:
+        return True, "", matched
+    return False, "; ".join(reasons) or "the study has no series", []
+
+
+def study_verdict(session: Session, study: Study, match: Match) -> tuple[bool, str, list[str]]:
+    """``evaluate_per_series`` for a study in the index."""
+    members = session.scalars(select(Series).where(Series.study_pk == study.id).order_by(Series.id)).all()
+    return evaluate_per_series(match, [(s.series_uid, study_facts(session, study, s)) for s in members])
+
+
 # --- rules in force and reloading ------------------------------------------------------------
 
 
@@ -301,9 +330,12 @@ def current_rules(settings: Settings) -> list[Rule]:
 def matching_rules(
     session: Session, settings: Settings, study: Study, series: Series | None = None, level: str | None = None
 ) -> list[Rule]:
-    """Rules (of a level, or all) whose match holds for the study or series."""
-    facts = study_facts(session, study, series)
-    return [r for r in current_rules(settings) if (level is None or r.level == level) and evaluate(r.match, facts)[0]]
+    """Rules (of a level, or all) whose match holds for the series, or for any series of the study."""
+    rules = [r for r in current_rules(settings) if level is None or r.level == level]
+    if series is not None:
+        facts = study_facts(session, study, series)
+        return [r for r in rules if evaluate(r.match, facts)[0]]
+    return [r for r in rules if study_verdict(session, study, r.match)[0]]
 
 
 # --- intended use ----------------------------------------------------------------------------
@@ -330,15 +362,24 @@ def stored_headers(session: Session, settings: Settings, series: Series) -> pydi
 
 
 def not_applicable_reason(
-    session: Session, settings: Settings, use: IntendedUse | None, study: Study, series: Series | None
+    session: Session,
+    settings: Settings,
+    use: IntendedUse | None,
+    study: Study,
+    series: Series | None,
+    selected: list[str] | None = None,
 ) -> str | None:
-    """Why the analysis cannot apply to the series (or to any series of the study); None when
-    it may (the worker checks the loaded images again)."""
+    """Why the analysis cannot apply to the series (or to any selected series of the study); None
+    when it may (the worker checks the loaded images again)."""
     if use is None:
         return None
-    members = (
-        [series] if series is not None else list(session.scalars(select(Series).where(Series.study_pk == study.id)))
-    )
+    if series is not None:
+        members = [series]
+    else:
+        query = select(Series).where(Series.study_pk == study.id, analysable_series())
+        if selected is not None:
+            query = query.where(Series.series_uid.in_(selected))
+        members = list(session.scalars(query))
     regions = rule_book(settings).regions
     reasons = []
     for member in members:
@@ -362,7 +403,7 @@ def _done_when_nothing_pending(session: Session, study: Study) -> None:
 # --- routing ---------------------------------------------------------------------------------
 
 
-def _input_uids(session: Session, study: Study, series: Series | None) -> list[str]:
+def _input_uids(session: Session, study: Study, series: Series | None, selected: list[str] | None = None) -> list[str]:
     """What the inputs' fingerprint is made of: each input's SOP Instance UID and content hash, so a
     re-sent instance with new content (a corrected patient name) makes the analyses run again."""
     query = select(Instance.sop_instance_uid + ":" + Instance.sha256).join(Series, Instance.series_pk == Series.id)
@@ -370,19 +411,27 @@ def _input_uids(session: Session, study: Study, series: Series | None) -> list[s
         query = query.where(Series.id == series.id)
     else:
         query = query.where(Series.study_pk == study.id, analysable_series())
+        if selected is not None:
+            query = query.where(Series.series_uid.in_(selected))
     return list(session.scalars(query))
 
 
 def create_jobs(
-    session: Session, settings: Settings, rule: Rule, study: Study, series: Series | None = None
+    session: Session,
+    settings: Settings,
+    rule: Rule,
+    study: Study,
+    series: Series | None = None,
+    selected: list[str] | None = None,
 ) -> list[int]:
     """Queue the rule's analyses unless the same inputs were already handled; returns new job ids.
 
+    ``selected``: for a study-level rule, the series that satisfy its match (the job's inputs).
     A job with the same key and other inputs (late arrivals) is superseded by the new one.
     """
 
     uid = series.series_uid if series is not None else study.study_uid
-    fingerprint = input_fingerprint(_input_uids(session, study, series))
+    fingerprint = input_fingerprint(_input_uids(session, study, series, selected))
     created = []
     for analysis in rule.analyses:
         key = f"{rule.name}/{analysis.name}/{rule.level}/{uid}"
@@ -397,7 +446,7 @@ def create_jobs(
                 )
             continue
         reason = not_applicable_reason(
-            session, settings, rule_book(settings).intended_uses.get(analysis.name), study, series
+            session, settings, rule_book(settings).intended_uses.get(analysis.name), study, series, selected
         )
         job = queue_job(
             session,
@@ -416,6 +465,8 @@ def create_jobs(
             fingerprint=fingerprint,
             supersedes=previous.id if previous is not None else None,
         )
+        if series is None and selected is not None:
+            job.series_uids = json.dumps(selected)
         if reason is not None:
             job.state, job.error, job.finished_at = INAPPLICABLE, f"{analysis.name}: {reason}", utcnow()
             session.flush()
@@ -449,11 +500,11 @@ def route_ready(settings: Settings) -> list[int]:
                 new_jobs += create_jobs(session, settings, rule, study, series)
             series.state = "routed" if hits else "unrouted"
         for study in session.scalars(select(Study).where(Study.state == "ready")).all():
-            facts = study_facts(session, study)
-            verdicts = [(r, *evaluate(r.match, facts)) for r in rules if r.level == "study"]
-            hits = [r for r, ok, _ in verdicts if ok]
-            for rule in hits:
-                new_jobs += create_jobs(session, settings, rule, study)
+            verdicts = [(r, *study_verdict(session, study, r.match)) for r in rules if r.level == "study"]
+            hits = [r for r, ok, _, _ in verdicts if ok]
+            for rule, ok, _, selected in verdicts:
+                if ok:
+                    new_jobs += create_jobs(session, settings, rule, study, selected=selected)
             series_routed = session.scalar(
                 select(func.count(Series.id)).where(Series.study_pk == study.id, Series.state == "routed")
             )
@@ -463,7 +514,7 @@ def route_ready(settings: Settings) -> list[int]:
             else:
                 study.state = "unrouted"
                 # The reason without patient data: the study's row id and each rule's failed condition.
-                reasons = "; ".join(f"{r.name}: {why}" for r, ok, why in verdicts) or "no study-level rules"
+                reasons = "; ".join(f"{r.name}: {why}" for r, _, why, _ in verdicts) or "no study-level rules"
                 log.warning(
                     "study %s unrouted (kept %g h): %s", study.id, settings.storage.unrouted_retention_h, reasons
                 )
@@ -544,9 +595,13 @@ def explain_rules(settings: Settings, paths: list[Path]) -> int:
             f"study {number}: {study_uid} ({len(all_series)} series, {facts['instances'][0]} instances, "
             f"modality {', '.join(facts['modality']) or '-'})"
         )
+        per_series = [(s.uid, file_facts([s])) for s in all_series]
         for rule in settings.rules:
             if rule.level == "study":
-                _print_verdict(rule, *evaluate(rule.match, facts), indent="  ")
+                ok, why, selected = evaluate_per_series(rule.match, per_series)
+                _print_verdict(rule, ok, why, indent="  ")
+                if ok:
+                    print(f"    on {len(selected)} of {len(all_series)} series: {', '.join(selected)}")
             else:
                 print(f"  {rule.name} (series level):")
                 for s in all_series:

@@ -112,8 +112,21 @@ def test_init_db_upgrades_an_older_postgresql_database(postgres_url):
     with engine_for(postgres_url).begin() as conn:
         conn.execute(text("DROP INDEX ix_studies_ready_at"))
         conn.execute(text("ALTER TABLE deliveries ALTER COLUMN job_id TYPE text"))
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN series_uids"))
     dispose_engines()
     init_db(postgres_url)
     inspector = inspect(engine_for(postgres_url))
+    assert "series_uids" in {c["name"] for c in inspector.get_columns("jobs")}
     assert "ix_studies_ready_at" in {index["name"] for index in inspector.get_indexes("studies")}
     assert str(next(c["type"] for c in inspector.get_columns("deliveries") if c["name"] == "job_id")) == "INTEGER"
+
+
+def test_init_db_adds_the_columns_added_since_an_sqlite_database_was_made(tmp_path):
+    url = f"sqlite:///{tmp_path / 'older.db'}"
+    init_db(url)
+    with engine_for(url).begin() as conn:
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN series_uids"))
+    dispose_engines()
+    init_db(url)
+    assert "series_uids" in {c["name"] for c in inspect(engine_for(url)).get_columns("jobs")}
+    dispose_engines()

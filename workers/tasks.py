@@ -7,6 +7,15 @@ DICOM results (``workers.results``, output UIDs derived from the job key and inp
 rewrites the same objects) and records them in the dispatcher's outbox in the transaction that
 marks the job succeeded.
 
+A job analyses every series of its inputs (a study-level job: the series its rule selected), and
+every group of images within a series (``imaging.load_groups``: an echo, a phase, a localizer),
+that the analysis accepts; each gets its own results. A group the analysis does not accept is
+skipped with its reason in the job's summary; when no group is accepted the job ends "not
+applicable" with those reasons. A group whose analysis or writing fails permanently is recorded
+in the summary and the others' results are still delivered (the job succeeds); only when every
+accepted group failed does the job fail, with each group's reason. A transient error fails the
+whole attempt, which runs again: output UIDs are deterministic, so nothing is sent twice.
+
 Errors are sorted by what running the job again could change (``is_transient``): a transient one
 (worker lost, out of memory, database or storage unreachable) is retried while attempts remain;
 a permanent one (invalid input, a writer's refusal, a bug that would repeat) fails the job once
@@ -48,8 +57,8 @@ from node.jobs.broker import app, publish_delivery, publish_job
 from node.jobs.inputs import InputInstance, job_inputs
 from node.jobs.table import FAILED, INAPPLICABLE, RETRYING, SUCCEEDED, Job
 from workers.analysis.contract import NotApplicable
-from workers.analysis.findings import Findings
-from workers.analysis.imaging import load_series
+from workers.analysis.findings import Findings, Volume
+from workers.analysis.imaging import SeriesError, load_groups
 from workers.analysis.registry import AnalysisError
 from workers.analysis.registry import run_analysis as run_registered
 from workers.results import ResultContext, write_results
@@ -150,21 +159,22 @@ def run_diagnostic(job: Job, inputs: list[InputInstance], attempt: int) -> dict[
 def run_model_job(
     settings: Settings, job: Job, inputs: list[InputInstance]
 ) -> tuple[list[ResultObject], dict[str, Any]]:
-    """The real path: load the series as a volume, run the analysis, write DICOM results."""
+    """The real path: every series (and group of images) of the inputs the analysis accepts is
+    loaded, analysed and written as DICOM results; see the module's docstring for the outcomes."""
     if not inputs:
         raise PermanentJobError("the job's input instances are no longer in the index")
     missing = [i.path for i in inputs if not i.path.exists()]
     if missing:
         raise PermanentJobError(f"{len(missing)} input file(s) missing from storage")
-    # A study-level job analyses its largest series (the acquisition volume).
     by_series: dict[str, list[Path]] = {}
     for item in inputs:
         by_series.setdefault(item.series_uid, []).append(item.path)
-    series_uid, members = max(by_series.items(), key=lambda entry: len(entry[1]))
-    volume = load_series(members)
-    findings = run_registered(job.analysis, volume, job.params_dict(), settings=settings)
     context = ResultContext(
-        job_key=job.key,
+        # Output UIDs follow from the key and the inputs' content (the fingerprint hashes each
+        # instance's bytes): a re-run on the same data rewrites the same objects, while a
+        # corrected re-send (same UIDs, new demographics) makes new objects, as DICOM asks of
+        # changed content.
+        job_key=f"{job.key}@{job.input_fingerprint}" if job.input_fingerprint else job.key,
         output_dir=Path(settings.storage.path) / "results" / f"job-{job.id}",
         destinations=[
             settings.destination(n).capabilities
@@ -173,8 +183,67 @@ def run_model_job(
         ]
         or [CapabilityProfile()],
     )
-    outputs = list(write_results(findings, context))
-    return outputs, {"outputs": [str(o.path) for o in outputs], "series_uid": series_uid, **findings_summary(findings)}
+    outputs: list[ResultObject] = []
+    analysed: list[dict[str, Any]] = []
+    inapplicable: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for series_uid, members in by_series.items():
+        try:
+            groups = load_groups(members)
+        except SeriesError as err:
+            failed.append({"series_uid": series_uid, "error": str(err)[:500]})
+            continue
+        for volume in groups:
+            where = {"series_uid": series_uid, "group": volume.label} if volume.label else {"series_uid": series_uid}
+            try:
+                written, findings = analyse_group(settings, job, volume, context)
+            except NotApplicable as err:
+                inapplicable.append({**where, "reason": str(err)[:500]})
+                continue
+            except Exception as err:  # noqa: BLE001 - transient ones end the attempt; permanent ones this group
+                if is_transient(err):
+                    raise
+                log.warning("job %s: %s failed: %s", job.id, _named(where), error_reason(err))
+                failed.append({**where, "error": error_reason(err)[:500]})
+                continue
+            outputs += written
+            analysed.append({**where, "kind": volume.kind, "outputs": len(written), **findings_summary(findings)})
+    summary: dict[str, Any] = {
+        "outputs": [str(o.path) for o in outputs],
+        "series": analysed,
+        **merged_findings(analysed),
+    }
+    if inapplicable:
+        summary["not_applicable"] = inapplicable
+    if failed:
+        summary["failed"] = failed
+    if not analysed and failed:
+        raise PermanentJobError("; ".join(f"{_named(f)}: {f['error']}" for f in failed))
+    if not analysed:
+        raise NotApplicable("; ".join(f"{_named(f)}: {f['reason']}" for f in inapplicable))
+    if inapplicable or failed:
+        log.info(
+            "job %s: %d group(s) analysed, %d not applicable, %d failed",
+            job.id,
+            len(analysed),
+            len(inapplicable),
+            len(failed),
+        )
+    return outputs, summary
+
+
+def analyse_group(
+    settings: Settings, job: Job, volume: Volume, context: ResultContext
+) -> tuple[list[ResultObject], Findings]:
+    """One series (or group of its images): the analysis (which checks it accepts the images
+    first) and its DICOM results. Output UIDs follow from the job key and this group's inputs."""
+    findings = run_registered(job.analysis, volume, job.params_dict(), settings=settings)
+    return list(write_results(findings, context)), findings
+
+
+def _named(where: dict[str, Any]) -> str:
+    group = f" ({where['group']})" if where.get("group") else ""
+    return f"series {where['series_uid']}{group}"
 
 
 def findings_summary(findings: Findings) -> dict[str, Any]:
@@ -193,6 +262,19 @@ def findings_summary(findings: Findings) -> dict[str, Any]:
         ],
         "detections": len(findings.detections),
         "segments": len(findings.segments),
+    }
+
+
+def merged_findings(analysed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The findings of every analysed series together (the study page lists them all)."""
+    if not analysed:
+        return {}
+    return {
+        "algorithm_version": analysed[0]["algorithm_version"],
+        "classifications": [c for a in analysed for c in a["classifications"]],
+        "measurements": [m for a in analysed for m in a["measurements"]],
+        "detections": sum(a["detections"] for a in analysed),
+        "segments": sum(a["segments"] for a in analysed),
     }
 
 

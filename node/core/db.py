@@ -94,6 +94,7 @@ def init_db(url: str) -> Engine:
                 index.create(conn, checkfirst=True)
         _add_missing_columns(conn)
         _upgrade_columns(conn)
+        _add_new_columns(conn)
     return engine
 
 
@@ -157,6 +158,18 @@ def _upgrade_columns(conn: Connection) -> None:
     ).scalar()
     if kind is not None and kind != "integer":
         conn.execute(text("ALTER TABLE deliveries ALTER COLUMN job_id TYPE integer USING job_id::integer"))
+
+
+def _add_new_columns(conn: Connection) -> None:
+    """Nullable columns added to a table since its database was made (an upgraded node), e.g.
+    ``jobs.series_uids``: added empty, which every reader takes as "not recorded"."""
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable and column.server_default is None:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def dispose_engines() -> None:

@@ -23,7 +23,8 @@ class InputInstance:
 
 
 def job_inputs(settings: Settings, job: Job) -> list[InputInstance]:
-    """The job's input instances (its series, or every series of its study), in series and instance order."""
+    """The job's input instances (its series, or the series of its study its rule selected), in
+    series and instance order."""
     with database_session(settings.database.url) as session:
         query = select(Series.series_uid, Instance.sop_instance_uid, Instance.path).join(
             Series, Instance.series_pk == Series.id
@@ -33,5 +34,8 @@ def job_inputs(settings: Settings, job: Job) -> list[InputInstance]:
         else:
             # The node's own results sent back by a PACS are never an input (index.NODE_OUTPUT).
             query = query.where(Series.study_pk == job.study_pk, Series.state != NODE_OUTPUT)
+            selected = job.selected_series()
+            if selected is not None:
+                query = query.where(Series.series_uid.in_(selected))
         rows = session.execute(query.order_by(Series.id, Instance.instance_number, Instance.id)).all()
     return [InputInstance(s, u, Path(settings.storage.path) / p) for s, u, p in rows]

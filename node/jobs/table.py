@@ -47,6 +47,8 @@ class Job(Base):
     series_pk: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="SET NULL"), nullable=True)
     study_uid: Mapped[str] = mapped_column(String(64), default="")
     series_uid: Mapped[str] = mapped_column(String(64), default="")
+    # A study-level job: JSON list of the Series Instance UIDs its rule selected (None: every series).
+    series_uids: Mapped[str | None] = mapped_column(Text, nullable=True)
     level: Mapped[str] = mapped_column(String(8), default="study")
     rule: Mapped[str] = mapped_column(String(128), default="")
     analysis: Mapped[str] = mapped_column(String(128))
@@ -78,6 +80,10 @@ class Job(Base):
     def params_dict(self) -> dict[str, Any]:
         """The analysis parameters from the rule."""
         return dict(json.loads(self.params or "{}"))
+
+    def selected_series(self) -> list[str] | None:
+        """The series a study-level job analyses (None: every series of its study)."""
+        return list(json.loads(self.series_uids)) if self.series_uids else None
 
     def destination_names(self) -> list[str]:
         """Names of the destinations the results go to."""

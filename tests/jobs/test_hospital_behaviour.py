@@ -281,6 +281,9 @@ def test_a_corrected_re_send_replaces_the_copy_and_the_results_carry_the_correct
         assert [j[1] for j in jobs] == ["succeeded", "succeeded"] and jobs[1][5] == jobs[0][0]
         outputs = [Path(p) for p in json.loads(jobs[1][4])["outputs"]]
         assert outputs
+        first = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in json.loads(jobs[0][4])["outputs"]}
+        # Changed content gets new UIDs: the PACS keeps both, the corrected ones are new objects.
+        assert first.isdisjoint(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in outputs)
         for path in outputs:
             assert str(pydicom.dcmread(path, stop_before_pixels=True).PatientName) == "Right^Name", path.name
         assert query(node, "SELECT name FROM patients") == [("Right^Name",)]

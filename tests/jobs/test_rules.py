@@ -105,8 +105,9 @@ def test_rules_test_command_explains_each_rule(tmp_path):
     text = out.stdout
     assert "1 file(s) skipped" in text
     assert "(2 series, 6 instances, modality CT, SR)" in text
-    assert "ct-thin: MATCH -> count-instances" in text
-    assert "cxr: no match - modality: 'CT', 'SR' is not one of ['CR', 'DX']" in text
+    assert "ct-thin: MATCH -> count-instances" in text and "on 1 of 2 series" in text
+    # Per series: each series' reason, each distinct reason once.
+    assert "cxr: no match - modality: 'CT' is not one of ['CR', 'DX']; modality: 'SR' is not one of" in text
     assert "adults-only: no match - patient_age: 61.0 is not at most 40" in text
     assert "(CT, 4 instances): MATCH" in text and "(SR, 2 instances): no match - modality: 'SR'" in text
     assert "Doe^Jane" not in text and "MRN123" not in text

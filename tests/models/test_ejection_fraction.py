@@ -84,6 +84,7 @@ def test_too_few_frames_or_wrong_modality_is_refused_clearly():
         series_instance_uid="1.2.3",
         frame_of_reference_uid="",
         modality="US",
+        kind="cine",
     )
     with pytest.raises(registry.AnalysisError, match="at least 8 frames"):
         registry.run_analysis("ejection-fraction", volume, {"device": "cpu"})

@@ -11,7 +11,15 @@ import pydicom
 import pytest
 from pydicom import uid as UID
 
-from workers.analysis.imaging import SeriesError, canonical_grid, load_series, resample_back, resample_to_grid
+from workers.analysis.imaging import (
+    SeriesError,
+    canonical_grid,
+    load_groups,
+    load_series,
+    resample_back,
+    resample_to_grid,
+)
+from workers.analysis.registry import get_analysis
 from workers.synthetic.phantoms import make_ct_phantom, write_ct_series
 
 DATA_STORE = Path(__import__("data_store").__file__).parent / "data"
@@ -140,21 +148,23 @@ def test_missing_optional_attributes(tmp_path):
     np.testing.assert_array_equal(_sample_phantom_positions(volume, phantom), _stored_hu(phantom.hu, 1.0, 0.0))
 
 
-def test_uneven_spacing_is_refused_with_reason(tmp_path):
+def test_uneven_spacing_is_not_a_volume_and_says_why(tmp_path):
     paths = write_ct_series(make_ct_phantom(4, shape=(8, 16, 16)), tmp_path)
     paths[3].unlink()
-    with pytest.raises(SeriesError, match="uneven slice spacing"):
-        load_series([p for p in paths if p.exists()])
+    volume = load_series([p for p in paths if p.exists()])
+    assert volume.kind == "images" and "uneven slice spacing" in volume.note
+    assert "uneven slice spacing" in get_analysis("ct-segmentation").accepts(volume)
 
 
-def test_duplicates_mixed_series_and_localizers_are_refused(tmp_path):
+def test_duplicates_mixed_series_and_localizers(tmp_path):
     paths = write_ct_series(make_ct_phantom(4, shape=(4, 16, 16)), tmp_path / "a")
     dup = tmp_path / "dup.dcm"
     ds = pydicom.dcmread(paths[0])
     ds.SOPInstanceUID = UID.generate_uid()
     ds.save_as(dup)
-    with pytest.raises(SeriesError, match="share a position"):
-        load_series([*paths, dup])
+    # A repeated position with nothing to tell the two images apart: 2D images, not a volume.
+    volume = load_series([*paths, dup])
+    assert volume.kind == "images" and "share a position" in volume.note
     other = write_ct_series(make_ct_phantom(4, shape=(4, 16, 16)), tmp_path / "b")
     with pytest.raises(SeriesError, match="2 different series"):
         load_series([*paths, *other])
@@ -163,8 +173,12 @@ def test_duplicates_mixed_series_and_localizers_are_refused(tmp_path):
         tmp_path / "c",
         series_uid=str(pydicom.dcmread(paths[0]).SeriesInstanceUID),
     )
-    with pytest.raises(SeriesError, match="Orientation"):
+    # A localizer in the series is a group of its own; the axial stack stays a volume.
+    with pytest.raises(SeriesError, match="2 groups of images: Image Orientation"):
         load_series([*paths, tilted[0]])
+    stack, localizer = load_groups([*paths, tilted[0]])
+    assert (stack.kind, stack.pixels.shape[0], localizer.kind, localizer.pixels.shape[0]) == ("volume", 4, "images", 1)
+    assert stack.label != localizer.label and "Image Orientation (Patient)" in localizer.label
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"not dicom at all")
     with pytest.raises(SeriesError, match="not a readable DICOM file"):

@@ -113,6 +113,12 @@ class Analysis:
         use = self.declared_use
         if use.modalities and volume.modality not in use.modalities:
             return f"{self.name} accepts {', '.join(use.modalities)} images, not {volume.modality or 'unknown'}"
+        # Dimensionality from what the images are (imaging.load_groups), not from how many.
+        frames = volume.pixels.shape[0]
+        if use.dimensionality == "3d" and (volume.kind != "volume" or frames < 2):
+            return f"{self.name} needs a 3D volume; {_where(volume)} is {volume.describe()}"
+        if use.dimensionality == "2d+t" and (volume.kind != "cine" or frames < 2):
+            return f"{self.name} needs a cine loop; {_where(volume)} is {volume.describe()}"
         reason = header_reason(use, headers, regions or BodyRegions()) if headers is not None else None
         reason = reason or geometry_reason(
             use, volume.modality, volume.pixels.shape, volume.spacing, volume.frame_time_s
@@ -120,3 +126,7 @@ class Analysis:
         if reason is None and self.image_check is not None:
             reason = self.image_check(volume)
         return f"{self.name}: {reason}" if reason else None
+
+
+def _where(volume: Volume) -> str:
+    return f"the series ({volume.label})" if volume.label else "the series"

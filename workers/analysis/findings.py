@@ -29,9 +29,15 @@ class SourceFrame:
     frame_number: int | None = None  # 1-based, for multi-frame instances
 
 
+VolumeKind = Literal["volume", "cine", "images"]
+"""What a group of images is: a 3D volume (distinct, evenly spaced positions along one normal),
+a cine (one plane over time, with a frame time where the header gives one), or 2D images."""
+
+
 @dataclass
 class Volume:
-    """Pixels of one series with their exact geometry and provenance."""
+    """Pixels of one series (or one group of its images: an echo, a phase) with their exact
+    geometry and provenance."""
 
     pixels: np.ndarray  # (k, j, i) float32, in modality units (HU for CT) after rescale
     affine: np.ndarray  # 4x4: (i, j, k, 1) -> patient LPS mm
@@ -42,6 +48,22 @@ class Volume:
     modality: str
     # Time between frames for dynamic imaging (cine), seconds; None for still volumes.
     frame_time_s: float | None = None
+    kind: VolumeKind = "volume"
+    # Within its series: what tells this group from the others (e.g. "echo 2"); "" when alone.
+    label: str = ""
+    # For "images": why they are not a volume (e.g. "uneven slice spacing ..."), for refusals.
+    note: str = ""
+
+    def describe(self) -> str:
+        """The group in words, for job summaries and refusals (no patient data)."""
+        n = self.pixels.shape[0]
+        what = {
+            "volume": f"a 3D volume of {n} slices",
+            "cine": f"a cine of {n} frames"
+            + (f" ({self.frame_time_s * 1000:.3g} ms apart)" if self.frame_time_s else " without a frame time"),
+            "images": f"{n} 2D image{'s' if n != 1 else ''}",
+        }[self.kind]
+        return what + (f": {self.note}" if self.note else "")
 
     @property
     def spacing(self) -> tuple[float, float, float]:

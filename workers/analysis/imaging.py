@@ -1,11 +1,22 @@
-"""imaging: stored DICOM instances to a ``Volume`` with exact geometry (and back to grids).
+"""imaging: stored DICOM instances to ``Volume`` objects with exact geometry (and back to grids).
 
-``load_series(paths)`` reads one series, single-frame slices or multi-frame instances (enhanced
+``load_groups(paths)`` reads one series, single-frame slices or multi-frame instances (enhanced
 CT/MR, ultrasound cine), decodes any transfer syntax pydicom can (pylibjpeg / GDCM plugins for
 JPEG, JPEG-LS, JPEG 2000, RLE), applies the modality LUT (rescale slope/intercept, per frame),
-and orders slices by their position along the slice normal, never by Instance Number. Slices
-that are not evenly spaced are refused with ``SeriesError`` (a clear reason), because resampling
-would break the one-slice-per-source-image mapping that result objects rely on.
+and splits the series into groups by what distinguishes its images: image size and Image
+Orientation (Patient) always; where positions repeat, echo (Echo Numbers / Echo Time), diffusion
+b-value, temporal phase (Temporal Position, Trigger Time) and Acquisition Number, in that order.
+Each group becomes one ``Volume`` of a kind:
+
+- ``volume``: distinct positions along the slice normal, one orientation, evenly spaced (within
+  ``SPACING_TOLERANCE``); ordered by position, never by Instance Number;
+- ``cine``: one multi-frame instance with a Frame Time (Vector), or images at one position that
+  differ in time (Temporal Position Identifier / Index, Trigger Time); ordered in time;
+- ``images``: anything else (2D images, a stack at repeated positions, uneven spacing), with a
+  ``note`` saying why it is not a volume, so a 3D analysis refuses it with that reason.
+
+``load_series(paths)`` is the same for a series that forms one group. Slices are never
+resampled: the one-slice-per-source-image mapping is what result objects rely on.
 
 ``resample_to_spacing`` / ``resample_back`` move arrays between the source grid and a model's
 working grid, keeping the affine exact so masks land back on the source voxels.
@@ -13,10 +24,9 @@ working grid, keeping the affine exact so masks land back on the source voxels.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pydicom
@@ -24,15 +34,17 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 from scipy import ndimage
 
-from workers.analysis.findings import SourceFrame, Volume
+from workers.analysis.findings import SourceFrame, Volume, VolumeKind
 
 # Positions within this fraction of the median slice step count as evenly spaced.
 SPACING_TOLERANCE = 0.05
 ORIENTATION_TOLERANCE = 1e-3
+# Two images closer than this along the slice normal (mm) are at the same position.
+POSITION_TOLERANCE = 1e-3
 
 
 class SeriesError(ValueError):
-    """The instances cannot be made into one volume; the message says why, for the job record."""
+    """The instances cannot be read as images; the message says why, for the job record."""
 
 
 @dataclass
@@ -46,16 +58,27 @@ class _Frame:
     source: SourceFrame
     order_key: tuple  # fallback order when there is no geometry
     thickness: float | None = None
+    # What tells images at one position apart (None: not in the header).
+    echo: str | None = None  # Echo Numbers, else Echo Time (ms)
+    b_value: float | None = None  # Diffusion b-value
+    temporal_position: int | None = None  # Temporal Position Identifier / Index
+    trigger_ms: float | None = None  # Trigger Time / Nominal Cardiac Trigger Delay Time
+    acquisition: str | None = None  # Acquisition Number
+    frame_time_s: float | None = None  # of the multi-frame instance this frame belongs to
+
+    @property
+    def located(self) -> bool:
+        return self.position is not None and self.orientation is not None
 
 
 # --- reading ----------------------------------------------------------------------------------
 
 
-def load_series(paths: Iterable[str | Path], allow_mixed_series: bool = False) -> Volume:
-    """Read the instances of one series into a volume ordered by geometry.
+def load_groups(paths: Iterable[str | Path], allow_mixed_series: bool = False) -> list[Volume]:
+    """Read the instances of one series and return one ``Volume`` per group of images that belong
+    together (see the module's docstring), largest first.
 
-    Raises ``SeriesError`` for unreadable files, mixed series, inconsistent orientation or pixel
-    size, duplicate positions and uneven slice spacing.
+    Raises ``SeriesError`` for unreadable files and (unless allowed) instances of several series.
     """
     paths = [Path(p) for p in paths]
     if not paths:
@@ -65,18 +88,31 @@ def load_series(paths: Iterable[str | Path], allow_mixed_series: bool = False) -
     if len(series) > 1 and not allow_mixed_series:
         raise SeriesError(f"the instances belong to {len(series)} different series")
     frames: list[_Frame] = []
-    frame_time = None
     for path, ds in zip(paths, datasets):
         frames.extend(_frames_of(ds, path))
-        frame_time = frame_time or _frame_time_s(ds)
+    groups = _partition(frames)
+    if len(groups) == 1:
+        groups = [(groups[0][0], [])]  # one group: nothing to tell it from
+    groups.sort(key=lambda g: (-len(g[0]), ", ".join(g[1])))
     first = datasets[0]
-    dynamic = _is_dynamic(frames)
-    if dynamic:
-        frames.sort(key=lambda f: f.order_key)
-        affine = _affine_without_stack(frames[0])
-    else:
-        frames, affine = _stack(frames)
-    _check_same_shape(frames)
+    return [_volume(members, ", ".join(label), first) for members, label in groups]
+
+
+def load_series(paths: Iterable[str | Path], allow_mixed_series: bool = False) -> Volume:
+    """Read the instances of one series that form one group (a volume, a cine or 2D images).
+
+    Raises ``SeriesError`` for unreadable files, mixed series, and a series whose images form
+    several groups (e.g. two echoes or a localizer mixed in; ``load_groups`` returns them apart).
+    """
+    groups = load_groups(paths, allow_mixed_series)
+    if len(groups) > 1:
+        named = "; ".join(f"{g.label} ({g.pixels.shape[0]} images)" for g in groups)
+        raise SeriesError(f"the series holds {len(groups)} groups of images: {named}")
+    return groups[0]
+
+
+def _volume(frames: list[_Frame], label: str, first: Dataset) -> Volume:
+    kind, frames, affine, frame_time, note = _assemble(frames)
     return Volume(
         pixels=np.stack([f.pixels for f in frames]).astype(np.float32),
         affine=affine,
@@ -85,7 +121,10 @@ def load_series(paths: Iterable[str | Path], allow_mixed_series: bool = False) -
         series_instance_uid=str(first.get("SeriesInstanceUID", "")),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
         modality=str(first.get("Modality", "OT")),
-        frame_time_s=frame_time if (dynamic or len(frames) > 1) else None,
+        frame_time_s=frame_time,
+        kind=kind,
+        label=label,
+        note=note,
     )
 
 
@@ -163,6 +202,8 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
     per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
     multi = int(ds.get("NumberOfFrames", 1) or 1) > 1 or per_frame_seq is not None
+    frame_time = _frame_time_s(ds) if pixels.shape[0] > 1 else None
+    acquisition = ds.get("AcquisitionNumber")
     out = []
     for n in range(pixels.shape[0]):
         per_frame = per_frame_seq[n] if per_frame_seq is not None and n < len(per_frame_seq) else None
@@ -178,6 +219,16 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
         transform = next((g for g in groups if "PixelValueTransformationSequence" in g), None)
         values = _monochrome1(_rescale(pixels[n], ds, transform), ds)
         temporal = _temporal_index(per_frame)
+        echo = _attr_from(groups, ds, "MREchoSequence", "EffectiveEchoTime")
+        if echo is None:
+            echo = _echo(ds)
+        b_value = _attr_from(groups, ds, "MRDiffusionSequence", "DiffusionBValue")
+        temporal_position = _attr_from(groups, ds, "FrameContentSequence", "TemporalPositionIndex")
+        if temporal_position is None:
+            temporal_position = ds.get("TemporalPositionIdentifier")
+        trigger = _attr_from(groups, ds, "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime")
+        if trigger is None:
+            trigger = ds.get("TriggerTime")
         out.append(
             _Frame(
                 pixels=values.astype(np.float32),
@@ -187,9 +238,39 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
                 source=SourceFrame(str(ds.SOPClassUID), str(ds.SOPInstanceUID), path, n + 1 if multi else None),
                 order_key=(temporal, int(ds.get("InstanceNumber", 0) or 0), n),
                 thickness=float(thickness) if thickness not in (None, "") else None,
+                echo=_text(echo),
+                b_value=_number(b_value),
+                temporal_position=None if _number(temporal_position) is None else int(_number(temporal_position)),
+                trigger_ms=_number(trigger),
+                acquisition=_text(acquisition),
+                frame_time_s=frame_time,
             )
         )
     return out
+
+
+def _echo(ds: Dataset) -> str | None:
+    """Echo Numbers and Echo Time together: vendors differ in which of them tells echoes apart."""
+    numbers, time = _text(ds.get("EchoNumbers")), _text(ds.get("EchoTime"))
+    if numbers and time:
+        return f"{numbers} (TE {time})"
+    return numbers or (f"TE {time}" if time else None)
+
+
+def _text(value) -> str | None:
+    """A header value as a grouping key ('1\\2' for several values); None when absent or empty."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return "\\".join(str(v) for v in value) or None
+    return str(value).strip() or None
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _attr_from(groups: list[Dataset], ds: Dataset, sequence: str, keyword: str):
@@ -243,17 +324,172 @@ def _frame_time_s(ds: Dataset) -> float | None:
     return None
 
 
-# --- geometry ---------------------------------------------------------------------------------
+# --- grouping: what tells the images of a series apart ----------------------------------------
+
+# Where positions repeat, a series is split by the first of these that differs between its
+# images. Echo and b-value come before time: a multi-echo cine is one cine per echo.
+_SPATIAL_SPLITS: tuple[tuple[str, Callable[[_Frame], object]], ...] = (
+    ("echo", lambda f: f.echo),
+    ("b-value", lambda f: f.b_value),
+)
+_TEMPORAL_SPLITS: tuple[tuple[str, Callable[[_Frame], object]], ...] = (
+    ("phase", lambda f: f.temporal_position if f.temporal_position is not None else f.trigger_ms),
+    ("acquisition", lambda f: f.acquisition),
+)
+
+Group = tuple[list[_Frame], list[str]]
 
 
-def _is_dynamic(frames: list[_Frame]) -> bool:
-    """Frames without geometry, or all at one position (a cine loop of one plane)."""
-    if any(f.position is None or f.orientation is None for f in frames):
-        return True
+def _partition(frames: list[_Frame]) -> list[Group]:
+    """The series' frames in groups, each with the words that tell it from the others."""
+    groups: list[Group] = []
+    sizes = _split_by(frames, lambda f: f.pixels.shape)
+    for shape, same_size in sizes.items():
+        size = [f"{shape[0]}x{shape[1]} images"] if len(sizes) > 1 else []
+        groups += _split_unlocated([f for f in same_size if not f.located], size)
+        planes = _split_by_orientation([f for f in same_size if f.located])
+        for planar in planes:
+            cosines = "\\".join(f"{v:g}" for v in np.round(planar[0].orientation, 3) + 0.0)
+            words = [*size, f"Image Orientation (Patient) {cosines}"] if len(planes) > 1 else size
+            groups += _split_repeats(planar, words)
+    return groups
+
+
+def _split_by(frames: list[_Frame], key: Callable[[_Frame], object]) -> dict:
+    out: dict = {}
+    for f in frames:
+        out.setdefault(key(f), []).append(f)
+    return dict(sorted(out.items(), key=lambda item: (item[0] is None, str(item[0]))))
+
+
+def _split_by_orientation(frames: list[_Frame]) -> list[list[_Frame]]:
+    """Frames by Image Orientation (Patient), equal within ORIENTATION_TOLERANCE (cosines written
+    with different precision fall together), largest group first."""
+    planes: list[list[_Frame]] = []
+    for f in frames:
+        for plane in planes:
+            if np.abs(f.orientation - plane[0].orientation).max() <= ORIENTATION_TOLERANCE:
+                plane.append(f)
+                break
+        else:
+            planes.append([f])
+    return sorted(planes, key=len, reverse=True)
+
+
+def _split_unlocated(frames: list[_Frame], words: list[str]) -> list[Group]:
+    """Images without geometry: each multi-frame instance with a frame time is a cine loop of its
+    own; the other images are one group of 2D images."""
+    if not frames:
+        return []
+    loops = _split_by([f for f in frames if f.frame_time_s], lambda f: f.source.sop_instance_uid)
+    loops = {uid: members for uid, members in loops.items() if len(members) > 1}
+    rest = [f for f in frames if f.source.sop_instance_uid not in loops]
+    groups: list[Group] = [(members, [*words, f"cine {uid}"]) for uid, members in loops.items()]
+    if rest:
+        groups.append((rest, [*words, "images without position"]))
+    return groups
+
+
+def _split_repeats(frames: list[_Frame], words: list[str]) -> list[Group]:
+    """One orientation: split where positions repeat, by echo, b-value, then (unless the images
+    are one position over time: a cine) phase and acquisition."""
+    if len(frames) < 2 or not _positions_repeat(frames):
+        return [(frames, words)]
+    for name, key in _SPATIAL_SPLITS:
+        parts = _split_by(frames, key)
+        if len(parts) > 1:
+            return [g for value, part in parts.items() for g in _split_repeats(part, [*words, _word(name, value)])]
+    if _one_position(frames) and _is_temporal(frames):
+        return [(frames, words)]
+    for name, key in _TEMPORAL_SPLITS:
+        parts = _split_by(frames, key)
+        if len(parts) > 1:
+            return [g for value, part in parts.items() for g in _split_repeats(part, [*words, _word(name, value)])]
+    return [(frames, words)]
+
+
+def _word(name: str, value: object) -> str:
+    if value is None:
+        return f"{name} not given"
+    return f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+
+
+def _normal(frame: _Frame) -> np.ndarray:
+    row, col = _directions(frame.orientation)
+    return np.cross(row, col)
+
+
+def _positions_repeat(frames: list[_Frame]) -> bool:
+    distances = np.sort([float(f.position @ _normal(frames[0])) for f in frames])
+    return bool(np.any(np.diff(distances) < POSITION_TOLERANCE))
+
+
+def _one_position(frames: list[_Frame]) -> bool:
+    positions = np.stack([f.position for f in frames])
+    return bool(np.ptp(positions, axis=0).max() < POSITION_TOLERANCE)
+
+
+def _is_temporal(frames: list[_Frame]) -> bool:
+    """A loop over time: one multi-frame instance with a frame time, or images whose temporal
+    position or trigger time differs from image to image."""
     if len(frames) < 2:
         return False
-    positions = np.stack([f.position for f in frames])
-    return bool(np.ptp(positions, axis=0).max() < 1e-3)
+    if len({f.source.sop_instance_uid for f in frames}) == 1 and frames[0].frame_time_s:
+        return True
+    for values in ([f.temporal_position for f in frames], [f.trigger_ms for f in frames]):
+        if None not in values and len(set(values)) == len(values):
+            return True
+    return False
+
+
+def _time_order(frames: list[_Frame]) -> list[_Frame]:
+    if all(f.temporal_position is not None for f in frames):
+        return sorted(frames, key=lambda f: (f.temporal_position, f.order_key))
+    if all(f.trigger_ms is not None for f in frames):
+        return sorted(frames, key=lambda f: (f.trigger_ms, f.order_key))
+    return sorted(frames, key=lambda f: f.order_key)
+
+
+def _cine_frame_time(frames: list[_Frame]) -> float | None:
+    """Seconds between frames: the instance's Frame Time, else the median step of trigger times."""
+    if frames[0].frame_time_s and len({f.source.sop_instance_uid for f in frames}) == 1:
+        return frames[0].frame_time_s
+    triggers = [f.trigger_ms for f in frames]
+    if None not in triggers:
+        steps = np.diff(np.asarray(triggers, dtype=float))
+        steps = steps[steps > 0]
+        if len(steps):
+            return float(np.median(steps)) / 1000.0
+    return None
+
+
+def _assemble(frames: list[_Frame]) -> tuple[VolumeKind, list[_Frame], np.ndarray, float | None, str]:
+    """A group's kind, its frames in order, its affine, its frame time (cine) and, for 2D images,
+    why they are not a volume."""
+    if not all(f.located for f in frames):
+        if _is_temporal(frames):
+            ordered = _time_order(frames)
+            return "cine", ordered, _affine_without_stack(ordered[0]), _cine_frame_time(ordered), ""
+        ordered = sorted(frames, key=lambda f: f.order_key)
+        note = "" if len(frames) == 1 else "the images have no Image Position/Orientation (Patient)"
+        return "images", ordered, _affine_without_stack(ordered[0]), None, note
+    if len(frames) == 1:
+        return "images", frames, _affine_without_stack(frames[0]), None, ""
+    if _one_position(frames):
+        ordered = _time_order(frames)
+        if _is_temporal(frames):
+            return "cine", ordered, _affine_without_stack(ordered[0]), _cine_frame_time(ordered), ""
+        note = f"the {len(frames)} images share one position and nothing tells them apart in time"
+        return "images", ordered, _affine_without_stack(ordered[0]), None, note
+    try:
+        ordered, affine = _stack(frames)
+    except SeriesError as err:
+        ordered = sorted(frames, key=lambda f: (float(f.position @ _normal(frames[0])), f.order_key))
+        return "images", ordered, _affine_without_stack(ordered[0]), None, str(err)
+    return "volume", ordered, affine, None, ""
+
+
+# --- geometry ---------------------------------------------------------------------------------
 
 
 def _affine_without_stack(frame: _Frame) -> np.ndarray:
@@ -296,8 +532,8 @@ def _stack(frames: list[_Frame]) -> tuple[list[_Frame], np.ndarray]:
         affine[:3, 2] = normal * (ref.thickness or 1.0)
         return frames, affine
     steps = np.diff(distances)
-    if np.any(steps < 1e-3):
-        dupes = int(np.sum(steps < 1e-3))
+    if np.any(steps < POSITION_TOLERANCE):
+        dupes = int(np.sum(steps < POSITION_TOLERANCE))
         raise SeriesError(f"{dupes} slice(s) share a position with another slice (duplicates or several stacks)")
     median = float(np.median(steps))
     if np.abs(steps - median).max() > SPACING_TOLERANCE * median:
@@ -305,16 +541,15 @@ def _stack(frames: list[_Frame]) -> tuple[list[_Frame], np.ndarray]:
             f"uneven slice spacing: steps from {steps.min():.3g} to {steps.max():.3g} mm "
             f"(median {median:.3g} mm; a gap or missing slice?)"
         )
-    # The slice step is the mean displacement between neighbours: exact for gantry tilt too.
+    # Positions off the normal line (in-plane shifts between slices) are no grid either.
     step = (frames[-1].position - frames[0].position) / (len(frames) - 1)
+    expected = frames[0].position + np.outer(np.arange(len(frames)), step)
+    drift = np.linalg.norm(np.stack([f.position for f in frames]) - expected, axis=1).max()
+    if drift > SPACING_TOLERANCE * median + 0.01:
+        raise SeriesError(f"the slice positions do not lie on one line (off by up to {drift:.3g} mm)")
+    # The slice step is the mean displacement between neighbours: exact for gantry tilt too.
     affine[:3, 2] = step
     return frames, affine
-
-
-def _check_same_shape(frames: list[_Frame]) -> None:
-    shapes = Counter(f.pixels.shape for f in frames)
-    if len(shapes) > 1:
-        raise SeriesError(f"the images have different sizes: {', '.join(f'{r}x{c}' for r, c in shapes)}")
 
 
 # --- grids for models -------------------------------------------------------------------------
