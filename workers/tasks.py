@@ -45,9 +45,9 @@ from node.jobs.inputs import InputInstance, job_inputs
 from node.jobs.table import FAILED, INAPPLICABLE, RETRYING, SUCCEEDED, Job
 from workers.analysis.imaging import load_series
 from workers.analysis.contract import NotApplicable
-from workers.analysis.registry import AnalysisError
+from workers.analysis.registry import AnalysisError, get_analysis
 from workers.analysis.registry import run_analysis as run_registered
-from workers.results import ResultContext, write_results
+from workers.results import ResultContext, check_writable, write_results
 
 log = logging.getLogger("ainode.tasks")
 
@@ -132,6 +132,7 @@ def run_model_job(
         by_series.setdefault(item.series_uid, []).append(item.path)
     series_uid, members = max(by_series.items(), key=lambda entry: len(entry[1]))
     volume = load_series(members)
+    check_writable(volume, get_analysis(job.analysis, settings).task)  # before inference, not after
     findings = run_registered(job.analysis, volume, job.params_dict(), settings=settings)
     context = ResultContext(
         job_key=job.key,

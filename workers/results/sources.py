@@ -10,6 +10,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -41,6 +42,81 @@ SOURCE_TYPE2 = (
 )
 
 
+# Specific Character Set (PS3.3 C.12.1.1.2). highdicom takes only its defined terms; an empty first
+# value (the usual Japanese and Korean form, "\\ISO 2022 IR 87") means the default repertoire,
+# which highdicom takes spelt out. Multi-byte sets may not come first when there are several.
+DEFAULT_REPERTOIRE = "ISO 2022 IR 6"
+HIGHDICOM_CHARACTER_SETS = frozenset(value.value for value in hd.SpecificCharacterSetValues)
+MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"})
+# What a set highdicom cannot take becomes: UTF-8 holds any text pydicom decoded.
+UNICODE = "ISO_IR 192"
+# The source's Specific Character Set as read, kept on the in-memory header for the results.
+_SOURCE_CHARACTER_SET = "_ainode_source_character_set"
+
+
+def character_set_values(ds: Dataset) -> list[str]:
+    """The Specific Character Set's values as encoded (stripped; [] when absent or empty)."""
+    value = ds.get("SpecificCharacterSet")
+    if value in (None, ""):
+        return []
+    values = [value] if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in values]
+
+
+def standard_character_set(values: list[str]) -> bool:
+    """Whether ``values`` is a Specific Character Set as PS3.3 C.12.1.1.2 allows it (one defined
+    term, or ISO 2022 code extensions with the first value possibly empty) that pydicom encodes."""
+    if not values or not all(v in python_encoding for v in values):
+        return False
+    if len(values) == 1:
+        return True
+    first = values[0] or DEFAULT_REPERTOIRE
+    return first not in MULTI_BYTE_EXTENSIONS and all(v.startswith("ISO 2022") for v in [first, *values[1:]])
+
+
+def highdicom_character_set(values: list[str]) -> str | list[str] | None:
+    """The character set to hand highdicom for text in ``values``' character set.
+
+    An empty first value is the default repertoire (``ISO 2022 IR 6``); a set highdicom does not
+    take (a misspelt term, an invalid combination, one its list lacks such as ``ISO 2022 IR 149``)
+    becomes ``ISO_IR 192``: the text has been decoded already and UTF-8 can hold it.
+    """
+    if not values:
+        return None
+    spelt = [values[0] or DEFAULT_REPERTOIRE, *values[1:]]
+    if not standard_character_set(values) or not all(v in HIGHDICOM_CHARACTER_SETS for v in spelt):
+        return UNICODE
+    return spelt[0] if len(spelt) == 1 else spelt
+
+
+def normalise_character_set(ds: Dataset) -> Dataset:
+    """Give ``ds`` (in memory) a Specific Character Set highdicom takes; remember the source's.
+
+    Every text value is decoded first with the source's own set, so changing the attribute
+    changes how the results are encoded, never what the text says.
+    """
+    values = character_set_values(ds)
+    wanted = highdicom_character_set(values)
+    object.__setattr__(ds, _SOURCE_CHARACTER_SET, values)
+    if wanted is None or wanted == (values[0] if len(values) == 1 else values):
+        return ds
+    ds.decode()
+    ds.SpecificCharacterSet = wanted
+    return ds
+
+
+def result_character_set(source: Dataset) -> str | list[str] | None:
+    """The Specific Character Set a result of ``source`` carries: the source's own, in the form
+    it was encoded (an empty first value included) when pydicom can encode with it; else the
+    set highdicom was given."""
+    values = getattr(source, _SOURCE_CHARACTER_SET, None)
+    if values is None:
+        values = character_set_values(source)
+    if standard_character_set(values):
+        return values[0] if len(values) == 1 else values
+    return highdicom_character_set(values)
+
+
 def fill_type2(ds: Dataset) -> Dataset:
     """Add the Type 2 attributes ``ds`` lacks, present and empty (in memory; returns ``ds``).
 
@@ -60,8 +136,9 @@ def fill_type2(ds: Dataset) -> Dataset:
 
 
 def read_source(path: str | os.PathLike, stop_before_pixels: bool = False) -> Dataset:
-    """A source instance as the writers use it: read, with its missing Type 2 attributes empty."""
-    return fill_type2(pydicom.dcmread(path, stop_before_pixels=stop_before_pixels))
+    """A source instance as the writers use it: read, with its missing Type 2 attributes empty and
+    a Specific Character Set highdicom takes (``normalise_character_set``)."""
+    return normalise_character_set(fill_type2(pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)))
 
 
 @dataclass
@@ -179,6 +256,11 @@ def finish_common(
     """
     ds.AccessionNumber = accession_number(source, ctx)
     ds.SeriesDescription = series_description[:64]
+    # The source's character set in its own form (e.g. "\\ISO 2022 IR 87"); the text is held
+    # decoded, so it is encoded in that set when the object is written.
+    charset = result_character_set(source)
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
     if ctx.institution_name:
         ds.InstitutionName = ctx.institution_name
     # Type 2 attributes the source may lack must still be present (empty) in our objects.
