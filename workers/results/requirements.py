@@ -9,7 +9,7 @@ of failing after a full inference (``check_writable``, called by the job runner)
 from __future__ import annotations
 
 # The rule highdicom's SEG applies itself (no public name for it): checked with the same table.
-from highdicom._standard_utils import ModuleUsageValues, get_module_usage
+from highdicom._standard_utils import ModuleUsageValues, get_iod_module_map, get_module_usage, get_sop_class_iod_map
 from pydicom.dataset import Dataset
 
 from workers.analysis.contract import AnalysisError
@@ -21,6 +21,8 @@ from workers.results.sources import read_source
 # volumes, lesion diameters): these need the source's geometry.
 SEGMENT_TASKS = frozenset({"segmentation"})
 MILLIMETRE_TASKS = frozenset({"segmentation", "detection"})
+# Tasks whose results include a derived series in the source's own IOD.
+DERIVED_TASKS = frozenset({"reconstruction"})
 
 
 class NotWritable(AnalysisError):
@@ -40,6 +42,28 @@ def frame_of_reference_required(source: Dataset, frames: int) -> bool:
     try:
         return get_module_usage("frame-of-reference", str(source.SOPClassUID)) == ModuleUsageValues.MANDATORY
     except KeyError:  # an IOD highdicom does not know: its own check cannot fail on it either
+        return False
+
+
+def multiframe_iod(sop_class_uid: str) -> bool:
+    """Whether the IOD of ``sop_class_uid`` is a multi-frame one (references may name frames):
+    it has the Multi-frame module or the Frame Extraction module (every enhanced IOD); True for
+    an IOD highdicom does not know."""
+    try:
+        return any(get_module_usage(key, str(sop_class_uid)) is not None for key in ("multi-frame", "frame-extraction"))
+    except KeyError:
+        return True
+
+
+def enhanced_iod(sop_class_uid: str) -> bool:
+    """Whether the IOD of ``sop_class_uid`` keeps its frames' attributes in functional groups
+    (Enhanced CT, MR, XA ...), whether or not a given file has them."""
+    try:
+        return any(
+            module["key"].endswith("multi-frame-functional-groups")
+            for module in get_iod_module_map()[get_sop_class_iod_map()[str(sop_class_uid)]]
+        )
+    except KeyError:
         return False
 
 
@@ -80,6 +104,11 @@ def writable_reason(volume: Volume, task: str) -> str | None:
         reason = seg_reason(volume, first)
         if reason:
             return reason
+    if task in DERIVED_TASKS and enhanced_iod(first.SOPClassUID) and "PerFrameFunctionalGroupsSequence" not in first:
+        return (
+            f"series {volume.series_instance_uid}: a derived image of an enhanced image needs the source's "
+            "Per-frame Functional Groups Sequence (5200,9230), which is missing"
+        )
     if task in MILLIMETRE_TASKS and pixel_spacing(first) is None:
         return (
             f"series {volume.series_instance_uid}: {task} results are measured in mm, but the images state no "

@@ -263,6 +263,12 @@ def finish_common(
         ds.SpecificCharacterSet = charset
     if ctx.institution_name:
         ds.InstitutionName = ctx.institution_name
+    # A de-identified source (Patient Identity Removed YES) that does not say how (Type 1C,
+    # a real file's omission): the method is copied when stated, else said to be unknown.
+    if ds.get("PatientIdentityRemoved") == "YES" and not (
+        "DeidentificationMethod" in ds or "DeidentificationMethodCodeSequence" in ds
+    ):
+        ds.DeidentificationMethod = str(source.get("DeidentificationMethod") or "not stated by the source images")[:64]
     # Type 2 attributes the source may lack must still be present (empty) in our objects.
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in ds:
@@ -271,11 +277,18 @@ def finish_common(
 
 
 def add_laterality(ds: Dataset, source: Dataset) -> Dataset:
-    """General Series Laterality (Type 2C): copied, or present and empty when the source lacks it.
+    """General Series Laterality (Type 2C): the source's value when it has one.
 
-    The condition depends on the body part; without knowing it, an empty value is always valid.
+    The condition depends on the body part: required (with a value) for a paired one, absent for
+    an unpaired one, empty only when the body part is unknown. Without a value to copy, it is
+    empty when the object names no body part and left out (as in the source) when it names one.
     """
-    ds.Laterality = source.get("Laterality", "") or ""
+    if source.get("Laterality"):
+        ds.Laterality = source.Laterality
+    elif not ds.get("BodyPartExamined"):
+        ds.Laterality = ""
+    elif "Laterality" in ds and not ds.Laterality:
+        del ds.Laterality
     return ds
 
 

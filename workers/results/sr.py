@@ -28,6 +28,7 @@ from pydicom.sr.codedict import codes
 from workers.analysis.findings import Classification, Code, Detection, Findings, Segment
 from workers.analysis.imaging import frame_attribute, functional_groups, pixel_spacing
 from workers.results.context import SERIES_NUMBERS, ResultContext, UIDFactory, derived_uid
+from workers.results.requirements import multiframe_iod
 from workers.results.seg import coded, present_segments, tracking_uid
 from workers.results.sources import SourceImages, contributing_equipment, finish_common, referenced_request
 
@@ -133,9 +134,10 @@ def detection_region(findings: Findings, det: Detection, sources: SourceImages) 
     k = int(round(det.center_kji[0]))
     k = min(max(k, 0), len(sources.frames) - 1)
     frame = sources.frames[k]
-    image = SourceImageForRegion(
-        frame.sop_class_uid, frame.sop_instance_uid, [frame.frame_number] if frame.frame_number else None
-    )
+    # A frame number only for a multi-frame IOD (an old ultrasound "Image Storage" file may hold
+    # two frames; its references may not name one).
+    numbered = frame.frame_number is not None and multiframe_iod(frame.sop_class_uid)
+    image = SourceImageForRegion(frame.sop_class_uid, frame.sop_instance_uid, [frame.frame_number] if numbered else None)
     (_, j0, i0), (_, j1, i1) = det.box_kji
     if j1 > j0 and i1 > i0:
         # Image coordinates are (column, row); +0.5 puts voxel centres on pixel centres.
