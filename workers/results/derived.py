@@ -116,7 +116,10 @@ def derived_slice(
     ds = copy.deepcopy(source)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         ds.decompress()
-    ds.PixelData = stored_values(image.pixels[k], source).tobytes()
+    if _as_monochrome(ds, source):  # a colour source: its luminance, 8-bit grey
+        ds.PixelData = stored_values(image.pixels[k], ds, 1.0, 0.0).tobytes()
+    else:
+        ds.PixelData = stored_values(image.pixels[k], source).tobytes()
     for keyword in STALE:
         if keyword in ds:
             delattr(ds, keyword)
@@ -152,8 +155,9 @@ def _frame_rescale(source: Dataset, frame: int) -> tuple[float | None, float | N
     return None, None
 
 
-def _set_pixels(ds: Dataset, source: Dataset, image: DerivedImage, frames: dict[int, int]) -> None:
-    """Pixel Data of every frame of the source (in its frame order) from the derived volume."""
+def _as_monochrome(ds: Dataset, source: Dataset) -> bool:
+    """Make ``ds`` an 8-bit MONOCHROME2 image when ``source`` is colour (the volume holds its
+    luminance, imaging._to_grey); True when it was colour."""
     colour = int(source.get("SamplesPerPixel", 1)) != 1 or str(source.get("PhotometricInterpretation", "")) in (
         "PALETTE COLOR",
         "RGB",
@@ -181,6 +185,12 @@ def _set_pixels(ds: Dataset, source: Dataset, image: DerivedImage, frames: dict[
                 delattr(ds, keyword)
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    return colour
+
+
+def _set_pixels(ds: Dataset, source: Dataset, image: DerivedImage, frames: dict[int, int]) -> None:
+    """Pixel Data of every frame of the source (in its frame order) from the derived volume."""
+    colour = _as_monochrome(ds, source)
     planes = []
     for number in range(1, int(source.get("NumberOfFrames", 1) or 1) + 1):
         slope, intercept = (None, None) if colour else _frame_rescale(source, number)

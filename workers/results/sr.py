@@ -40,12 +40,12 @@ PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 DIAMETER = hd.sr.CodedConcept("81827009", "SCT", "Diameter")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
-# Procedure reported must come from CID 100 (Quantitative Diagnostic Imaging Procedures).
+# Procedure reported must come from CID 100 (Quantitative Diagnostic Imaging Procedures), which
+# has no radiography code (LOINC 43468-8 is refused by DicomSRValidator): CR/DX report the
+# general "Imaging procedure".
 PROCEDURES = {
     "CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
     "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
-    "CR": hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region"),
-    "DX": hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region"),
     "NM": hd.sr.CodedConcept("49118-3", "LN", "NM unspecified body region"),
     "PT": hd.sr.CodedConcept("44136-0", "LN", "PET unspecified body region"),
 }
