@@ -197,6 +197,7 @@ _MISSING: Any = object()
 # ISO 2022 code extension (PS3.5 6.1.2.5.3): ESC, intermediate bytes (0x20-0x2F), a final byte.
 _ESC = b"\x1b"
 _ESCAPE_SEQUENCE = re.compile(rb"\x1b[\x20-\x2f]*[\x30-\x7e]?")
+_ESCAPE_TEXT = re.compile("\x1b[\x20-\x2f]*[\x30-\x7e]?")
 
 
 class Header:
@@ -402,7 +403,10 @@ def text_value(ds: Dataset | Header, keyword: str, limit: int) -> str:
             return ""
         if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
             value = "\\".join(str(v) for v in value)
-        return str(value).strip()[:limit]
+        text = str(value)
+        if "\x1b" in text:  # an escape pydicom could not follow (unknown set, cut short): dropped
+            text = _ESCAPE_TEXT.sub("", text)
+        return text.strip()[:limit]
     except Exception:  # noqa: BLE001 - pydicom raises many kinds on odd values
         return ds.raw_text(keyword).strip()[:limit] if isinstance(ds, Header) else ""
 

@@ -91,7 +91,9 @@ def object_errors(obj: ResultObject, volume: Volume, inherited: set[str]) -> lis
     errors = dciodvfy_errors(obj.path)
     if obj.sop_class_uid == volume.sources[0].sop_class_uid:
         errors = [e for e in errors if e not in inherited]
-    return errors
+    # Results must reference their sources by the sources' own UIDs, whatever their root.
+    own = {volume.study_instance_uid, volume.series_instance_uid, *(f.sop_instance_uid for f in volume.sources)}
+    return [e for e in errors if not ("Illegal root for UID" in e and any(f"<{uid}>" in e for uid in own))]
 
 
 def patient_name(path: Path) -> str:

@@ -114,12 +114,14 @@ def derived_slice(
 ) -> Dataset:
     """One derived instance: the source's header with new pixels, new UIDs and its derivation."""
     ds = copy.deepcopy(source)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()
+    if "PixelData" in ds:
+        # Replaced, never decoded: a compressed source's element is encapsulated.
+        del ds.PixelData
     if _as_monochrome(ds, source):  # a colour source: its luminance, 8-bit grey
-        ds.PixelData = stored_values(image.pixels[k], ds, 1.0, 0.0).tobytes()
+        pixels = stored_values(image.pixels[k], ds, 1.0, 0.0)
     else:
-        ds.PixelData = stored_values(image.pixels[k], source).tobytes()
+        pixels = stored_values(image.pixels[k], source)
+    ds.add_new(0x7FE00010, "OW" if int(ds.BitsAllocated) > 8 else "OB", pixels.tobytes())
     for keyword in STALE:
         if keyword in ds:
             delattr(ds, keyword)

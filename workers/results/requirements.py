@@ -9,8 +9,15 @@ of failing after a full inference (``check_writable``, called by the job runner)
 from __future__ import annotations
 
 # The rule highdicom's SEG applies itself (no public name for it): checked with the same table.
-from highdicom._standard_utils import ModuleUsageValues, get_iod_module_map, get_module_usage, get_sop_class_iod_map
+from highdicom._standard_utils import (
+    ModuleUsageValues,
+    does_iod_have_pixel_data,
+    get_iod_module_map,
+    get_module_usage,
+    get_sop_class_iod_map,
+)
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from workers.analysis.contract import AnalysisError
 from workers.analysis.findings import Volume
@@ -96,10 +103,41 @@ def seg_reason(volume: Volume, first: Dataset) -> str | None:
     return None
 
 
+# Objects that are results themselves, not images to analyse (a forwarded SEG, a dose grid).
+NOT_IMAGES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "SR", "KO", "PR", "REG"})
+IDENTITY = (
+    ("StudyInstanceUID", "(0020,000D)"),
+    ("SeriesInstanceUID", "(0020,000E)"),
+    ("SOPInstanceUID", "(0008,0018)"),
+)
+
+
+def source_reason(first: Dataset, series: str) -> str | None:
+    """Why no result can reference these sources: not an image, or an identity that is not a UID
+    (every result object references the study, series and instances it was made from)."""
+    modality = str(first.get("Modality", "") or "")
+    if modality in NOT_IMAGES:
+        return f"series {series}: Modality (0008,0060) {modality}: results are written for images, not for {modality} objects"
+    sop_class = str(first.get("SOPClassUID", ""))
+    try:
+        image = does_iod_have_pixel_data(sop_class)
+    except KeyError:
+        image = False
+    if not image:
+        return f"series {series}: SOP Class UID (0008,0016) {sop_class} is not an image storage class results can reference"
+    for keyword, tag in IDENTITY:
+        if not UID(str(first.get(keyword, ""))).is_valid:
+            return f"series {series}: the source's {keyword} {tag} is not a valid UID, so no result can reference it"
+    return None
+
+
 def writable_reason(volume: Volume, task: str) -> str | None:
     """None when the results of ``task`` can be written for the volume's sources, else why not
     (naming the series and the attribute)."""
     first = read_source(volume.sources[0].path, stop_before_pixels=True)
+    reason = source_reason(first, volume.series_instance_uid)
+    if reason:
+        return reason
     if task in SEGMENT_TASKS:
         reason = seg_reason(volume, first)
         if reason:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -135,10 +136,33 @@ def fill_type2(ds: Dataset) -> Dataset:
     return ds
 
 
+# Dates and times the results copy (highdicom parses them): ACR-NEMA wrote "14:04:38" and
+# "2004.08.26", which DICOM spells "140438" and "20040826".
+DATE = re.compile(r"\d{8}")
+TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+DATES_TIMES = ("StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "ContentDate", "ContentTime", "PatientBirthDate")
+
+
+def conformant_dates_times(ds: Dataset) -> Dataset:
+    """Give the copied dates and times their DICOM form (in memory): separators of the old
+    ACR-NEMA form removed; a value that is still no date or time becomes empty (Type 2)."""
+    for keyword in DATES_TIMES:
+        element = ds.get(keyword)
+        if element in (None, "") or keyword not in ds:
+            continue
+        raw = str(ds[keyword].value).strip()
+        form = TIME if keyword.endswith("Time") else DATE
+        candidate = raw.replace(":", "") if keyword.endswith("Time") else raw.replace(".", "").replace("-", "")
+        if not form.fullmatch(raw):
+            setattr(ds, keyword, candidate if form.fullmatch(candidate) else "")
+    return ds
+
+
 def read_source(path: str | os.PathLike, stop_before_pixels: bool = False) -> Dataset:
-    """A source instance as the writers use it: read, with its missing Type 2 attributes empty and
-    a Specific Character Set highdicom takes (``normalise_character_set``)."""
-    return normalise_character_set(fill_type2(pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)))
+    """A source instance as the writers use it: read, with its missing Type 2 attributes empty,
+    dates and times in DICOM form and a Specific Character Set highdicom takes."""
+    ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    return normalise_character_set(conformant_dates_times(fill_type2(ds)))
 
 
 @dataclass
@@ -293,10 +317,21 @@ def add_laterality(ds: Dataset, source: Dataset) -> Dataset:
 
 
 def write(ds: Dataset, folder: Path, name: str) -> Path:
-    """Write a dataset atomically (tmp + rename) so no half-written file is ever picked up."""
+    """Write a dataset atomically (tmp + rename) so no half-written file is ever picked up.
+
+    Encoded as its file meta's transfer syntax says (a derived image of a big-endian source is
+    written little endian)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.dcm"
     tmp = folder / f".{name}.dcm.tmp"
+    syntax = ds.file_meta.TransferSyntaxUID
+    # Every value decoded before it is written: a copied source element still raw carries the
+    # source's encoding (an implicit VR file labelled explicit has no VR to write).
+    for _ in ds.iterall():
+        pass
+    if ds.original_encoding[1] not in (None, syntax.is_little_endian):
+        # pydicom's save_as keeps a data set's byte order: declare the one it is written in.
+        ds.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian, ds.original_character_set)
     ds.save_as(tmp, enforce_file_format=True)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())

@@ -275,6 +275,10 @@ PLACEHOLDERS = {
     "ImageOrientationPatient": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
     "PatientOrientation": ["L", "P"],
 }
+# TID 1602 row 1 takes the modality from CID 29 (Acquisition Modality); highdicom derives it
+# from the SOP class, which gives "OT" for secondary captures and "SEG" for segmentations.
+MODALITY = "121139"
+ACQUISITION_MODALITIES = frozenset(code.value for code in codes.cid29.concepts.values())
 # The modalities highdicom describes with TID 1604 (cross-sectional) and TID 1603 (projection).
 CROSS_SECTIONAL = ("CT", "MR", "PT")
 PROJECTION = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
@@ -336,6 +340,7 @@ def library_entry(image: Dataset) -> tuple[Dataset, set[str]]:
     for keyword in ("SOPClassUID", "SOPInstanceUID", "Modality", "FrameOfReferenceUID", "Rows", "Columns"):
         if image.get(keyword) not in (None, ""):
             setattr(entry, keyword, image[keyword].value)
+    entry.Modality = entry.get("Modality") or "OT"  # Type 1, yet absent from some secondary captures
     if image.get("SpacingBetweenSlices") not in (None, "") and _numbers(image.SpacingBetweenSlices, 1):
         entry.SpacingBetweenSlices = image.SpacingBetweenSlices
     values = _library_values(image)
@@ -354,12 +359,26 @@ def library_entry(image: Dataset) -> tuple[Dataset, set[str]]:
     return entry, unknown
 
 
+def _drop_non_acquisition_modality(item: Dataset) -> None:
+    """Remove Modality descriptors (anywhere below ``item``) whose value is not in CID 29."""
+    children = item.get("ContentSequence", [])
+    for n in reversed(range(len(children))):
+        child = children[n]
+        name = child.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in child else None
+        value = child.ConceptCodeSequence[0].CodeValue if "ConceptCodeSequence" in child else None
+        if name == MODALITY and value not in ACQUISITION_MODALITIES:
+            del children[n]
+        else:
+            _drop_non_acquisition_modality(child)
+
+
 def _drop_descriptors(report: MeasurementReport, unknown: dict[str, set[str]]) -> None:
     """Remove the placeholder descriptors (``unknown``: codes per SOP Instance UID) of the image
     library's entries."""
     for library in report[0].ContentSequence:
         if library.ConceptNameCodeSequence[0].CodeValue != IMAGE_LIBRARY:
             continue
+        _drop_non_acquisition_modality(library)
         for group in library.get("ContentSequence", []):
             for entry in group.get("ContentSequence", []):
                 refs = entry.get("ReferencedSOPSequence", [])
