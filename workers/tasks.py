@@ -43,8 +43,8 @@ from node.jobs import lifecycle
 from node.jobs.broker import app, publish_delivery, publish_job
 from node.jobs.inputs import InputInstance, job_inputs
 from node.jobs.table import FAILED, INAPPLICABLE, RETRYING, SUCCEEDED, Job
-from workers.analysis.imaging import load_series
 from workers.analysis.contract import NotApplicable
+from workers.analysis.imaging import load_series
 from workers.analysis.registry import AnalysisError, get_analysis
 from workers.analysis.registry import run_analysis as run_registered
 from workers.results import ResultContext, check_writable, write_results

@@ -5,8 +5,8 @@ written (an ISO 2022 set with an empty first value included)."""
 from __future__ import annotations
 
 import pydicom
-from pydicom.data import get_charset_files
 import pytest
+from pydicom.data import get_charset_files
 
 from node.core.settings import CapabilityProfile
 from tests.results.synthetic import detection_findings, segmentation_findings, volume_of, write_ct_series

@@ -61,7 +61,9 @@ def test_every_task_writes_valid_objects_or_is_refused(tmp_path, name):
     assert written
 
 
-@pytest.mark.parametrize(("name", "task"), [("RG1_UNCI.dcm", "classification"), ("eCT_Supplemental.dcm", "segmentation")])
+@pytest.mark.parametrize(
+    ("name", "task"), [("RG1_UNCI.dcm", "classification"), ("eCT_Supplemental.dcm", "segmentation")]
+)
 def test_srs_of_real_headers_pass_dicom_sr_validator(tmp_path, name, task):
     """The reported crash: CR without Imager Pixel Spacing, Enhanced CT without top-level spacing."""
     volume = load_series([get_testdata_file(name)])

@@ -89,8 +89,12 @@ def seg_reason(volume: Volume, first: Dataset) -> str | None:
     position = frame_attribute(groups, first, "PlanePositionSequence", "ImagePositionPatient")
     orientation = frame_attribute(groups, first, "PlaneOrientationSequence", "ImageOrientationPatient")
     if frames > 1 and (position is None or orientation is None):
-        missing = "Image Position (Patient) (0020,0032)" if position is None else "Image Orientation (Patient) (0020,0037)"
-        return f"series {series}: a segmentation (SEG) of {frames} frames needs each frame's {missing}, which is missing"
+        missing = (
+            "Image Position (Patient) (0020,0032)" if position is None else "Image Orientation (Patient) (0020,0037)"
+        )
+        return (
+            f"series {series}: a segmentation (SEG) of {frames} frames needs each frame's {missing}, which is missing"
+        )
     if "PerFrameFunctionalGroupsSequence" in first and position is not None:
         shared = first.get("SharedFunctionalGroupsSequence")
         if not shared or "PlaneOrientationSequence" not in shared[0]:

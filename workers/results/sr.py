@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import highdicom as hd
 import numpy as np
 from highdicom.sr import (
@@ -137,7 +136,9 @@ def detection_region(findings: Findings, det: Detection, sources: SourceImages) 
     # A frame number only for a multi-frame IOD (an old ultrasound "Image Storage" file may hold
     # two frames; its references may not name one).
     numbered = frame.frame_number is not None and multiframe_iod(frame.sop_class_uid)
-    image = SourceImageForRegion(frame.sop_class_uid, frame.sop_instance_uid, [frame.frame_number] if numbered else None)
+    image = SourceImageForRegion(
+        frame.sop_class_uid, frame.sop_instance_uid, [frame.frame_number] if numbered else None
+    )
     (_, j0, i0), (_, j1, i1) = det.box_kji
     if j1 > j0 and i1 > i0:
         # Image coordinates are (column, row); +0.5 puts voxel centres on pixel centres.
