@@ -61,7 +61,7 @@ from workers.analysis.findings import Findings, Volume
 from workers.analysis.imaging import SeriesError, load_groups
 from workers.analysis.registry import AnalysisError
 from workers.analysis.registry import run_analysis as run_registered
-from workers.results import ResultContext, write_results
+from workers.results import ResultContext, check_writable, write_results
 
 log = logging.getLogger("ainode.tasks")
 
@@ -237,7 +237,14 @@ def analyse_group(
 ) -> tuple[list[ResultObject], Findings]:
     """One series (or group of its images): the analysis (which checks it accepts the images
     first) and its DICOM results. Output UIDs follow from the job key and this group's inputs."""
-    findings = run_registered(job.analysis, volume, job.params_dict(), settings=settings)
+    findings = run_registered(
+        job.analysis,
+        volume,
+        job.params_dict(),
+        settings=settings,
+        # After the intended-use check (not applicable comes first), before inference.
+        before_inference=lambda analysis, images: check_writable(images, analysis.task),
+    )
     return list(write_results(findings, context)), findings
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import mmap
+import re
 import struct
 import zlib
 from typing import Any, BinaryIO, Callable
@@ -199,6 +200,10 @@ _TEXT_VRS = frozenset(
     }
 )
 _MISSING: Any = object()
+# ISO 2022 code extension (PS3.5 6.1.2.5.3): ESC, intermediate bytes (0x20-0x2F), a final byte.
+_ESC = b"\x1b"
+_ESCAPE_SEQUENCE = re.compile(rb"\x1b[\x20-\x2f]*[\x30-\x7e]?")
+_ESCAPE_TEXT = re.compile("\x1b[\x20-\x2f]*[\x30-\x7e]?")
 
 
 class Header:
@@ -208,9 +213,10 @@ class Header:
     bytes when they are ASCII text, which they nearly always are: the four UIDs the answer
     depends on at once, the rest when the Indexer asks. Values come back as text (several
     values joined by backslashes, as encoded), which is what the index stores. A value in
-    another character set or an unexpected VR is decoded by pydicom (the whole header parsed
-    once, only the index's fields). Supports ``get(keyword)`` and attribute access like a
-    pydicom Dataset.
+    another character set, one with ISO 2022 escape sequences (7-bit, so ASCII bytes, but not
+    ASCII text: ``ESC $ B`` switches to JIS X 0208) or an unexpected VR is decoded by pydicom
+    with the instance's Specific Character Set (the whole header parsed once, only the index's
+    fields). Supports ``get(keyword)`` and attribute access like a pydicom Dataset.
     """
 
     def __init__(
@@ -238,9 +244,19 @@ class Header:
         pos, length, vr = where
         value = self._raw[pos : pos + length]
         # ISO 2022 text (ESC sequences) is 7-bit too, but only pydicom decodes it correctly.
-        if vr in _TEXT_VRS and value.isascii() and b"\x1b" not in value and keyword not in SEQUENCE_KEYWORDS:
+        if vr in _TEXT_VRS and value.isascii() and _ESC not in value and keyword not in SEQUENCE_KEYWORDS:
             return value.decode("ascii").rstrip("\x00 ")
         return self.dataset().get(keyword, default)
+
+    def raw_text(self, keyword: str) -> str:
+        """The value's bytes as text without decoding its character set: escape sequences
+        dropped, non-ASCII bytes replaced (for values pydicom cannot decode)."""
+        where = self._fields.get(keyword)
+        if where is None:
+            return ""
+        pos, length, _ = where
+        value = self._raw[pos : pos + length]
+        return _ESCAPE_SEQUENCE.sub(b"", value).decode("ascii", "replace").rstrip("\x00 ")
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -382,13 +398,24 @@ def _before_pixels(tag: Any, _vr: Any, _length: int) -> bool:
     return int(tag) >= _PIXEL_DATA
 
 
-def text_value(ds: Dataset, keyword: str, limit: int) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = "\\".join(str(v) for v in value)
-    return str(value).strip()[:limit]
+def text_value(ds: Dataset | Header, keyword: str, limit: int) -> str:
+    """The value as the index stores it: decoded text, several values joined by backslashes.
+
+    A value pydicom cannot decode (a broken escape sequence, an unknown character set) is never
+    an error of the receive: it is indexed as its ASCII bytes (``Header.raw_text``).
+    """
+    try:
+        value = ds.get(keyword)
+        if value is None:
+            return ""
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = "\\".join(str(v) for v in value)
+        text = str(value)
+        if "\x1b" in text:  # an escape pydicom could not follow (unknown set, cut short): dropped
+            text = _ESCAPE_TEXT.sub("", text)
+        return text.strip()[:limit]
+    except Exception:  # noqa: BLE001 - pydicom raises many kinds on odd values
+        return ds.raw_text(keyword).strip()[:limit] if isinstance(ds, Header) else ""
 
 
 def int_value(ds: Dataset, keyword: str) -> int | None:

@@ -11,7 +11,7 @@ JAVA_OPTS = "-Djdk.xml.xpathExprOpLimit=0 -Djdk.xml.xpathExprGrpLimit=0 -Djdk.xm
 
 def dciodvfy_errors(path: Path) -> list[str]:
     """Lines dciodvfy reports as errors for one file (warnings are not errors)."""
-    proc = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, errors="replace")
     return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
 

@@ -210,11 +210,7 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
         groups = [g for g in (per_frame, shared) if g is not None]
         position = _attr_from(groups, ds, "PlanePositionSequence", "ImagePositionPatient")
         orientation = _attr_from(groups, ds, "PlaneOrientationSequence", "ImageOrientationPatient")
-        spacing = _attr_from(groups, ds, "PixelMeasuresSequence", "PixelSpacing")
-        if not _valid_spacing(spacing):
-            spacing = ds.get("ImagerPixelSpacing") or _us_spacing(ds)
-        if not _valid_spacing(spacing):
-            spacing = (1.0, 1.0)  # uncalibrated image: one "mm" per pixel
+        spacing = (pixel_spacing(ds, groups) or (None, (1.0, 1.0)))[1]  # uncalibrated: one "mm" per pixel
         thickness = _attr_from(groups, ds, "PixelMeasuresSequence", "SliceThickness")
         transform = next((g for g in groups if "PixelValueTransformationSequence" in g), None)
         values = _monochrome1(_rescale(pixels[n], ds, transform), ds)
@@ -282,6 +278,41 @@ def _attr_from(groups: list[Dataset], ds: Dataset, sequence: str, keyword: str):
                 return value
     value = ds.get(keyword)
     return value if value not in (None, "") else None
+
+
+def pixel_spacing(ds: Dataset, groups: list[Dataset] | None = None) -> tuple[str, tuple[float, float]] | None:
+    """(where it came from, (row, column) spacing in mm) of an image, else None (uncalibrated).
+
+    In order: Pixel Measures of the functional groups (``groups``: a frame's per-frame group, then
+    the shared one; by default frame 1's and the shared of an enhanced image), Pixel Spacing,
+    Imager Pixel Spacing (projection images: at the detector), the ultrasound region
+    calibration. Zero, negative or malformed values (a CR with Pixel Spacing 0\\0) are skipped.
+    """
+    if groups is None:
+        groups = functional_groups(ds, 0)
+    for keyword, value in (
+        ("PixelMeasuresSequence", _attr_from(groups, Dataset(), "PixelMeasuresSequence", "PixelSpacing")),
+        ("PixelSpacing", ds.get("PixelSpacing")),
+        ("ImagerPixelSpacing", ds.get("ImagerPixelSpacing")),
+        ("SequenceOfUltrasoundRegions", _us_spacing(ds)),
+    ):
+        if _valid_spacing(value):
+            return keyword, (float(value[0]), float(value[1]))
+    return None
+
+
+def functional_groups(ds: Dataset, n: int) -> list[Dataset]:
+    """The functional groups that apply to frame ``n`` (0-based): per-frame first, then shared."""
+    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+    per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
+    per_frame = per_frame_seq[n] if per_frame_seq is not None and n < len(per_frame_seq) else None
+    return [g for g in (per_frame, shared) if g is not None]
+
+
+def frame_attribute(groups: list[Dataset], ds: Dataset, sequence: str, keyword: str):
+    """``keyword`` of a functional group macro ``sequence`` (``groups``: per-frame, then shared),
+    else of the top level of ``ds``; None when absent or empty."""
+    return _attr_from(groups, ds, sequence, keyword)
 
 
 def _valid_spacing(spacing) -> bool:

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pydicom
 import torch
@@ -191,14 +191,25 @@ def volume_headers(volume: Volume) -> SeriesHeaders | None:
     return series_headers(ds, frames=volume.pixels.shape[0])
 
 
-def run_analysis(name: str, volume: Volume, params: dict | None = None, settings=None) -> Findings:
-    """Run one analysis on one volume and return its findings (timings per stage included)."""
+def run_analysis(
+    name: str,
+    volume: Volume,
+    params: dict | None = None,
+    settings=None,
+    before_inference: Callable[[Analysis, Volume], None] | None = None,
+) -> Findings:
+    """Run one analysis on one volume and return its findings (timings per stage included).
+
+    ``before_inference`` runs once the volume is known to be in the analysis' intended use and
+    before the model: the job runner checks there that the results can be written."""
     params = dict(params or {})
     analysis = get_analysis(name, settings)
     synonyms = settings.intended_use.synonyms if hasattr(settings, "intended_use") else {}
     reason = analysis.accepts(volume, volume_headers(volume), BodyRegions(synonyms))
     if reason:
         raise NotApplicable(reason)
+    if before_inference is not None:
+        before_inference(analysis, volume)
     device = pick_device(analysis, params)
     ctx = RunContext(device=device, autocast=device.startswith("cuda") and params.get("amp", True), params=params)
     timings: dict[str, float] = {}

@@ -20,13 +20,17 @@ from workers.results.context import ResultContext, UIDFactory
 from workers.results.derived import write_derived
 from workers.results.kos import write_kos
 from workers.results.presentation import write_gsps, write_secondary_captures
+from workers.results.requirements import NotWritable, check_writable, writable_reason
 from workers.results.seg import write_seg
 from workers.results.sources import SourceImages, write
 from workers.results.sr import write_sr
 
 __all__ = [
+    "NotWritable",
     "ResultContext",
     "ResultObject",
+    "check_writable",
+    "writable_reason",
     "write_results",
     "wanted_kinds",
     "kinds_for_destinations",

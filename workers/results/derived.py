@@ -114,9 +114,14 @@ def derived_slice(
 ) -> Dataset:
     """One derived instance: the source's header with new pixels, new UIDs and its derivation."""
     ds = copy.deepcopy(source)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()
-    ds.PixelData = stored_values(image.pixels[k], source).tobytes()
+    if "PixelData" in ds:
+        # Replaced, never decoded: a compressed source's element is encapsulated.
+        del ds.PixelData
+    if _as_monochrome(ds, source):  # a colour source: its luminance, 8-bit grey
+        pixels = stored_values(image.pixels[k], ds, 1.0, 0.0)
+    else:
+        pixels = stored_values(image.pixels[k], source)
+    ds.add_new(0x7FE00010, "OW" if int(ds.BitsAllocated) > 8 else "OB", pixels.tobytes())
     for keyword in STALE:
         if keyword in ds:
             delattr(ds, keyword)
@@ -152,8 +157,9 @@ def _frame_rescale(source: Dataset, frame: int) -> tuple[float | None, float | N
     return None, None
 
 
-def _set_pixels(ds: Dataset, source: Dataset, image: DerivedImage, frames: dict[int, int]) -> None:
-    """Pixel Data of every frame of the source (in its frame order) from the derived volume."""
+def _as_monochrome(ds: Dataset, source: Dataset) -> bool:
+    """Make ``ds`` an 8-bit MONOCHROME2 image when ``source`` is colour (the volume holds its
+    luminance, imaging._to_grey); True when it was colour."""
     colour = int(source.get("SamplesPerPixel", 1)) != 1 or str(source.get("PhotometricInterpretation", "")) in (
         "PALETTE COLOR",
         "RGB",
@@ -181,6 +187,12 @@ def _set_pixels(ds: Dataset, source: Dataset, image: DerivedImage, frames: dict[
                 delattr(ds, keyword)
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    return colour
+
+
+def _set_pixels(ds: Dataset, source: Dataset, image: DerivedImage, frames: dict[int, int]) -> None:
+    """Pixel Data of every frame of the source (in its frame order) from the derived volume."""
+    colour = _as_monochrome(ds, source)
     planes = []
     for number in range(1, int(source.get("NumberOfFrames", 1) or 1) + 1):
         slope, intercept = (None, None) if colour else _frame_rescale(source, number)

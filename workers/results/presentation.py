@@ -102,6 +102,8 @@ def write_gsps(findings: Findings, sources: SourceImages, ctx: ResultContext, ui
     if not ks or sources.multiframe:
         # Multi-frame sources would need per-frame annotations; SEG covers them instead.
         return None
+    if any(int(sources.header_of_slice(k).get("SamplesPerPixel", 1) or 1) != 1 for k in ks):
+        return None  # a grayscale presentation state cannot reference colour images
     layer = hd.pr.GraphicLayer(layer_name="AI_FINDINGS", order=1, description=findings.analysis[:64])
     annotations = [
         hd.pr.GraphicAnnotation(
@@ -133,7 +135,13 @@ def write_gsps(findings: Findings, sources: SourceImages, ctx: ResultContext, ui
 
 
 def _windowed(ds: Dataset) -> np.ndarray:
-    """The image as 8-bit grey through its first window (or its full range)."""
+    """The image as 8-bit grey through its first window (or its full range); a colour image by
+    its luminance over its full range."""
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        rgb = ds.pixel_array.astype(np.float32)
+        pixels = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+        low, high = float(pixels.min()), float(pixels.max())
+        return (np.clip((pixels - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
     pixels = ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(
         ds.get("RescaleIntercept", 0) or 0
     )

@@ -111,4 +111,10 @@ def write_seg(findings: Findings, sources: SourceImages, ctx: ResultContext, uid
         omit_empty_frames=True,
         contributing_equipment=contributing_equipment(findings, ctx),
     )
+    shared = seg.get("SharedFunctionalGroupsSequence")
+    oriented = bool(shared) and "PlaneOrientationSequence" in shared[0]
+    if not oriented and "PatientOrientation" not in seg:
+        # Without a plane orientation the General Image module's Patient Orientation (Type 2C)
+        # is required: the source's, or empty when it has none.
+        seg.PatientOrientation = sources.first.get("PatientOrientation") or ""
     return finish_common(seg, sources.first, findings, ctx, f"AI {findings.analysis} SEG")

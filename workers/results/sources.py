@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -41,6 +43,81 @@ SOURCE_TYPE2 = (
 )
 
 
+# Specific Character Set (PS3.3 C.12.1.1.2). highdicom takes only its defined terms; an empty first
+# value (the usual Japanese and Korean form, "\\ISO 2022 IR 87") means the default repertoire,
+# which highdicom takes spelt out. Multi-byte sets may not come first when there are several.
+DEFAULT_REPERTOIRE = "ISO 2022 IR 6"
+HIGHDICOM_CHARACTER_SETS = frozenset(value.value for value in hd.SpecificCharacterSetValues)
+MULTI_BYTE_EXTENSIONS = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"})
+# What a set highdicom cannot take becomes: UTF-8 holds any text pydicom decoded.
+UNICODE = "ISO_IR 192"
+# The source's Specific Character Set as read, kept on the in-memory header for the results.
+_SOURCE_CHARACTER_SET = "_ainode_source_character_set"
+
+
+def character_set_values(ds: Dataset) -> list[str]:
+    """The Specific Character Set's values as encoded (stripped; [] when absent or empty)."""
+    value = ds.get("SpecificCharacterSet")
+    if value in (None, ""):
+        return []
+    values = [value] if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in values]
+
+
+def standard_character_set(values: list[str]) -> bool:
+    """Whether ``values`` is a Specific Character Set as PS3.3 C.12.1.1.2 allows it (one defined
+    term, or ISO 2022 code extensions with the first value possibly empty) that pydicom encodes."""
+    if not values or not all(v in python_encoding for v in values):
+        return False
+    if len(values) == 1:
+        return True
+    first = values[0] or DEFAULT_REPERTOIRE
+    return first not in MULTI_BYTE_EXTENSIONS and all(v.startswith("ISO 2022") for v in [first, *values[1:]])
+
+
+def highdicom_character_set(values: list[str]) -> str | list[str] | None:
+    """The character set to hand highdicom for text in ``values``' character set.
+
+    An empty first value is the default repertoire (``ISO 2022 IR 6``); a set highdicom does not
+    take (a misspelt term, an invalid combination, one its list lacks such as ``ISO 2022 IR 149``)
+    becomes ``ISO_IR 192``: the text has been decoded already and UTF-8 can hold it.
+    """
+    if not values:
+        return None
+    spelt = [values[0] or DEFAULT_REPERTOIRE, *values[1:]]
+    if not standard_character_set(values) or not all(v in HIGHDICOM_CHARACTER_SETS for v in spelt):
+        return UNICODE
+    return spelt[0] if len(spelt) == 1 else spelt
+
+
+def normalise_character_set(ds: Dataset) -> Dataset:
+    """Give ``ds`` (in memory) a Specific Character Set highdicom takes; remember the source's.
+
+    Every text value is decoded first with the source's own set, so changing the attribute
+    changes how the results are encoded, never what the text says.
+    """
+    values = character_set_values(ds)
+    wanted = highdicom_character_set(values)
+    object.__setattr__(ds, _SOURCE_CHARACTER_SET, values)
+    if wanted is None or wanted == (values[0] if len(values) == 1 else values):
+        return ds
+    ds.decode()
+    ds.SpecificCharacterSet = wanted
+    return ds
+
+
+def result_character_set(source: Dataset) -> str | list[str] | None:
+    """The Specific Character Set a result of ``source`` carries: the source's own, in the form
+    it was encoded (an empty first value included) when pydicom can encode with it; else the
+    set highdicom was given."""
+    values = getattr(source, _SOURCE_CHARACTER_SET, None)
+    if values is None:
+        values = character_set_values(source)
+    if standard_character_set(values):
+        return values[0] if len(values) == 1 else values
+    return highdicom_character_set(values)
+
+
 def fill_type2(ds: Dataset) -> Dataset:
     """Add the Type 2 attributes ``ds`` lacks, present and empty (in memory; returns ``ds``).
 
@@ -59,9 +136,33 @@ def fill_type2(ds: Dataset) -> Dataset:
     return ds
 
 
+# Dates and times the results copy (highdicom parses them): ACR-NEMA wrote "14:04:38" and
+# "2004.08.26", which DICOM spells "140438" and "20040826".
+DATE = re.compile(r"\d{8}")
+TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+DATES_TIMES = ("StudyDate", "StudyTime", "SeriesDate", "SeriesTime", "ContentDate", "ContentTime", "PatientBirthDate")
+
+
+def conformant_dates_times(ds: Dataset) -> Dataset:
+    """Give the copied dates and times their DICOM form (in memory): separators of the old
+    ACR-NEMA form removed; a value that is still no date or time becomes empty (Type 2)."""
+    for keyword in DATES_TIMES:
+        element = ds.get(keyword)
+        if element in (None, "") or keyword not in ds:
+            continue
+        raw = str(ds[keyword].value).strip()
+        form = TIME if keyword.endswith("Time") else DATE
+        candidate = raw.replace(":", "") if keyword.endswith("Time") else raw.replace(".", "").replace("-", "")
+        if not form.fullmatch(raw):
+            setattr(ds, keyword, candidate if form.fullmatch(candidate) else "")
+    return ds
+
+
 def read_source(path: str | os.PathLike, stop_before_pixels: bool = False) -> Dataset:
-    """A source instance as the writers use it: read, with its missing Type 2 attributes empty."""
-    return fill_type2(pydicom.dcmread(path, stop_before_pixels=stop_before_pixels))
+    """A source instance as the writers use it: read, with its missing Type 2 attributes empty,
+    dates and times in DICOM form and a Specific Character Set highdicom takes."""
+    ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    return normalise_character_set(conformant_dates_times(fill_type2(ds)))
 
 
 @dataclass
@@ -179,8 +280,19 @@ def finish_common(
     """
     ds.AccessionNumber = accession_number(source, ctx)
     ds.SeriesDescription = series_description[:64]
+    # The source's character set in its own form (e.g. "\\ISO 2022 IR 87"); the text is held
+    # decoded, so it is encoded in that set when the object is written.
+    charset = result_character_set(source)
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
     if ctx.institution_name:
         ds.InstitutionName = ctx.institution_name
+    # A de-identified source (Patient Identity Removed YES) that does not say how (Type 1C,
+    # a real file's omission): the method is copied when stated, else said to be unknown.
+    if ds.get("PatientIdentityRemoved") == "YES" and not (
+        "DeidentificationMethod" in ds or "DeidentificationMethodCodeSequence" in ds
+    ):
+        ds.DeidentificationMethod = str(source.get("DeidentificationMethod") or "not stated by the source images")[:64]
     # Type 2 attributes the source may lack must still be present (empty) in our objects.
     for keyword in PATIENT_STUDY_TYPE2:
         if keyword not in ds:
@@ -189,19 +301,37 @@ def finish_common(
 
 
 def add_laterality(ds: Dataset, source: Dataset) -> Dataset:
-    """General Series Laterality (Type 2C): copied, or present and empty when the source lacks it.
+    """General Series Laterality (Type 2C): the source's value when it has one.
 
-    The condition depends on the body part; without knowing it, an empty value is always valid.
+    The condition depends on the body part: required (with a value) for a paired one, absent for
+    an unpaired one, empty only when the body part is unknown. Without a value to copy, it is
+    empty when the object names no body part and left out (as in the source) when it names one.
     """
-    ds.Laterality = source.get("Laterality", "") or ""
+    if source.get("Laterality"):
+        ds.Laterality = source.Laterality
+    elif not ds.get("BodyPartExamined"):
+        ds.Laterality = ""
+    elif "Laterality" in ds and not ds.Laterality:
+        del ds.Laterality
     return ds
 
 
 def write(ds: Dataset, folder: Path, name: str) -> Path:
-    """Write a dataset atomically (tmp + rename) so no half-written file is ever picked up."""
+    """Write a dataset atomically (tmp + rename) so no half-written file is ever picked up.
+
+    Encoded as its file meta's transfer syntax says (a derived image of a big-endian source is
+    written little endian)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.dcm"
     tmp = folder / f".{name}.dcm.tmp"
+    syntax = ds.file_meta.TransferSyntaxUID
+    # Every value decoded before it is written: a copied source element still raw carries the
+    # source's encoding (an implicit VR file labelled explicit has no VR to write).
+    for _ in ds.iterall():
+        pass
+    if ds.original_encoding[1] not in (None, syntax.is_little_endian):
+        # pydicom's save_as keeps a data set's byte order: declare the one it is written in.
+        ds.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian, ds.original_character_set)
     ds.save_as(tmp, enforce_file_format=True)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import highdicom as hd
 import numpy as np
 from highdicom.sr import (
@@ -27,7 +25,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from workers.analysis.findings import Classification, Code, Detection, Findings, Segment
+from workers.analysis.imaging import frame_attribute, functional_groups, pixel_spacing
 from workers.results.context import SERIES_NUMBERS, ResultContext, UIDFactory, derived_uid
+from workers.results.requirements import multiframe_iod
 from workers.results.seg import coded, present_segments, tracking_uid
 from workers.results.sources import SourceImages, contributing_equipment, finish_common, referenced_request
 
@@ -39,12 +39,12 @@ PROBABILITY = hd.sr.CodedConcept("122157", "DCM", "Probability")
 DIAMETER = hd.sr.CodedConcept("81827009", "SCT", "Diameter")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
-# Procedure reported must come from CID 100 (Quantitative Diagnostic Imaging Procedures).
+# Procedure reported must come from CID 100 (Quantitative Diagnostic Imaging Procedures), which
+# has no radiography code (LOINC 43468-8 is refused by DicomSRValidator): CR/DX report the
+# general "Imaging procedure".
 PROCEDURES = {
     "CT": hd.sr.CodedConcept("25045-6", "LN", "CT unspecified body region"),
     "MR": hd.sr.CodedConcept("25056-3", "LN", "MRI unspecified body region"),
-    "CR": hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region"),
-    "DX": hd.sr.CodedConcept("43468-8", "LN", "XR unspecified body region"),
     "NM": hd.sr.CodedConcept("49118-3", "LN", "NM unspecified body region"),
     "PT": hd.sr.CodedConcept("44136-0", "LN", "PET unspecified body region"),
 }
@@ -133,8 +133,11 @@ def detection_region(findings: Findings, det: Detection, sources: SourceImages) 
     k = int(round(det.center_kji[0]))
     k = min(max(k, 0), len(sources.frames) - 1)
     frame = sources.frames[k]
+    # A frame number only for a multi-frame IOD (an old ultrasound "Image Storage" file may hold
+    # two frames; its references may not name one).
+    numbered = frame.frame_number is not None and multiframe_iod(frame.sop_class_uid)
     image = SourceImageForRegion(
-        frame.sop_class_uid, frame.sop_instance_uid, [frame.frame_number] if frame.frame_number else None
+        frame.sop_class_uid, frame.sop_instance_uid, [frame.frame_number] if numbered else None
     )
     (_, j0, i0), (_, j1, i1) = det.box_kji
     if j1 > j0 and i1 > i0:
@@ -255,41 +258,137 @@ def library_images(findings: Findings, sources: SourceImages) -> list[Dataset]:
 
 
 IMAGE_LIBRARY = "111028"
-SLICE_THICKNESS = "112225"
+# TID 1602-1604 descriptors highdicom derives from an image's attributes, by attribute (codes DCM).
+DESCRIPTORS = {
+    "PixelSpacing": ("111026", "111066"),  # horizontal, vertical pixel spacing
+    "ImagerPixelSpacing": ("111026", "111066"),
+    "SliceThickness": ("112225",),
+    "ImagePositionPatient": ("110901", "110902", "110903"),
+    "ImageOrientationPatient": ("110904", "110905", "110906", "110907", "110908", "110909"),
+    "PatientOrientation": ("111044", "111043"),  # row, column
+}
+# What highdicom is given for an attribute the image does not state; the descriptor is removed.
+PLACEHOLDERS = {
+    "PixelSpacing": [1.0, 1.0],
+    "ImagerPixelSpacing": [1.0, 1.0],
+    "SliceThickness": 0.0,
+    "ImagePositionPatient": [0.0, 0.0, 0.0],
+    "ImageOrientationPatient": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+    "PatientOrientation": ["L", "P"],
+}
+# TID 1602 row 1 takes the modality from CID 29 (Acquisition Modality); highdicom derives it
+# from the SOP class, which gives "OT" for secondary captures and "SEG" for segmentations.
+MODALITY = "121139"
+ACQUISITION_MODALITIES = frozenset(code.value for code in codes.cid29.concepts.values())
+# The modalities highdicom describes with TID 1604 (cross-sectional) and TID 1603 (projection).
+CROSS_SECTIONAL = ("CT", "MR", "PT")
+PROJECTION = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
 
 
-def _thickness_unknown(image: Dataset) -> bool:
-    """A single-frame image in a plane (Image Plane module) whose Slice Thickness is absent or empty."""
-    return "ImagePositionPatient" in image and image.get("SliceThickness") in (None, "")
+def _numbers(value: object, count: int) -> list[float] | None:
+    """``value`` as ``count`` finite numbers, else None (absent, empty, malformed)."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        numbers = [float(v) for v in (value if hasattr(value, "__iter__") else [value])]
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
 
 
-def _describable(image: Dataset) -> Dataset:
-    """The image as highdicom's TID 1604 descriptors can take it.
+def _library_values(image: Dataset) -> dict[str, object]:
+    """The values highdicom's image library descriptors need that ``image`` states, wherever it
+    states them: top level, or the functional groups of an enhanced image (shared, else frame 1;
+    a multi-frame image's position differs per frame and is not one of the instance's)."""
+    multiframe = int(image.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in image
+    groups = functional_groups(image, 0)
+    values: dict[str, object] = {}
+    modality = image.get("Modality")
+    if modality in CROSS_SECTIONAL:
+        spacing = pixel_spacing(image, groups)
+        if spacing is not None and spacing[0] in ("PixelMeasuresSequence", "PixelSpacing"):
+            values["PixelSpacing"] = list(spacing[1])
+        thickness = _numbers(frame_attribute(groups, image, "PixelMeasuresSequence", "SliceThickness"), 1)
+        if thickness is not None and thickness[0] > 0:
+            values["SliceThickness"] = thickness[0]
+        orientation = _numbers(frame_attribute(groups, image, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+        if orientation is not None:
+            values["ImageOrientationPatient"] = orientation
+        position = _numbers(image.get("ImagePositionPatient"), 3)
+        if position is not None and not multiframe:
+            values["ImagePositionPatient"] = position
+    elif modality in PROJECTION:
+        spacing = pixel_spacing(image, groups)
+        if spacing is not None and spacing[0] in ("ImagerPixelSpacing", "PixelSpacing", "PixelMeasuresSequence"):
+            values["ImagerPixelSpacing"] = list(spacing[1])
+        orientation = image.get("PatientOrientation")
+        if orientation is not None and not isinstance(orientation, str) and len(orientation) == 2 and all(orientation):
+            values["PatientOrientation"] = [str(v) for v in orientation]
+    return values
 
-    highdicom reads Slice Thickness (Type 2: may be absent or empty) of CT, MR and PET images as a
-    number. An image without one is described from a copy with a placeholder, and the Slice
-    Thickness descriptor (optional in TID 1604) is removed again by ``_drop_unknown_thickness``.
+
+def library_entry(image: Dataset) -> tuple[Dataset, set[str]]:
+    """The image as highdicom's TID 1601 library entry reads it, and the descriptor codes to
+    remove again because the image does not state them.
+
+    highdicom reads Pixel Spacing, Image Position/Orientation and Slice Thickness of CT, MR and
+    PET images and Imager Pixel Spacing and Patient Orientation of projection images as top-level
+    attributes. Enhanced images state them in functional groups, a CR may state only Pixel
+    Spacing (or 0\\0, or nothing); every descriptor is optional in TID 1602, so what the image
+    does not state is left out rather than guessed.
     """
-    if not _thickness_unknown(image):
-        return image
-    described = copy.deepcopy(image)
-    described.SliceThickness = 0
-    return described
+    entry = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Modality", "FrameOfReferenceUID", "Rows", "Columns"):
+        if image.get(keyword) not in (None, ""):
+            setattr(entry, keyword, image[keyword].value)
+    entry.Modality = entry.get("Modality") or "OT"  # Type 1, yet absent from some secondary captures
+    if image.get("SpacingBetweenSlices") not in (None, "") and _numbers(image.SpacingBetweenSlices, 1):
+        entry.SpacingBetweenSlices = image.SpacingBetweenSlices
+    values = _library_values(image)
+    needed = ()
+    if image.get("Modality") in CROSS_SECTIONAL:
+        needed = ("PixelSpacing", "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient")
+    elif image.get("Modality") in PROJECTION:
+        needed = ("ImagerPixelSpacing", "PatientOrientation")
+    unknown: set[str] = set()
+    for keyword in needed:
+        if keyword in values:
+            setattr(entry, keyword, values[keyword])
+        else:
+            setattr(entry, keyword, PLACEHOLDERS[keyword])
+            unknown.update(DESCRIPTORS[keyword])
+    return entry, unknown
 
 
-def _drop_unknown_thickness(report: MeasurementReport, uids: set[str]) -> None:
-    """Remove the Slice Thickness descriptors of the library entries of ``uids`` (placeholders)."""
+def _drop_non_acquisition_modality(item: Dataset) -> None:
+    """Remove Modality descriptors (anywhere below ``item``) whose value is not in CID 29."""
+    children = item.get("ContentSequence", [])
+    for n in reversed(range(len(children))):
+        child = children[n]
+        name = child.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in child else None
+        value = child.ConceptCodeSequence[0].CodeValue if "ConceptCodeSequence" in child else None
+        if name == MODALITY and value not in ACQUISITION_MODALITIES:
+            del children[n]
+        else:
+            _drop_non_acquisition_modality(child)
+
+
+def _drop_descriptors(report: MeasurementReport, unknown: dict[str, set[str]]) -> None:
+    """Remove the placeholder descriptors (``unknown``: codes per SOP Instance UID) of the image
+    library's entries."""
     for library in report[0].ContentSequence:
         if library.ConceptNameCodeSequence[0].CodeValue != IMAGE_LIBRARY:
             continue
+        _drop_non_acquisition_modality(library)
         for group in library.get("ContentSequence", []):
             for entry in group.get("ContentSequence", []):
                 refs = entry.get("ReferencedSOPSequence", [])
-                if not refs or refs[0].ReferencedSOPInstanceUID not in uids or "ContentSequence" not in entry:
+                codes_ = unknown.get(str(refs[0].ReferencedSOPInstanceUID)) if refs else None
+                if not codes_ or "ContentSequence" not in entry:
                     continue
                 descriptors = entry.ContentSequence
                 for n in reversed(range(len(descriptors))):
-                    if descriptors[n].ConceptNameCodeSequence[0].CodeValue == SLICE_THICKNESS:
+                    if descriptors[n].ConceptNameCodeSequence[0].CodeValue in codes_:
                         del descriptors[n]
 
 
@@ -297,14 +396,14 @@ def write_sr(
     findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory, seg: Dataset | None
 ) -> Dataset:
     """The TID 1500 measurement report of the findings (always written, also when empty)."""
-    images = library_images(findings, sources)
+    entries = [library_entry(image) for image in library_images(findings, sources)]
     report = MeasurementReport(
         observation_context=observation_context(findings, ctx),
         procedure_reported=PROCEDURES.get(findings.volume.modality, IMAGING_PROCEDURE),
         imaging_measurements=measurement_groups(findings, seg, sources),
-        referenced_images=[_describable(image) for image in images],
+        referenced_images=[entry for entry, _ in entries],
     )
-    _drop_unknown_thickness(report, {str(image.SOPInstanceUID) for image in images if _thickness_unknown(image)})
+    _drop_descriptors(report, {str(entry.SOPInstanceUID): unknown for entry, unknown in entries if unknown})
     evidence = list(sources.headers) + ([seg] if seg is not None else [])
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
