@@ -10,7 +10,6 @@ is refused before inference with a reason naming the series and the attribute.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -22,8 +21,9 @@ from node.jobs.table import Job
 from tests.realdata.writers import TASKS, object_errors, source_errors, write_task
 from tests.results.validators import dciodvfy_errors, sr_validator_errors
 from workers.analysis.imaging import load_series
-from workers.results import NotWritable, writable_reason
-from workers.tasks import is_transient, run_model_job
+from workers.results import writable_reason
+from workers.synthetic import phantoms
+from workers.tasks import PermanentJobError, is_transient, run_model_job
 
 # See tests/results/test_type2.py: a SEG over an image without Slice Thickness cannot fill Pixel
 # Measures' Slice Thickness (Type 1C) and does not guess it (docs/conformance.md).
@@ -102,13 +102,19 @@ def test_each_validator_fails_on_a_known_bad_file(tmp_path):
 
 
 def test_seg_without_frame_of_reference_fails_before_inference(tmp_path):
-    """A SEG request on a CT without Frame of Reference UID: refused by the job runner before the
-    model is loaded, permanently, with a reason naming the series and the attribute."""
-    source = Path(get_testdata_file("693_UNCI.dcm"))
-    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    """A SEG request on a CT volume (in the model's intended use) without Frame of Reference UID:
+    refused by the job runner before the model runs, permanently, with a reason naming the series
+    and the attribute. (A lone head CT image such as 693_UNCI is refused earlier, as not
+    applicable: one image is no volume, and a head is no trunk.)"""
+    files = phantoms.write_ct_series(phantoms.make_ct_phantom(7, shape=(24, 64, 64)), tmp_path / "ct")
+    for path in files:
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(path)
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
     job = Job(id=1, key="test/seg", analysis="ct-segmentation", params="{}", destinations="[]")
-    inputs = [InputInstance(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), source)]
-    with pytest.raises(NotWritable) as raised:
+    inputs = [InputInstance(str(ds.SeriesInstanceUID), str(pydicom.dcmread(f).SOPInstanceUID), f) for f in files]
+    with pytest.raises(PermanentJobError) as raised:
         run_model_job(Settings(storage={"path": str(tmp_path)}), job, inputs)
     assert "Frame of Reference UID (0020,0052)" in str(raised.value)
     assert str(ds.SeriesInstanceUID) in str(raised.value)
