@@ -145,6 +145,18 @@ def test_per_address_limit_refuses_extra_pending_connections(tmp_path):
             close_all(crowd + other)
         assert "pending connection from 127.0.0.5 refused: per-address limit (4) reached" in node.log_text()
         assert wait_for(lambda: "per-address limit" in _audit_text(node), 30), "not audited"
+        # The peer closed them: their places are given back (ARTIM is 600 s, nothing expired).
+        assert wait_for(lambda: _four_held(node), 60), "closed connections still count as pending"
+
+
+def _four_held(node: NodeProcess) -> bool:
+    """Four new half requests from 127.0.0.5 are all held open (none refused at once)."""
+    socks = stall(node, "127.0.0.5", 4)
+    try:
+        time.sleep(0.5)
+        return count_closed(socks) == 0
+    finally:
+        close_all(socks)
 
 
 def test_stalled_connections_are_closed_when_artim_expires(tmp_path):
