@@ -33,6 +33,10 @@ LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 
 ASSOCIATIONS = Counter(
     "ainode_associations", "DICOM associations requested, by outcome", ["outcome"]
 )  # outcome: accepted | rejected
+# Connections closed before they associated: over a pending limit, or ARTIM expired.
+PENDING_CLOSED = Counter(
+    "ainode_pending_connections_closed", "Connections closed before association, by reason", ["reason"]
+)  # reason: address_limit | total_limit | artim
 INSTANCES_RECEIVED = Counter("ainode_instances_received", "Instances acknowledged with C-STORE Success")
 BYTES_RECEIVED = Counter("ainode_bytes_received", "Bytes of instances acknowledged with Success")
 INSTANCES_QUARANTINED = Counter(

@@ -13,9 +13,11 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 PREFIX = "ainode-metrics-"
+UNNAMED_GRACE_S = 86400.0
 # A sample file is "<kind>_<pid>.db" (prometheus-client's multiprocess naming).
 _SAMPLE_PID = re.compile(r"_(\d+)\.db$")
 
@@ -41,7 +43,12 @@ def remove_stale_folders(parent: Path | None = None) -> list[Path]:
         try:
             if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
                 continue
-            if any(_alive(pid) for pid in _pids(folder)):
+            pids = _pids(folder)
+            if any(_alive(pid) for pid in pids):
+                continue
+            # A folder naming no process (an earlier release's, not yet written to) may belong to
+            # a node starting right now: only a day-old one is certainly over.
+            if not pids and time.time() - folder.stat().st_mtime < UNNAMED_GRACE_S:
                 continue
         except OSError:  # gone meanwhile, or not ours to read
             continue

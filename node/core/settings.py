@@ -109,6 +109,15 @@ class NodeSettings(Section):
     acse_timeout_s: Seconds = 30
     dimse_timeout_s: Seconds = 60
     network_timeout_s: Seconds = 60
+    # The receiver's ARTIM timer (PS3.8 9.1.5), from accept: a connection whose A-ASSOCIATE-RQ
+    # has not arrived whole by then is closed (and after a reject, one the peer keeps open).
+    # The receiver's ACSE timeout; acse_timeout_s is the node's own requests' (destinations).
+    artim_timeout_s: float = Field(default=10, gt=0)
+    # Pending connections (accepted, A-ASSOCIATE-RQ not yet accepted), per receiver process and
+    # apart from the association limits: per source address, and in total for addresses that no
+    # peer lists by IP address or network. Connections over either limit are closed at once.
+    max_pending_per_address: int = Field(default=8, ge=1)
+    max_pending_connections: int = Field(default=64, ge=1)
     # Largest P-DATA PDU we accept (announced to peers; longer PDUs abort the association).
     # 0 announces no limit; the receiver still refuses P-DATA PDUs over 256 MiB.
     max_pdu_bytes: int = Field(default=1_048_576, ge=0)

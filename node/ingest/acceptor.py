@@ -52,7 +52,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from node.core import audit
+from node.core import audit, metrics
 from node.core.errors import describe_error
 
 LOGGER = logging.getLogger("ainode.acceptor")
@@ -133,11 +133,18 @@ def _split_pdvs(body: memoryview) -> list[_PDV] | None:
 class FastSocket(AssociationSocket):
     """AssociationSocket whose reads fill one buffer (``recv_into``) instead of 4 KiB pieces,
     and whose sends are serialised, so the association thread may send a C-STORE response
-    itself while the DUL thread could be sending too (an abort)."""
+    itself while the DUL thread could be sending too (an abort).
+
+    Every read has a deadline: ``deadline`` (monotonic seconds, the ARTIM timer's end) until
+    the A-ASSOCIATE-RQ has arrived, however slowly its bytes come; then the socket's timeout
+    (the network timeout: no byte for that long in the middle of a PDU). A read past its
+    deadline raises TimeoutError.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._send_lock = threading.Lock()
+        self.deadline: float | None = None
 
     def send(self, bytestream: bytes) -> None:  # noqa: D102
         with self._send_lock:
@@ -150,6 +157,7 @@ class FastSocket(AssociationSocket):
         length the peer only claimed: a header that promises gigabytes costs what was sent.
         """
         sock = self.socket
+        deadline = self.deadline
         buf = bytearray(min(nr_bytes, _FIRST_READ))
         view, got = memoryview(buf), 0
         try:
@@ -158,6 +166,11 @@ class FastSocket(AssociationSocket):
                     view.release()
                     buf.extend(bytes(min(nr_bytes - got, got)))
                     view = memoryview(buf)
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError("ARTIM expired")
+                    sock.settimeout(left)  # type: ignore[union-attr]
                 n = sock.recv_into(view[got:], len(buf) - got)  # type: ignore[union-attr]
                 if not n:
                     break
@@ -170,6 +183,16 @@ class FastSocket(AssociationSocket):
 
     def recv(self, nr_bytes: int) -> bytearray:  # noqa: D102 - same contract as pynetdicom's
         return self.recv_exact(nr_bytes)
+
+    def associating(self, idle_timeout: float | None) -> None:
+        """The A-ASSOCIATE-RQ is in: reads now wait at most ``idle_timeout`` for each byte."""
+        self.deadline = None
+        sock = self.socket
+        if sock is not None:
+            try:
+                sock.settimeout(idle_timeout or None)
+            except OSError:  # closed meanwhile
+                pass
 
 
 class FastDUL(DULServiceProvider):
@@ -240,6 +263,40 @@ class FastDUL(DULServiceProvider):
             except OSError:
                 pass
 
+    def _left_waiting_state(self, before: str) -> None:
+        """After an event in Sta2 (awaiting the A-ASSOCIATE-RQ) or Sta13 (awaiting the close)."""
+        after = self.state_machine.current_state
+        if after == before:
+            return
+        if after == "Sta1":
+            # Closed before anything was asked: the association thread waits for the request
+            # (pynetdicom's acceptor loop, for its ACSE timeout). None ends that wait now.
+            self.to_user_queue.put(None)  # type: ignore[arg-type]
+        elif before == "Sta2" and isinstance(self.socket, FastSocket):
+            self.socket.associating(self.assoc.network_timeout)
+
+    def _artim_expired(self) -> None:
+        """A connection that has not sent its A-ASSOCIATE-RQ within the ARTIM time: closed."""
+        metrics.PENDING_CLOSED.labels("artim").inc()
+        LOGGER.warning(
+            "connection from %s: no A-ASSOCIATE-RQ within %g s (ARTIM): connection closed",
+            self.assoc.requestor.address,
+            self.artim_timer.timeout,
+        )
+
+    def _read_timed_out(self, sock: FastSocket) -> None:
+        """A read past its deadline: ARTIM (no whole A-ASSOCIATE-RQ yet) or the network timeout
+        (a PDU stopped in the middle). The connection is closed (Evt17)."""
+        if sock.deadline is not None:  # still waiting for the request (Evt5 may even be queued)
+            self._artim_expired()
+        else:
+            LOGGER.error(
+                "network timeout: no data from %s for %g s in the middle of a PDU: connection closed",
+                self.assoc.requestor.address,
+                self.assoc.network_timeout or 0,
+            )
+        sock.close()
+
     def _notify_assoc(self) -> None:
         wake = getattr(self._assoc, "_wake", None)
         if wake is not None:
@@ -266,6 +323,8 @@ class FastDUL(DULServiceProvider):
             if self._kill_thread:
                 break
             if self.artim_timer.expired:
+                if self.state_machine.current_state == "Sta2":
+                    self._artim_expired()
                 self.event_queue.put("Evt18")
             try:
                 if self._process_recv_primitive():
@@ -292,7 +351,10 @@ class FastDUL(DULServiceProvider):
             except queue.Empty:
                 idle = True
                 continue
+            before = self.state_machine.current_state
             self.state_machine.do_action(event)
+            if before in ("Sta2", "Sta13"):
+                self._left_waiting_state(before)
             if event != "Evt10":  # P-DATA wakes the association only with a complete message
                 self._notify_assoc()
             idle = False
@@ -305,7 +367,9 @@ class FastDUL(DULServiceProvider):
             return super()._read_pdu_data()
         try:
             header = sock.recv_exact(6)
-        except (OSError, TimeoutError):
+        except TimeoutError:
+            return self._read_timed_out(sock)
+        except OSError:
             LOGGER.error("connection closed before the entire PDU was received")
             self.event_queue.put("Evt17")
             return
@@ -319,7 +383,9 @@ class FastDUL(DULServiceProvider):
             return self._refuse_length(sock, pdu_type, length, self.pdata_max)
         try:
             body = sock.recv_exact(length)
-        except (OSError, TimeoutError):
+        except TimeoutError:
+            return self._read_timed_out(sock)
+        except OSError:
             LOGGER.error("connection closed before the entire PDU was received")
             self.event_queue.put("Evt17")
             return
@@ -359,7 +425,9 @@ class FastDUL(DULServiceProvider):
             return self._refuse_length(sock, pdu_type, length, _OTHER_PDU_MAX[pdu_type])
         try:
             body = sock.recv_exact(length)
-        except (OSError, TimeoutError):
+        except TimeoutError:
+            return self._read_timed_out(sock)
+        except OSError:
             self.event_queue.put("Evt17")
             return
         if len(body) != length:
@@ -750,7 +818,10 @@ class FastRequestHandler(RequestHandler):
         assoc = FastAssociation(self.ae, MODE_ACCEPTOR, type(self).service)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        assoc.set_socket(FastSocket(assoc, client_socket=self.request))
+        sock = FastSocket(assoc, client_socket=self.request)
+        if self.ae.acse_timeout:  # the acceptor's ACSE timeout is its ARTIM timer, from accept
+            sock.deadline = time.monotonic() + self.ae.acse_timeout
+        assoc.set_socket(sock)
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         if self.ae.maximum_pdu_size:  # what we announce; 6 bytes of slack for peers that count the header
             assoc.dul.pdata_max = self.ae.maximum_pdu_size + 6  # type: ignore[attr-defined]

@@ -54,7 +54,14 @@ from node.ingest.arrival import Arrival, header_problem, instance_tag
 from node.ingest.index_values import NotIndexable, index_values
 from node.ingest.index_writer import re_send_corrections
 from node.ingest.indexer import IndexBacklog, Indexer
-from node.ingest.policy import AssociationSlots, address_allowed, tls_context
+from node.ingest.policy import (
+    AssociationSlots,
+    PendingConnections,
+    ReportThrottle,
+    address_allowed,
+    listed_networks,
+    tls_context,
+)
 from node.ingest.recovery import recover_journal, recover_landed
 from node.ingest.wire import TooLarge, Unparseable, file_meta, read_header
 
@@ -99,7 +106,13 @@ class _AssociationState:
 
 
 class ReusePortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with SO_REUSEPORT, so several processes share the port."""
+    """pynetdicom's threaded server with SO_REUSEPORT, so several processes share the port.
+
+    ``admit`` (the receiver's) decides in the accept loop whether a new connection may wait to
+    associate; one it refuses is closed before any thread is started for it.
+    """
+
+    admit: Callable[[Any], bool] | None = None
 
     def server_bind(self) -> None:  # noqa: D102 - socketserver hook
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -114,10 +127,15 @@ class ReusePortServer(ThreadedAssociationServer):
         client, address = self.socket.accept()
         # Answers go out at once, whatever pynetdicom writes in pieces (see scu.associate).
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No read blocks forever: until the A-ASSOCIATE-RQ is in, the ARTIM time (the acceptor's
+        # ACSE timeout; node.ingest.acceptor narrows it to what is left of it for each read).
+        client.settimeout(self.ae.acse_timeout)
         if self.ssl_context:
-            client.settimeout(self.ae.acse_timeout)  # a silent TLS peer cannot hold a thread forever
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:  # noqa: D102 - socketserver hook
+        return self.admit is None or self.admit(client_address)
 
 
 @dataclass
@@ -148,6 +166,15 @@ class Receiver:
         self.dirsync = store.DirSync()
         self._assocs: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
+        node = self.settings.node
+        # ARTIM closes every pending connection; one older than twice that lost its end event.
+        self.pending = PendingConnections(
+            node.max_pending_per_address,
+            node.max_pending_connections,
+            listed_networks(self.settings.peers),
+            expire_s=2 * node.artim_timeout_s + 5,
+        )
+        self._refusals = ReportThrottle()
 
     def recover(self) -> int:
         """Open this process's journal and index what a predecessor answered but did not index
@@ -210,7 +237,39 @@ class Receiver:
                     log.error("journal %s not reopened: %s", self.journal_path.name, type(err).__name__)
         return self.journal is not None
 
-    # -- association events
+    # -- connections and association events
+
+    def admit_connection(self, client_address: Any) -> bool:
+        """A new connection (in the accept loop): pending until it associates, or refused and
+        closed at once when its address, or strangers in total, are at their pending limit."""
+        address, port = str(client_address[0]), int(client_address[1])
+        refused = self.pending.admit(address, port)
+        if refused is None:
+            return True
+        node = self.settings.node
+        if refused == "address":
+            metrics.PENDING_CLOSED.labels("address_limit").inc()
+            why = f"per-address limit ({node.max_pending_per_address}) reached"
+        else:
+            metrics.PENDING_CLOSED.labels("total_limit").inc()
+            why = f"pending connection limit ({node.max_pending_connections}) reached"
+        held = self._refusals.due((address, refused))
+        if held is not None:  # the first in a while from this address, for this reason
+            more = f" ({held} more since the last report)" if held else ""
+            security_log.warning("pending connection from %s refused: %s%s", address, why, more)
+            audit.security_alert(
+                audit.NODE_AUTHENTICATION,
+                user=address,
+                address=address,
+                outcome=audit.MINOR_FAILURE,
+                detail=f"connection closed before association: {why}{more}",
+            )
+        return False
+
+    def _settle(self, assoc: Any) -> None:
+        info = assoc.requestor.address_info
+        if info is not None:
+            self.pending.settle(str(info.address), int(info.port))
 
     def on_requested(self, event: Any) -> None:
         """Admit or reject an association (permanent for unknown peers, transient at limits)."""
@@ -237,6 +296,7 @@ class Receiver:
             return self._reject(assoc, 0x02, 0x03, 0x02)  # transient, local limit exceeded
         with self._lock:
             self._assocs[id(assoc)] = _AssociationState(peer, column)
+        self._settle(assoc)  # an association now: its slot counts it, no longer pending
         metrics.ASSOCIATIONS.labels("accepted").inc()
         self._offer_unknown_storage(assoc)
 
@@ -275,7 +335,8 @@ class Receiver:
         assoc.kill()
 
     def on_closed(self, event: Any) -> None:
-        """Give back the association's slot."""
+        """Give back the association's slot, or the connection's pending place."""
+        self._settle(event.assoc)
         with self._lock:
             state = self._assocs.pop(id(event.assoc), None)
         if state is not None:
@@ -516,10 +577,14 @@ class Receiver:
         node = self.settings.node
         ae = AE(ae_title=node.ae_title)
         ae.require_called_aet = True
-        # The real limits (total, per peer, across processes) are AssociationSlots'; pynetdicom's
-        # own count includes bare TCP connections (port probes), so it only guards against floods.
-        ae.maximum_associations = node.max_associations * 2 + 16
-        ae.acse_timeout = node.acse_timeout_s
+        # The real limits are AssociationSlots' (total, per peer, across processes) and the
+        # pending connections' (PendingConnections). pynetdicom counts every connection's thread,
+        # pending and ending ones included: set above what those limits let through, so that it
+        # never refuses a peer because strangers wait.
+        ae.maximum_associations = node.max_associations + node.max_pending_connections + 64
+        # An acceptor's ACSE timeout is its ARTIM timer: the wait for the A-ASSOCIATE-RQ, from
+        # accept (node.ingest.acceptor), and for the peer to close after a reject.
+        ae.acse_timeout = node.artim_timeout_s
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
         ae.maximum_pdu_size = node.max_pdu_bytes
@@ -568,6 +633,7 @@ class Receiver:
             server_class=ReusePortServer,
             **({"request_handler": acceptor.request_handler_class(self)} if acceptor.SUPPORTED else {}),
         )
+        server.admit = self.admit_connection
         acceptor.track_server(ae, server)
         threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
         return server

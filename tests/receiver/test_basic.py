@@ -165,9 +165,11 @@ def test_associations_send_without_nagle_delay(node):
     # The receiver's accept: what its listening socket hands to an association.
     listener = socket.create_server(("127.0.0.1", 0))
     peer = socket.create_connection(listener.getsockname())
-    accepted, _ = ReusePortServer.get_request(SimpleNamespace(socket=listener, ssl_context=None))
+    server = SimpleNamespace(socket=listener, ssl_context=None, ae=SimpleNamespace(acse_timeout=10.0))
+    accepted, _ = ReusePortServer.get_request(server)
     try:
         assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert accepted.gettimeout() == 10.0  # no read waits forever: ARTIM until the request is in
     finally:
         for s in (accepted, peer, listener):
             s.close()
