@@ -28,7 +28,7 @@ from fhir.resources.R4B.bundle import Bundle
 
 from node.core.settings import Destination, Settings
 from node.dispatch.link import LinkDown, Outcome, Progress, tls_context
-from node.dispatch.report import Code, Group, Quantity, Report, reports_to_send
+from node.dispatch.report import Code, Group, Quantity, Report, Unbuildable, send_reports
 from node.dispatch.table import DELIVERED, FAILED, PENDING, Delivery
 
 SYSTEMS = {
@@ -339,23 +339,15 @@ def send_fhir_batch(
     dest: Destination, rows: list[Delivery], settings: Settings, progress: Progress | None = None
 ) -> dict[int, Outcome]:
     """The ``fhir`` sender: a transaction Bundle per SR row, critical ones first."""
-    reports, outcomes = reports_to_send(rows, settings)
-    for row, report in reports:
+
+    def send(row: Delivery, report: Report) -> Outcome:
         try:
             bundle = build_bundle(report, dest)
         except Exception as err:  # noqa: BLE001 - this report cannot be expressed: say why, send the rest
-            outcomes[row.id] = Outcome(FAILED, "unbuildable", f"Bundle not built: {type(err).__name__}: {err}")
-            continue
-        try:
-            outcomes[row.id] = post_report(dest, bundle, row.attempts)
-            if outcomes[row.id].result == DELIVERED and report.critical() and dest.ris.priority_update:
-                outcomes[row.id].reason = raise_priority(report, dest)
-        except LinkDown:
-            if any(o.result != FAILED or o.status not in ("missing", "unreadable") for o in outcomes.values()):
-                break
-            raise
-        if progress is not None:
-            progress(row, outcomes[row.id])
-    for row in rows:
-        outcomes.setdefault(row.id, Outcome(PENDING, "not-sent", "the FHIR link failed before this report"))
-    return outcomes
+            raise Unbuildable(f"Bundle not built: {type(err).__name__}: {err}") from err
+        outcome = post_report(dest, bundle, row.attempts)
+        if outcome.result == DELIVERED and report.critical() and dest.ris.priority_update:
+            outcome.reason = raise_priority(report, dest)
+        return outcome
+
+    return send_reports(rows, settings, progress, send)

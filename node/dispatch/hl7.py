@@ -23,7 +23,7 @@ from hl7apy.parser import parse_message
 
 from node.core.settings import Destination, Settings
 from node.dispatch.link import LinkDown, Outcome, Progress, tls_context
-from node.dispatch.report import Code, Group, Person, Report, reports_to_send
+from node.dispatch.report import Code, Group, Person, Report, Unbuildable, send_reports
 from node.dispatch.table import DELIVERED, FAILED, PENDING, Delivery
 
 START, END = b"\x0b", b"\x1c\x0d"
@@ -227,24 +227,16 @@ def send_hl7_batch(
     dest: Destination, rows: list[Delivery], settings: Settings, progress: Progress | None = None
 ) -> dict[int, Outcome]:
     """The ``hl7`` sender: an ORU per SR row (critical ones first), one connection each, ACK awaited."""
-    reports, outcomes = reports_to_send(rows, settings)
-    for row, report in reports:
+
+    def send(row: Delivery, report: Report) -> Outcome:
         control_id = f"{row.id}-{row.attempts}"
         try:
             message = build_oru(report, dest, control_id)
         except Exception as err:  # noqa: BLE001 - this report cannot be expressed: say why, send the rest
-            outcomes[row.id] = Outcome(FAILED, "unbuildable", f"ORU not built: {type(err).__name__}: {err}")
-            continue
-        try:
-            outcomes[row.id] = ack_outcome(exchange(dest, message), control_id, row.attempts, dest)
-            if outcomes[row.id].result == DELIVERED and report.critical() and dest.ris.priority_update:
-                outcomes[row.id].reason = raise_priority(report, dest, f"{control_id}-P")
-        except LinkDown:
-            if any(o.result != FAILED or o.status not in ("missing", "unreadable") for o in outcomes.values()):
-                break  # what was answered is recorded; the rest is retried with the link
-            raise
-        if progress is not None:
-            progress(row, outcomes[row.id])
-    for row in rows:
-        outcomes.setdefault(row.id, Outcome(PENDING, "not-sent", "the RIS link failed before this report"))
-    return outcomes
+            raise Unbuildable(f"ORU not built: {type(err).__name__}: {err}") from err
+        outcome = ack_outcome(exchange(dest, message), control_id, row.attempts, dest)
+        if outcome.result == DELIVERED and report.critical() and dest.ris.priority_update:
+            outcome.reason = raise_priority(report, dest, f"{control_id}-P")
+        return outcome
+
+    return send_reports(rows, settings, progress, send)

@@ -13,14 +13,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from node.core.settings import CriticalFinding, Rule, Settings
-from node.dispatch.link import Outcome
-from node.dispatch.table import FAILED, Delivery
+from node.dispatch.link import LinkDown, Outcome, Progress
+from node.dispatch.table import FAILED, PENDING, Delivery
 
 MEASUREMENT_GROUP = "125007"
 TRACKING_IDENTIFIER = "112039"
@@ -302,3 +302,29 @@ def reports_to_send(
             unreadable[row.id] = Outcome(FAILED, "unreadable", f"report not read: {type(err).__name__}: {err}")
     reports.sort(key=lambda pair: not pair[1].critical())
     return reports, unreadable
+
+
+class Unbuildable(Exception):
+    """The report cannot be expressed as the RIS message (the reason is the message)."""
+
+
+def send_reports(
+    rows: list[Delivery], settings: Settings, progress: Progress | None, send: Callable[[Delivery, Report], Outcome]
+) -> dict[int, Outcome]:
+    """The RIS senders' loop: each row's report through ``send`` (critical ones first), its
+    outcome recorded at once; a link that fails after some answers leaves the rest for the retry."""
+    reports, outcomes = reports_to_send(rows, settings)
+    for row, report in reports:
+        try:
+            outcomes[row.id] = send(row, report)
+        except Unbuildable as err:
+            outcomes[row.id] = Outcome(FAILED, "unbuildable", str(err))
+        except LinkDown:
+            if any(o.status not in ("missing", "unreadable", "unbuildable") for o in outcomes.values()):
+                break  # what was answered is recorded; the rest is retried with the link
+            raise
+        if progress is not None:
+            progress(row, outcomes[row.id])
+    for row in rows:
+        outcomes.setdefault(row.id, Outcome(PENDING, "not-sent", "the link failed before this report"))
+    return outcomes
