@@ -23,7 +23,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from tests.helpers import NodeProcess, wait_for
 from tests.receiver.conftest import echoscu, storescu
-from tests.receiver.test_wire_attacks import _audit_text, receiver_pid
+from tests.receiver.test_wire_attacks import _audit_text, peak_rss, receiver_pid
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 
@@ -101,6 +101,8 @@ def test_ninety_stalled_strangers_do_not_starve_known_peers(tmp_path):
     """
     config = {"node": {"artim_timeout_s": 600, "max_pending_connections": 100, "max_pending_per_address": 10}}
     with NodeProcess(tmp_path / "n", config) as node:
+        pid = receiver_pid(node)
+        before = peak_rss(pid)
         attackers = []
         for i in range(9):
             attackers += stall(node, f"127.0.0.{2 + i}", 10)
@@ -109,6 +111,8 @@ def test_ninety_stalled_strangers_do_not_starve_known_peers(tmp_path):
             assert count_closed(attackers) == 0, "the stalled connections were not held: not the attack"
         finally:
             close_all(attackers)
+        # docs/benchmarks.md "Receiver under attack" (pytest -s shows it).
+        print(f"90 stalled half A-ASSOCIATE-RQs: receiver peak RSS {before >> 20} -> {peak_rss(pid) >> 20} MiB")
 
 
 def test_stalled_strangers_from_many_addresses_cannot_lock_out_a_peer_address(tmp_path):
