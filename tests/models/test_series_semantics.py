@@ -19,6 +19,7 @@ CT_SMALL = get_testdata_file("CT_small.dcm")  # a real axial CT image
 MR_SMALL = get_testdata_file("MR_small.dcm")  # a real MR image (oblique-free axial)
 EMRI = get_testdata_file("emri_small.dcm")  # a real enhanced MR: 10 frames of a 3D acquisition, no frame geometry
 US_CINE = get_testdata_file("examples_ybr_color.dcm")  # a real ultrasound cine: 30 frames, Frame Time 33.3 ms
+US_STILL = get_testdata_file("US1_UNCI.dcm")  # a real ultrasound still (no position)
 
 
 def _series(src: str, folder: Path, changes: list[dict]) -> list[Path]:
@@ -113,3 +114,18 @@ def test_multi_phase_series_is_grouped_by_phase(tmp_path):
         ("volume", 3, "phase 2"),
         ("volume", 3, "phase 3"),
     ]
+
+
+def test_a_radiograph_series_of_several_views_is_one_group_per_image(tmp_path):
+    # Three real CR images (no Image Position: projections) in one series, as a PA and lateral
+    # or repeated exposures arrive; once one 3-image group that the chest classifier refused.
+    paths = _series(get_testdata_file("RG1_UNCI.dcm"), tmp_path, [{}, {}, {}])
+    groups = load_groups(paths)
+    assert [(g.kind, g.pixels.shape[0]) for g in groups] == [("images", 1)] * 3
+    assert {g.sources[0].sop_instance_uid for g in groups} == {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths
+    }
+    assert all(get_analysis("nodule-classification").accepts(g) is None for g in groups)
+    # Images without position that differ in time stay one loop.
+    loop = load_groups(_series(US_STILL, tmp_path / "loop", [{"TriggerTime": 40.0 * k} for k in range(8)]))
+    assert [(g.kind, g.pixels.shape[0]) for g in loop] == [("cine", 8)]

@@ -409,15 +409,19 @@ def _split_by_orientation(frames: list[_Frame]) -> list[list[_Frame]]:
 
 def _split_unlocated(frames: list[_Frame], words: list[str]) -> list[Group]:
     """Images without geometry: each multi-frame instance with a frame time is a cine loop of its
-    own; the other images are one group of 2D images."""
+    own; the other images are one loop when they differ in time, else each instance is a group
+    of its own (the views of a radiograph series are separate projections, not one image)."""
     if not frames:
         return []
     loops = _split_by([f for f in frames if f.frame_time_s], lambda f: f.source.sop_instance_uid)
     loops = {uid: members for uid, members in loops.items() if len(members) > 1}
     rest = [f for f in frames if f.source.sop_instance_uid not in loops]
     groups: list[Group] = [(members, [*words, f"cine {uid}"]) for uid, members in loops.items()]
-    if rest:
+    instances = _split_by(rest, lambda f: f.source.sop_instance_uid)
+    if len(instances) == 1 or _is_temporal(rest):
         groups.append((rest, [*words, "images without position"]))
+    elif rest:
+        groups += [(members, [*words, f"image {uid}"]) for uid, members in instances.items()]
     return groups
 
 
