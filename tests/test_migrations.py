@@ -209,3 +209,11 @@ def test_a_database_with_only_some_tables_is_refused(tmp_path):
         conn.execute(text("CREATE TABLE studies (id INTEGER PRIMARY KEY)"))
     with pytest.raises(migrations.SchemaError, match="not deliveries"):
         init_db(url)
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_database_is_migrated_too(url):
+    engine = init_db(url)
+    with engine.connect() as conn:
+        assert migrations.current_revision(conn) == migrations.head()
+    dispose_engines()

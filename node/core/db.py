@@ -49,8 +49,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 def sqlite_file(url: str) -> str | None:
     """The database file of an SQLite URL; None for an in-memory database or another server."""
-    if not url.startswith("sqlite"):
-        return None
+    if not url.startswith("sqlite") or "///" not in url:
+        return None  # another server, or sqlite:// (in memory)
     path = url.split("///", 1)[-1]
     return path if path and path != ":memory:" else None
 
