@@ -128,7 +128,8 @@ def _schema_transaction(engine: Engine) -> Iterator[Connection]:
                     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
             yield conn
     elif engine.dialect.name == "sqlite":
-        path = sqlite_file(str(engine.url))
+        # The URL's own database part: str(engine.url) escapes characters such as ":".
+        path = engine.url.database if engine.url.database not in (None, "", ":memory:") else None
         with _file_lock(Path(f"{path}.schema-lock")) if path else nullcontext():
             with _sqlite_schema_transaction(engine) as conn:
                 yield conn
