@@ -27,7 +27,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 rules_app = typer.Typer(help="Inspect routing rules.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+db_app = typer.Typer(help="The database's schema: its revision, and upgrades.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
+app.add_typer(db_app, name="db")
 
 console = Console(stderr=True)
 
@@ -161,6 +163,50 @@ def rules_test(
     from node.router import explain_rules  # noqa: PLC0415 - see the module docstring
 
     raise typer.Exit(explain_rules(settings_from(config), paths))
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: Optional[Path] = ConfigOpt) -> None:
+    """Bring the database's schema to this release (as `ainode serve` does at start; back it up first)."""
+    from node.core.db import init_db, schema_revision  # noqa: PLC0415 - see the module docstring
+    from node.core.logs import configure_logging  # noqa: PLC0415 - see the module docstring
+    from node.core.migrations import SchemaError, head  # noqa: PLC0415 - see the module docstring
+
+    configure_logging()
+    url = settings_from(config).database.url
+    try:
+        before = schema_revision(url)
+        init_db(url)
+    except SchemaError as err:
+        console.print(f"error: {err}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    print(f"schema at revision {head()}" + ("" if before == head() else f" (was {before or 'empty'})"))
+
+
+@db_app.command("current")
+def db_current(config: Optional[Path] = ConfigOpt) -> None:
+    """Print the database's schema revision and this release's; exit 1 unless they are the same."""
+    from node.core.db import schema_revision  # noqa: PLC0415 - see the module docstring
+    from node.core.migrations import SchemaError, head  # noqa: PLC0415 - see the module docstring
+
+    try:
+        current = schema_revision(settings_from(config).database.url)
+    except SchemaError as err:
+        console.print(f"error: {err}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    state = "up to date" if current == head() else "needs `ainode db upgrade`"
+    print(f"database: {current or 'no schema revision'}; this release: {head()}; {state}")
+    raise typer.Exit(0 if current == head() else 1)
+
+
+@db_app.command("revision", hidden=True)
+def db_revision(message: str = typer.Argument(..., help="What the revision changes, in a few words.")) -> None:
+    """For developers: write a revision from the models' changes since the newest one (review it)."""
+    from node.core.db import Base, load_tables  # noqa: PLC0415 - see the module docstring
+    from node.core.migrations import new_revision  # noqa: PLC0415 - see the module docstring
+
+    load_tables()
+    print(new_revision(message, Base.metadata))
 
 
 @app.command()

@@ -24,6 +24,7 @@ from node.core import audit
 from node.core.db import dispose_engines, engine_for, init_db
 from node.core.errors import describe_error
 from node.core.logs import configure_logging
+from node.core.migrations import SchemaError
 from node.core.settings import Settings
 from node.dispatch import commitment, outbox
 from node.ingest import mpps, store
@@ -281,7 +282,11 @@ def start_stage_services(settings: Settings) -> list[Callable[[], None]]:
 def serve(settings: Settings) -> int:
     """Run the node until SIGTERM or SIGINT; 0 on a clean stop, non-zero when it cannot start."""
     configure_logging()
-    init_db(settings.database.url)
+    try:
+        init_db(settings.database.url)
+    except SchemaError as err:
+        log.error("cannot start: %s", err)
+        return 2
     store.prepare_root(settings.storage.path)
     recover_landed(settings)
     dispose_engines()  # the receivers fork next: no open connections may cross the fork

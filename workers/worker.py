@@ -15,6 +15,7 @@ from celery.signals import setup_logging, worker_process_init
 
 from node.core.db import dispose_engines, init_db
 from node.core.logs import configure_logging
+from node.core.migrations import SchemaError
 from node.core.settings import Settings
 from node.jobs.broker import app, configured_app
 
@@ -76,7 +77,11 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     log.info("%d pool process(es), %d CPU thread(s) each", max(1, concurrency), share_cpu_threads(concurrency))
     # The node may be creating the same tables this instant (both start together): init_db
     # serialises the schema change, so this waits for the node's and finds the tables made.
-    init_db(settings.database.url)
+    try:
+        init_db(settings.database.url)
+    except SchemaError as err:
+        log.error("cannot start: %s", err)
+        return 2
     configured_app(settings)
     # The tasks (and with them torch, MONAI, OpenMP) are imported only now: they read the thread
     # settings share_cpu_threads just made when first imported; imported at the top of this module

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib
+import logging
 import sqlite3
 import time
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+
+from node.core import migrations
+
+log = logging.getLogger("ainode.db")
 
 
 class Base(DeclarativeBase):
@@ -43,8 +49,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
 
 def sqlite_file(url: str) -> str | None:
     """The database file of an SQLite URL; None for an in-memory database or another server."""
-    if not url.startswith("sqlite"):
-        return None
+    if not url.startswith("sqlite") or "///" not in url:
+        return None  # another server, or sqlite:// (in memory)
     path = url.split("///", 1)[-1]
     return path if path and path != ":memory:" else None
 
@@ -72,46 +78,36 @@ def engine_for(url: str) -> Engine:
 SCHEMA_LOCK_KEY = 0x61696E6F6465  # "ainode"
 
 
-def init_db(url: str) -> Engine:
-    """Create every table and index that does not exist yet, upgrade old columns, return the engine.
-
-    Safe when several processes start together (the node, its workers, ``ainode status``): the
-    whole schema change is one transaction that holds the database's schema lock, so the others
-    wait for it and then find every table made.
-    """
+def load_tables() -> None:
+    """Declare every table on Base.metadata (by importing each stage's table module)."""
     # The stages' table modules are imported by name: core sits below every stage and must not
     # import them (import-linter holds that); this is the one place that names them all.
     for module in TABLE_MODULES:
         importlib.import_module(module)
 
+
+def init_db(url: str) -> Engine:
+    """Bring the database's schema to this release's revision (migrations), return the engine.
+
+    Safe when several processes start together (the node, its workers, ``ainode status``): one
+    migrates while holding the database's schema lock; the others wait for it (and say so), then
+    find the schema at the head revision. A database already there costs one query. A database
+    from a newer release (a revision this one does not know) raises ``migrations.SchemaError``.
+    """
+    load_tables()
     engine = engine_for(url)
+    with engine.connect() as conn:
+        if migrations.current_revision(conn) == migrations.head():
+            return engine
     with _schema_transaction(engine) as conn:
-        Base.metadata.create_all(conn)
-        # create_all skips tables that exist: indexes added to a table since its database was
-        # made (an upgraded node) are created here.
-        for table in Base.metadata.sorted_tables:
-            for index in table.indexes:
-                index.create(conn, checkfirst=True)
-        _add_missing_columns(conn)
-        _upgrade_columns(conn)
-        _add_new_columns(conn)
+        migrations.upgrade(conn, Base.metadata)
     return engine
 
 
-def _add_missing_columns(conn: Connection) -> None:
-    """Columns added to a table since its database was made (an upgraded node): created empty.
-
-    Only nullable columns are added this way (a new column is nullable for that reason); the rows
-    that exist get NULL, which the code reads as "not known then".
-    """
-    inspector = inspect(conn)
-    for table in Base.metadata.sorted_tables:
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present or not column.nullable:
-                continue
-            kind = column.type.compile(dialect=conn.dialect)
-            conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+def schema_revision(url: str) -> str | None:
+    """The revision the database at ``url`` is at (None: no alembic_version table)."""
+    with engine_for(url).connect() as conn:
+        return migrations.current_revision(conn)
 
 
 @contextmanager
@@ -121,55 +117,74 @@ def _schema_transaction(engine: Engine) -> Iterator[Connection]:
     Without it two processes creating the tables at once both see a table missing and both create
     it: the slower one fails (PostgreSQL: UniqueViolation on pg_type; SQLite: "table already
     exists"). PostgreSQL runs DDL in transactions: an advisory lock held to the commit makes the
-    next process wait, then its checks see the committed tables. SQLite: BEGIN IMMEDIATE takes the
-    database's write lock before the first check (waiting up to the busy timeout) and keeps it to
-    the commit.
+    next process wait, then it finds the revision committed. SQLite: a file lock beside the
+    database (waits as long as the migration takes, unlike the 30 s busy timeout), then
+    BEGIN IMMEDIATE so that no writer comes between the steps.
     """
     if engine.dialect.name == "postgresql":
         with engine.begin() as conn:
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            if not conn.execute(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY}).scalar():
+                with _waiting():
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
             yield conn
     elif engine.dialect.name == "sqlite":
-        with engine.connect() as conn:
-            # pysqlite begins transactions itself, and only before DML: this BEGIN is explicit,
-            # and the CREATE statements after it run inside it until the commit.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-            try:
+        # The URL's own database part: str(engine.url) escapes characters such as ":".
+        path = engine.url.database if engine.url.database not in (None, "", ":memory:") else None
+        with _file_lock(Path(f"{path}.schema-lock")) if path else nullcontext():
+            with _sqlite_schema_transaction(engine) as conn:
                 yield conn
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
     else:
         with engine.begin() as conn:
             yield conn
 
 
-def _upgrade_columns(conn: Connection) -> None:
-    # deliveries.job_id names a job row; databases made before it was an integer hold text. SQLite
-    # compares either way (column affinity); PostgreSQL needs the column converted once.
-    if conn.dialect.name != "postgresql":
-        return
-    kind = conn.execute(
-        text(
-            "SELECT data_type FROM information_schema.columns WHERE table_name = 'deliveries' "
-            "AND column_name = 'job_id' AND table_schema = current_schema()"
-        )
-    ).scalar()
-    if kind is not None and kind != "integer":
-        conn.execute(text("ALTER TABLE deliveries ALTER COLUMN job_id TYPE integer USING job_id::integer"))
+@contextmanager
+def _sqlite_schema_transaction(engine: Engine) -> Iterator[Connection]:
+    with engine.connect() as conn:
+        # SQLite alters a table by copying it (Alembic's batch mode) and dropping the old one; with
+        # foreign keys on, that drop would delete or null out the rows that point at it. The
+        # pragma only changes outside a transaction: off before BEGIN, checked before COMMIT.
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        try:
+            # pysqlite begins transactions itself, and only before DML: this BEGIN is explicit,
+            # and the DDL after it runs inside it until the commit.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"the schema migration left {len(broken)} rows pointing at no row")
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+        finally:
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
 
 
-def _add_new_columns(conn: Connection) -> None:
-    """Nullable columns added to a table since its database was made (an upgraded node), e.g.
-    ``jobs.series_uids``: added empty, which every reader takes as "not recorded"."""
-    inspector = inspect(conn)
-    for table in Base.metadata.sorted_tables:
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in present and column.nullable and column.server_default is None:
-                kind = column.type.compile(dialect=conn.dialect)
-                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (made if missing), held by this process until the block ends."""
+    with open(path, "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with _waiting():
+                fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _waiting() -> Iterator[None]:
+    # Another process holds the schema lock: it is migrating (or checking) the schema.
+    log.info("waiting for the schema migration in another process")
+    started = time.monotonic()
+    yield
+    log.info("schema migration by another process done; waited %.1f s", time.monotonic() - started)
 
 
 def dispose_engines() -> None:

@@ -110,6 +110,7 @@ def test_init_db_adds_indexes_missing_from_an_older_database(tmp_path):
     url = f"sqlite:///{tmp_path / 'index.db'}"
     init_db(url)
     with engine_for(url).begin() as conn:
+        conn.execute(text("DROP TABLE alembic_version"))  # made by create_all, before migrations
         conn.execute(text("DROP INDEX ix_studies_ready_at"))
         conn.execute(text("DROP INDEX ix_deliveries_delivered_at"))
     dispose_engines()
