@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -95,6 +96,21 @@ class NodeProcess:
     def storage(self) -> Path:
         """The storage root."""
         return Path(self.config["storage"]["path"])
+
+    @property
+    def api_token(self) -> str:
+        """The admin API's token: configured, or the one the node generated in its storage."""
+        configured = (self.config.get("api") or {}).get("token")
+        return configured or (self.storage / "api-token").read_text().strip()
+
+    def api_get(self, path: str) -> bytes:
+        """GET ``path`` from the node's admin API with its token."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.config['api']['port']}{path}",
+            headers={"Authorization": f"Bearer {self.api_token}"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.read()
 
     @property
     def database_url(self) -> str:

@@ -12,7 +12,6 @@ import io
 import json
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +113,7 @@ def finished(node: NodeProcess, study_uid: str, count: int = 1) -> bool:
 
 
 def api_get(node: NodeProcess, path: str) -> bytes:
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.config['api']['port']}{path}", timeout=60) as answer:
-        return answer.read()
+    return node.api_get(path)
 
 
 # --- item 4: errors ---------------------------------------------------------------------------
