@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
-from sqlalchemy import create_engine, text
 
 from tests.helpers import NodeProcess, wait_for
-from tests.jobs.test_node_end_to_end import make_ct_study
+from tests.jobs.test_model_path import Threshold
+from tests.jobs.test_node_end_to_end import make_ct_study, query
 from tests.results.peers import Orthanc
 from tests.results.synthetic import segmentation_findings
 from workers.analysis.imaging import load_series
@@ -34,20 +34,6 @@ from workers.synthetic import phantoms
 pytestmark = pytest.mark.slow
 
 STORESCU = "/usr/bin/storescu"
-
-
-class Threshold(torch.nn.Module):
-    """Two-class logits from a 1x1x1 convolution (foreground above the window's middle)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv3d(1, 2, kernel_size=1)
-        with torch.no_grad():
-            self.conv.weight[:] = torch.tensor([-20.0, 20.0]).view(2, 1, 1, 1, 1)
-            self.conv.bias[:] = torch.tensor([10.0, -10.0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
 
 
 class Constant(torch.nn.Module):
@@ -88,15 +74,6 @@ def storescu(port: int, files: list[Path], aec: str = "AINODE") -> subprocess.Co
         text=True,
         timeout=300,
     )
-
-
-def query(node: NodeProcess, sql: str, **params) -> list[tuple]:
-    engine = create_engine(node.database_url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(sql), params).all()]
-    finally:
-        engine.dispose()
 
 
 def jobs_of(node: NodeProcess, study_uid: str) -> list[tuple]:
