@@ -82,10 +82,15 @@ def _journals_retired(node: NodeProcess) -> bool:
 
 def stored_files(node: NodeProcess) -> list[Path]:
     """Every file under the storage root, temp and landed files included, once the index caught
-    up (not the receivers' journals: preallocated files of their own, see node/journal.py)."""
+    up (not the receivers' journals: preallocated files of their own, see node/journal.py; nor
+    the generated API token)."""
     settled(node)
     journals = node.storage / ".journal"
-    return sorted(p for p in node.storage.rglob("*") if p.is_file() and journals not in p.parents)
+    return sorted(
+        p
+        for p in node.storage.rglob("*")
+        if p.is_file() and journals not in p.parents and p != node.storage / "api-token"
+    )
 
 
 def index_count(node: NodeProcess) -> int:
