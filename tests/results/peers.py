@@ -262,11 +262,16 @@ class StoreSCP:
 
 
 class StowServer:
-    """A minimal STOW-RS endpoint (POST /dicom-web/studies) that keeps what it receives."""
+    """A minimal STOW-RS endpoint (POST /dicom-web/studies) answering a fixed status and DICOM JSON body.
 
-    def __init__(self, answer: int = 200):
+    Only for the answers Orthanc cannot be made to give (503, 429, 202 and 409 with a Failed SOP
+    Sequence); real delivery is tested against Orthanc's DICOMweb plugin.
+    """
+
+    def __init__(self, answer: int = 200, body: dict | None = None):
         self.port = free_port()
         self.answer = answer
+        self.body = json.dumps(body or {}).encode()
         self.bodies: list[bytes] = []
         outer = self
 
@@ -276,8 +281,9 @@ class StowServer:
                 outer.bodies.append(body)
                 self.send_response(outer.answer)
                 self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(outer.body)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                self.wfile.write(outer.body)
 
             def log_message(self, *args):  # quiet
                 pass
