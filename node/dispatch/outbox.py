@@ -374,4 +374,22 @@ def status_summary(session: Session) -> dict[str, Any]:
         entry["recent_failures"].append(
             {"id": row.id, "kind": row.kind, "status": row.last_status, "reason": row.reason}
         )
+    _commitment_summary(session, out["destinations"])
     return out
+
+
+def _commitment_summary(session: Session, destinations: dict[str, Any]) -> None:
+    """Storage commitment per destination: counts by answer and the latest failures with their reason."""
+    counts = session.execute(
+        select(Delivery.destination, Delivery.commitment, func.count())
+        .where(Delivery.commitment != "")
+        .group_by(Delivery.destination, Delivery.commitment)
+    ).all()
+    for name, commitment, count in counts:
+        entry = destinations[name]
+        entry.setdefault("commitment", {"requested": 0, "committed": 0, "failed": 0})[commitment] = count
+    failed = select(Delivery).where(Delivery.commitment == "failed").order_by(Delivery.id.desc()).limit(20)
+    for row in session.scalars(failed):
+        destinations[row.destination].setdefault("commitment_failures", []).append(
+            {"id": row.id, "sop_instance_uid": row.sop_instance_uid, "reason": row.reason}
+        )
