@@ -9,7 +9,7 @@ WITH_TEST=0
 
 need_apt=()
 want=(dcmtk)                       # storescu/echoscu: `ainode demo` works without them, tests need them
-[ $WITH_TEST = 1 ] && want+=(dicom3tools orthanc pixelmed-apps redis-server chromium chromium-driver)  # chromium: dashboard tests
+[ $WITH_TEST = 1 ] && want+=(dicom3tools orthanc orthanc-dicomweb pixelmed-apps redis-server chromium chromium-driver)  # chromium: dashboard tests
 for pkg in "${want[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done

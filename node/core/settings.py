@@ -254,6 +254,10 @@ class Destination(Section):
     password: str | None = None
     tls: TLSSettings = TLSSettings()
     storage_commitment: bool = False
+    # A commitment request with no N-EVENT-REPORT after this long is sent again (a new Transaction
+    # UID), at most storage_commitment_retries more times; then the commitment is "failed".
+    storage_commitment_timeout_s: Seconds = 600
+    storage_commitment_retries: int = Field(default=2, ge=0)
     capabilities: CapabilityProfile = CapabilityProfile()
     ris: RISSettings = RISSettings()
     # Retry with exponential backoff from retry_initial_s up to retry_max_s between attempts.

@@ -2,25 +2,29 @@
 
 The request (N-ACTION) goes on its own association after a batch is delivered; the result comes
 back as an N-EVENT-REPORT on an association the destination opens to the node's receiver, which
-binds ``commitment_handlers``.
+binds ``commitment_handlers``. A request whose report does not come within the destination's
+``storage_commitment_timeout_s`` is sent again (``commitments_overdue``, a periodic task) up to
+``storage_commitment_retries`` times, then its rows' commitment is "failed" with the reason.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from node.core.clock import utcnow
 from node.core.db import database_session, engine_for, session_scope
 from node.core.dicom import NO_SUCH_OBJECT_INSTANCE, STORAGE_COMMITMENT_PUSH, SUCCESS
 from node.core.settings import Destination, Settings
 from node.dispatch.scu import associate
-from node.dispatch.table import Delivery
+from node.dispatch.table import DELIVERED, Delivery
 
 log = logging.getLogger("ainode.dispatcher")
 
@@ -45,7 +49,14 @@ def request_commitment(settings: Settings, dest: Destination, rows: list[Deliver
     # Recorded before asking: the report may arrive before the N-ACTION response is read.
     with session_scope(engine) as session:
         session.execute(
-            update(Delivery).where(Delivery.id.in_(ids)).values(commitment="requested", transaction_uid=transaction_uid)
+            update(Delivery)
+            .where(Delivery.id.in_(ids))
+            .values(
+                commitment="requested",
+                transaction_uid=transaction_uid,
+                commitment_requested_at=utcnow(),
+                commitment_requests=Delivery.commitment_requests + 1,
+            )
         )
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
@@ -59,10 +70,55 @@ def request_commitment(settings: Settings, dest: Destination, rows: list[Deliver
         reason = f"N-ACTION status {getattr(status, 'Status', 'none')}"
     with session_scope(engine) as session:
         session.execute(
-            update(Delivery).where(Delivery.id.in_(ids), Delivery.commitment == "requested").values(commitment="failed")
+            update(Delivery)
+            .where(Delivery.id.in_(ids), Delivery.commitment == "requested")
+            .values(commitment="failed", reason=f"storage commitment request failed: {reason}")
         )
     log.warning("storage commitment request to %s failed: %s", dest.name, reason)
     return None
+
+
+def commitments_overdue(settings: Settings) -> dict[str, dict[str, int]]:
+    """Ask again for commitments whose report is overdue; fail those asked too often. Counts per destination.
+
+    A row is overdue when it is still "requested" ``storage_commitment_timeout_s`` after its last
+    N-ACTION. It is asked again (a new request, new Transaction UID: a late report of the old one
+    is not applied) while it has been asked at most ``storage_commitment_retries`` more times;
+    after that its commitment is "failed" and its reason says why.
+    """
+    engine = engine_for(settings.database.url)
+    counts: dict[str, dict[str, int]] = {}
+    for dest in settings.destinations:
+        if not (dest.storage_commitment and dest.type == "dicom"):
+            continue
+        deadline = utcnow() - timedelta(seconds=dest.storage_commitment_timeout_s)
+        with session_scope(engine) as session:
+            overdue = list(
+                session.scalars(
+                    select(Delivery).where(
+                        Delivery.destination == dest.name,
+                        Delivery.state == DELIVERED,
+                        Delivery.commitment == "requested",
+                        Delivery.commitment_requested_at <= deadline,
+                    )
+                )
+            )
+            again = [r for r in overdue if r.commitment_requests <= dest.storage_commitment_retries]
+            given_up = [r for r in overdue if r not in again]
+            for row in given_up:
+                row.commitment = "failed"
+                row.reason = (
+                    f"storage commitment: no N-EVENT-REPORT after {row.commitment_requests} requests "
+                    f"({dest.storage_commitment_timeout_s:g} s each)"
+                )
+        if given_up:
+            log.warning("storage commitment from %s: %d objects never reported; failed", dest.name, len(given_up))
+        if again:
+            log.info("storage commitment from %s overdue for %d objects: asking again", dest.name, len(again))
+            request_commitment(settings, dest, again)
+        if overdue:
+            counts[dest.name] = {"requested_again": len(again), "failed": len(given_up)}
+    return counts
 
 
 def record_commitment(session: Session, event_info: Any) -> int:

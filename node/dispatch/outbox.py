@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from node.core.clock import aware, utcnow
 from node.core.db import engine_for, session_scope
 from node.core.settings import Destination, Settings, current_settings
-from node.dispatch.commitment import request_commitment
+from node.dispatch.commitment import commitments_overdue, request_commitment
 from node.dispatch.kinds import ResultObject, kind_of, wanted_kinds
 from node.dispatch.link import LinkDown, Outcome
 from node.dispatch.report import ReportContext, write_report_context
@@ -306,7 +306,8 @@ def deliver_due(settings: Settings) -> dict[str, dict[str, int]]:
 
 
 def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], None]]]:
-    """The dispatcher's work inside ``ainode serve``: resume and retry due deliveries every 2 s."""
+    """The dispatcher's work inside ``ainode serve``: resume and retry due deliveries every 2 s, and
+    (with storage commitment) ask again for overdue commitment reports every 5 s."""
 
     def run() -> None:
         try:
@@ -314,7 +315,16 @@ def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], No
         except Exception:  # noqa: BLE001 - the next pass retries; the service must keep running
             log.exception("delivery pass failed")
 
-    return [("dispatcher.deliver_due", 2.0, run)]
+    def check_commitments() -> None:
+        try:
+            commitments_overdue(settings)
+        except Exception:  # noqa: BLE001 - the next pass retries; the service must keep running
+            log.exception("storage commitment check failed")
+
+    tasks = [("dispatcher.deliver_due", 2.0, run)]
+    if any(d.storage_commitment for d in settings.destinations):
+        tasks.append(("dispatcher.commitments_overdue", 5.0, check_commitments))
+    return tasks
 
 
 # --- status ----------------------------------------------------------------------------------
@@ -364,4 +374,22 @@ def status_summary(session: Session) -> dict[str, Any]:
         entry["recent_failures"].append(
             {"id": row.id, "kind": row.kind, "status": row.last_status, "reason": row.reason}
         )
+    _commitment_summary(session, out["destinations"])
     return out
+
+
+def _commitment_summary(session: Session, destinations: dict[str, Any]) -> None:
+    """Storage commitment per destination: counts by answer and the latest failures with their reason."""
+    counts = session.execute(
+        select(Delivery.destination, Delivery.commitment, func.count())
+        .where(Delivery.commitment != "")
+        .group_by(Delivery.destination, Delivery.commitment)
+    ).all()
+    for name, commitment, count in counts:
+        entry = destinations[name]
+        entry.setdefault("commitment", {"requested": 0, "committed": 0, "failed": 0})[commitment] = count
+    failed = select(Delivery).where(Delivery.commitment == "failed").order_by(Delivery.id.desc()).limit(20)
+    for row in session.scalars(failed):
+        destinations[row.destination].setdefault("commitment_failures", []).append(
+            {"id": row.id, "sop_instance_uid": row.sop_instance_uid, "reason": row.reason}
+        )

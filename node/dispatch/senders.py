@@ -1,6 +1,6 @@
 """Senders: one per destination type, each sending a batch of outbox rows and reporting an outcome per row.
 
-``dicom``: C-STORE on one association (TLS when configured). ``dicomweb``: one STOW-RS request.
+``dicom``: C-STORE on one association (TLS when configured). ``dicomweb``: one STOW-RS request (dicomweb-client).
 ``hl7`` (``node.dispatch.hl7``) and ``fhir`` (``node.dispatch.fhir``): the SR's report to a RIS.
 A sender raises ``LinkDown`` when the destination could not be reached at all; otherwise it
 classifies each object's answer: delivered, retry (transient) or failed (permanent)
@@ -9,14 +9,14 @@ classifies each object's answer: delivered, retry (transient) or failed (permane
 
 from __future__ import annotations
 
-import base64
-import json
-import urllib.error
-import urllib.request
-import uuid
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
@@ -117,66 +117,103 @@ def send_dicom(
     return outcomes
 
 
-def _multipart(paths: list[str], boundary: str) -> bytes:
-    body = bytearray()
-    for path in paths:
-        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        body += Path(path).read_bytes() + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return bytes(body)
-
-
-def _stow_failures(payload: bytes) -> dict[str, str]:
-    """SOP Instance UID → failure reason from a STOW-RS response (PS3.18 DICOM JSON)."""
-    try:
-        doc = json.loads(payload or b"{}")
-    except ValueError:
-        return {}
+def _stow_failures(response: Dataset | None) -> dict[str, str]:
+    """SOP Instance UID → failure reason from a STOW-RS response's Failed SOP Sequence (PS3.18 10.5.3)."""
     failed = {}
-    for item in (doc.get("00081198", {}) or {}).get("Value", []):  # Failed SOP Sequence
-        uid = item.get("00081155", {}).get("Value", [""])[0]
-        reason = item.get("00081197", {}).get("Value", [""])[0]  # Failure Reason
-        failed[uid] = f"0x{int(reason):04X}" if reason != "" else "failed"
+    for item in getattr(response, "FailedSOPSequence", None) or []:
+        uid = str(getattr(item, "ReferencedSOPInstanceUID", ""))
+        reason = getattr(item, "FailureReason", None)
+        failed[uid] = f"0x{int(reason):04X}" if reason not in (None, "") else "failed"
     return failed
 
 
+def _response_dataset(response: requests.Response | None) -> Dataset | None:
+    """The DICOM JSON body of a STOW-RS answer, or None when it has none (or not JSON)."""
+    if response is None or not response.content:
+        return None
+    try:
+        return Dataset.from_json(response.json())
+    except ValueError:
+        return None
+
+
+class DestinationSession(requests.Session):
+    """A requests session whose own CA file is used even when REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE is set.
+
+    requests lets those variables override ``Session.verify`` (psf/requests#3829); a destination's
+    configured CA must win, or a private PACS certificate is refused on hosts that set them.
+    """
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):  # noqa: ANN001, ANN201, D102
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if verify is None and isinstance(self.verify, str):
+            settings["verify"] = self.verify
+        return settings
+
+
+def stow_client(dest: Destination) -> DICOMwebClient:
+    """A dicomweb-client for the destination: basic auth, its CA and client certificate, no retries.
+
+    The outbox owns retrying (backoff, breaker), so the client's own retry loop is turned off.
+    """
+    session = DestinationSession()
+    if dest.username:
+        session.auth = (dest.username, dest.password or "")
+    if dest.tls.ca_certificates:
+        session.verify = str(dest.tls.ca_certificates)
+    if dest.tls.certificate and dest.tls.private_key:
+        session.cert = (str(dest.tls.certificate), str(dest.tls.private_key))
+    # A chunk size above any batch: some servers (Orthanc among them) refuse chunked STOW-RS bodies.
+    client = DICOMwebClient(url=dest.url.rstrip("/"), session=session, timeout=120, chunk_size=2**40)
+    client.set_http_retry_params(retry=False)
+    return client
+
+
 def send_dicomweb(dest: Destination, rows: list[Delivery]) -> dict[int, Outcome]:
-    """STOW-RS all rows in one multipart/related request to ``<url>/studies``."""
+    """STOW-RS all rows in one request to ``<url>/studies`` (dicomweb-client) and classify the answer.
+
+    200: all delivered. 202 and 409: the instances in the Failed SOP Sequence failed, the others
+    are delivered (409 with no sequence: all failed). 408, 429, 5xx and no answer: ``LinkDown``
+    (retried). Any other 4xx (401 wrong password, 415, ...): failed for good with the reason.
+    """
     present = [r for r in rows if Path(r.path).exists()]
     outcomes = {r.id: Outcome(FAILED, "missing", f"result file is gone: {r.path}") for r in rows if r not in present}
     if not present:
         return outcomes
-    boundary = uuid.uuid4().hex
-    request = urllib.request.Request(
-        dest.url.rstrip("/") + "/studies",
-        data=_multipart([r.path for r in present], boundary),
-        method="POST",
-        headers={
-            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
-            "Accept": "application/dicom+json",
-        },
-    )
-    if dest.username:
-        token = base64.b64encode(f"{dest.username}:{dest.password or ''}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    context = tls_context(dest) if dest.url.startswith("https") else None
+    datasets = [dcmread(r.path) for r in present]
     try:
-        with urllib.request.urlopen(request, timeout=120, context=context) as response:
-            code, payload = response.status, response.read()
-    except urllib.error.HTTPError as err:
-        code, payload = err.code, err.read()
-    except (urllib.error.URLError, OSError) as err:
-        raise LinkDown(f"STOW-RS request failed: {getattr(err, 'reason', err)}") from None
-    if code in (408, 429) or code >= 500:
-        raise LinkDown(f"STOW-RS answered HTTP {code}")
-    failures = _stow_failures(payload)
+        answer = stow_client(dest).store_instances(datasets)
+        code = 200
+    except requests.HTTPError as err:
+        code = err.response.status_code if err.response is not None else 0
+        answer = _response_dataset(err.response)
+        if code in (408, 429) or code >= 500 or code == 0:
+            raise LinkDown(f"STOW-RS answered HTTP {code}") from None
+    except (requests.RequestException, OSError) as err:
+        raise LinkDown(f"STOW-RS request failed: {type(err).__name__}: {err}") from None
+    failures = _stow_failures(answer)
+    stored = {str(getattr(i, "ReferencedSOPInstanceUID", "")) for i in getattr(answer, "ReferencedSOPSequence", [])}
+    if failures and code == 200:
+        code = 202  # dicomweb-client hides the status; a Failed SOP Sequence on success means 202
     for row in present:
-        if code in (200, 202) and row.sop_instance_uid not in failures:
+        uid = row.sop_instance_uid
+        if uid in failures:
+            reason = f"STOW-RS refused the instance: failure reason {failures[uid]}"
+            outcomes[row.id] = Outcome(FAILED, f"HTTP {code}", reason)
+        elif code in (200, 202) or (code == 409 and uid in stored):
             outcomes[row.id] = Outcome(DELIVERED, f"HTTP {code}")
         else:
-            reason = failures.get(row.sop_instance_uid, "")
-            outcomes[row.id] = Outcome(FAILED, f"HTTP {code}", f"STOW-RS refused the instance {reason}".strip())
+            outcomes[row.id] = Outcome(
+                FAILED, f"HTTP {code}", f"STOW-RS refused the request: HTTP {code} {_phrase(code)}"
+            )
     return outcomes
+
+
+def _phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return ""
 
 
 def send_dicom_batch(

@@ -39,6 +39,10 @@ class Delivery(Base):
     # Storage Commitment: "", "requested", "committed", "failed".
     commitment: Mapped[str] = mapped_column(String(16), default="")
     transaction_uid: Mapped[str] = mapped_column(String(64), default="")
+    # When the last N-ACTION was sent and how many were sent: a "requested" row with no report
+    # after the destination's storage_commitment_timeout_s is asked again, then fails.
+    commitment_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    commitment_requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class DestinationHealth(Base):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import select
+import socket
+import ssl
 import subprocess
 import threading
 import urllib.request
@@ -30,6 +34,50 @@ class Orthanc:
     modalities: dict = field(default_factory=dict)
     # More configuration (e.g. LuaScripts), merged over the defaults.
     extra_config: dict = field(default_factory=dict)
+    # The DICOMweb plugin (Debian's orthanc-dicomweb) at /dicom-web/.
+    dicomweb: bool = False
+    # HTTPS with a self-signed certificate made here (its own CA: ``ca_file``), terminated by a
+    # ``TlsTerminator`` in front of Orthanc's HTTP port: Debian bookworm's Orthanc 1.10.1 with
+    # libcivetweb1 1.15 crashes on the first HTTPS request when "SslEnabled" is set (a civetweb
+    # worker calls a NULL function pointer), and a TLS proxy in front of Orthanc is also how it is
+    # usually deployed.
+    https: bool = False
+    https_port: int = field(default_factory=free_port)
+    _tls: "TlsTerminator | None" = None
+    # Users for HTTP basic authentication (user -> password); none: no authentication.
+    users: dict = field(default_factory=dict)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.workdir / "orthanc.crt"
+
+    @property
+    def base_url(self) -> str:
+        if self.https:
+            return f"https://127.0.0.1:{self.https_port}"
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.base_url}/dicom-web"
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "orthanc.key"
+
+    def make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1 (kept across restarts: the node trusts it)."""
+        key = self.key_file
+        if self.ca_file.exists():
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+            + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+            + ["-keyout", str(key), "-out", str(self.ca_file)],
+            check=True,
+            capture_output=True,
+        )
 
     def write_config(self) -> Path:
         config = {
@@ -54,9 +102,17 @@ class Orthanc:
                 name: {"AET": aet, "Host": "127.0.0.1", "Port": port} for name, (aet, port) in self.modalities.items()
             },
         }
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.dicomweb:
+            config["Plugins"] = ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so"]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        if self.https:
+            self.make_certificate()
+        if self.users:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = dict(self.users)
         config.update(self.extra_config)
         path = self.workdir / "orthanc.json"
-        self.workdir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(config))
         return path
 
@@ -66,16 +122,26 @@ class Orthanc:
         self.proc = subprocess.Popen(["Orthanc", str(config)], stdout=log, stderr=subprocess.STDOUT)
         ok = wait_for(lambda: port_open(self.http_port) and port_open(self.dicom_port), timeout=60)
         assert ok, (self.workdir / "orthanc.log").read_text()[-2000:]
+        if self.https and self._tls is None:
+            self._tls = TlsTerminator(self.https_port, self.http_port, self.ca_file, self.key_file)
         return self
 
-    def stop(self) -> None:
+    def stop(self, keep_tls: bool = False) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=60)
         wait_for(lambda: not port_open(self.dicom_port), timeout=30)
+        if self._tls is not None and not keep_tls:
+            self._tls.stop()
+            self._tls = None
 
     def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
+        request = urllib.request.Request(self.base_url + path)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        context = ssl.create_default_context(cafile=str(self.ca_file)) if self.https else None
+        with urllib.request.urlopen(request, timeout=30, context=context) as r:
             return r.read()
 
     def get_json(self, path: str):
@@ -89,6 +155,65 @@ class Orthanc:
 
     def instance_file(self, orthanc_id: str) -> bytes:
         return self.get(f"/instances/{orthanc_id}/file")
+
+
+class TlsTerminator:
+    """HTTPS on ``port`` in front of a plain-HTTP server on ``target_port`` (loopback), like nginx.
+
+    Each connection: TLS handshake, then bytes copied both ways until either side closes. With the
+    server behind it down, the connection is closed after the handshake (as a proxy without an
+    upstream does).
+    """
+
+    def __init__(self, port: int, target_port: int, certificate: Path, key: Path):
+        self.target_port = target_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(certificate), str(key))
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self._running = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self._running:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):  # e.g. a client that does not trust the certificate
+            conn.close()
+            return
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        except OSError:
+            tls.close()
+            return
+        with tls, upstream:
+            self._pipe(tls, upstream)
+
+    @staticmethod
+    def _pipe(tls: ssl.SSLSocket, upstream: socket.socket) -> None:
+        while True:
+            readable = [tls] if tls.pending() else select.select([tls, upstream], [], [], 60)[0]
+            if not readable:
+                return
+            for side in readable:
+                other = upstream if side is tls else tls
+                try:
+                    data = side.recv(65536)
+                    if not data:
+                        return
+                    other.sendall(data)
+                except OSError:
+                    return
+
+    def stop(self) -> None:
+        self._running = False
+        self.listener.close()
 
 
 class StoreSCP:
@@ -137,11 +262,16 @@ class StoreSCP:
 
 
 class StowServer:
-    """A minimal STOW-RS endpoint (POST /dicom-web/studies) that keeps what it receives."""
+    """A minimal STOW-RS endpoint (POST /dicom-web/studies) answering a fixed status and DICOM JSON body.
 
-    def __init__(self, answer: int = 200):
+    Only for the answers Orthanc cannot be made to give (503, 429, 202 and 409 with a Failed SOP
+    Sequence); real delivery is tested against Orthanc's DICOMweb plugin.
+    """
+
+    def __init__(self, answer: int = 200, body: dict | None = None):
         self.port = free_port()
         self.answer = answer
+        self.body = json.dumps(body or {}).encode()
         self.bodies: list[bytes] = []
         outer = self
 
@@ -151,8 +281,9 @@ class StowServer:
                 outer.bodies.append(body)
                 self.send_response(outer.answer)
                 self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(outer.body)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                self.wfile.write(outer.body)
 
             def log_message(self, *args):  # quiet
                 pass

@@ -1,4 +1,5 @@
-"""Delivery through the durable outbox to real DICOM peers (pynetdicom SCPs, STOW-RS endpoint)."""
+"""Delivery through the durable outbox to real DICOM peers (pynetdicom SCPs; a STOW-RS stub for
+the answers Orthanc cannot give: test_dicomweb.py delivers to Orthanc)."""
 
 from __future__ import annotations
 
@@ -192,22 +193,14 @@ def test_enqueue_is_idempotent(ct, tmp_path):
         scp.stop()
 
 
-def test_stow_rs_destination(ct, tmp_path):
-    server = StowServer()
-    try:
-        settings = make_settings(tmp_path, [{"name": "web", "type": "dicomweb", "url": server.url}])
-        paths = results(ct, tmp_path)
-        enqueue(settings, paths, ["web"])
-        assert run_until_settled(settings)
-        assert {r.state for r in rows(settings)} == {DELIVERED}
-        body = b"".join(server.bodies)
-        for p in paths:
-            assert Path(p).read_bytes() in body
-    finally:
-        server.stop()
+def failed_sop_body(failed_uid: str, stored_uids: list[str]) -> dict:
+    """A STOW-RS response (PS3.18 10.5.3): one instance in the Failed SOP Sequence (reason 0xA700)."""
+    ref = [{"00081155": {"vr": "UI", "Value": [uid]}} for uid in stored_uids]
+    failed = [{"00081155": {"vr": "UI", "Value": [failed_uid]}, "00081197": {"vr": "US", "Value": [0xA700]}}]
+    return {"00081199": {"vr": "SQ", "Value": ref}, "00081198": {"vr": "SQ", "Value": failed}}
 
 
-@pytest.mark.parametrize("answer,state", [(503, PENDING), (415, FAILED)])
+@pytest.mark.parametrize("answer,state", [(503, PENDING), (429, PENDING), (415, FAILED)])
 def test_stow_rs_status_classes(ct, tmp_path, answer, state):
     server = StowServer(answer=answer)
     try:
@@ -218,5 +211,23 @@ def test_stow_rs_status_classes(ct, tmp_path, answer, state):
         ids = enqueue(settings, paths, ["web"])
         deliver(ids[0], settings)
         assert {r.state for r in rows(settings)} == {state}
+        assert len(server.bodies) == 1  # the outbox retries, not the client
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("answer", [202, 409])
+def test_stow_rs_failed_sop_sequence_fails_only_those_instances(ct, tmp_path, answer):
+    paths = results(ct, tmp_path)
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in paths]
+    server = StowServer(answer=answer, body=failed_sop_body(uids[0], uids[1:]))
+    try:
+        settings = make_settings(tmp_path, [{"name": "web", "type": "dicomweb", "url": server.url}])
+        enqueue(settings, paths, ["web"])
+        assert run_until_settled(settings)
+        by_uid = {r.sop_instance_uid: r for r in rows(settings)}
+        assert by_uid[uids[0]].state == FAILED
+        assert by_uid[uids[0]].reason == "STOW-RS refused the instance: failure reason 0xA700"
+        assert {by_uid[u].state for u in uids[1:]} == {DELIVERED}
     finally:
         server.stop()
