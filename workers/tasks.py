@@ -62,6 +62,7 @@ from workers.analysis.imaging import SeriesError, load_groups
 from workers.analysis.registry import AnalysisError
 from workers.analysis.registry import run_analysis as run_registered
 from workers.results import ResultContext, check_writable, write_results
+from workers.results.notice import write_not_applicable_sr
 
 log = logging.getLogger("ainode.tasks")
 
@@ -306,12 +307,47 @@ def execute_job(settings: Settings, job_id: int) -> str:
         lifecycle.mark_time_limit_exceeded(settings, job_id, job.soft_time_limit_s, soft=True)
         return FAILED
     except NotApplicable as err:
-        lifecycle.not_applicable(settings, claim, str(err))
-        log.info("job %s not applicable: %s", job_id, err)
-        return INAPPLICABLE
+        return refuse_job(settings, job, claim, str(err), inputs)
     except Exception as err:  # noqa: BLE001 - sorted into permanent and transient below
         return record_error(settings, job, claim, err, inputs)
     return deliver_results(settings, job, claim, outputs, summary)
+
+
+def notice_destinations(settings: Settings, job: Job) -> list[str]:
+    """The job's DICOM and DICOMweb destinations that asked to be told of a refusal."""
+    wanted = {d.name for d in settings.destinations if d.notify_not_applicable and d.type in ("dicom", "dicomweb")}
+    return [name for name in job.destination_names() if name in wanted]
+
+
+def refuse_job(
+    settings: Settings, job: Job, claim: lifecycle.Claim, reason: str, inputs: Sequence[InputInstance]
+) -> str:
+    """Record the job not applicable (never retried). Destinations that asked for it also get a
+    short SR saying the study was not analysed and why: the file is written first, then the
+    outcome and its outbox rows go in one transaction."""
+    names = notice_destinations(settings, job)
+    sources = [i.path for i in inputs if i.path.exists()]
+    notice = None
+    if names and sources:
+        context = ResultContext(
+            job_key=f"{job.key}@{job.input_fingerprint}" if job.input_fingerprint else job.key,
+            output_dir=Path(settings.storage.path) / "results" / f"job-{job.id}",
+        )
+        try:
+            notice = write_not_applicable_sr(sources, job.analysis, reason, context)
+        except Exception as err:  # noqa: BLE001 - the refusal stands without its note
+            log_traceback(log, f"job {job.id}: the not-applicable SR could not be written", err)
+    delivery_ids: list[int] = []
+    with database_session(settings.database.url) as session:
+        if not lifecycle.record_not_applicable(session, claim, reason):
+            log.warning("job %s refused but was taken over meanwhile; outcome not recorded twice", job.id)
+            return "skipped"
+        if notice is not None:
+            delivery_ids = enqueue_results(session, job.id, [notice], names)
+    log.info("job %s not applicable: %s", job.id, reason)
+    for delivery_id in delivery_ids:
+        publish_delivery(settings, delivery_id)
+    return INAPPLICABLE
 
 
 def record_error(

@@ -263,6 +263,9 @@ class Destination(Section):
     # Retry with exponential backoff from retry_initial_s up to retry_max_s between attempts.
     retry_initial_s: Seconds = 5
     retry_max_s: Seconds = 3600
+    # When the worker refuses a job as outside the analysis' intended use, also send this
+    # destination a short SR in the study saying it was not analysed and why (dicom/dicomweb).
+    notify_not_applicable: bool = False
 
     @model_validator(mode="after")
     def _address_for_type(self) -> "Destination":

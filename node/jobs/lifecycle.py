@@ -246,6 +246,18 @@ def not_applicable(settings: Settings, claim: Claim, reason: str) -> bool:
     return _finish(settings, claim, state=INAPPLICABLE, error=reason, finished_at=utcnow())
 
 
+def record_not_applicable(session: Session, claim: Claim, reason: str) -> bool:
+    """Not applicable, in the caller's transaction (which also records the notice SR's outbox
+    rows); False if the claim was lost meanwhile."""
+    done = session.execute(
+        update(Job).where(_of_claim(claim)).values(state=INAPPLICABLE, error=reason, finished_at=utcnow())
+    )
+    if done.rowcount != 1:
+        return False
+    _mark_study_done(session, claim.job_id)
+    return True
+
+
 def retry_or_bury(settings: Settings, claim: Claim, reason: str, max_attempts: int) -> str:
     """After an error: retrying while attempts remain (the caller publishes it again), else dead."""
     if claim.attempt < max_attempts:

@@ -271,7 +271,7 @@ def referenced_request(source: Dataset, ctx: ResultContext) -> Dataset:
 
 
 def finish_common(
-    ds: Dataset, source: Dataset, findings: Findings, ctx: ResultContext, series_description: str
+    ds: Dataset, source: Dataset, findings: Findings | None, ctx: ResultContext, series_description: str
 ) -> Dataset:
     """Attributes every result object shares: order identifiers, description, algorithm.
 
