@@ -18,6 +18,7 @@ ALL_KINDS: tuple[ResultKind, ...] = ("seg", "sr", "kos", "gsps", "sc", "derived"
 SOP_CLASS_KINDS: dict[str, ResultKind] = {
     "1.2.840.10008.5.1.4.1.1.66.4": "seg",
     "1.2.840.10008.5.1.4.1.1.66.7": "seg",  # Label Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.88.33": "sr",  # the not-applicable notice (workers/results/notice.py)
     "1.2.840.10008.5.1.4.1.1.88.34": "sr",
     "1.2.840.10008.5.1.4.1.1.88.59": "kos",
     "1.2.840.10008.5.1.4.1.1.11.1": "gsps",
