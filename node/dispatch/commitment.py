@@ -23,6 +23,7 @@ from node.core.clock import utcnow
 from node.core.db import database_session, engine_for, session_scope
 from node.core.dicom import NO_SUCH_OBJECT_INSTANCE, STORAGE_COMMITMENT_PUSH, SUCCESS
 from node.core.settings import Destination, Settings
+from node.dispatch.link import tls_context, tls_failure
 from node.dispatch.scu import associate
 from node.dispatch.table import DELIVERED, Delivery
 
@@ -60,8 +61,13 @@ def request_commitment(settings: Settings, dest: Destination, rows: list[Deliver
         )
     ae = AE(ae_title=settings.node.ae_title)
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
-    assoc = associate(ae, dest.host, dest.port, ae_title=dest.ae_title)
+    kwargs: dict[str, Any] = {"ae_title": dest.ae_title}
+    if dest.tls.enabled:  # the same secured link as the delivery it follows
+        kwargs["tls_args"] = (tls_context(dest), dest.host)
+    assoc = associate(ae, dest.host, dest.port, **kwargs)
     reason = "association failed"
+    if not assoc.is_established and dest.tls.enabled:
+        reason = tls_failure(dest) or reason
     if assoc.is_established:
         status, _ = assoc.send_n_action(request, 1, STORAGE_COMMITMENT_PUSH, "1.2.840.10008.1.20.1.1")
         assoc.release()

@@ -6,6 +6,7 @@ returns an ``Outcome`` per outbox row: delivered, retry (transient) or failed (p
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Callable
@@ -34,6 +35,22 @@ def tls_context(dest: Destination) -> ssl.SSLContext:
     if dest.tls.certificate and dest.tls.private_key:
         context.load_cert_chain(dest.tls.certificate, dest.tls.private_key)
     return context
+
+
+def tls_failure(dest: Destination, timeout_s: float = 10.0) -> str | None:
+    """Why a TLS handshake with the destination fails (e.g. its certificate is not trusted), or None.
+
+    pynetdicom only logs the TLS error of a failed association; this handshake, made after one
+    failed, names it in the outbox reason so the operator sees a certificate problem as such.
+    """
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=timeout_s) as raw:
+            with tls_context(dest).wrap_socket(raw, server_hostname=dest.host):
+                return None
+    except ssl.SSLError as err:
+        return f"TLS handshake failed: {err.reason or err}"
+    except (OSError, ValueError):  # unreachable, or a TLS configuration that cannot load: said elsewhere
+        return None
 
 
 # Called after each answered object, so its outcome is recorded at once.

@@ -24,7 +24,7 @@ from node.core.dicom import SUCCESS
 from node.core.settings import Destination, Settings
 from node.dispatch.fhir import send_fhir_batch
 from node.dispatch.hl7 import send_hl7_batch
-from node.dispatch.link import LinkDown, Outcome, Progress, Sender, tls_context
+from node.dispatch.link import LinkDown, Outcome, Progress, Sender, tls_context, tls_failure
 from node.dispatch.scu import associate
 from node.dispatch.table import DELIVERED, FAILED, PENDING, Delivery
 
@@ -79,6 +79,8 @@ def send_dicom(
             if assoc.is_aborted
             else "connection failed"
         )
+        if dest.tls.enabled:
+            why = tls_failure(dest) or why
         raise LinkDown(f"{why} ({dest.ae_title}@{dest.host}:{dest.port})")
     accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
     outcomes: dict[int, Outcome] = {}
