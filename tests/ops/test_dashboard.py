@@ -43,10 +43,16 @@ def browser(tmp_path: Path):
 
 
 def text_of(driver, css: str) -> str:
+    """The element's text, or "" when it is absent or was re-rendered while being read (the
+    dashboard replaces its panels on every refresh; the caller's wait_for asks again)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        return found[0].text if found else ""
+    except StaleElementReferenceException:
+        return ""
 
 
 def log_in(driver, token: str) -> None:
