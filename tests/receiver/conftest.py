@@ -87,10 +87,13 @@ def stored_files(node: NodeProcess) -> list[Path]:
     settled(node)
     journals = node.storage / ".journal"
     return sorted(
-        p
-        for p in node.storage.rglob("*")
-        if p.is_file() and journals not in p.parents and p != node.storage / "api-token"
+        p for p in node.storage.rglob("*") if p.is_file() and journals not in p.parents and not _api_token_file(node, p)
     )
+
+
+def _api_token_file(node: NodeProcess, path: Path) -> bool:
+    # The generated token, or its temporary file while the node writes it (then renames it).
+    return path.parent == node.storage and (path.name == "api-token" or path.name.startswith(".api-token."))
 
 
 def index_count(node: NodeProcess) -> int:
