@@ -29,6 +29,8 @@ always raises a transient error, to exercise retries and the dead state.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import os
 import re
@@ -238,6 +240,8 @@ def analyse_group(
 ) -> tuple[list[ResultObject], Findings]:
     """One series (or group of its images): the analysis (which checks it accepts the images
     first) and its DICOM results. Output UIDs follow from the job key and this group's inputs."""
+    # IHE AIR: the results' Content Date/Time and Contribution DateTime are the analysis' start.
+    context = dataclasses.replace(context, analysis_started=datetime.datetime.now())
     findings = run_registered(
         job.analysis,
         volume,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -198,6 +201,44 @@ def test_ihe_air_conventions(ct, tmp_path):
         assert ours and ours[0].SoftwareVersions == "1.0.0" and ours[0].Manufacturer == "ainode"
         series.add((kind_of(ds.SOPClassUID), ds.SeriesInstanceUID))
     assert len({s for _, s in series}) == len({k for k, _ in series})  # one new series per kind
+
+
+def air_items(path):
+    """The Contributing Equipment items with IHE AIR's purpose (1630, 99IHE, "Processing Algorithm")."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return ds, [
+        e
+        for e in ds.get("ContributingEquipmentSequence", [])
+        if (e.PurposeOfReferenceCodeSequence[0].CodeValue, e.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator)
+        == ("1630", "99IHE")
+    ]
+
+
+def test_every_result_kind_names_the_algorithm_as_ihe_air_asks(ct, tmp_path):
+    volume, _ = ct
+    started = datetime.datetime(2026, 3, 4, 5, 6, 7, 250000)
+    paths = []
+    for findings in (segmentation_findings(volume), detection_findings(volume)):
+        paths += write(findings, tmp_path, destinations=ALL_PROFILES, analysis_started=started)
+    assert set(by_kind(paths)) == {"seg", "sr", "kos", "gsps", "sc", "derived"}
+    device_uids = set()
+    for path in paths:
+        ds, [item] = air_items(path)
+        assert item.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+        assert item.Manufacturer == "ainode" and item.ManufacturerModelName in ("ThresholdNet", "BoxNet")
+        assert item.SoftwareVersions
+        assert item.ContributionDateTime.startswith("20260304050607")
+        device_uids.add((item.ManufacturerModelName, item.DeviceUID))
+        assert (ds.ContentDate, ds.ContentTime[:6]) == ("20260304", "050607"), path.name
+        assert dciodvfy_errors(path) == [], path.name
+    # One algorithm version: one device. Another version of the model: another device.
+    assert len(device_uids) == 2 and len({uid for _, uid in device_uids}) == 2
+    [uid] = [uid for name, uid in device_uids if name == "ThresholdNet"]
+    assert uid.startswith("2.25.") and len(uid) <= 64
+    newer = dataclasses.replace(segmentation_findings(volume), algorithm_version="1.1.0")
+    [seg_path] = by_kind(write(newer, tmp_path / "newer"))["seg"]
+    _, [item] = air_items(seg_path)
+    assert item.SoftwareVersions == "1.1.0" and item.DeviceUID != uid
 
 
 def test_source_without_type2_attributes_still_valid(tmp_path):

@@ -7,6 +7,7 @@ show SEG gets GSPS outlines, one that asks for it gets a burned-in secondary cap
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,9 @@ class ResultContext:
     manufacturer: str = MANUFACTURER
     software_version: str = SOFTWARE_VERSION
     device_serial_number: str = DEVICE_SERIAL
+    # When the analysis of the images started (local time, as DICOM dates are): the results'
+    # Content Date/Time and their algorithm's Contribution DateTime (IHE AIR). None: not known.
+    analysis_started: datetime.datetime | None = None
 
     @classmethod
     def from_job(cls, job: Mapping[str, Any], settings: Settings | None = None) -> "ResultContext":

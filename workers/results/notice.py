@@ -17,7 +17,14 @@ from pydicom.sr.codedict import codes
 
 from node.dispatch.kinds import ResultObject
 from workers.results.context import MANUFACTURER, SOFTWARE_VERSION, ResultContext, derived_uid
-from workers.results.sources import finish_common, read_source, referenced_request, write
+from workers.results.sources import (
+    algorithm_device_uid,
+    algorithm_equipment,
+    finish_common,
+    read_source,
+    referenced_request,
+    write,
+)
 
 # Its own series number, beside the result kinds' block (context.SERIES_NUMBERS).
 NOTICE_SERIES_NUMBER = 9009
@@ -59,16 +66,13 @@ def build_not_applicable_sr(
         is_complete=True,
         institution_name=ctx.institution_name,
         requested_procedures=[referenced_request(first, ctx)],
-        contributing_equipment=[
-            hd.ContributingEquipment(
-                manufacturer=ctx.manufacturer or MANUFACTURER,
-                purpose_of_reference=hd.sr.CodedConcept.from_code(codes.DCM.ProcessingEquipment),
-                manufacturer_model_name=analysis[:64],
-                software_versions=SOFTWARE_VERSION,
-                device_serial_number=ctx.device_serial_number,
-                contribution_description=f"{analysis}: not applicable"[:64],
-            )
-        ],
+        contributing_equipment=algorithm_equipment(
+            ctx,
+            analysis,
+            SOFTWARE_VERSION,
+            algorithm_device_uid(analysis, analysis, SOFTWARE_VERSION),
+            f"{analysis}: not applicable",
+        ),
     )
     sr.SoftwareVersions = ctx.software_version
     return finish_common(sr, first, None, ctx, f"AI {analysis} not analysed")

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from workers.analysis.findings import Findings, SourceFrame
-from workers.results.context import ResultContext
+from workers.results.context import ResultContext, derived_uid
 
 # Type 2 attributes (present, possibly zero length) of the source modules the result objects copy
 # or highdicom reads as attributes (``source.PatientID``: AttributeError when absent). A source that
@@ -212,18 +212,49 @@ def slices_with(mask: np.ndarray) -> list[int]:
     return [int(k) for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))]
 
 
+# IHE AI Results (AIR), RAD TF-3 "Contributing Equipment": every AI result object names the
+# algorithm that made it in a Contributing Equipment item whose Purpose of Reference is
+# (1630, 99IHE, "Processing Algorithm"), with its manufacturer, model name, software version and
+# a Device UID identifying that version of the algorithm.
+PROCESSING_ALGORITHM = hd.sr.CodedConcept("1630", "99IHE", "Processing Algorithm")
+
+
+def algorithm_device_uid(analysis: str, name: str, version: str, model_sha256: str = "") -> str:
+    """The algorithm's Device UID: the same analysis, model name, version and weights give the
+    same UID; a new model version (or new weights) gives a new one."""
+    return derived_uid("algorithm-device", analysis, name, version, model_sha256)
+
+
+def algorithm_equipment(
+    ctx: ResultContext, name: str, version: str, device_uid: str, description: str
+) -> list[hd.ContributingEquipment]:
+    """IHE AIR's Contributing Equipment item for one algorithm; its Contribution DateTime is when
+    the analysis started (``ctx.analysis_started``, when known). Every writer uses this."""
+    item = hd.ContributingEquipment(
+        manufacturer=ctx.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,  # highdicom accepts CID 7005 only: replaced below
+        manufacturer_model_name=name[:64],
+        software_versions=version[:64],
+        device_serial_number=ctx.device_serial_number,
+        contribution_datetime=ctx.analysis_started,
+        contribution_description=description[:64],
+    )
+    item.PurposeOfReferenceCodeSequence = [PROCESSING_ALGORITHM]
+    item.DeviceUID = device_uid
+    return [item]
+
+
 def contributing_equipment(findings: Findings, ctx: ResultContext) -> list[hd.ContributingEquipment]:
     """IHE AIR: the algorithm that made the object, as Contributing Equipment."""
-    return [
-        hd.ContributingEquipment(
-            manufacturer=ctx.manufacturer,
-            purpose_of_reference=codes.DCM.ProcessingEquipment,
-            manufacturer_model_name=findings.algorithm_name[:64],
-            software_versions=findings.algorithm_version[:64],
-            device_serial_number=ctx.device_serial_number,
-            contribution_description=f"{findings.analysis} (model sha256 {findings.model_sha256[:16]})"[:64],
-        )
-    ]
+    return algorithm_equipment(
+        ctx,
+        findings.algorithm_name,
+        findings.algorithm_version,
+        algorithm_device_uid(
+            findings.analysis, findings.algorithm_name, findings.algorithm_version, findings.model_sha256
+        ),
+        f"{findings.analysis} (model sha256 {findings.model_sha256[:16]})",
+    )
 
 
 def algorithm_identification(findings: Findings) -> hd.AlgorithmIdentificationSequence:
@@ -273,13 +304,17 @@ def referenced_request(source: Dataset, ctx: ResultContext) -> Dataset:
 def finish_common(
     ds: Dataset, source: Dataset, findings: Findings | None, ctx: ResultContext, series_description: str
 ) -> Dataset:
-    """Attributes every result object shares: order identifiers, description, algorithm.
+    """Attributes every result object shares: order identifiers, description, content date.
 
     highdicom copies patient and study attributes from the source; here the order's accession
     number (possibly given by the job) and a description a radiologist recognises are set.
     """
     ds.AccessionNumber = accession_number(source, ctx)
     ds.SeriesDescription = series_description[:64]
+    if findings is not None and ctx.analysis_started is not None:
+        # IHE AIR: the content (the findings) dates from when the analysis started.
+        ds.ContentDate = ctx.analysis_started.strftime("%Y%m%d")
+        ds.ContentTime = ctx.analysis_started.strftime("%H%M%S.%f")
     # The source's character set in its own form (e.g. "\\ISO 2022 IR 87"); the text is held
     # decoded, so it is encoded in that set when the object is written.
     charset = result_character_set(source)
