@@ -44,16 +44,19 @@ import torch
 from billiard.exceptions import WorkerLostError
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.request import Request
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from node.core.db import database_session
 from node.core.errors import describe_error, log_traceback, redact
 from node.core.logs import configure_logging
 from node.core.settings import CapabilityProfile, Settings, current_settings, use_settings
-from node.dispatch.kinds import ResultObject
+from node.dispatch.kinds import REJECTION, ResultObject
 from node.dispatch.outbox import deliver as dispatch
-from node.dispatch.outbox import enqueue_results
+from node.dispatch.outbox import destination_wants, enqueue_results, superseded_deliveries
 from node.dispatch.report import ReportContext
+from node.dispatch.table import Delivery
 from node.jobs import lifecycle
 from node.jobs.broker import app, publish_delivery, publish_job
 from node.jobs.inputs import InputInstance, job_inputs
@@ -65,6 +68,7 @@ from workers.analysis.registry import AnalysisError
 from workers.analysis.registry import run_analysis as run_registered
 from workers.results import ResultContext, check_writable, write_results
 from workers.results.notice import write_not_applicable_sr
+from workers.results.rejection import write_rejection_note
 
 log = logging.getLogger("ainode.tasks")
 
@@ -389,15 +393,76 @@ def deliver_results(
             log.warning("job %s finished but was taken over meanwhile; result not recorded twice", job.id)
             return "skipped"
         delivery_ids = []
+        if outputs:
+            # Before the new results (lower row ids are sent first): what they supersede is withdrawn.
+            delivery_ids += reject_superseded(settings, session, job, outputs)
         if outputs and job.destination_names():
             report = ReportContext(job.key, job.analysis, job.rule, correction=job.supersedes_job_id is not None)
-            delivery_ids = enqueue_results(
+            delivery_ids += enqueue_results(
                 session, job.id, outputs, job.destination_names(), settings=settings, report=report
             )
     log.info("job %s succeeded (%d result objects)", job.id, len(outputs))
     for delivery_id in delivery_ids:
         publish_delivery(settings, delivery_id)
     return SUCCEEDED
+
+
+def reject_superseded(settings: Settings, session: Session, job: Job, outputs: Sequence[ResultObject]) -> list[int]:
+    """IHE IOCM: send each destination that acknowledged results this re-run supersedes a
+    rejection note (``workers.results.rejection``) listing exactly those, in the caller's
+    transaction (the note's outbox rows and the rejected rows' mark commit with the new results).
+
+    Superseded: delivered by an earlier job of the same key and not written again by this one
+    (same UIDs: same inputs and model, nothing to withdraw). Destinations whose capability
+    profile turns ``rejection_notes`` off get none. Destinations with the same superseded
+    instances of a study share one note. Returns the notes' outbox row ids.
+    """
+    if job.supersedes_job_id is None:
+        return []
+    configured = {d.name: d for d in settings.destinations}
+    names = [n for n, d in configured.items() if destination_wants(d, REJECTION)]
+    earlier = list(session.scalars(select(Job.id).where(Job.key == job.key, Job.id < job.id)))
+    rows = superseded_deliveries(session, earlier, (o.sop_instance_uid for o in outputs), names)
+    # (study, rejected UIDs) -> the rows per destination; one note per distinct set.
+    by_destination: dict[tuple[str, str], list[Delivery]] = {}
+    for row in rows:
+        by_destination.setdefault((row.destination, row.study_instance_uid), []).append(row)
+    groups: dict[tuple[str, frozenset[str]], list[Delivery]] = {}
+    for (_, study), members in by_destination.items():
+        groups.setdefault((study, frozenset(r.sop_instance_uid for r in members)), []).extend(members)
+    context = ResultContext(
+        job_key=f"{job.key}@{job.input_fingerprint}" if job.input_fingerprint else job.key,
+        output_dir=Path(settings.storage.path) / "results" / f"job-{job.id}",
+    )
+    ids: list[int] = []
+    for (_, uids), members in groups.items():
+        paths = {r.sop_instance_uid: Path(r.path) for r in members}
+        missing = [uid for uid, path in paths.items() if not path.exists()]
+        if missing:
+            # Its series is in the file only: the note cannot name it (never a guess).
+            log.warning("job %s: %d superseded result file(s) gone; not in the rejection note", job.id, len(missing))
+        present = [path for uid, path in paths.items() if uid not in missing]
+        if not present:
+            continue
+        try:
+            note = write_rejection_note(present, context, job.analysis)
+        except OSError:
+            raise  # storage: the job's outcome is not recorded; the reconciler runs it again
+        except Exception as err:  # noqa: BLE001 - the new results still go out without the note
+            log_traceback(log, f"job {job.id}: a rejection note could not be written", err)
+            continue
+        destinations = sorted({r.destination for r in members})
+        ids += enqueue_results(session, job.id, [note], destinations, settings=settings)
+        for row in members:
+            if row.sop_instance_uid not in missing:
+                row.rejected_by = note.sop_instance_uid
+        log.info(
+            "job %s: rejection note for %d superseded result(s) queued to %s",
+            job.id,
+            len(present),
+            ", ".join(destinations),
+        )
+    return ids
 
 
 # --- Celery tasks ----------------------------------------------------------------------------

@@ -208,6 +208,10 @@ class CapabilityProfile(Section):
     gsps: bool = True
     secondary_capture: bool = False
     derived_series: bool = True
+    # IHE IOCM: when a re-run supersedes results this destination already acknowledged, send it a
+    # KOS rejection note (Rejected for Quality Reasons) listing them. Off for a PACS that would
+    # only keep the note as one more object (it does not act on rejection notes).
+    rejection_notes: bool = True
 
 
 RIS_TYPES = ("hl7", "fhir")
@@ -282,7 +286,13 @@ class Destination(Section):
         if self.type in RIS_TYPES:
             # A RIS takes reports, not images: only the SR (read into ORU / FHIR resources).
             self.capabilities = CapabilityProfile(
-                seg=False, sr=True, kos=False, gsps=False, secondary_capture=False, derived_series=False
+                seg=False,
+                sr=True,
+                kos=False,
+                gsps=False,
+                secondary_capture=False,
+                derived_series=False,
+                rejection_notes=False,
             )
         return self
 

@@ -12,8 +12,11 @@ from typing import Iterable, Literal
 
 from node.core.settings import CapabilityProfile
 
-ResultKind = Literal["seg", "sr", "kos", "gsps", "sc", "derived"]
+ResultKind = Literal["seg", "sr", "kos", "gsps", "sc", "derived", "rejection"]
+# What the result writers write; "rejection" (an IHE IOCM rejection note, a KOS) is written by the
+# job runner when a re-run supersedes delivered results (workers/results/rejection.py).
 ALL_KINDS: tuple[ResultKind, ...] = ("seg", "sr", "kos", "gsps", "sc", "derived")
+REJECTION: ResultKind = "rejection"
 
 SOP_CLASS_KINDS: dict[str, ResultKind] = {
     "1.2.840.10008.5.1.4.1.1.66.4": "seg",
@@ -52,6 +55,8 @@ def wanted_kinds(capabilities: CapabilityProfile) -> set[ResultKind]:
         kinds.add("sc")
     if capabilities.derived_series:
         kinds.add("derived")
+    if capabilities.rejection_notes:
+        kinds.add(REJECTION)
     return kinds
 
 

@@ -28,7 +28,7 @@ from node.core.clock import aware, utcnow
 from node.core.db import engine_for, session_scope
 from node.core.settings import Destination, Settings, current_settings
 from node.dispatch.commitment import commitments_overdue, request_commitment
-from node.dispatch.kinds import ResultObject, kind_of, wanted_kinds
+from node.dispatch.kinds import REJECTION, ResultObject, kind_of, wanted_kinds
 from node.dispatch.link import LinkDown, Outcome
 from node.dispatch.report import ReportContext, write_report_context
 from node.dispatch.senders import SENDERS
@@ -67,7 +67,8 @@ def enqueue_results(
 
     The files must already be on disk. With ``settings``, objects a destination's capability
     profile does not ask for are left out. An object already in the outbox for a destination
-    (same SOP Instance UID: a re-run of the job) is not added twice; a failed one is re-armed.
+    (same SOP Instance UID: a re-run of the job) is not added twice; a failed one, or one a
+    rejection note withdrew, is re-armed.
     ``report`` (the job's identity) is written beside each SR, for the RIS senders.
     """
     ids: list[int] = []
@@ -95,13 +96,40 @@ def enqueue_results(
                     next_attempt_at=utcnow(),
                 )
                 session.add(row)
-            elif row.state in (FAILED, SKIPPED):
+            elif row.state in (FAILED, SKIPPED) or row.rejected_by:
+                # A rejected object written again (a later re-run went back to the same inputs)
+                # stands again: it is sent again (an IOCM archive may refuse a rejected UID).
                 row.state, row.path, row.attempts, row.next_attempt_at = PENDING, path, 0, utcnow()
+                row.rejected_by = ""
             elif row.state == PENDING:
                 row.path = path
             session.flush()
             ids.append(row.id)
     return ids
+
+
+def superseded_deliveries(
+    session: Session, earlier_job_ids: Iterable[int], current_uids: Iterable[str], destination_names: Iterable[str]
+) -> list[Delivery]:
+    """IHE IOCM: the results of ``earlier_job_ids`` (the jobs a re-run supersedes) that a
+    destination acknowledged, that the re-run did not write again (``current_uids``) and that no
+    rejection note withdrew yet: what a rejection note must now withdraw there. Rejection notes
+    themselves are never rejected."""
+    ids, names, current = list(earlier_job_ids), list(destination_names), set(current_uids)
+    if not ids or not names:
+        return []
+    rows = session.scalars(
+        select(Delivery)
+        .where(
+            Delivery.job_id.in_(ids),
+            Delivery.destination.in_(names),
+            Delivery.state == DELIVERED,
+            Delivery.kind != REJECTION,
+            Delivery.rejected_by == "",
+        )
+        .order_by(Delivery.id)
+    )
+    return [row for row in rows if row.sop_instance_uid not in current]
 
 
 def _breaker_open(session: Session, name: str, now: datetime) -> bool:

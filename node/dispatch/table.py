@@ -43,6 +43,10 @@ class Delivery(Base):
     # after the destination's storage_commitment_timeout_s is asked again, then fails.
     commitment_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     commitment_requests: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # IHE IOCM: the SOP Instance UID of the rejection note that withdrew this delivered object at
+    # its destination (a re-run superseded it); "" while it stands. A later re-run rejects only
+    # what no note has rejected yet.
+    rejected_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
 
 class DestinationHealth(Base):
