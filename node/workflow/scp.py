@@ -70,7 +70,9 @@ def handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
 
     def on_n_get(event: Any) -> tuple[Any, Dataset | None]:
         uid = str(event.request.RequestedSOPInstanceUID or "")
-        tags = list(event.request.AttributeIdentifierList or [])
+        listed = event.request.AttributeIdentifierList
+        # pydicom gives one tag as a tag, several as a list.
+        tags = [] if listed is None else list(listed) if isinstance(listed, (list, tuple)) else [listed]
         return _safely("N-GET", lambda: manager.get(url, uid, tags))
 
     def on_n_action(event: Any) -> tuple[Any, Dataset | None]:
