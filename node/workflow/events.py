@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any, Callable
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, build_role
 from sqlalchemy import select
 
 from node.core.clock import utcnow
@@ -70,10 +70,13 @@ def _mark(url: str, event_id: int, error: str, attempts: int, settings: Settings
 def _association(settings: Settings, peer: Peer) -> Any:
     ae = AE(ae_title=settings.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = _TIMEOUT_S
-    # The watcher's N-EVENT-REPORT SCP (UPS Event): the node proposes the SCU role.
+    # The node is the UPS Event SCP (it issues the reports) on an association it requests: it
+    # proposes the SCP role by role selection (PS3.7 D.3.3.4), as a Storage Commitment SCP does.
+    # A watcher that answers without role selection gets the reports all the same.
     ae.add_requested_context(manager.UPS_EVENT)
     host, port = peer.address  # type: ignore[misc]
-    return ae.associate(host, port, ae_title=peer.ae_title)
+    role = build_role(manager.UPS_EVENT, scu_role=True, scp_role=True)
+    return ae.associate(host, port, ae_title=peer.ae_title, ext_neg=[role])
 
 
 def send_to(settings: Settings, ae_title: str) -> int:

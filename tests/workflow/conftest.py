@@ -25,8 +25,9 @@ RIS, PERFORMER, RIVAL, WATCHER, STRANGER = "RIS", "PERFORMER", "RIVAL", "WATCHER
 class Watcher:
     """A UPS Event SCU (pynetdicom): takes every N-EVENT-REPORT and keeps (event type, UID, data set)."""
 
-    def __init__(self, ae_title: str = WATCHER, port: int | None = None):
-        self.ae_title, self.port = ae_title, port or free_port()
+    def __init__(self, ae_title: str = WATCHER, port: int | None = None, roles: bool = False):
+        # roles: accept the node's SCP/SCU role selection (else answer without it, pynetdicom's default).
+        self.ae_title, self.port, self.roles = ae_title, port or free_port(), roles
         self.events: list[tuple[int, str, Dataset]] = []
         self._lock = threading.Lock()
         self.server: Any = None
@@ -40,7 +41,10 @@ class Watcher:
 
     def start(self) -> "Watcher":
         ae = AE(ae_title=self.ae_title)
-        ae.add_supported_context(UnifiedProcedureStepEvent)
+        if self.roles:
+            ae.add_supported_context(UnifiedProcedureStepEvent, scu_role=True, scp_role=True)
+        else:
+            ae.add_supported_context(UnifiedProcedureStepEvent)
         self.server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)]
         )

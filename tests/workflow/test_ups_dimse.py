@@ -169,7 +169,14 @@ def test_request_cancel_of_scheduled_and_in_progress_workitems(node, watcher):
     assert watcher.states(claimed) == ["SCHEDULED", "IN PROGRESS", "CANCELED"]
 
 
-def test_two_performers_racing_for_one_workitem_one_wins(node):
+def test_two_performers_racing_for_one_workitem_one_wins(tmp_path, watcher):
+    # Two receiver processes: the two claims may well be served by different processes.
+    config = {**node_config(watcher.port), "node": {"receivers": 2}}
+    with NodeProcess(tmp_path / "node", config) as node:
+        _race(node)
+
+
+def _race(node: NodeProcess) -> None:
     uids = [create(node) for _ in range(5)]
     for uid in uids:
         answers: dict[str, int] = {}
@@ -225,7 +232,7 @@ def test_events_to_a_watcher_that_was_down_arrive_when_it_is_back(node, watcher)
 
 
 def test_kill_9_with_a_workitem_in_progress_loses_nothing(tmp_path):
-    watcher = Watcher()
+    watcher = Watcher(roles=True)  # this one takes the role selection the node proposes
     node = NodeProcess(tmp_path / "node", node_config(watcher.port)).start()
     try:
         uid = create(node)
