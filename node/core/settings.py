@@ -202,6 +202,12 @@ class Peer(Section):
     # a subscribed watcher (its Receiving AE title is this peer's ae_title; first of hosts).
     port: Port | None = None
 
+    @model_validator(mode="after")
+    def _reachable(self) -> "Peer":
+        if self.port is not None and "/" in self.hosts[0]:
+            raise ValueError(f"peer {self.ae_title!r} has a port: its first host must be an address, not a network")
+        return self
+
     @property
     def address(self) -> tuple[str, int] | None:
         """(host, port) the node reaches this peer at, when it has a port."""

@@ -460,11 +460,16 @@ def unsubscribe(url: str, uid: str, info: Dataset) -> Answer:
         return Answer(MISSING_ATTRIBUTE, comment="Receiving AE is required")
     with database_session(url) as session:
         query = delete(Subscription).where(Subscription.ae_title == receiving)
+        # Events still owed to it are no longer wanted (and would keep a final workitem forever).
+        owed = delete(UpsEvent).where(UpsEvent.subscriber_ae == receiving, UpsEvent.state == PENDING)
         if uid not in WELL_KNOWN:
             if session.scalar(select(Workitem.id).where(Workitem.sop_instance_uid == uid)) is None:
                 return Answer(states.NO_SUCH_UPS, comment="no such workitem")
             query = query.where(Subscription.workitem_uid == uid)
+            owed = owed.where(UpsEvent.workitem_uid == uid)
         session.execute(query)
+        session.execute(owed)
+    log.info("watcher %s unsubscribed from %s", receiving, "every workitem" if uid in WELL_KNOWN else short(uid))
     return Answer(states.SUCCESS)
 
 
@@ -489,10 +494,10 @@ def find(url: str, identifier: Dataset) -> Iterator[Dataset]:
     """The workitems matching a C-FIND identifier, each as the identifier's keys filled in."""
     query = select(Workitem).order_by(Workitem.id)
     state = _text(identifier, "ProcedureStepState")
-    if state and not match.has_wildcards(state) and "\\" not in state:
+    if state and not match.has_wildcards(state) and identifier["ProcedureStepState"].VM == 1:
         query = query.where(Workitem.state == state)
     patient_id = _text(identifier, "PatientID")
-    if patient_id and not match.has_wildcards(patient_id):
+    if patient_id and not match.has_wildcards(patient_id) and identifier["PatientID"].VM == 1:
         query = query.where(Workitem.patient_id == patient_id)
     with database_session(url) as session:
         rows = [(row.sop_instance_uid, row.dataset) for row in session.scalars(query)]

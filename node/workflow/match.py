@@ -11,6 +11,7 @@ import re
 from datetime import datetime
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
@@ -62,14 +63,14 @@ def _element_matches(key_elem: object, ds: Dataset) -> bool:
             return True  # universal: an empty sequence key
         items = ds.get(tag).value if tag in ds else []
         return any(matches(item, key[0]) for item in items)
+    if vr == "UI" and isinstance(key, MultiValue):  # list of UIDs: any of them
+        return tag in ds and str(ds[tag].value) in {str(uid) for uid in key}
     text = "" if key is None else str(key)
     if text == "":
         return True
     if tag not in ds or ds[tag].value in (None, ""):
         return False
     stored = ds[tag].value
-    if vr == "UI" and "\\" in text:
-        return str(stored) in text.split("\\")
     stored_text = str(stored).strip()
     if vr in ("DA", "DT", "TM") and "-" in text:
         return _range(text, stored_text, vr)
