@@ -141,6 +141,13 @@ def test_every_state_machine_violation_is_answered_with_its_status(node):
         assert status(ris.send_n_create(bad_priority, UnifiedProcedureStepPush, generate_uid())[0]) == 0x0106
         # A watcher that is not a peer with a port cannot be subscribed.
         assert subscribe(ris, uid, receiving="NOBODY") == states.RECEIVING_AE_UNKNOWN
+        # Watch: suspend applies to the global subscription only; unsubscribe; unknown actions.
+        assert subscribe(ris, GLOBAL) == 0x0000
+        assert subscribe(ris, GLOBAL, action=5) == 0x0000
+        assert subscribe(ris, uid, action=5) == states.ACTION_NOT_APPROPRIATE
+        assert subscribe(ris, GLOBAL, action=4) == 0x0000
+        assert subscribe(ris, uid, action=4) == 0x0000
+        assert subscribe(ris, uid, action=9) == 0x0123
     finally:
         for assoc in (performer, rival, ris):
             assoc.release()
