@@ -33,6 +33,8 @@ from node.ingest.policy import AssociationSlots
 from node.ingest.receiver import Receiver
 from node.ingest.recovery import recover_all
 from node.jobs import embedded, reconciler
+from node.workflow import events as ups_events
+from node.workflow import scp as ups_scp
 from workers.analysis.intended import declared_uses
 
 log = logging.getLogger("ainode.service")
@@ -67,6 +69,7 @@ PERIODIC_STAGES: tuple[tuple[str, PeriodicHook], ...] = (
     ("dispatcher", outbox.periodic_tasks),
     ("api", api.periodic_tasks),
     ("retention", retention.periodic_tasks),
+    ("workflow", ups_events.periodic_tasks),
 )
 SERVICE_STAGES: tuple[tuple[str, ServiceHook], ...] = (
     ("jobs", embedded.start_services),
@@ -110,7 +113,14 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     dispose_engines()  # connections are never shared across fork
     audit.configure(settings.audit, settings.node.ae_title)  # refused peers are Security Alerts
     receiver = Receiver(
-        settings, engine_for(settings.database.url), slots, row, mpps.handlers(settings), commitment_handlers(settings)
+        settings,
+        engine_for(settings.database.url),
+        slots,
+        row,
+        mpps.handlers(settings),
+        commitment_handlers(settings),
+        ups_sop_classes=ups_scp.SOP_CLASSES,
+        ups_handlers=ups_scp.handlers(settings),
     )
     receiver.recover()  # what this receiver's predecessor answered but did not index
     try:

@@ -30,6 +30,7 @@ TABLE_MODULES = (
     "node.assembler",
     "node.jobs.table",
     "node.dispatch.table",
+    "node.workflow.table",
     "node.core.audit",
 )
 

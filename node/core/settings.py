@@ -187,7 +187,8 @@ class BrokerSettings(Section):
 
 # --- peers and destinations -------------------------------------------------------------------
 
-PeerAction = Literal["echo", "store", "mpps"]
+# "ups": the UPS Push, Pull and Watch services (create, find, claim, update, subscribe).
+PeerAction = Literal["echo", "store", "mpps", "ups"]
 
 
 class Peer(Section):
@@ -197,6 +198,20 @@ class Peer(Section):
     hosts: list[HostPattern] = Field(default_factory=list, min_length=1)
     allow: list[PeerAction] = Field(default_factory=lambda: ["echo", "store", "mpps"])
     max_associations: int | None = Field(default=None, ge=1)
+    # Where the peer listens, for the associations the node opens to it: UPS N-EVENT-REPORTs to
+    # a subscribed watcher (its Receiving AE title is this peer's ae_title; first of hosts).
+    port: Port | None = None
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "Peer":
+        if self.port is not None and "/" in self.hosts[0]:
+            raise ValueError(f"peer {self.ae_title!r} has a port: its first host must be an address, not a network")
+        return self
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) the node reaches this peer at, when it has a port."""
+        return (self.hosts[0], self.port) if self.port is not None else None
 
 
 class CapabilityProfile(Section):
@@ -503,6 +518,18 @@ class APISettings(Section):
         return names
 
 
+class WorkflowSettings(Section):
+    """The UPS Task Manager (node.workflow): how long final workitems stay, how events retry."""
+
+    # COMPLETED and CANCELED workitems are kept at least this long (IHE AIW-I: 24 h), and while
+    # a watcher holds a deletion lock on them.
+    keep_final_hours: float = Field(default=24.0, ge=24.0)
+    # An N-EVENT-REPORT its subscriber did not take is tried again after this many seconds
+    # (doubling per attempt up to event_retry_max_s), until it is taken: events are never dropped.
+    event_retry_s: Seconds = 2.0
+    event_retry_max_s: Seconds = 300.0
+
+
 class AuditSettings(Section):
     """The audit trail (DICOM PS3.15 A.5 / IHE ATNA messages)."""
 
@@ -527,6 +554,7 @@ class Settings(Section):
     jobs: JobSettings = JobSettings()
     api: APISettings = APISettings()
     audit: AuditSettings = AuditSettings()
+    workflow: WorkflowSettings = WorkflowSettings()
     # The file these settings came from (None for defaults): rules reload watches it.
     _source_path: Path | None = PrivateAttr(default=None)
 

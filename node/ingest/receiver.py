@@ -149,6 +149,10 @@ class Receiver:
     mpps_handlers: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
     # Storage Commitment reports from the PACS (it opens a new association and plays the SCP role).
     commitment_handlers: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
+    # The UPS Task Manager (node.workflow.scp, handed over by node.service): its SOP classes and
+    # handlers. N-CREATE and N-SET are shared with MPPS: each goes by its presentation context.
+    ups_sop_classes: tuple[str, ...] = ()
+    ups_handlers: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = Path(self.settings.storage.path)
@@ -593,20 +597,44 @@ class Receiver:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         if self.mpps_handlers:
             ae.add_supported_context(ModalityPerformedProcedureStep, TRANSFER_SYNTAXES[:4])
+        for sop_class in self.ups_sop_classes if self.ups_handlers else ():
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES[:4])
         if self.commitment_handlers:
             ae.add_supported_context(STORAGE_COMMITMENT_PUSH, TRANSFER_SYNTAXES[:4], scu_role=False, scp_role=True)
         return ae
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         """Every event handler the listener binds."""
+        # pynetdicom binds one handler per DIMSE event: MPPS and UPS share N-CREATE and N-SET.
+        routes: dict[Any, list[tuple[tuple[str, ...], Callable[..., Any]]]] = {}
+        mpps_classes = (str(ModalityPerformedProcedureStep),)
+        for event, handler in self.mpps_handlers:
+            routes.setdefault(event, []).append((mpps_classes, self._only_if_allowed("mpps", handler)))
+        for event, handler in self.ups_handlers:
+            guard = self._find_only_if_allowed if event is evt.EVT_C_FIND else self._only_if_allowed
+            routes.setdefault(event, []).append((self.ups_sop_classes, guard("ups", handler)))
         return [
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_CONN_CLOSE, self.on_closed),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
-            *[(event, self._only_if_allowed("mpps", handler)) for event, handler in self.mpps_handlers],
+            *[(event, _by_sop_class(choices)) for event, choices in routes.items()],
             *self.commitment_handlers,
         ]
+
+    def _find_only_if_allowed(self, action: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """``_only_if_allowed`` for a C-FIND handler (a generator of answers)."""
+
+        def guarded(event: Any, *args: Any) -> Any:
+            if not self._allowed(event.assoc, action):
+                security_log.warning(
+                    "%s refused: calling AE %r is not allowed it", action, event.assoc.requestor.ae_title
+                )
+                yield NOT_AUTHORIZED, None
+                return
+            yield from handler(event, *args)
+
+        return guarded
 
     def _only_if_allowed(self, action: str, handler: Callable[..., Any]) -> Callable[..., Any]:
         """Wrap a DIMSE-N handler so a peer without ``action`` in its allow list is refused."""
@@ -637,6 +665,22 @@ class Receiver:
         acceptor.track_server(ae, server)
         threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
         return server
+
+
+def _by_sop_class(choices: list[tuple[tuple[str, ...], Callable[..., Any]]]) -> Callable[..., Any]:
+    """One handler for a DIMSE event that several services share: the one serving the request's
+    presentation context (its abstract syntax)."""
+    if len(choices) == 1:
+        return choices[0][1]
+
+    def route(event: Any, *args: Any) -> Any:
+        abstract = str(event.context.abstract_syntax)
+        for sop_classes, handler in choices:
+            if abstract in sop_classes:
+                return handler(event, *args)
+        return SOP_CLASS_NOT_SUPPORTED, None
+
+    return route
 
 
 class _ShaLookup:
