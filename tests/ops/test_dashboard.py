@@ -55,13 +55,14 @@ def text_of(driver, css: str) -> str:
         return ""
 
 
-def log_in(driver, token: str) -> None:
-    """Type the token into the dashboard's login form and submit it."""
+def log_in(driver, password: str, user: str = "") -> None:
+    """Fill in the dashboard's login form (no user: the password is the API token) and submit it."""
     from selenium.webdriver.common.by import By
 
-    field = driver.find_element(By.ID, "token")
-    field.clear()
-    field.send_keys(token)
+    for field_id, value in (("user", user), ("password", password)):
+        field = driver.find_element(By.ID, field_id)
+        field.clear()
+        field.send_keys(value)
     driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
 
 
