@@ -27,9 +27,8 @@ from node.admin.api import create_app
 from node.admin.passwords import check_password, hash_password
 from node.core.settings import ConfigError, Settings, load_settings
 from tests.helpers import REPO_ROOT, NodeProcess, wait_for
-from tests.ops.conftest import TOKEN, node_with_api
+from tests.ops.conftest import TOKEN, make_certificate, node_with_api
 
-OPENSSL = "/usr/bin/openssl"
 VIEWER, VIEWER_PASSWORD = "vera", "viewer-pass-Qx7!correct horse"
 ADMIN, ADMIN_PASSWORD = "adam", "admin-pass-Zk4!battery staple"
 METRICS_TOKEN = "scrape-me-7f3a"
@@ -46,20 +45,6 @@ class Answer:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-def make_certificate(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost, and its key (openssl CLI)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    cert, key = folder / "api.crt", folder / "api.key"
-    subprocess.run(
-        [OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        + ["-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
-        + ["-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def basic(name: str, password: str) -> dict[str, str]:

@@ -41,6 +41,11 @@ function showLogin(message) {
   });
 }
 
+async function logout() {
+  await fetch("/api/session", { method: "DELETE", credentials: "same-origin", headers: SAME_SITE });
+  showLogin("Logged out.");
+}
+
 // The role decides what the page offers: a viewer sees no button that changes something (the
 // API refuses such changes anyway, with 403).
 async function whoami() {
