@@ -3,19 +3,25 @@
 - **Host check** (DNS rebinding): every request must name this node in its Host header:
   localhost, 127.0.0.1, [::1], the listen address or one of ``api.allowed_hosts``; any other
   name is answered 421 before any route runs.
-- **Token**: every ``/api`` call except ``/api/health`` needs the token, as
-  ``Authorization: Bearer <token>`` or as the dashboard's session cookie. The token is
-  ``api.token``, else one the node generated at its first start into ``<storage>/api-token``
-  (mode 0600; the log names the file, never the value).
-- **Sessions**: the dashboard exchanges the token for an HttpOnly, SameSite=Strict cookie
-  (``POST /api/session`` with the bearer token, or ``/dashboard/?token=...`` once).
+- **Who**: every ``/api`` call except ``/api/health`` needs a login: a user of ``api.users``
+  (HTTP Basic, its password checked against the configured scrypt hash), the token as
+  ``Authorization: Bearer <token>`` (an administrator, named ``api-token`` in the audit trail),
+  or the dashboard's session cookie. The token is ``api.token``, else one the node generated at
+  its first start into ``<storage>/api-token`` (mode 0600; the log names the file, never the
+  value). ``/metrics`` needs ``api.metrics_token`` (or any login) when that is set.
+- **Roles**: a ``viewer`` reads; every change (a route with the ``write`` dependency, or any
+  method but GET/HEAD/OPTIONS) needs an ``admin``: a viewer is answered 403, audited.
+- **Sessions**: the dashboard exchanges a name and password (or the token) for an HttpOnly,
+  SameSite=Strict cookie (Secure over HTTPS) with ``POST /api/session``, or the token with
+  ``/dashboard/?token=...`` once.
 - **Cross-site requests**: a change (POST, PUT, PATCH, DELETE) made with the cookie must carry
   ``X-Requested-With: ainode`` (a header a cross-site form cannot send, and cross-site scripts
   only after a CORS preflight this API never grants) and must not come from another origin
-  (``Origin``, ``Sec-Fetch-Site``). Bearer-token requests carry no ambient credential and are
-  not checked.
+  (``Origin``, ``Sec-Fetch-Site``). Requests with an Authorization header carry no ambient
+  credential and are not checked.
 
-Refused tokens, logins, searches (throttled) and every change are audited.
+Refused logins, logins, searches (throttled), changes and refused changes are audited; failed
+password logins are throttled per address (429).
 """
 
 from __future__ import annotations

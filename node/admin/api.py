@@ -6,10 +6,11 @@ PNGs. Actions: re-run a job, retry a dead or failed job, re-send a study's resul
 destination, reload the configuration (validated first).
 
 Access (``node/admin/access.py``): the Host header must name this node (DNS rebinding); every
-``/api`` call except ``/api/health`` needs the token (``api.token``, else the one generated into
-``<storage>/api-token``) as a bearer token or as the dashboard's session cookie; changes made with
-the cookie must pass the cross-site check. Every change and every refused token is written to the
-audit trail.
+``/api`` call except ``/api/health`` needs a login (a user of ``api.users`` by HTTP Basic, the
+token as a bearer token, or the dashboard's session cookie); only administrators change things;
+changes made with the cookie must pass the cross-site check. Every change, every refused change
+and every refused login is written to the audit trail. With ``api.tls`` the server speaks HTTPS
+only.
 """
 
 from __future__ import annotations
