@@ -218,6 +218,10 @@ class LoginThrottle:
     def failed(self, address: str) -> None:
         with self._lock:
             now = time.monotonic()
+            if len(self._failures) >= MAX_SESSIONS and address not in self._failures:
+                # Many addresses at once: forget those whose last failure is oldest (bounded memory).
+                for old in sorted(self._failures, key=lambda a: self._failures[a][-1])[: MAX_SESSIONS // 10]:
+                    del self._failures[old]
             self._failures[address] = [*self._recent(address, now), now]
 
 
