@@ -342,3 +342,27 @@ def test_the_dashboard_keeps_no_credential_in_the_page():
     script = (REPO_ROOT / "node/admin/dashboard/app.js").read_text()
     assert "localStorage" not in script.replace("no localStorage", "") and "sessionStorage" not in script
     assert "document.cookie" not in script
+
+
+def test_failed_logins_from_one_address_are_throttled():
+    from fastapi import HTTPException
+    from starlette.requests import Request
+
+    from node.admin.access import MAX_FAILED_LOGINS, Access
+    from node.core.settings import APIUser
+
+    user = APIUser(name="ann", role="viewer", password_hash=hash_password("right", n=1024))
+    access = Access("token", [user])
+
+    def request(address: str) -> Request:
+        return Request({"type": "http", "method": "GET", "path": "/", "headers": [], "client": (address, 1)})
+
+    for _ in range(MAX_FAILED_LOGINS):
+        with pytest.raises(HTTPException) as err:
+            access.check_password(request("10.0.0.1"), "ann", "wrong")
+        assert err.value.status_code == 401
+    # Now even the right password waits; another address is not affected.
+    with pytest.raises(HTTPException) as err:
+        access.check_password(request("10.0.0.1"), "ann", "right")
+    assert err.value.status_code == 429
+    assert access.check_password(request("10.0.0.2"), "ann", "right").role == "viewer"
