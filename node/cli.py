@@ -30,6 +30,8 @@ app.add_typer(config_app, name="config")
 db_app = typer.Typer(help="The database's schema: its revision, and upgrades.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 app.add_typer(db_app, name="db")
+api_app = typer.Typer(help="The admin API's users.", no_args_is_help=True)
+app.add_typer(api_app, name="api")
 
 console = Console(stderr=True)
 
@@ -207,6 +209,30 @@ def db_revision(message: str = typer.Argument(..., help="What the revision chang
 
     load_tables()
     print(new_revision(message, Base.metadata))
+
+
+@api_app.command("hash-password")
+def api_hash_password(
+    cost: int = typer.Option(2**15, "--n", help="scrypt's cost N (a power of two; memory is 128 * N * 8 bytes)."),
+) -> None:
+    """Print the hash of a password for api.users[].password_hash (the password is read from
+    standard input when it is not a terminal, else asked twice; it is never printed)."""
+    import getpass  # noqa: PLC0415 - see the module docstring
+
+    from node.admin.passwords import hash_password  # noqa: PLC0415 - see the module docstring
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            console.print("the two passwords differ")
+            raise typer.Exit(1)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        typer.echo(hash_password(password, n=cost))
+    except ValueError as err:
+        console.print(str(err), markup=False, highlight=False)
+        raise typer.Exit(1) from None
 
 
 @app.command()

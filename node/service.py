@@ -297,6 +297,12 @@ def serve(settings: Settings) -> int:
     except SchemaError as err:
         log.error("cannot start: %s", err)
         return 2
+    if settings.api.enabled:
+        try:
+            api.api_tls_context(settings)  # a broken HTTPS setup must not leave the API on plain HTTP
+        except ValueError as err:
+            log.error("cannot start: %s", err)
+            return 2
     store.prepare_root(settings.storage.path)
     recover_landed(settings)
     dispose_engines()  # the receivers fork next: no open connections may cross the fork

@@ -6,6 +6,7 @@ import copy
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -103,13 +104,21 @@ class NodeProcess:
         configured = (self.config.get("api") or {}).get("token")
         return configured or (self.storage / "api-token").read_text().strip()
 
+    @property
+    def api_base(self) -> str:
+        """``http://127.0.0.1:PORT``, or ``https://`` when ``api.tls`` is enabled."""
+        tls = (self.config.get("api") or {}).get("tls") or {}
+        return f"{'https' if tls.get('enabled') else 'http'}://127.0.0.1:{self.config['api']['port']}"
+
+    def api_ssl_context(self) -> ssl.SSLContext | None:
+        """A client context trusting the API's own (test, self-signed) certificate; None for HTTP."""
+        tls = (self.config.get("api") or {}).get("tls") or {}
+        return ssl.create_default_context(cafile=tls["certificate"]) if tls.get("enabled") else None
+
     def api_get(self, path: str) -> bytes:
         """GET ``path`` from the node's admin API with its token."""
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.config['api']['port']}{path}",
-            headers={"Authorization": f"Bearer {self.api_token}"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as answer:
+        request = urllib.request.Request(self.api_base + path, headers={"Authorization": f"Bearer {self.api_token}"})
+        with urllib.request.urlopen(request, timeout=60, context=self.api_ssl_context()) as answer:
             return answer.read()
 
     @property

@@ -3,23 +3,30 @@
 - **Host check** (DNS rebinding): every request must name this node in its Host header:
   localhost, 127.0.0.1, [::1], the listen address or one of ``api.allowed_hosts``; any other
   name is answered 421 before any route runs.
-- **Token**: every ``/api`` call except ``/api/health`` needs the token, as
-  ``Authorization: Bearer <token>`` or as the dashboard's session cookie. The token is
-  ``api.token``, else one the node generated at its first start into ``<storage>/api-token``
-  (mode 0600; the log names the file, never the value).
-- **Sessions**: the dashboard exchanges the token for an HttpOnly, SameSite=Strict cookie
-  (``POST /api/session`` with the bearer token, or ``/dashboard/?token=...`` once).
+- **Who**: every ``/api`` call except ``/api/health`` needs a login: a user of ``api.users``
+  (HTTP Basic, its password checked against the configured scrypt hash), the token as
+  ``Authorization: Bearer <token>`` (an administrator, named ``api-token`` in the audit trail),
+  or the dashboard's session cookie. The token is ``api.token``, else one the node generated at
+  its first start into ``<storage>/api-token`` (mode 0600; the log names the file, never the
+  value). ``/metrics`` needs ``api.metrics_token`` (or any login) when that is set.
+- **Roles**: a ``viewer`` reads; every change (a route with the ``write`` dependency, or any
+  method but GET/HEAD/OPTIONS) needs an ``admin``: a viewer is answered 403, audited.
+- **Sessions**: the dashboard exchanges a name and password (or the token) for an HttpOnly,
+  SameSite=Strict cookie (Secure over HTTPS) with ``POST /api/session``, or the token with
+  ``/dashboard/?token=...`` once.
 - **Cross-site requests**: a change (POST, PUT, PATCH, DELETE) made with the cookie must carry
   ``X-Requested-With: ainode`` (a header a cross-site form cannot send, and cross-site scripts
   only after a CORS preflight this API never grants) and must not come from another origin
-  (``Origin``, ``Sec-Fetch-Site``). Bearer-token requests carry no ambient credential and are
-  not checked.
+  (``Origin``, ``Sec-Fetch-Site``). Requests with an Authorization header carry no ambient
+  credential and are not checked.
 
-Refused tokens, logins, searches (throttled) and every change are audited.
+Refused logins, logins, searches (throttled), changes and refused changes are audited; failed
+password logins are throttled per address (429).
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 import os
@@ -27,15 +34,17 @@ import secrets
 import stat
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
+from node.admin import passwords
 from node.core import audit
-from node.core.settings import Settings
+from node.core.settings import APIUser, Settings
 
 log = logging.getLogger("ainode.api")
 
@@ -49,6 +58,10 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
 REFUSED_HOST_LOG_INTERVAL_S = 60.0
+ADMIN, VIEWER = "admin", "viewer"
+# A checked password is remembered (as a keyed digest) this long: scrypt is not paid per call.
+PASSWORD_CACHE_S = 300.0
+MAX_FAILED_LOGINS, FAILED_LOGIN_WINDOW_S = 20, 300.0
 
 
 # --- the token --------------------------------------------------------------------------------
@@ -171,89 +184,228 @@ def _same_origin(request: Request) -> bool:
     return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower()
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who made a request: the name written to the audit trail, and the role."""
+
+    name: str
+    role: str  # "viewer" or "admin"
+
+
+TOKEN_USER = Principal("api-token", ADMIN)
+
+
+class LoginThrottle:
+    """Failed password logins per client address: after MAX_FAILED_LOGINS within
+    FAILED_LOGIN_WINDOW_S the address is answered 429 until the window has passed."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(address, []) if now - t < FAILED_LOGIN_WINDOW_S]
+        if times:
+            self._failures[address] = times
+        else:
+            self._failures.pop(address, None)
+        return times
+
+    def blocked(self, address: str) -> bool:
+        with self._lock:
+            return len(self._recent(address, time.monotonic())) >= MAX_FAILED_LOGINS
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if len(self._failures) >= MAX_SESSIONS and address not in self._failures:
+                # Many addresses at once: forget those whose last failure is oldest (bounded memory).
+                for old in sorted(self._failures, key=lambda a: self._failures[a][-1])[: MAX_SESSIONS // 10]:
+                    del self._failures[old]
+            self._failures[address] = [*self._recent(address, now), now]
+
+
 class Access:
     """Decides who may read and change, keeps the dashboard's sessions, and audits
     authentication, searches and changes."""
 
-    def __init__(self, token: str):
+    def __init__(
+        self, token: str, users: Sequence[APIUser] = (), metrics_token: str = "", secure_cookies: bool = False
+    ):
         self.token = token
-        self._sessions: dict[str, float] = {}
+        self.users = {u.name: u for u in users}
+        self.metrics_token = metrics_token
+        self.secure_cookies = secure_cookies
+        self._sessions: dict[str, tuple[float, Principal]] = {}
         self._lock = threading.Lock()
         self._last_query: dict[tuple[str, str, str], float] = {}
+        self._throttle = LoginThrottle()
+        # Passwords checked recently, as keyed digests (the password itself is never kept).
+        self._cache_key = secrets.token_bytes(32)
+        self._checked: dict[bytes, tuple[float, str]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Access":
+        """The access rules of ``settings.api`` (the token read or generated now)."""
+        api = settings.api
+        return cls(ensure_api_token(settings), api.users, api.metrics_token, api.tls.enabled)
 
     def client(self, request: Request) -> str:
         return request.client.host if request.client else ""
 
-    def refused(self, request: Request, why: str) -> HTTPException:
-        """An audited refusal (401) for a missing or wrong token."""
-        audit.user_authentication(user="api-client", address=self.client(request), success=False)
-        return HTTPException(401, why, headers={"WWW-Authenticate": "Bearer"})
+    def refused(
+        self, request: Request, why: str, user: str = "api-client", reason: str = "invalid or missing token"
+    ) -> HTTPException:
+        """An audited refusal (401) for missing or wrong credentials."""
+        audit.user_authentication(user=user, address=self.client(request), success=False, reason=reason)
+        challenge = 'Bearer, Basic realm="ainode", charset="UTF-8"' if self.users else "Bearer"
+        return HTTPException(401, why, headers={"WWW-Authenticate": challenge})
 
-    def _bearer(self, request: Request) -> bool | None:
-        """None without an Authorization header, else whether it carries the token."""
+    # --- credentials ----------------------------------------------------------------------------
+
+    def check_password(self, request: Request, name: str, password: str) -> Principal:
+        """The user with this name and password, or an audited 401 (429 after too many failures)."""
+        address = self.client(request)
+        if self._throttle.blocked(address):
+            audit.user_authentication(user=name, address=address, success=False, reason="too many failed logins")
+            raise HTTPException(429, "too many failed logins from this address: try again later")
+        user = self.users.get(name)
+        if user is not None and self._recently_checked(user, password):
+            return Principal(user.name, user.role)
+        # An unknown name costs the same scrypt as a known one: the timing tells no names.
+        ok = passwords.check_password(password, user.password_hash if user else passwords.dummy_hash())
+        if user is None or not ok:
+            self._throttle.failed(address)
+            raise self.refused(request, "wrong user name or password", user=name, reason="wrong user name or password")
+        self._remember(user, password)
+        return Principal(user.name, user.role)
+
+    def _digest(self, user: APIUser, password: str) -> bytes:
+        return hmac.new(self._cache_key, f"{user.name}\0{password}".encode(), "sha256").digest()
+
+    def _recently_checked(self, user: APIUser, password: str) -> bool:
+        with self._lock:
+            seen = self._checked.get(self._digest(user, password))
+        return seen is not None and seen[0] > time.monotonic() and seen[1] == user.password_hash
+
+    def _remember(self, user: APIUser, password: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for old in [k for k, v in self._checked.items() if v[0] < now]:
+                del self._checked[old]
+            if len(self._checked) < MAX_SESSIONS:
+                self._checked[self._digest(user, password)] = (now + PASSWORD_CACHE_S, user.password_hash)
+
+    def _from_header(self, request: Request) -> Principal | None:
+        """None without an Authorization header, else who it names (an audited 401 when wrong)."""
         given = request.headers.get("authorization")
         if given is None:
             return None
         scheme, _, value = given.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token.encode())
+        scheme, value = scheme.lower(), value.strip()
+        if scheme == "bearer" and self.token_ok(value):
+            return TOKEN_USER
+        if scheme == "basic" and self.users:
+            try:
+                name, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                sep = ""
+            if sep:
+                return self.check_password(request, name, password)
+        raise self.refused(request, "a valid bearer token or user name and password is required")
 
-    def _session(self, request: Request) -> str | None:
+    def _session(self, request: Request) -> Principal | None:
         sid = request.cookies.get(SESSION_COOKIE, "")
         with self._lock:
-            expires = self._sessions.get(sid)
-            if expires is not None and expires < time.monotonic():
+            entry = self._sessions.get(sid)
+            if entry is not None and entry[0] < time.monotonic():
                 del self._sessions[sid]
-                expires = None
-        return sid if expires is not None else None
+                entry = None
+        return entry[1] if entry is not None else None
 
-    def _authenticate(self, request: Request, changing: bool) -> str:
-        bearer = self._bearer(request)
-        if bearer:
-            return "api-token"
-        if bearer is False:
-            raise self.refused(request, "a valid bearer token is required")
-        if self._session(request) is None:
-            raise self.refused(request, "a valid bearer token or a dashboard login is required")
+    def _authenticate(self, request: Request, changing: bool) -> Principal:
+        who = self._from_header(request)
+        if who is not None:
+            return who  # a header is no ambient credential: no cross-site check needed
+        who = self._session(request)
+        if who is None:
+            raise self.refused(request, "a valid bearer token, user name and password, or dashboard login is required")
         if changing and not (request.headers.get(CSRF_HEADER) == CSRF_VALUE and _same_origin(request)):
             audit.security_alert(
                 audit.RESTRICTED_FUNCTION,
-                user="dashboard",
+                user=who.name,
                 address=self.client(request),
                 detail=f"cross-site request refused: {request.method} {request.url.path}",
                 outcome=audit.MINOR_FAILURE,
             )
             raise HTTPException(403, "cross-site request refused: changes need the X-Requested-With header")
-        return "dashboard"
+        return who
+
+    def _admin(self, request: Request, who: Principal) -> str:
+        if who.role != ADMIN:
+            audit.security_alert(
+                audit.RESTRICTED_FUNCTION,
+                user=who.name,
+                address=self.client(request),
+                detail=f"refused to role {who.role}: {request.method} {request.url.path}",
+                outcome=audit.MINOR_FAILURE,
+            )
+            raise HTTPException(403, f"the role {who.role} may only read: this change needs an administrator")
+        return who.name
+
+    # --- the routes' dependencies -----------------------------------------------------------------
 
     def read(self, request: Request) -> str:
         """Dependency of every route that shows data: returns the user name recorded in audits.
         A route answering POST and the like is treated as a change whatever its dependency."""
-        return self._authenticate(request, changing=request.method not in SAFE_METHODS)
+        changing = request.method not in SAFE_METHODS
+        who = self._authenticate(request, changing=changing)
+        return self._admin(request, who) if changing else who.name
 
     def write(self, request: Request) -> str:
-        """Dependency of every route that changes something."""
-        return self._authenticate(request, changing=True)
+        """Dependency of every route that changes something: administrators only."""
+        return self._admin(request, self._authenticate(request, changing=True))
+
+    def whoami(self, request: Request) -> Principal:
+        """Dependency of the routes of one's own session (show it, log out): any role."""
+        return self._authenticate(request, changing=request.method not in SAFE_METHODS)
+
+    def metrics(self, request: Request) -> None:
+        """Let a scraper through: anyone without ``api.metrics_token``, else that bearer token or
+        any valid API credential."""
+        if not self.metrics_token:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.metrics_token.encode()):
+            return
+        self._authenticate(request, changing=False)
 
     # --- the dashboard's sessions ---------------------------------------------------------------
 
-    def login(self, request: Request, response: Response) -> str:
-        """Exchange the bearer token for a session cookie (HttpOnly, SameSite=Strict)."""
-        if not self._bearer(request):
-            raise self.refused(request, "a valid bearer token is required")
+    def login(self, request: Request, response: Response, form: dict[str, Any] | None = None) -> Principal:
+        """Open a session (HttpOnly, SameSite=Strict cookie) for a name and password (the login
+        form's JSON body, or HTTP Basic) or the bearer token."""
+        if form and isinstance(form.get("name"), str) and isinstance(form.get("password"), str):
+            who = self.check_password(request, form["name"], form["password"])
+        else:
+            who = self._from_header(request) or self._raise_no_credentials(request)
         if not _same_origin(request):
             raise HTTPException(403, "cross-site login refused")
-        self.start_session(request, response)
-        return "dashboard"
+        self.start_session(request, response, who)
+        return who
 
-    def start_session(self, request: Request, response: Response) -> None:
-        """Open a session for a client that proved it holds the token; set its cookie."""
+    def _raise_no_credentials(self, request: Request) -> Principal:
+        raise self.refused(request, "a valid bearer token or user name and password is required")
+
+    def start_session(self, request: Request, response: Response, who: Principal = TOKEN_USER) -> None:
+        """Open a session for a client that proved who it is; set its cookie."""
         sid, now = secrets.token_urlsafe(32), time.monotonic()
         with self._lock:
-            for old in [k for k, v in self._sessions.items() if v < now]:
+            for old in [k for k, v in self._sessions.items() if v[0] < now]:
                 del self._sessions[old]
             if len(self._sessions) >= MAX_SESSIONS:
-                del self._sessions[min(self._sessions, key=self._sessions.__getitem__)]
-            self._sessions[sid] = now + SESSION_TTL_S
+                del self._sessions[min(self._sessions, key=lambda k: self._sessions[k][0])]
+            self._sessions[sid] = (now + SESSION_TTL_S, who)
         response.set_cookie(
             SESSION_COOKIE,
             sid,
@@ -261,9 +413,9 @@ class Access:
             path="/",
             httponly=True,
             samesite="strict",
-            secure=request.url.scheme == "https",
+            secure=self.secure_cookies or request.url.scheme == "https",
         )
-        audit.user_authentication(user="dashboard", address=self.client(request), success=True)
+        audit.user_authentication(user=who.name, address=self.client(request), success=True)
 
     def token_ok(self, value: str) -> bool:
         """Whether a token given some other way (the dashboard's ``?token=``) is the token."""
@@ -274,7 +426,7 @@ class Access:
         sid = request.cookies.get(SESSION_COOKIE, "")
         with self._lock:
             self._sessions.pop(sid, None)
-        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=self.secure_cookies)
 
     # --- audit ----------------------------------------------------------------------------------
 

@@ -6,16 +6,18 @@ PNGs. Actions: re-run a job, retry a dead or failed job, re-send a study's resul
 destination, reload the configuration (validated first).
 
 Access (``node/admin/access.py``): the Host header must name this node (DNS rebinding); every
-``/api`` call except ``/api/health`` needs the token (``api.token``, else the one generated into
-``<storage>/api-token``) as a bearer token or as the dashboard's session cookie; changes made with
-the cookie must pass the cross-site check. Every change and every refused token is written to the
-audit trail.
+``/api`` call except ``/api/health`` needs a login (a user of ``api.users`` by HTTP Basic, the
+token as a bearer token, or the dashboard's session cookie); only administrators change things;
+changes made with the cookie must pass the cross-site check. Every change, every refused change
+and every refused login is written to the audit trail. With ``api.tls`` the server speaks HTTPS
+only.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Callable
@@ -25,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
 from node.admin import routes_config, routes_deliveries, routes_jobs, routes_studies, routes_system
-from node.admin.access import Access, HostCheck, allowed_host_names, ensure_api_token, token_path
+from node.admin.access import Access, HostCheck, allowed_host_names, token_path
 from node.admin.routes_system import DASHBOARD
 from node.admin.transfers import TransferAuditor
 from node.core import audit
@@ -33,10 +35,19 @@ from node.core.db import engine_for
 from node.core.errors import describe_error
 from node.core.metrics import API_REQUESTS, record_gpu
 from node.core.settings import Settings
+from node.ingest.policy import server_tls_context
 
 log = logging.getLogger("ainode.api")
 
-__all__ = ["Access", "AnalysesProvider", "TransferAuditor", "create_app", "periodic_tasks", "start_services"]
+__all__ = [
+    "Access",
+    "AnalysesProvider",
+    "TransferAuditor",
+    "api_tls_context",
+    "create_app",
+    "periodic_tasks",
+    "start_services",
+]
 
 # The analyses installed on this machine, for the workers page: the analysis code belongs to the
 # workers, so the composition root (node/service.py) injects the function that lists them.
@@ -74,7 +85,7 @@ def create_app(settings: Settings, analyses: AnalysesProvider | None = None) -> 
     # Swagger UI and ReDoc load their scripts from a CDN, which a hospital network does not reach:
     # the OpenAPI document itself is served at /openapi.json.
     app = FastAPI(title="ainode admin API", version="1", description=__doc__, docs_url=None, redoc_url=None)
-    access = Access(ensure_api_token(settings))
+    access = Access.from_settings(settings)
     engine = engine_for(settings.database.url)
 
     @app.middleware("http")
@@ -113,14 +124,52 @@ def start_services(settings: Settings, analyses: AnalysesProvider | None = None)
     return stoppers
 
 
+def api_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The API's HTTPS context from ``api.tls`` (None for plain HTTP); raises ValueError naming
+    the setting and the file when a certificate or key cannot be read or used."""
+    tls = settings.api.tls
+    if not tls.enabled:
+        return None
+    for name in ("certificate", "private_key", "ca_certificates"):
+        path = getattr(tls, name)
+        try:
+            if path is not None:
+                with open(path, "rb") as f:
+                    f.read(1)
+        except OSError as err:
+            raise ValueError(f"api.tls.{name}: cannot read {path}: {err.strerror or describe_error(err)}") from None
+    try:
+        return server_tls_context(tls)
+    except (OSError, ssl.SSLError) as err:
+        files = f"certificate {tls.certificate} with private_key {tls.private_key}"
+        if tls.ca_certificates:
+            files += f" and ca_certificates {tls.ca_certificates}"
+        raise ValueError(f"api.tls: cannot use {files}: {describe_error(err)}") from None
+
+
+class _TLSConfig(uvicorn.Config):
+    """uvicorn's configuration with the node's own TLS context (TLS 1.2 or newer, client
+    certificates when configured): the same rules as the DICOM listener's."""
+
+    def __init__(self, app: Any, context: ssl.SSLContext | None, **kwargs: Any):
+        super().__init__(app, **kwargs)
+        self._context = context
+
+    def load(self) -> None:
+        super().load()
+        if self._context is not None:
+            self.ssl = self._context
+
+
 def _start_uvicorn(settings: Settings, analyses: AnalysesProvider | None) -> Callable[[], None]:
     try:
         app = create_app(settings, analyses)
     except (OSError, ValueError) as err:
         log.error("admin API not started: its token file cannot be written or read (%s)", err)
         return lambda: None
-    config = uvicorn.Config(
+    config = _TLSConfig(
         app,
+        api_tls_context(settings),
         host=settings.api.host,
         port=settings.api.port,
         log_level="warning",
@@ -142,10 +191,12 @@ def _start_uvicorn(settings: Settings, analyses: AnalysesProvider | None) -> Cal
         )
         return lambda: None
     log.info(
-        "admin API and dashboard on http://%s:%d/ (token %s)",
+        "admin API and dashboard on %s://%s:%d/ (token %s, %d user(s))",
+        "https" if settings.api.tls.enabled else "http",
         settings.api.host,
         settings.api.port,
         "from api.token" if settings.api.token else f"in {token_path(settings)}",
+        len(settings.api.users),
     )
 
     def stop() -> None:

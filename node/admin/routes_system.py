@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import select
 
-from node.admin.access import Access
+from node.admin.access import Access, Principal
 from node.admin.metrics import exposition
 from node.admin.views import overview_data, workers_data
 from node.core.db import session_scope
@@ -44,18 +45,33 @@ def router(
         return response
 
     @api.post("/api/session")
-    def login(request: Request, response: Response) -> dict[str, Any]:
-        """Log the dashboard in: the bearer token becomes an HttpOnly, SameSite=Strict session cookie."""
-        return {"user": access.login(request, response)}
+    async def login(request: Request, response: Response) -> dict[str, Any]:
+        """Log the dashboard in: a user name and password (JSON ``{"name", "password"}`` or HTTP
+        Basic) or the bearer token become an HttpOnly, SameSite=Strict session cookie."""
+        form: dict[str, Any] | None = None
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                body = await request.json()
+            except ValueError:
+                raise HTTPException(400, "the body is not JSON") from None
+            form = body if isinstance(body, dict) else None
+        # scrypt takes a tenth of a second: off the event loop.
+        who = await run_in_threadpool(access.login, request, response, form)
+        return {"user": who.name, "role": who.role}
+
+    @api.get("/api/session")
+    def current_session(who: Principal = Depends(access.whoami)) -> dict[str, Any]:
+        """Who is logged in, and with which role (the dashboard hides what a viewer may not do)."""
+        return {"user": who.name, "role": who.role}
 
     @api.delete("/api/session")
-    def logout(request: Request, response: Response, user: str = Depends(access.write)) -> dict[str, Any]:
-        """Log the dashboard out: the session ends and its cookie is cleared."""
+    def logout(request: Request, response: Response, who: Principal = Depends(access.whoami)) -> dict[str, Any]:
+        """Log the dashboard out (any role): the session ends and its cookie is cleared."""
         access.logout(request, response)
         return {"user": None}
 
     @api.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
+    def metrics(allowed: None = Depends(access.metrics)) -> Response:
         return Response(exposition(settings.database.url), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/api/health")

@@ -436,15 +436,16 @@ def query(*, user: str, address: str, text: str, outcome: int = SUCCESS) -> bool
     )
 
 
-def user_authentication(*, user: str, address: str, success: bool) -> bool:
-    """User Authentication (A.5.3.12): an API client presenting (or failing) the token."""
+def user_authentication(*, user: str, address: str, success: bool, reason: str = "invalid or missing token") -> bool:
+    """User Authentication (A.5.3.12): an API client presenting (or failing) its credentials;
+    ``reason`` says why a failure failed (never the credential itself)."""
     return record(
         AuditEvent(
             USER_AUTHENTICATION,
             "E",
             SUCCESS if success else MINOR_FAILURE,
             LOGIN,
-            "" if success else "invalid or missing token",
+            "" if success else reason,
             [Participant(user, True, address)],
         )
     )

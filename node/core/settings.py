@@ -492,15 +492,46 @@ class JobSettings(Section):
 # --- operations -------------------------------------------------------------------------------
 
 
+PASSWORD_HASH = re.compile(r"scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9_-]+=*\$[A-Za-z0-9_-]+=*")
+
+
+class APIUser(Section):
+    """A person (or script) who logs in to the admin API and dashboard with a name and password.
+
+    ``viewer`` reads everything the API shows; ``admin`` also changes things (re-run, retry,
+    re-send, C-ECHO, configuration reload). Only the password's hash is configured, made by
+    ``ainode api hash-password``: ``scrypt$n$r$p$salt$hash``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+    role: Literal["viewer", "admin"]
+    password_hash: str
+
+    @field_validator("password_hash")
+    @classmethod
+    def _a_hash_not_a_password(cls, value: str) -> str:
+        # Never echo the value: it may be a password typed here by mistake.
+        if not PASSWORD_HASH.fullmatch(value):
+            raise ValueError("must be a hash made by `ainode api hash-password` (scrypt$n$r$p$salt$hash)")
+        return value
+
+
 class APISettings(Section):
     """The admin API and dashboard."""
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 8080
-    # Bearer token for the API; empty: the node generates one at first start and keeps it in the
-    # file api-token in the storage folder (mode 0600).
+    # Bearer token for the API (an administrator's credential: the CLI and scripts use it); empty:
+    # the node generates one at first start and keeps it in the file api-token in the storage
+    # folder (mode 0600).
     token: str = ""
+    # HTTPS for the API, the dashboard and /metrics (TLS 1.2 or newer); client certificates are
+    # required when require_client_certificate is set (verified against ca_certificates).
+    tls: TLSSettings = TLSSettings()
+    # People who log in with a name and password (HTTP Basic, or the dashboard's login form).
+    users: list[APIUser] = Field(default_factory=list)
+    # When set, /metrics answers only to "Authorization: Bearer <metrics_token>" (or any API login).
+    metrics_token: str = ""
     # Host names (or "*.domain") the API answers to besides localhost, 127.0.0.1, [::1] and its own
     # listen address: any other Host header is refused (DNS rebinding).
     allowed_hosts: list[str] = Field(default_factory=list)
@@ -516,6 +547,23 @@ class APISettings(Section):
                 if not re.fullmatch(r"(\*\.)?[a-z0-9_]([a-z0-9._-]{0,252})", name):
                     raise ValueError(f"{name!r}: must be a host name, an IP address or *.domain") from None
         return names
+
+    @field_validator("tls")
+    @classmethod
+    def _certificate_with_its_key(cls, value: TLSSettings) -> TLSSettings:
+        # One of the two without the other is a half-done setup, never "TLS off".
+        if (value.certificate is None) != (value.private_key is None):
+            raise ValueError("certificate and private_key go together: give both, or neither")
+        return value
+
+    @field_validator("users")
+    @classmethod
+    def _unique_names(cls, value: list[APIUser]) -> list[APIUser]:
+        names = [u.name for u in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"user names must be unique: {', '.join(dupes)}")
+        return value
 
 
 class WorkflowSettings(Section):
@@ -758,6 +806,7 @@ __all__ = [
     "AnalysisRef",
     "JobSettings",
     "APISettings",
+    "APIUser",
     "AuditSettings",
     "TLSSettings",
     "CapabilityProfile",

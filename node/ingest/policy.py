@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from node.core.settings import Peer, Settings
+from node.core.settings import Peer, Settings, TLSSettings
 
 
 class AssociationSlots:
@@ -209,8 +209,13 @@ def address_allowed(address: str, patterns: list[str]) -> bool:
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """The server TLS context (TLS 1.2 or newer; client certificates when configured)."""
-    tls = settings.node.tls
+    """The DICOM listener's TLS context (TLS 1.2 or newer; client certificates when configured)."""
+    return server_tls_context(settings.node.tls)
+
+
+def server_tls_context(tls: TLSSettings) -> ssl.SSLContext | None:
+    """A server TLS context (TLS 1.2 or newer; client certificates when configured), None when
+    TLS is off; raises OSError (ssl.SSLError among them) when a file cannot be read or used."""
     if not tls.enabled:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -55,6 +55,20 @@ def storescu(node: NodeProcess, folder: Path, aet: str = "STORESCU") -> subproce
     )
 
 
+def make_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key (openssl CLI)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / "api.crt", folder / "api.key"
+    subprocess.run(
+        ["/usr/bin/openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 class Client:
     """A tiny HTTP client for the node's API (urllib: what an operator's script would use)."""
 

@@ -6,9 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
+from node.admin.passwords import hash_password
 from tests.helpers import wait_for
-from tests.ops.conftest import TOKEN, make_ct_study, storescu, wait_phase
+from tests.ops.conftest import TOKEN, make_certificate, make_ct_study, node_with_api, storescu, wait_phase
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +25,8 @@ FLAGS = [
     "--disable-sync",
     "--no-first-run",
     "--disable-dev-shm-usage",
+    # The HTTPS test's node has a self-signed certificate made by the test.
+    "--ignore-certificate-errors",
 ]
 
 
@@ -55,13 +59,14 @@ def text_of(driver, css: str) -> str:
         return ""
 
 
-def log_in(driver, token: str) -> None:
-    """Type the token into the dashboard's login form and submit it."""
+def log_in(driver, password: str, user: str = "") -> None:
+    """Fill in the dashboard's login form (no user: the password is the API token) and submit it."""
     from selenium.webdriver.common.by import By
 
-    field = driver.find_element(By.ID, "token")
-    field.clear()
-    field.send_keys(token)
+    for field_id, value in (("user", user), ("password", password)):
+        field = driver.find_element(By.ID, field_id)
+        field.clear()
+        field.send_keys(value)
     driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
 
 
@@ -116,3 +121,55 @@ def test_dashboard_shows_the_pipeline_a_study_page_and_runs_actions(running_node
     browser.get(f"{base}/dashboard/?token={TOKEN}")
     assert wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.study-row"), 60), browser.page_source[:2000]
     assert TOKEN not in browser.current_url
+
+
+def test_a_viewer_sees_no_change_buttons_and_an_administrator_does(browser, tmp_path: Path):
+    """Over HTTPS, with users: the login form takes a name and password, the role is shown, a
+    viewer is offered no button that changes something, and nothing lands in the page's storage."""
+    from selenium.webdriver.common.by import By
+
+    cert, key = make_certificate(tmp_path / "pki")
+    users = [
+        {"name": "vera", "role": "viewer", "password_hash": hash_password("vera-password")},
+        {"name": "adam", "role": "admin", "password_hash": hash_password("adam-password")},
+    ]
+    tls = {"enabled": True, "certificate": str(cert), "private_key": str(key)}
+    node = node_with_api(tmp_path / "node", {"api": {"token": TOKEN, "tls": tls, "users": users}})
+    node.config["destinations"] = [{"name": "self", "ae_title": "AINODE", "host": "127.0.0.1", "port": node.port}]
+    node.config_path.write_text(yaml.safe_dump(node.config, sort_keys=False))
+    with node:
+
+        def up() -> bool:
+            try:
+                return node.api_get("/api/health") == b'{"status":"ok"}'
+            except OSError:
+                return False
+
+        assert wait_for(up, 120), node.log_text()[-3000:]
+        browser.get(node.api_base + "/dashboard/#/destinations")
+        assert wait_for(lambda: browser.find_elements(By.ID, "login-form"), 60), browser.page_source[:2000]
+        log_in(browser, "adam-password", user="vera")
+        assert wait_for(lambda: "Refused" in text_of(browser, "#login"), 60), browser.page_source[:2000]
+        log_in(browser, "vera-password", user="vera")
+        assert wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "button[data-echo='self']"), 60)
+        assert text_of(browser, "#whoami") == "vera (viewer)"
+        assert not browser.find_element(By.CSS_SELECTOR, "button[data-echo='self']").is_displayed()
+        stored = "return [localStorage.length, sessionStorage.length, document.cookie]"
+        assert browser.execute_script(stored) == [0, 0, ""]
+        # The server refuses what the page hides, even when the page's own script asks.
+        refused = browser.execute_script(
+            "return fetch('/api/destinations/self/echo', {method: 'POST', credentials: 'same-origin',"
+            " headers: {'X-Requested-With': 'ainode'}}).then(r => r.status)"
+        )
+        assert refused == 403
+
+        browser.find_element(By.ID, "logout").click()
+        assert wait_for(lambda: browser.find_elements(By.ID, "login-form"), 60), browser.page_source[:2000]
+        log_in(browser, "adam-password", user="adam")
+        assert wait_for(lambda: text_of(browser, "#whoami") == "adam (admin)", 60), browser.page_source[:2000]
+        assert wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "button[data-echo='self']"), 60)
+        button = browser.find_element(By.CSS_SELECTOR, "button[data-echo='self']")
+        assert button.is_displayed()
+        button.click()
+        assert wait_for(lambda: text_of(browser, "#echo-self").startswith("OK"), 60), text_of(browser, "#echo-self")
+        assert browser.execute_script(stored) == [0, 0, ""]

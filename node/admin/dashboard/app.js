@@ -19,14 +19,23 @@ async function api(path, options = {}) {
 function showLogin(message) {
   loggedOut = true;
   document.getElementById("logout").hidden = true;
+  document.getElementById("whoami").textContent = "";
   view.innerHTML = `<section id="login"><h2>Log in</h2><p>${esc(message)}</p>
-    <form id="login-form"><label>API token <input id="token" type="password" autocomplete="current-password"></label>
+    <form id="login-form"><label>User <input id="user" autocomplete="username"></label>
+    <label>Password <input id="password" type="password" autocomplete="current-password"></label>
     <button type="submit">Log in</button></form>
-    <p class="hint">The token is <code>api.token</code> in the configuration, or the file <code>api-token</code> in the storage folder.</p></section>`;
+    <p class="hint">Users are <code>api.users</code> in the configuration. An administrator may leave the user empty
+    and give the API token (<code>api.token</code>, or the file <code>api-token</code> in the storage folder) as password.</p></section>`;
   document.getElementById("login-form").addEventListener("submit", async ev => {
     ev.preventDefault();
-    const token = document.getElementById("token").value.trim();
-    const res = await fetch("/api/session", { method: "POST", credentials: "same-origin", headers: { ...SAME_SITE, "Authorization": "Bearer " + token } });
+    const name = document.getElementById("user").value.trim();
+    const secret = document.getElementById("password").value;
+    // The password goes once to the node, which answers with an HttpOnly session cookie:
+    // the page keeps no credential (no localStorage, no variable outliving this call).
+    const credentials = name
+      ? { headers: { ...SAME_SITE, "Content-Type": "application/json" }, body: JSON.stringify({ name, password: secret }) }
+      : { headers: { ...SAME_SITE, "Authorization": "Bearer " + secret.trim() } };
+    const res = await fetch("/api/session", { method: "POST", credentials: "same-origin", ...credentials });
     if (res.ok) { loggedOut = false; route(); }
     else showLogin("Refused: " + ((await res.json().catch(() => ({}))).detail || res.statusText));
   });
@@ -35,6 +44,15 @@ function showLogin(message) {
 async function logout() {
   await fetch("/api/session", { method: "DELETE", credentials: "same-origin", headers: SAME_SITE });
   showLogin("Logged out.");
+}
+
+// The role decides what the page offers: a viewer sees no button that changes something (the
+// API refuses such changes anyway, with 403).
+async function whoami() {
+  const me = await api("/api/session");
+  document.getElementById("whoami").textContent = `${me.user} (${me.role})`;
+  document.body.classList.toggle("viewer", me.role !== "admin");
+  return me;
 }
 
 function esc(v) {
@@ -77,7 +95,7 @@ async function study(uid) {
   const s = await api("/api/studies/" + encodeURIComponent(uid));
   const jobs = s.jobs.map(j => `<tr><td>${j.id}</td><td>${esc(j.rule)}</td><td>${esc(j.analysis)}</td><td>${badge(j.state)}</td>
       <td>${j.attempts}/${j.max_attempts}</td><td>${esc(j.worker)}</td><td>${esc(j.model_version)}</td><td class="error">${esc(j.error)}</td>
-      <td><button data-act="rerun" data-id="${j.id}">Re-run</button>${["dead", "failed"].includes(j.state) ? ` <button data-act="retry" data-id="${j.id}">Retry</button>` : ""}</td></tr>`);
+      <td><button class="change" data-act="rerun" data-id="${j.id}">Re-run</button>${["dead", "failed"].includes(j.state) ? ` <button class="change" data-act="retry" data-id="${j.id}">Retry</button>` : ""}</td></tr>`);
   const dels = s.deliveries.map(d => `<tr><td>${d.id}</td><td>${esc(d.destination)}</td><td>${esc(d.kind)}</td><td>${badge(d.state)}</td>
       <td>${d.retries}</td><td>${esc(d.last_status)}</td><td class="error">${esc(d.reason)}</td></tr>`);
   const values = s.jobs.flatMap(j => [
@@ -94,7 +112,7 @@ async function study(uid) {
     <section><h2>Key slices</h2><div class="slices">${slices.join("") || "no images"}</div></section>
     <section><h2>Jobs</h2>${table(["#", "Rule", "Analysis", "State", "Attempts", "Worker", "Model", "Error", ""], jobs)}</section>
     <section><h2>Deliveries</h2>${table(["#", "Destination", "Object", "State", "Retries", "Status", "Reason"], dels)}
-      <button id="resend">Re-send results</button></section>`;
+      <button class="change" id="resend">Re-send results</button></section>`;
   view.querySelectorAll("button[data-act]").forEach(b => b.addEventListener("click", () => action(`/api/jobs/${b.dataset.id}/${b.dataset.act}`)));
   document.getElementById("resend").addEventListener("click", () => action(`/api/studies/${encodeURIComponent(uid)}/resend`));
 }
@@ -121,7 +139,7 @@ async function destinations() {
   const [dests, peers] = await Promise.all([api("/api/destinations"), api("/api/peers")]);
   const rows = dests.map(d => `<tr><td>${esc(d.name)}</td><td>${esc(d.ae_title || d.url)}</td><td>${esc(d.host || "")}:${esc(d.port || "")}</td>
       <td>${esc(d.last_contact || "never")}</td><td class="error">${esc(d.last_error)}</td>
-      <td><button data-echo="${esc(d.name)}">C-ECHO</button> <span id="echo-${esc(d.name)}"></span></td></tr>`);
+      <td><button class="change" data-echo="${esc(d.name)}">C-ECHO</button> <span id="echo-${esc(d.name)}"></span></td></tr>`);
   const prow = peers.map(p => `<tr><td>${esc(p.ae_title)}</td><td>${esc(p.hosts.join(", "))}</td><td>${esc(p.last_contact || "never")}</td></tr>`);
   view.innerHTML = `<section><h2>Destinations</h2>${table(["Name", "AE / URL", "Address", "Last contact", "Last error", ""], rows)}</section>
     <section><h2>Peers</h2>${table(["AE title", "Hosts", "Last contact"], prow)}</section>`;
@@ -147,6 +165,7 @@ async function workers() {
 async function route() {
   const hash = location.hash || "#/";
   try {
+    if (!document.getElementById("whoami").textContent) await whoami();
     if (hash.startsWith("#/study/")) await study(decodeURIComponent(hash.slice(8)));
     else if (hash === "#/jobs") await jobs();
     else if (hash === "#/deliveries") await deliveries();
