@@ -1,0 +1,1 @@
+"""Workflow: the node as a DICOM workflow participant (UPS task manager/performer, Q/R retrieval)."""
