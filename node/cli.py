@@ -168,6 +168,9 @@ def run_analysis(
     priority: str = typer.Option("stat", help="stat, routine or low."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job until it has ended."),
     timeout: float = typer.Option(3600, help="Seconds to follow the request at most."),
+    priors: int = typer.Option(
+        0, help="Also retrieve this many earlier studies of the patient (same modality) as extra inputs."
+    ),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Analyse a study on demand through the running node: retrieve it from a PACS, run one analysis,
@@ -177,7 +180,7 @@ def run_analysis(
     settings = settings_from(config)
     raise typer.Exit(
         order_analysis(
-            settings, study, analysis, source, to, priority, wait, timeout, say=lambda line: typer.echo(line)
+            settings, study, analysis, source, to, priority, wait, timeout, priors, say=lambda line: typer.echo(line)
         )
     )
 

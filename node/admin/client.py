@@ -62,12 +62,19 @@ def order_analysis(
     priority: str = "stat",
     wait: bool = True,
     timeout_s: float = 3600,
+    priors: int = 0,
     say: Callable[[str], None] = print,
 ) -> int:
     """Ask the node to analyse a study (retrieving it from ``source`` first) and follow the request:
     until the job is queued, or with ``wait`` until it has ended. Exit status: 0 when it was
     queued (no wait) or succeeded, 1 otherwise."""
-    body = {"analysis": analysis, "source": source, "destinations": destinations or None, "priority": priority}
+    body = {
+        "analysis": analysis,
+        "source": source,
+        "destinations": destinations or None,
+        "priority": priority,
+        "priors": priors,
+    }
     try:
         request = call(settings, "POST", f"/api/studies/{study_uid}/analyses", body)
         say(f"request {request['id']}: {analysis} of the study" + (f", retrieved from {source}" if source else ""))

@@ -45,6 +45,8 @@ class AnalysisOrder(BaseModel):
     destinations: list[str] | None = None
     priority: Literal["stat", "routine", "low"] = "stat"
     params: dict[str, Any] = Field(default_factory=dict)
+    # Earlier studies of the patient (same modality) to retrieve from the source as extra inputs.
+    priors: int = Field(default=0, ge=0, le=5)
 
 
 def _request_view(engine: Any, request: ondemand.AnalysisRequest) -> dict[str, Any]:
@@ -102,7 +104,14 @@ def router(settings: Settings, access: Access, engine: Any) -> APIRouter:
         lacks), then queued as a job. Answers at once; GET /api/analysis-requests/{id} follows it."""
         try:
             started = ondemand.start_request(
-                settings, study_uid, order.analysis, order.source, order.destinations, order.priority, order.params
+                settings,
+                study_uid,
+                order.analysis,
+                order.source,
+                order.destinations,
+                order.priority,
+                order.params,
+                order.priors,
             )
         except ondemand.RequestError as err:
             raise HTTPException(400, str(err)) from None

@@ -29,7 +29,7 @@ from node.ingest.arrival import instance_tag
 from node.jobs.broker import publish_job
 from node.jobs.table import PENDING_STATES, Job
 from node.router import create_jobs
-from node.workflow.retrieve import RetrieveOutcome, retrieve_study
+from node.workflow.retrieve import RetrieveError, RetrieveOutcome, find_prior_studies, retrieve_study
 
 log = logging.getLogger("ainode.ondemand")
 
@@ -54,10 +54,14 @@ class AnalysisRequest:
     destinations: list[str]
     priority: str = "stat"
     params: dict[str, Any] = field(default_factory=dict)
+    # How many earlier studies of the patient (same modality) to retrieve as extra inputs.
+    priors: int = 0
     state: str = QUEUED
     retrieval: dict[str, Any] | None = None
     job_id: int | None = None
     job_state: str = ""
+    prior_study_uids: list[str] = field(default_factory=list)
+    prior_errors: list[str] = field(default_factory=list)
     error: str = ""
     created_at: str = field(default_factory=lambda: utcnow().isoformat())
     finished_at: str | None = None
@@ -111,11 +115,14 @@ def start_request(
     destinations: list[str] | None = None,
     priority: str = "stat",
     params: dict[str, Any] | None = None,
+    priors: int = 0,
 ) -> AnalysisRequest:
     """Check the request and run it on a background thread; the request as it starts."""
     chosen = check_request(settings, analysis, source, destinations)
+    if priors and source is None:
+        raise RequestError("prior studies are retrieved from a source: name one")
     with _lock:
-        request = AnalysisRequest(next(_ids), study_uid, analysis, source, chosen, priority, dict(params or {}))
+        request = AnalysisRequest(next(_ids), study_uid, analysis, source, chosen, priority, dict(params or {}), priors)
         _requests[request.id] = request
         _forget_old()
     threading.Thread(target=run_request, args=(settings, request), name=f"on-demand-{request.id}", daemon=True).start()
@@ -154,6 +161,9 @@ def run_request(settings: Settings, request: AnalysisRequest) -> None:
             if not outcome.ok:
                 _fail(request, outcome.error)
                 return
+        if request.priors and request.source is not None:
+            _retrieve_priors(settings, request)
+            request.params["prior_study_uids"] = request.prior_study_uids
         request.job_id, request.job_state = queue_analysis(
             settings, request.study_uid, request.analysis, request.destinations, request.priority, request.params
         )
@@ -162,6 +172,37 @@ def run_request(settings: Settings, request: AnalysisRequest) -> None:
         _fail(request, describe_error(err))
     finally:
         request.finished_at = request.finished_at or utcnow().isoformat()
+
+
+def _retrieve_priors(settings: Settings, request: AnalysisRequest) -> None:
+    """The most recent earlier studies of the patient (same modality), as extra inputs: their
+    UIDs go to the job's parameters (``prior_study_uids``) for analyses that want them. A prior
+    that cannot be had is noted, and the analysis runs without it."""
+    assert request.source is not None
+    try:
+        priors = find_prior_studies(settings, request.study_uid, request.source)[: request.priors]
+    except RetrieveError as err:
+        request.prior_errors.append(str(err))
+        return
+    for prior in priors:
+        outcome = retrieve_study(settings, prior.study_uid, request.source)
+        if outcome.ok:
+            request.prior_study_uids.append(prior.study_uid)
+            _held_as_input(settings, prior.study_uid)
+        else:
+            request.prior_errors.append(outcome.error)
+
+
+def _held_as_input(settings: Settings, study_uid: str) -> None:
+    """A prior retrieved as an input is not routed by the rules (nothing runs on it): done."""
+    with session_scope(engine_for(settings.database.url)) as session:
+        study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+        if study is not None and study.state in ("received", "ready"):
+            study.state, study.ready_at, study.ready_reason = "done", study.ready_at or utcnow(), "prior study"
+            for series in session.scalars(
+                select(Series).where(Series.study_pk == study.id, Series.state.in_(("received", "ready")))
+            ):
+                series.state, series.ready_at = "routed", series.ready_at or utcnow()
 
 
 def _fail(request: AnalysisRequest, reason: str) -> None:

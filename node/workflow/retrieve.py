@@ -44,7 +44,7 @@ from sqlalchemy import select
 
 from node.core.db import engine_for, session_scope
 from node.core.settings import Settings, Source
-from node.index import Instance
+from node.index import NODE_OUTPUT, Instance, Patient, Series, Study
 from node.ingest.arrival import instance_tag
 from node.ingest.receiver import TRANSFER_SYNTAXES, Receiver
 
@@ -90,6 +90,15 @@ class SourceInstance:
     series_uid: str
     sop_instance_uid: str
     sop_class_uid: str = ""
+
+
+@dataclass
+class PriorStudy:
+    """An earlier study of the same patient at the source."""
+
+    study_uid: str
+    study_date: str = ""
+    study_time: str = ""
 
 
 @dataclass
@@ -164,6 +173,55 @@ def retrieve_study(
     _log(outcome)
     report(outcome)
     return outcome
+
+
+def find_prior_studies(settings: Settings, study_uid: str, source: str | Source) -> list[PriorStudy]:
+    """The same patient's earlier studies of the same modality at ``source``, most recent first.
+
+    The study itself must be in the node's index (its Patient ID, date and modalities are read
+    there). Studies without a date, or dated after the study, are left out. RetrieveError when the
+    source cannot be asked.
+    """
+    try:
+        src = settings.source(source) if isinstance(source, str) else source
+    except KeyError:
+        raise RetrieveError(f"unknown source {source!r}") from None
+    patient_id, study_date, study_time, modalities = _study_facts(settings, study_uid)
+    if not patient_id or not modalities:
+        return []
+    fetcher = _WadoRs(settings, src) if src.method == "wado-rs" else _Dimse(settings, src, src.method)
+    found: dict[str, PriorStudy] = {}
+    for modality in modalities:
+        for prior in fetcher.find_studies(patient_id, modality):
+            if (
+                prior.study_uid != study_uid
+                and prior.study_date
+                and (prior.study_date, prior.study_time)
+                <= (
+                    study_date or "99999999",
+                    study_time,
+                )
+            ):
+                found[prior.study_uid] = prior
+    return sorted(found.values(), key=lambda p: (p.study_date, p.study_time), reverse=True)
+
+
+def _study_facts(settings: Settings, study_uid: str) -> tuple[str, str, str, list[str]]:
+    """(Patient ID, study date, study time, image modalities) of an indexed study."""
+    with session_scope(engine_for(settings.database.url)) as session:
+        study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+        if study is None:
+            raise RetrieveError(f"the node holds no instance of study {study_uid}")
+        patient = session.get(Patient, study.patient_pk)
+        modalities = session.scalars(
+            select(Series.modality).where(Series.study_pk == study.id, Series.state != NODE_OUTPUT).distinct()
+        )
+        return (
+            patient.patient_id if patient else "",
+            study.study_date,
+            study.study_time,
+            sorted(m for m in modalities if m),
+        )
 
 
 def _conclude(outcome: RetrieveOutcome, fetched: bool) -> None:
@@ -291,11 +349,34 @@ class _Dimse:
         finally:
             assoc.release()
 
+    def find_studies(self, patient_id: str, modality: str) -> list[PriorStudy]:
+        """The patient's studies at the source with this modality (STUDY level C-FIND)."""
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = self._associate(ae)
+        try:
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.PatientID, query.ModalitiesInStudy = patient_id, modality
+            query.StudyInstanceUID, query.StudyDate, query.StudyTime = "", "", ""
+            return [
+                PriorStudy(
+                    str(ds.StudyInstanceUID), str(ds.get("StudyDate", "") or ""), str(ds.get("StudyTime", "") or "")
+                )
+                for ds in self._c_find(assoc, query)
+                if ds.get("StudyInstanceUID")
+            ]
+        finally:
+            assoc.release()
+
     def _c_find(self, assoc: Any, query: Dataset) -> Iterator[Dataset]:
         for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
             code = getattr(status, "Status", None)
             if code is None:
-                raise SourceUnavailable(f"source {self.where} stopped answering the C-FIND (association lost)")
+                raise SourceUnavailable(
+                    f"source {self.where} ended the association instead of answering the C-FIND (as a PACS "
+                    f"does when it does not know or allow the calling AE title {self.settings.node.ae_title})"
+                )
             if code in (0xFF00, 0xFF01):
                 if identifier is not None:
                     yield identifier
@@ -515,6 +596,16 @@ class _WadoRs:
                 found.append(SourceInstance(series_uid, _json_value(inst, "00080018"), _json_value(inst, "00080016")))
         return [i for i in found if i.sop_instance_uid]
 
+    def find_studies(self, patient_id: str, modality: str) -> list[PriorStudy]:
+        """The patient's studies at the source with this modality (QIDO-RS)."""
+        filters = {"PatientID": patient_id, "ModalitiesInStudy": modality}
+        found = self._call("QIDO-RS", lambda: self.client.search_for_studies(search_filters=filters))
+        return [
+            PriorStudy(_json_value(s, "0020000D"), _json_value(s, "00080020"), _json_value(s, "00080030"))
+            for s in found or []
+            if _json_value(s, "0020000D")
+        ]
+
     def fetch(
         self,
         study_uid: str,
@@ -566,6 +657,8 @@ def _data_set_bytes(ds: Dataset) -> tuple[str, bytes]:
 
 __all__ = [
     "RETRIEVAL_ROW",
+    "PriorStudy",
+    "find_prior_studies",
     "RetrieveError",
     "RetrieveOutcome",
     "SourceUnavailable",

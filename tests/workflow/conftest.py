@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from node.core.db import init_db
 from node.core.settings import Settings
@@ -57,6 +58,32 @@ def study_in_pacs(tmp_path, pacs) -> tuple[str, list[str]]:
     push_to_orthanc(pacs, paths)
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     return str(headers[0].StudyInstanceUID), sorted(str(h.SOPInstanceUID) for h in headers)
+
+
+def copy_as_other_study(paths: list[Path], folder: Path, study_date: str) -> tuple[str, list[Path]]:
+    """The same patient's series again as another study on ``study_date`` (new UIDs throughout)."""
+    folder.mkdir(parents=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyDate = study_uid, series_uid, study_date
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / path.name)
+        out.append(folder / path.name)
+    return study_uid, out
+
+
+@pytest.fixture
+def priors_in_pacs(tmp_path, pacs, study_in_pacs) -> tuple[str, str]:
+    """Two more studies of the same patient in Orthanc: (an earlier one, a later one)."""
+    paths = sorted((tmp_path / "ct").iterdir())
+    date = pydicom.dcmread(paths[0], stop_before_pixels=True).StudyDate
+    earlier, files = copy_as_other_study(paths, tmp_path / "earlier", str(int(date) - 10000))
+    push_to_orthanc(pacs, files)
+    later, files = copy_as_other_study(paths, tmp_path / "later", str(int(date) + 10000))
+    push_to_orthanc(pacs, files)
+    return earlier, later
 
 
 def local_settings(tmp_path: Path, sources: list[dict], node_port: int = 11112) -> Settings:

@@ -81,15 +81,18 @@ def test_c_move_to_the_running_node_indexes_every_instance(tmp_path, pacs, node_
         node.stop()
 
 
-def test_api_action_retrieves_by_c_get_and_queues_the_analysis(tmp_path, pacs, node_port, study_in_pacs):
+def test_api_action_retrieves_by_c_get_with_a_prior_and_queues_the_analysis(
+    tmp_path, pacs, node_port, study_in_pacs, priors_in_pacs
+):
     study_uid, uids = study_in_pacs
+    earlier, _ = priors_in_pacs
     node = start_node(tmp_path, pacs, node_port)
     try:
         code, started = api(
             node,
             "POST",
             f"/api/studies/{study_uid}/analyses",
-            {"analysis": "count-instances", "source": "orthanc-get", "destinations": ["pacs"]},
+            {"analysis": "count-instances", "source": "orthanc-get", "destinations": ["pacs"], "priors": 1},
         )
         assert code == 202, started
         done = {}
@@ -106,6 +109,9 @@ def test_api_action_retrieves_by_c_get_and_queues_the_analysis(tmp_path, pacs, n
             job = s.get(Job, done["job_id"])
             assert (job.rule, json.loads(job.destinations)) == ("on-demand", ["pacs"])
             assert json.loads(job.result)["instances"] == len(uids)  # the job saw every retrieved instance
+            assert json.loads(job.params)["prior_study_uids"] == [earlier]  # the prior, for the analysis
+            assert s.scalar(select(Study.state).where(Study.study_uid == earlier)) == "done"  # input only
+        assert (done["prior_study_uids"], done["prior_errors"]) == ([earlier], [])
         assert [r["id"] for r in api(node, "GET", f"/api/studies/{study_uid}/analyses")[1]] == [started["id"]]
         assert "on-demand count-instances from orthanc-get" in (node.workdir / "audit.log").read_text()
     finally:
@@ -134,8 +140,9 @@ def test_unknown_study_and_source_down_fail_precisely_and_write_nothing(tmp_path
         pacs.stop()  # the PACS is down
         run = ainode_run(node, "count-instances", study_uid, "orthanc", "--to", "pacs")
         assert run.returncode == 1
-        assert f"failed: source orthanc (ORTHANC@127.0.0.1:{pacs.dicom_port}) cannot be reached: Connection refused" in (
-            run.stdout
+        assert (
+            f"failed: source orthanc (ORTHANC@127.0.0.1:{pacs.dicom_port}) cannot be reached: Connection refused"
+            in (run.stdout)
         ), run.stdout
         assert counts(node, study_uid) == (0, 0)  # no instance, no study, no job
     finally:

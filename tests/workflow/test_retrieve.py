@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pydicom
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from node.core.db import engine_for, session_scope
 from node.index import Instance, Study
-from node.workflow.retrieve import retrieve_study, stop_retrieval_stores
+from node.workflow.retrieve import find_prior_studies, retrieve_study, stop_retrieval_stores
 from tests.workflow.conftest import local_settings, source_of
 
 
@@ -36,3 +36,50 @@ def test_c_get_brings_every_instance_through_the_store_path(tmp_path, pacs, stud
         assert (again.state, again.held_before, again.completed) == ("held", len(uids), 0)
     finally:
         stop_retrieval_stores()
+
+
+def test_the_most_recent_earlier_study_of_the_patient_is_found_as_a_prior(
+    tmp_path, pacs, study_in_pacs, priors_in_pacs
+):
+    study_uid, _ = study_in_pacs
+    earlier, later = priors_in_pacs
+    settings = local_settings(tmp_path, [source_of(pacs, "c-get")])
+    try:
+        assert retrieve_study(settings, study_uid, "orthanc").ok
+        priors = find_prior_studies(settings, study_uid, "orthanc")
+        assert [p.study_uid for p in priors] == [earlier]  # the later study is no prior
+        assert retrieve_study(settings, earlier, "orthanc").state == "retrieved"
+    finally:
+        stop_retrieval_stores()
+
+
+def test_c_get_of_a_partly_held_study_fetches_only_the_missing_instances(tmp_path, pacs, study_in_pacs):
+    study_uid, uids = study_in_pacs
+    settings = local_settings(tmp_path, [source_of(pacs, "c-get")])
+    try:
+        assert retrieve_study(settings, study_uid, "orthanc").ok
+        with session_scope(engine_for(settings.database.url)) as s:  # the node lost three of them
+            s.execute(delete(Instance).where(Instance.sop_instance_uid.in_(uids[:3])))
+        outcome = retrieve_study(settings, study_uid, "orthanc")
+        assert (outcome.state, outcome.held_before, outcome.completed) == ("retrieved", len(uids) - 3, 3)
+        assert sorted(indexed(settings)) == uids
+    finally:
+        stop_retrieval_stores()
+
+
+def test_unknown_study_and_unknown_source_are_named(tmp_path, pacs):
+    settings = local_settings(tmp_path, [source_of(pacs, "c-get")])
+    outcome = retrieve_study(settings, "1.2.3.4", "orthanc")
+    assert (outcome.ok, outcome.error) == (False, "source orthanc holds no instance of study 1.2.3.4")
+    outcome = retrieve_study(settings, "1.2.3.4", "elsewhere")
+    assert outcome.error == "unknown source 'elsewhere' (known: orthanc)"
+    assert indexed(settings) == {}
+
+
+def test_a_source_that_does_not_know_the_node_says_so(tmp_path, pacs, study_in_pacs):
+    study_uid, _ = study_in_pacs
+    settings = local_settings(tmp_path, [source_of(pacs, "c-move")])
+    settings.node.ae_title = "STRANGER"  # Orthanc has no modality with this AE title
+    outcome = retrieve_study(settings, study_uid, "orthanc")
+    assert not outcome.ok
+    assert "STRANGER" in outcome.error, outcome.error
