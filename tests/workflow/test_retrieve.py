@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pydicom
+import pytest
+from pydantic import ValidationError
 from sqlalchemy import delete, select
 
 from node.core.db import engine_for, session_scope
+from node.core.settings import Settings
 from node.index import Instance, Study
 from node.workflow.retrieve import find_prior_studies, retrieve_study, stop_retrieval_stores
-from tests.workflow.conftest import local_settings, source_of
+from tests.results.peers import Orthanc
+from tests.workflow.conftest import local_settings, push_to_orthanc, source_of
 
 
 def indexed(settings) -> dict[str, str]:
@@ -83,3 +87,35 @@ def test_a_source_that_does_not_know_the_node_says_so(tmp_path, pacs, study_in_p
     outcome = retrieve_study(settings, study_uid, "orthanc")
     assert not outcome.ok
     assert "STRANGER" in outcome.error, outcome.error
+
+
+def test_wado_rs_brings_the_study_from_a_dicomweb_source(tmp_path, study_in_pacs):
+    """The same study from Orthanc's DICOMweb plugin: QIDO-RS lists it, WADO-RS fetches each instance."""
+    study_uid, uids = study_in_pacs
+    web = Orthanc(tmp_path / "orthanc-web", dicomweb=True).start()
+    try:
+        push_to_orthanc(web, sorted((tmp_path / "ct").iterdir()))
+        settings = local_settings(tmp_path, [{"name": "web", "method": "wado-rs", "url": web.dicomweb_url}])
+        outcome = retrieve_study(settings, study_uid, "web")
+        assert outcome.ok, outcome.error
+        assert (outcome.method, outcome.completed, outcome.failed) == ("wado-rs", len(uids), 0)
+        rows = indexed(settings)
+        assert sorted(rows) == uids
+        for uid, path in rows.items():
+            ds = pydicom.dcmread(settings.storage.path / path)
+            assert ds.SOPInstanceUID == uid and ds.pixel_array.shape == (48, 48)
+        web.stop()
+        down = retrieve_study(settings, study_uid, "web")
+        assert down.error.startswith(f"source web ({web.dicomweb_url}) cannot be reached"), down.error
+    finally:
+        web.stop()
+        stop_retrieval_stores()
+
+
+def test_a_source_needs_the_address_its_method_uses():
+    with pytest.raises(ValidationError, match="a c-move source needs ae_title, host, port"):
+        Settings.model_validate({"sources": [{"name": "pacs"}]})
+    with pytest.raises(ValidationError, match="a wado-rs source needs url"):
+        Settings.model_validate({"sources": [{"name": "web", "method": "wado-rs"}]})
+    with pytest.raises(ValidationError, match="source names must be unique"):
+        Settings.model_validate({"sources": [{"name": "w", "method": "wado-rs", "url": "http://x"}] * 2})
