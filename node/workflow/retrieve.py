@@ -43,6 +43,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 
 from node.core.db import engine_for, session_scope
+from node.core.errors import describe_error
 from node.core.settings import Settings, Source
 from node.index import NODE_OUTPUT, Instance, Patient, Series, Study
 from node.ingest.arrival import instance_tag
@@ -169,6 +170,8 @@ def retrieve_study(
         _conclude(outcome, bool(missing))
     except RetrieveError as err:
         outcome.state, outcome.error = "failed", str(err)
+    except Exception as err:  # noqa: BLE001 - the outcome carries every failure, with its cause
+        outcome.state, outcome.error = "failed", f"retrieval from {src.name} failed: {describe_error(err)}"
     outcome.seconds = round(time.monotonic() - started, 3)
     _log(outcome)
     report(outcome)
@@ -305,8 +308,9 @@ class _Dimse:
         ae.network_timeout = src.timeout_s
         return ae
 
-    def _associate(self, ae: AE, **kwargs: Any) -> Any:
-        """An association with the source, or SourceUnavailable saying precisely why not."""
+    def _associate(self, ae: AE, model: Any, **kwargs: Any) -> Any:
+        """An association with the source on which ``model`` was accepted, or SourceUnavailable /
+        RetrieveError saying precisely why not."""
         src = self.source
         try:  # a TCP probe first: pynetdicom only says that the association failed
             socket.create_connection((src.host, src.port), timeout=self.settings.node.acse_timeout_s).close()
@@ -316,7 +320,10 @@ class _Dimse:
             ) from None
         assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, **kwargs)
         if assoc.is_established:
-            return assoc
+            if any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
+                return assoc
+            assoc.release()
+            raise RetrieveError(f"source {self.where} does not offer {model.name} ({model})")
         if assoc.is_rejected:
             raise SourceUnavailable(
                 f"source {self.where} rejected the association from {self.settings.node.ae_title} "
@@ -330,7 +337,7 @@ class _Dimse:
         """Every instance the source holds for the study (SERIES, then IMAGE level per series)."""
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        assoc = self._associate(ae)
+        assoc = self._associate(ae, StudyRootQueryRetrieveInformationModelFind)
         try:
             series = [
                 str(ds.SeriesInstanceUID)
@@ -353,7 +360,7 @@ class _Dimse:
         """The patient's studies at the source with this modality (STUDY level C-FIND)."""
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        assoc = self._associate(ae)
+        assoc = self._associate(ae, StudyRootQueryRetrieveInformationModelFind)
         try:
             query = Dataset()
             query.QueryRetrieveLevel = "STUDY"
@@ -403,12 +410,14 @@ class _Dimse:
             store = retrieval_store(self.settings)
             handler = _GetStore(store, self.source.ae_title or self.source.name)
             roles = [build_role(uid, scp_role=True) for uid in classes]
-            assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, handler)])
+            assoc = self._associate(
+                ae, StudyRootQueryRetrieveInformationModelGet, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, handler)]
+            )
             model, send = StudyRootQueryRetrieveInformationModelGet, assoc.send_c_get
         else:
             ae = self._ae()
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-            assoc = self._associate(ae)
+            assoc = self._associate(ae, StudyRootQueryRetrieveInformationModelMove)
             model = StudyRootQueryRetrieveInformationModelMove
 
             def send(identifier: Dataset, query_model: Any) -> Any:
@@ -444,8 +453,10 @@ class _Dimse:
             report(outcome)
             if code != 0xFF00:
                 final = code
+        if final is None:
+            raise RetrieveError(f"source {self.where} gave no final answer to the {self.method.upper()}")
         if final not in (0x0000, 0xB000):
-            text = _STATUS_TEXT.get(final or 0, "failed")
+            text = _STATUS_TEXT.get(final, "failed")
             hint = ""
             if final == 0xA801:
                 node = self.settings.node
