@@ -168,6 +168,8 @@ def run_request(settings: Settings, request: AnalysisRequest) -> None:
             settings, request.study_uid, request.analysis, request.destinations, request.priority, request.params
         )
         request.state = JOB_QUEUED
+    except RequestError as err:
+        _fail(request, str(err))
     except Exception as err:  # noqa: BLE001 - the request must end with a reason, never silently
         _fail(request, describe_error(err))
     finally:
@@ -207,7 +209,9 @@ def _held_as_input(settings: Settings, study_uid: str) -> None:
 
 def _fail(request: AnalysisRequest, reason: str) -> None:
     request.state, request.error, request.finished_at = FAILED, reason, utcnow().isoformat()
-    log.warning("on-demand request %d (%s) failed: %s", request.id, request.analysis, reason)
+    # The study named by a short hash in the log, as everywhere (the API shows the full reason).
+    said = reason.replace(request.study_uid, f"#{instance_tag(request.study_uid)}")
+    log.warning("on-demand request %d (%s) failed: %s", request.id, request.analysis, said)
 
 
 def queue_analysis(

@@ -257,7 +257,8 @@ def _log(outcome: RetrieveOutcome) -> None:
             outcome.seconds,
         )
     else:
-        log.warning("study %s from %s by %s failed: %s", name, outcome.source, outcome.method, outcome.error)
+        said = outcome.error.replace(outcome.study_uid, f"#{name}")
+        log.warning("study %s from %s by %s failed: %s", name, outcome.source, outcome.method, said)
 
 
 # --- the index -----------------------------------------------------------------------------------

@@ -121,10 +121,39 @@ def test_api_action_retrieves_by_c_get_with_a_prior_and_queues_the_analysis(
 def test_requests_naming_unknown_sources_or_destinations_are_refused(tmp_path, pacs, node_port):
     node = start_node(tmp_path, pacs, node_port)
     try:
-        code, answer = api(node, "POST", "/api/studies/1.2.3/analyses", {"analysis": "count-instances", "source": "x"})
+        code, answer = api(
+            node,
+            "POST",
+            "/api/studies/1.2.826.0.1.3680043.99.7/analyses",
+            {"analysis": "count-instances", "source": "x"},
+        )
         assert code == 400 and "unknown source 'x'" in answer["detail"]
-        code, answer = api(node, "POST", "/api/studies/1.2.3/analyses", {"analysis": "count-instances"})
+        code, answer = api(
+            node, "POST", "/api/studies/1.2.826.0.1.3680043.99.7/analyses", {"analysis": "count-instances"}
+        )
         assert code == 400 and "name the destinations" in answer["detail"]  # no rule runs it
+        code, answer = api(
+            node,
+            "POST",
+            "/api/studies/1.2.826.0.1.3680043.99.7/analyses",
+            {"analysis": "x", "priors": 1, "destinations": ["pacs"]},
+        )
+        assert code == 400 and "prior studies are retrieved from a source" in answer["detail"]
+        # No source: the node must hold the study already.
+        code, started = api(
+            node, "POST", "/api/studies/1.2.826.0.1.3680043.99.7/analyses", {"analysis": "x", "destinations": ["pacs"]}
+        )
+        assert code == 202
+        done: dict = {}
+        assert wait_for(
+            lambda: done.update(api(node, "GET", f"/api/analysis-requests/{started['id']}")[1]) or done["finished_at"],
+            60,
+        )
+        assert (done["state"], done["error"]) == (
+            "failed",
+            "the node holds no instance of study 1.2.826.0.1.3680043.99.7: name a source to retrieve it from",
+        )
+        assert "1.2.826.0.1.3680043.99.7" not in node.log_text()  # the log names the study by a hash
     finally:
         node.stop()
 
