@@ -157,6 +157,36 @@ def status(
     raise typer.Exit(print_status(settings_from(config), as_json))
 
 
+@app.command("run")
+def run_analysis(
+    analysis: str = typer.Argument(..., help="The analysis to run, e.g. ct-segmentation."),
+    study: str = typer.Option(..., "--study", help="The study's Study Instance UID."),
+    source: Optional[str] = typer.Option(
+        None, "--from", help="A configured source to retrieve the study from (only what the node lacks)."
+    ),
+    to: Optional[list[str]] = typer.Option(
+        None, "--to", help="A destination for the results (repeatable; default: the rules' for this analysis)."
+    ),
+    priority: str = typer.Option("stat", help="stat, routine or low."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job until it has ended."),
+    timeout: float = typer.Option(3600, help="Seconds to follow the request at most."),
+    priors: int = typer.Option(
+        0, help="Also retrieve this many earlier studies of the patient (same modality) as extra inputs."
+    ),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Analyse a study on demand through the running node: retrieve it from a PACS, run one analysis,
+    send the results to its destinations."""
+    from node.admin.client import order_analysis  # noqa: PLC0415 - see the module docstring
+
+    settings = settings_from(config)
+    raise typer.Exit(
+        order_analysis(
+            settings, study, analysis, source, to, priority, wait, timeout, priors, say=lambda line: typer.echo(line)
+        )
+    )
+
+
 @rules_app.command("test")
 def rules_test(
     paths: list[Path] = typer.Argument(..., help="DICOM files or folders."), config: Optional[Path] = ConfigOpt

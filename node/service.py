@@ -34,6 +34,7 @@ from node.ingest.receiver import Receiver
 from node.ingest.recovery import recover_all
 from node.jobs import embedded, reconciler
 from node.workflow import events as ups_events
+from node.workflow import retrieve
 from node.workflow import scp as ups_scp
 from workers.analysis.intended import declared_uses
 
@@ -74,6 +75,8 @@ PERIODIC_STAGES: tuple[tuple[str, PeriodicHook], ...] = (
 SERVICE_STAGES: tuple[tuple[str, ServiceHook], ...] = (
     ("jobs", embedded.start_services),
     ("api", lambda settings: api.start_services(settings, analyses=installed_analyses)),
+    # What C-GET and WADO-RS retrievals stored is indexed before the node stops.
+    ("workflow", lambda settings: [retrieve.stop_retrieval_stores]),
 )
 
 

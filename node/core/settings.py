@@ -312,6 +312,39 @@ class Destination(Section):
         return self
 
 
+class Source(Section):
+    """A PACS the node retrieves studies from (Query/Retrieve SCU): inputs it does not hold, and
+    studies analysed on demand (``ainode run ANALYSIS --study UID --from NAME``).
+
+    ``c-move``: the source sends the instances to the node's own AE title (it must know the node:
+    AE title, host and port) and they arrive through the node's C-STORE receiver. ``c-get``: the
+    instances come back on the node's own association. ``wado-rs``: DICOMweb (QIDO-RS + WADO-RS)
+    at ``url``.
+    """
+
+    name: str = Field(min_length=1)
+    method: Literal["c-move", "c-get", "wado-rs"] = "c-move"
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
+    url: str | None = None  # DICOMweb base, e.g. http://pacs:8042/dicom-web
+    username: str | None = None
+    password: str | None = None
+    # The longest one retrieval may take (C-FIND, C-MOVE/C-GET and indexing, or WADO-RS).
+    timeout_s: float = Field(default=600, gt=0)
+
+    @model_validator(mode="after")
+    def _address_for_method(self) -> "Source":
+        if self.method == "wado-rs":
+            if not self.url:
+                raise ValueError("a wado-rs source needs url")
+        else:
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"a {self.method} source needs {', '.join(missing)}")
+        return self
+
+
 # --- rules and analyses -----------------------------------------------------------------------
 
 
@@ -595,6 +628,8 @@ class Settings(Section):
     broker: BrokerSettings = BrokerSettings()
     peers: list[Peer] = Field(default_factory=list)
     destinations: list[Destination] = Field(default_factory=list)
+    # PACS the node retrieves from (Query/Retrieve SCU, DICOMweb).
+    sources: list[Source] = Field(default_factory=list)
     timers: Timers = Timers()
     rules: list[Rule] = Field(default_factory=list)
     analyses: list[AnalysisSettings] = Field(default_factory=list)
@@ -617,6 +652,9 @@ class Settings(Section):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"destination names must be unique: {', '.join(sorted(dupes))}")
+        sources = [s.name for s in self.sources]
+        if len(set(sources)) < len(sources):
+            raise ValueError("source names must be unique")
         for rule in self.rules:
             unknown = [d for d in rule.destinations if d not in names]
             if unknown:
@@ -635,6 +673,13 @@ class Settings(Section):
         for dest in self.destinations:
             if dest.name == name:
                 return dest
+        raise KeyError(name)
+
+    def source(self, name: str) -> Source:
+        """The source with this name (KeyError if there is none)."""
+        for src in self.sources:
+            if src.name == name:
+                return src
         raise KeyError(name)
 
 
@@ -798,6 +843,7 @@ __all__ = [
     "BrokerSettings",
     "Peer",
     "Destination",
+    "Source",
     "Rule",
     "Match",
     "Condition",

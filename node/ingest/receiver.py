@@ -386,6 +386,12 @@ class Receiver:
                 "SOP Class differs from the presentation context",
                 "instance refused (0122): SOP Class UID differs from the presentation context's abstract syntax",
             )
+        return self._open_buffer(
+            req.sop_class_uid, req.sop_instance_uid, str(context.transfer_syntax[0]), assoc.requestor.ae_title
+        )
+
+    def _open_buffer(self, sop_class: str, sop_instance: str, transfer_syntax: str, sender_ae: str) -> Any:
+        """A buffer for one data set (journal and space checked), or a refusal."""
         if not self._journal_ready():
             return _Refusal(
                 OUT_OF_RESOURCES,
@@ -395,9 +401,7 @@ class Receiver:
             )
         try:
             self.space.check()
-            meta = file_meta(
-                req.sop_class_uid, req.sop_instance_uid, str(context.transfer_syntax[0]), assoc.requestor.ae_title
-            )
+            meta = file_meta(sop_class, sop_instance, transfer_syntax, sender_ae)
             spill_at = self.journal.max_payload - len(meta)  # type: ignore[union-attr]
             sink = store.DataSetBuffer(self.root, self.prefix, meta, min(spill_at, _SPILL_AT))
         except store.OutOfSpace as err:
@@ -409,8 +413,24 @@ class Receiver:
                 )
             return _Refusal(PROCESSING_FAILURE, "internal error", f"instance failed: {type(err).__name__}", error=True)
         # What the index holds for this UID, looked up while the data set is still arriving.
-        sink.known_sha = self._known_sha(req.sop_instance_uid)
+        sink.known_sha = self._known_sha(sop_instance)
         return sink
+
+    def store_retrieved(
+        self, source_ae: str, sop_class: str, sop_instance: str, transfer_syntax: str, data_set: bytes
+    ) -> int | tuple[int, str]:
+        """An instance the node retrieved itself (a C-GET sub-operation, a WADO-RS part): the same
+        checks, durability and index row as a C-STORE, ``source_ae`` recorded as its sender.
+        Returns the answer a C-STORE would get (status, or status and comment)."""
+        if not (store.valid_uid(sop_class) and store.valid_uid(sop_instance)):
+            return INVALID_UID, "invalid SOP Class or Instance UID"
+        sink = self._open_buffer(sop_class, sop_instance, transfer_syntax, source_ae)
+        if isinstance(sink, _Refusal):
+            return sink.answer()
+        sink.write(data_set)
+        parties = _Parties(_Party(source_ae), _Party(self.settings.node.ae_title))
+        with metrics.STAGE_SECONDS.labels("store").time():
+            return self._finish(parties, sop_class, sop_instance, transfer_syntax, sink)
 
     def store(self, assoc: Any, req: acceptor.StoreRequest, context: Any) -> int | tuple[int, str]:
         """A complete C-STORE from the fast path: the answer (status, comment)."""
@@ -738,6 +758,19 @@ class _ShaLookup:
                 self._sqlite = None
                 raise
         return row[0] if row else None
+
+
+@dataclass
+class _Party:
+    ae_title: str
+
+
+@dataclass
+class _Parties:
+    """Who sent and who received an instance the node retrieved itself (an association's sides)."""
+
+    requestor: _Party
+    acceptor: _Party
 
 
 class _Refusal:
