@@ -2,7 +2,8 @@
 over UDP (RFC 5426) or TLS (RFC 5425, the transport IHE ATNA's Record Audit Event expects).
 
 Stages call ``record(...)`` (or the helpers ``application_activity``, ``instances_transferred``,
-``security_alert``, ``query``, ``user_authentication``, ``patient_record``, ``study_deleted``).
+``security_alert``, ``query``, ``user_authentication``, ``patient_record``, ``instances_accessed``,
+``study_deleted``).
 A call only builds the message and puts it on a bounded in-memory queue; a background thread
 writes it to the sink. When the sink is slow or down (a FIFO nobody reads, an unreachable syslog
 or audit repository) the thread keeps retrying the oldest message and new ones wait in the queue;
@@ -44,6 +45,7 @@ RETRY_S = 1.0
 
 # PS3.16 CID 400-403: event IDs and types (code, meaning).
 APPLICATION_ACTIVITY = ("110100", "Application Activity")
+INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 STUDY_DELETED = ("110105", "DICOM Study Deleted")
 PATIENT_RECORD = ("110110", "Patient Record")
@@ -615,6 +617,21 @@ def patient_record(
     return record(
         AuditEvent(
             PATIENT_RECORD, "U", SUCCESS, None, detail, parts, [study_uid], patients=[patient] if patient else []
+        )
+    )
+
+
+def instances_accessed(*, user: str, address: str, study_uid: str, patient: PatientIdentity | None = None) -> bool:
+    """DICOM Instances Accessed (A.5.3.4), action Read: a user viewed a study's images (the
+    dashboard's study page and its key slices)."""
+    return record(
+        AuditEvent(
+            INSTANCES_ACCESSED,
+            "R",
+            SUCCESS,
+            participants=[Participant(user, True, address)],
+            study_uids=[study_uid],
+            patients=[patient] if patient else [],
         )
     )
 

@@ -201,6 +201,7 @@ PATIENT = audit.PatientIdentity("OPS0001", "Ops^Patient", "HOSPITAL")
 # Event ID -> whether PS3.15 A.5.3 asks for a Patient participant object.
 KINDS = {
     "110100": False,  # Application Activity
+    "110103": True,  # DICOM Instances Accessed
     "110104": True,  # DICOM Instances Transferred
     "110105": True,  # DICOM Study Deleted
     "110110": True,  # Patient Record
@@ -227,6 +228,7 @@ def _emit_every_kind() -> None:
         outcome=audit.SERIOUS_FAILURE, reason="answered instance quarantined <not indexed> & kept",
         patient=audit.PatientIdentity("P&<1>"),
     )  # fmt: skip
+    audit.instances_accessed(user="dashboard", address="127.0.0.1", study_uid="1.2.3.4", patient=PATIENT)
     audit.study_deleted(study_uid="1.2.3.4", instances=5, node_ae="AINODE", reason="retention: retention passed",
                         patient=PATIENT)  # fmt: skip
     audit.patient_record(
@@ -267,7 +269,7 @@ def test_every_message_kind_is_valid_against_the_dicom_audit_schema(tmp_path: Pa
     _emit_every_kind()
     trail.close()
     lines = (tmp_path / "audit.log").read_text().splitlines()
-    assert len(lines) == 12
+    assert len(lines) == 13
     _check_kinds(lines)
     transferred = ET.fromstring(lines[2])
     patient = [
@@ -275,9 +277,9 @@ def test_every_message_kind_is_valid_against_the_dicom_audit_schema(tmp_path: Pa
     ]
     assert patient[0].get("ParticipantObjectID") == "OPS0001^^^HOSPITAL"  # HL7 CX
     assert patient[0].find("ParticipantObjectName").text == "Ops^Patient"
-    deleted = ET.fromstring(lines[5]).find("EventIdentification")
+    deleted = ET.fromstring(lines[6]).find("EventIdentification")
     assert deleted.get("EventActionCode") == "D" and deleted.find("EventID").get("csd-code") == "110105"
-    query = ET.fromstring(lines[7]).find("ParticipantObjectIdentification/ParticipantObjectQuery")
+    query = ET.fromstring(lines[8]).find("ParticipantObjectIdentification/ParticipantObjectQuery")
     assert base64.b64decode(query.text) == b"GET /api/studies?patient=<x>&modality=CT"
 
 
@@ -334,13 +336,13 @@ def test_tls_syslog_sends_octet_counted_rfc5424_frames_over_mutual_tls(tmp_path:
     trail = audit.configure(_tls_settings(port, atna_pki), "AINODE")
     try:
         _emit_every_kind()
-        assert wait_for(lambda: len(receiver.frames) >= 12, 60), receiver.frames
+        assert wait_for(lambda: len(receiver.frames) >= 13, 60), receiver.frames
         assert receiver.connections == 1  # one connection carries them all
     finally:
         trail.close()
         receiver.stop()
     messages = receiver.messages()
-    assert len(messages) == 12
+    assert len(messages) == 13
     for m in messages:
         assert (m.pri, m.app, m.msgid, m.structured_data) == (110, "ainode", "IHE+RFC-3881", "-")
         assert m.procid == str(os.getpid()) and m.hostname == socket.gethostname()
@@ -431,6 +433,14 @@ def test_the_node_sends_its_audit_trail_to_a_tls_repository(tmp_path: Path, atna
             assert wait_for(imported, 120), receiver.audit_messages()[-3:]
             assert "<ParticipantObjectName>Ops^Patient</ParticipantObjectName>" in imported()[0]
             assert 'ParticipantObjectID="OPS0001"' in imported()[0]
+            # Viewing the study page is DICOM Instances Accessed, naming the patient too.
+            client.get(f"/api/studies/{uid}")
+
+            def accessed() -> list[str]:
+                return [m for m in receiver.audit_messages() if uid in m and 'csd-code="110103"' in m]
+
+            assert wait_for(accessed, 60), receiver.audit_messages()[-3:]
+            assert "<ParticipantObjectName>Ops^Patient</ParticipantObjectName>" in accessed()[0]
 
             receiver.stop()  # the repository goes away
             for _ in range(2):
