@@ -4,7 +4,8 @@ storage.retention_days, and the oldest processed studies first when the disk pas
 Only studies that are finished are removed: ``unrouted``, or ``done`` (every job final). A study
 still receiving, waiting, or with a job pending is never touched. Index rows go first (one
 transaction), then the files: a crash in between leaves orphan files, never index rows that point
-at nothing.
+at nothing. Each removal is audited (DICOM Study Deleted, PS3.15 A.5.3.6) with the study and its
+patient once the index rows are gone.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from node.assembler import SeriesExpectation
+from node.core import audit
 from node.core.clock import utcnow
 from node.core.db import database_session
 from node.core.settings import Settings
@@ -69,11 +71,25 @@ def _remove(settings: Settings, study_pks: list[int], why: str) -> int:
             study = session.get(Study, pk)
             if study is None or study.state not in REMOVABLE_STATES or _has_pending_jobs(session, study):
                 continue
+            study_uid, patient = study.study_uid, _patient_of(study)
             paths = remove_study(session, study)
         _unlink(Path(settings.storage.path), paths)
         log.info("study %s removed (%s, %d files)", pk, why, len(paths))
+        audit.study_deleted(
+            study_uid=study_uid,
+            instances=len(paths),
+            node_ae=settings.node.ae_title,
+            reason=f"retention: {why}",
+            patient=patient,
+        )
         removed += 1
     return removed
+
+
+def _patient_of(study: Study) -> audit.PatientIdentity | None:
+    """The study's patient for the audit message (read before the rows go)."""
+    patient = study.patient
+    return audit.patient_identity(patient.patient_id, patient.name, patient.issuer) if patient is not None else None
 
 
 def disk_use_fraction(path: Path) -> float:

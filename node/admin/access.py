@@ -438,6 +438,14 @@ class Access:
             self._last_query[key] = now
             audit.query(user=user, address=address, text=text)
 
+    def audit_access(self, user: str, address: str, study_uid: str, patient: audit.PatientIdentity | None) -> None:
+        """A user viewing a study's images (DICOM Instances Accessed), once per client and study
+        every QUERY_AUDIT_INTERVAL_S: the study page loads its key slices one by one."""
+        key, now = (user, address, "accessed " + study_uid), time.monotonic()
+        if now - self._last_query.get(key, -QUERY_AUDIT_INTERVAL_S) >= QUERY_AUDIT_INTERVAL_S:
+            self._last_query[key] = now
+            audit.instances_accessed(user=user, address=address, study_uid=study_uid, patient=patient)
+
     def audit_action(self, request: Request, user: str, what: str, study_uids: list[str]) -> None:
         """A change made through the API (Security Alert, restricted function used)."""
         log.info("api action by %s: %s", user, what)

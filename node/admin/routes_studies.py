@@ -14,6 +14,7 @@ from sqlalchemy import select
 from node.admin.access import Access
 from node.admin.keyslice import NoImages, key_slices, render_png, study_overlay
 from node.admin.views import study_view, study_views
+from node.core import audit
 from node.core.db import session_scope
 from node.core.errors import describe_error
 from node.core.settings import Settings
@@ -60,6 +61,11 @@ def _request_view(engine: Any, request: ondemand.AnalysisRequest) -> dict[str, A
     return view
 
 
+def _patient_of(study: Study) -> audit.PatientIdentity | None:
+    patient = study.patient
+    return audit.patient_identity(patient.patient_id, patient.name, patient.issuer) if patient is not None else None
+
+
 def router(settings: Settings, access: Access, engine: Any) -> APIRouter:
     """``/api/studies``, ``/api/studies/{uid}``, ``/api/studies/{uid}/slices/{k}.png``,
     ``/api/studies/{uid}/analyses`` and ``/api/analysis-requests/{id}``."""
@@ -78,19 +84,26 @@ def router(settings: Settings, access: Access, engine: Any) -> APIRouter:
         return [v for v in out if phase is None or v["phase"] == phase]
 
     @api.get("/api/studies/{study_uid}")
-    def study(study_uid: str, user: str = reader) -> dict[str, Any]:
+    def study(request: Request, study_uid: str, user: str = reader) -> dict[str, Any]:
         """One study with its series, jobs and deliveries; key slices for the study page."""
         with session_scope(engine) as s:
             st = s.scalar(select(Study).where(Study.study_uid == study_uid))
             if st is None:
                 raise HTTPException(404, "no such study")
             view = study_view(s, st, detail=True)
+            patient = _patient_of(st)
+        access.audit_access(user, access.client(request), study_uid, patient)
         view["key_slices"] = _key_slices(settings, study_uid)
         return view
 
     @api.get("/api/studies/{study_uid}/slices/{k}.png")
-    def slice_png(study_uid: str, k: int, user: str = reader) -> Response:
+    def slice_png(request: Request, study_uid: str, k: int, user: str = reader) -> Response:
         """Slice k of the study's largest series with segment outlines and lesion boxes."""
+        with session_scope(engine) as s:
+            st = s.scalar(select(Study).where(Study.study_uid == study_uid))
+            patient = _patient_of(st) if st is not None else None
+        if st is not None:
+            access.audit_access(user, access.client(request), study_uid, patient)
         try:
             return Response(render_png(study_overlay(settings, study_uid), k), media_type="image/png")
         except NoImages as err:

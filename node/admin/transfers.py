@@ -12,7 +12,7 @@ from node.core.clock import aware, utcnow
 from node.core.db import ChangeGate, database_session
 from node.core.settings import Settings
 from node.dispatch.table import Delivery
-from node.index import Study
+from node.index import Patient, Study
 
 
 class TransferAuditor:
@@ -60,11 +60,20 @@ class TransferAuditor:
     def _imports(self, since: datetime) -> None:
         with database_session(self.settings.database.url) as s:
             rows = s.execute(
-                select(Study.id, Study.ready_at, Study.study_uid, Study.instance_count, Study.calling_ae).where(
-                    Study.ready_at >= since
+                select(
+                    Study.id,
+                    Study.ready_at,
+                    Study.study_uid,
+                    Study.instance_count,
+                    Study.calling_ae,
+                    Patient.patient_id,
+                    Patient.name,
+                    Patient.issuer,
                 )
+                .outerjoin(Patient, Patient.id == Study.patient_pk)
+                .where(Study.ready_at >= since)
             ).all()
-        for pk, ready_at, uid, count, calling in rows:
+        for pk, ready_at, uid, count, calling, patient_id, name, issuer in rows:
             if self._to_report(("study", pk, ready_at), ready_at):
                 audit.instances_transferred(
                     imported=True,
@@ -73,6 +82,7 @@ class TransferAuditor:
                     source_ae=calling,
                     source_host="",
                     destination_ae=self.settings.node.ae_title,
+                    patient=audit.patient_identity(patient_id, name, issuer),
                 )
 
     def _exports(self, since: datetime) -> None:
@@ -92,6 +102,7 @@ class TransferAuditor:
                 )
                 .group_by(*group)
             ).all()
+        patients = self._patients_of({row[2] for row in groups})
         host = socket.gethostname()
         for job_id, destination, study_uid, total, delivered, last in groups:
             if delivered != total or not self._to_report(("export", str(job_id), destination, study_uid), last):
@@ -109,4 +120,17 @@ class TransferAuditor:
                 source_host=host,
                 destination_ae=dest_ae,
                 destination_host=dest_host,
+                patient=patients.get(study_uid),
             )
+
+    def _patients_of(self, study_uids: set[str]) -> dict[str, audit.PatientIdentity | None]:
+        """The patient of each study still in the index (a study retention removed has none)."""
+        if not study_uids:
+            return {}
+        with database_session(self.settings.database.url) as s:
+            rows = s.execute(
+                select(Study.study_uid, Patient.patient_id, Patient.name, Patient.issuer)
+                .join(Patient, Patient.id == Study.patient_pk)
+                .where(Study.study_uid.in_(study_uids))
+            ).all()
+        return {uid: audit.patient_identity(pid, name, issuer) for uid, pid, name, issuer in rows}

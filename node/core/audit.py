@@ -1,24 +1,32 @@
-"""The audit trail: DICOM PS3.15 A.5 audit messages (IHE ATNA) written to a file or syslog.
+"""The audit trail: DICOM PS3.15 A.5 audit messages (IHE ATNA) written to a file or to syslog,
+over UDP (RFC 5426) or TLS (RFC 5425, the transport IHE ATNA's Record Audit Event expects).
 
 Stages call ``record(...)`` (or the helpers ``application_activity``, ``instances_transferred``,
-``security_alert``, ``query``, ``user_authentication``). A call only builds the message and puts
-it on a bounded in-memory queue; a background thread writes it to the sink. When the sink is slow
-or down (a FIFO nobody reads, an unreachable syslog) the thread keeps retrying the oldest message
-and new ones wait in the queue; when the queue is full the newest message is dropped and counted
-(``ainode_audit_messages_dropped``). Receiving DICOM therefore never waits on the audit sink.
+``security_alert``, ``query``, ``user_authentication``, ``patient_record``, ``instances_accessed``,
+``study_deleted``).
+A call only builds the message and puts it on a bounded in-memory queue; a background thread
+writes it to the sink. When the sink is slow or down (a FIFO nobody reads, an unreachable syslog
+or audit repository) the thread keeps retrying the oldest message and new ones wait in the queue;
+when the queue is full the newest message is dropped and counted (``ainode_audit_messages_dropped``).
+Receiving DICOM therefore never waits on the audit sink.
 
-Messages name AE titles, network addresses, Study Instance UIDs and counts; patient names and IDs
-are left out so the audit file may be handled like the other logs.
+Messages name AE titles, network addresses, Study Instance UIDs and counts, and, where PS3.15
+A.5.3 asks for one, the Patient (ID and name): the audit trail is the protected record of who
+touched whose data, kept apart from the application log, which never holds patient identity.
+Messages follow the DICOM audit message schema (PS3.15 A.5.1; checked in the tests).
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import ipaddress
 import logging
 import os
 import queue
+import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,7 +45,9 @@ RETRY_S = 1.0
 
 # PS3.16 CID 400-403: event IDs and types (code, meaning).
 APPLICATION_ACTIVITY = ("110100", "Application Activity")
+INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
+STUDY_DELETED = ("110105", "DICOM Study Deleted")
 PATIENT_RECORD = ("110110", "Patient Record")
 QUERY = ("110112", "Query")
 SECURITY_ALERT = ("110113", "Security Alert")
@@ -54,6 +64,35 @@ ROLE_APPLICATION = ("110150", "Application")
 # EventOutcomeIndicator: 0 success, 4 minor failure, 8 serious failure, 12 major failure.
 SUCCESS, MINOR_FAILURE, SERIOUS_FAILURE = 0, 4, 8
 # EventActionCode: C create, R read, U update, D delete, E execute.
+# ParticipantObjectTypeCodeRole (PS3.15 A.5.1.2.2): 1 Patient, 3 Report, 24 Query.
+ROLE_PATIENT, ROLE_REPORT, ROLE_QUERY = "1", "3", "24"
+
+
+@dataclass(frozen=True)
+class PatientIdentity:
+    """The Patient participant object of a message: Patient ID, its issuer, and name."""
+
+    patient_id: str
+    name: str = ""
+    issuer: str = ""
+
+    def xml(self) -> str:
+        """ParticipantObjectIdentification of a Person in the Patient role; the ID in HL7 CX form
+        (ID^^^issuer) as PS3.15 A.5.3 asks, the name as encoded in DICOM (Family^Given)."""
+        cx = f"{self.patient_id}^^^{self.issuer}" if self.issuer else self.patient_id
+        name = f"<ParticipantObjectName>{_text(self.name)}</ParticipantObjectName>" if self.name else ""
+        return (
+            f"<ParticipantObjectIdentification ParticipantObjectID={quoteattr(cx)} "
+            f'ParticipantObjectTypeCode="1" ParticipantObjectTypeCodeRole="{ROLE_PATIENT}">'
+            '<ParticipantObjectIDTypeCode csd-code="2" codeSystemName="RFC-3881" originalText="Patient Number"/>'
+            f"{name}</ParticipantObjectIdentification>"
+        )
+
+
+def patient_identity(patient_id: str | None, name: str | None = "", issuer: str | None = "") -> PatientIdentity | None:
+    """The Patient participant for these values, or None when the data names no patient."""
+    pid, pname, piss = (str(v or "").strip() for v in (patient_id, name, issuer))
+    return PatientIdentity(pid, pname, piss) if (pid or pname) else None
 
 
 @dataclass
@@ -96,6 +135,7 @@ class AuditEvent:
     study_uids: list[str] = field(default_factory=list)
     instance_count: int | None = None
     query_text: str = ""
+    patients: list[PatientIdentity] = field(default_factory=list)
     when: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
     def xml(self, source_id: str) -> str:
@@ -113,13 +153,15 @@ class AuditEvent:
         )
         parts = "".join(p.xml() for p in self.participants)
         objects = "".join(self._study_xml(uid) for uid in self.study_uids)
+        objects += "".join(p.xml() for p in self.patients)
         if self.query_text:
+            # The schema types the query as base64Binary: it keeps the request exactly as sent.
             objects += (
                 '<ParticipantObjectIdentification ParticipantObjectID="query" '
-                'ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="3">'
+                f'ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="{ROLE_QUERY}">'
                 '<ParticipantObjectIDTypeCode csd-code="110181" codeSystemName="DCM" '
                 'originalText="SOP Class UID"/>'
-                f"<ParticipantObjectQuery>{_text(self.query_text)}</ParticipantObjectQuery>"
+                f"<ParticipantObjectQuery>{_base64(self.query_text)}</ParticipantObjectQuery>"
                 "</ParticipantObjectIdentification>"
             )
         return (
@@ -135,10 +177,11 @@ class AuditEvent:
     def _study_xml(self, uid: str) -> str:
         count = ""
         if self.instance_count is not None:
-            count = f'<ParticipantObjectDetail type="NumberOfInstances" value="{self.instance_count}"/>'
+            # ParticipantObjectDetail values are base64Binary in the schema.
+            count = f'<ParticipantObjectDetail type="NumberOfInstances" value="{_base64(str(self.instance_count))}"/>'
         return (
             f"<ParticipantObjectIdentification ParticipantObjectID={quoteattr(uid)} "
-            'ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="3">'
+            f'ParticipantObjectTypeCode="2" ParticipantObjectTypeCodeRole="{ROLE_REPORT}">'
             '<ParticipantObjectIDTypeCode csd-code="110180" codeSystemName="DCM" '
             f'originalText="Study Instance UID"/>{count}</ParticipantObjectIdentification>'
         )
@@ -154,6 +197,10 @@ def _is_ip(text: str) -> bool:
 
 def _text(value: str) -> str:
     return escape(value.replace("\n", " "))
+
+
+def _base64(value: str) -> str:
+    return base64.b64encode(value.encode("utf-8")).decode("ascii")
 
 
 # --- sinks -------------------------------------------------------------------------------------
@@ -196,8 +243,27 @@ class FileSink:
             self._fd = None
 
 
+# RFC 5424 header fields: PRI 110 = facility 13 (log audit) * 8 + severity 6 (informational);
+# MSGID "IHE+RFC-3881" is what IHE ATNA (ITI-20) names for these XML messages.
+SYSLOG_PRI = 110
+SYSLOG_MSGID = "IHE+RFC-3881"
+BOM = "\ufeff"  # RFC 5424 6.4: a UTF-8 MSG starts with the byte order mark
+
+
+def syslog_message(line: str, app_name: str = "ainode") -> bytes:
+    """One RFC 5424 message carrying an audit message: header, no structured data, UTF-8 MSG."""
+    stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    host = socket.gethostname() or "-"
+    return f"<{SYSLOG_PRI}>1 {stamp} {host} {app_name} {os.getpid()} {SYSLOG_MSGID} - {BOM}{line}".encode("utf-8")
+
+
+def _host_port(address: str, default_port: int) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port or default_port)
+
+
 class SyslogSink:
-    """RFC 5424 messages over UDP (host:port) or a local datagram socket (e.g. /dev/log)."""
+    """RFC 5424 messages over UDP (RFC 5426, host:port) or a local datagram socket (/dev/log)."""
 
     def __init__(self, address: str, app_name: str = "ainode"):
         self.address = address
@@ -207,8 +273,7 @@ class SyslogSink:
     def _target(self) -> Any:
         if self.address.startswith("/"):
             return self.address
-        host, _, port = self.address.rpartition(":")
-        return (host or "127.0.0.1", int(port or 514))
+        return _host_port(self.address, 514)
 
     def write(self, line: str) -> None:
         target = self._target()
@@ -216,11 +281,8 @@ class SyslogSink:
             family = socket.AF_UNIX if isinstance(target, str) else socket.AF_INET
             self._sock = socket.socket(family, socket.SOCK_DGRAM)
             self._sock.settimeout(1.0)
-        # PRI 110 = facility 13 (log audit) * 8 + severity 6 (informational); MSGID per RFC 5425 usage.
-        stamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        message = f"<110>1 {stamp} {socket.gethostname()} {self.app_name} {os.getpid()} IHE+RFC-3881 - {line}"
         try:
-            self._sock.sendto(message.encode("utf-8"), target)
+            self._sock.sendto(syslog_message(line, self.app_name), target)
         except OSError as err:
             self.close()
             raise SinkDown(err.strerror or type(err).__name__) from None
@@ -229,6 +291,116 @@ class SyslogSink:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+class TlsSyslogSink:
+    """RFC 5425: RFC 5424 messages over TLS with octet-counting framing (``LEN SP MSG``).
+
+    The collector's certificate is verified against ``ca_file`` (the system's CAs when None) and
+    its host name; ``certificate``/``private_key`` present the node's own certificate (mutual TLS,
+    IHE ATNA's Authenticate Node). Any failure (refused, certificate rejected, connection lost)
+    is ``SinkDown``: the trail keeps the message and retries it on a new connection. Before each
+    message the connection is checked for a close by the collector, so a collector that went
+    away is noticed before a message is handed to a dead connection. (TCP acknowledges nothing
+    to the application: a message written just as the collector dies can still be lost; RFC
+    5425 has no application acknowledgement.)
+    """
+
+    CONNECT_TIMEOUT_S = 5.0
+    SEND_TIMEOUT_S = 10.0
+    # With TLS 1.3 a collector rejects the node's certificate (or its absence) after the node's
+    # side of the handshake is done: a new connection waits this long for such a refusal before
+    # its first message, so that message is not written into a connection being refused.
+    CONFIRM_S = 0.5
+
+    def __init__(
+        self,
+        address: str,
+        ca_file: Path | None = None,
+        certificate: Path | None = None,
+        private_key: Path | None = None,
+        app_name: str = "ainode",
+    ):
+        self.host, self.port = _host_port(address, 6514)
+        self.ca_file, self.certificate, self.private_key = ca_file, certificate, private_key
+        self.app_name = app_name
+        self._context: ssl.SSLContext | None = None
+        self._sock: ssl.SSLSocket | None = None
+
+    def _tls_context(self) -> ssl.SSLContext:
+        # Made on first use: a missing or unreadable file is a sink that is down (logged, retried)
+        # rather than a node that cannot start.
+        if self._context is None:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file and str(self.ca_file))
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.certificate:
+                context.load_cert_chain(str(self.certificate), self.private_key and str(self.private_key))
+            self._context = context
+        return self._context
+
+    def _connect(self) -> ssl.SSLSocket:
+        try:
+            context = self._tls_context()
+            raw = socket.create_connection((self.host, self.port), timeout=self.CONNECT_TIMEOUT_S)
+        except OSError as err:
+            raise SinkDown(err.strerror or str(err) or type(err).__name__) from None
+        try:
+            sock = context.wrap_socket(raw, server_hostname=self.host)
+        except OSError as err:  # ssl.SSLError, including a certificate that does not verify
+            raw.close()
+            raise SinkDown(f"TLS: {getattr(err, 'reason', None) or err}") from None
+        try:
+            sock.settimeout(self.CONFIRM_S)
+            closed = sock.recv(4096) == b""
+        except (TimeoutError, ssl.SSLWantReadError):
+            closed = False  # nothing came back: accepted (TLS session tickets are consumed by recv)
+        except OSError as err:  # an alert: certificate required, unknown CA, ...
+            sock.close()
+            raise SinkDown(f"TLS: {getattr(err, 'reason', None) or err}") from None
+        if closed:
+            sock.close()
+            raise SinkDown("the collector closed the connection after the TLS handshake")
+        sock.settimeout(self.SEND_TIMEOUT_S)
+        return sock
+
+    def write(self, line: str) -> None:
+        message = syslog_message(line, self.app_name)
+        frame = str(len(message)).encode("ascii") + b" " + message
+        if self._sock is not None and _closed_by_peer(self._sock):
+            self.close()
+        if self._sock is None:
+            self._sock = self._connect()
+        try:
+            self._sock.sendall(frame)
+        except OSError as err:  # a frame cut short is resent whole on the next connection
+            self.close()
+            raise SinkDown(err.strerror or type(err).__name__) from None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+
+def _closed_by_peer(sock: ssl.SSLSocket) -> bool:
+    """Whether the collector closed the connection (a collector never sends syslog data; what it
+    may send, TLS session tickets, is consumed here)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable and not sock.pending():
+            return False
+        sock.setblocking(False)
+        try:
+            return sock.recv(4096) == b""
+        finally:
+            sock.settimeout(TlsSyslogSink.SEND_TIMEOUT_S)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+        return False
+    except (OSError, ValueError):
+        return True
 
 
 class NullSink:
@@ -335,6 +507,10 @@ def make_sink(settings: AuditSettings) -> Any:
         return FileSink(settings.path)
     if settings.sink == "syslog":
         return SyslogSink(settings.syslog_address)
+    if settings.sink == "syslog-tls":
+        return TlsSyslogSink(
+            settings.syslog_address, settings.tls_ca, settings.tls_certificate, settings.tls_private_key
+        )
     return NullSink()
 
 
@@ -389,15 +565,25 @@ def instances_transferred(
     destination_host: str = "",
     outcome: int = SUCCESS,
     reason: str = "",
+    patient: PatientIdentity | None = None,
 ) -> bool:
-    """DICOM Instances Transferred (A.5.3.5): received from a modality (C) or sent to a PACS (R)."""
+    """DICOM Instances Transferred (A.5.3.5): received from a modality (C) or sent to a PACS (R),
+    naming the study and its patient."""
     parts = [
         Participant(source_ae, not imported, source_host, ROLE_SOURCE),
         Participant(destination_ae, imported, destination_host, ROLE_DESTINATION),
     ]
     return record(
         AuditEvent(
-            INSTANCES_TRANSFERRED, "C" if imported else "R", outcome, None, reason, parts, [study_uid], instances
+            INSTANCES_TRANSFERRED,
+            "C" if imported else "R",
+            outcome,
+            None,
+            reason,
+            parts,
+            [study_uid],
+            instances,
+            patients=[patient] if patient else [],
         )
     )
 
@@ -419,14 +605,55 @@ def security_alert(
     )
 
 
-def patient_record(*, study_uid: str, attributes: list[str], source_ae: str, node_ae: str = "") -> bool:
+def patient_record(
+    *, study_uid: str, attributes: list[str], source_ae: str, node_ae: str = "", patient: PatientIdentity | None = None
+) -> bool:
     """Patient Record (A.5.3.9), action Update: a re-sent instance corrected the patient's or the
-    order's identification. Names the corrected attributes, never their values."""
+    order's identification. Names the corrected attributes, and the patient as now identified."""
     detail = "re-send corrected " + ", ".join(attributes) + ": stored copy replaced, study analysed again"
     parts = [Participant(source_ae, True, "", ROLE_SOURCE)]
     if node_ae:
         parts.append(Participant(node_ae, False, socket.gethostname(), ROLE_DESTINATION))
-    return record(AuditEvent(PATIENT_RECORD, "U", SUCCESS, None, detail, parts, [study_uid]))
+    return record(
+        AuditEvent(
+            PATIENT_RECORD, "U", SUCCESS, None, detail, parts, [study_uid], patients=[patient] if patient else []
+        )
+    )
+
+
+def instances_accessed(*, user: str, address: str, study_uid: str, patient: PatientIdentity | None = None) -> bool:
+    """DICOM Instances Accessed (A.5.3.4), action Read: a user viewed a study's images (the
+    dashboard's study page and its key slices)."""
+    return record(
+        AuditEvent(
+            INSTANCES_ACCESSED,
+            "R",
+            SUCCESS,
+            participants=[Participant(user, True, address)],
+            study_uids=[study_uid],
+            patients=[patient] if patient else [],
+        )
+    )
+
+
+def study_deleted(
+    *, study_uid: str, instances: int, node_ae: str, reason: str, patient: PatientIdentity | None = None
+) -> bool:
+    """DICOM Study Deleted (A.5.3.6), action Delete: the node removed a stored study (retention);
+    the node's process is the requestor, the study and its patient the objects."""
+    return record(
+        AuditEvent(
+            STUDY_DELETED,
+            "D",
+            SUCCESS,
+            None,
+            reason,
+            [Participant(node_ae, True, socket.gethostname(), ROLE_APPLICATION)],
+            [study_uid],
+            instances,
+            patients=[patient] if patient else [],
+        )
+    )
 
 
 def query(*, user: str, address: str, text: str, outcome: int = SUCCESS) -> bool:

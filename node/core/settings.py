@@ -614,9 +614,25 @@ class WorkflowSettings(Section):
 class AuditSettings(Section):
     """The audit trail (DICOM PS3.15 A.5 / IHE ATNA messages)."""
 
-    sink: Literal["file", "syslog", "none"] = "file"
+    # file: one message a line; syslog: RFC 5424 over UDP (RFC 5426, host:port) or a local socket
+    # (/dev/log); syslog-tls: RFC 5424 over TLS (RFC 5425, host:port, 6514 by default), what an
+    # IHE ATNA Audit Record Repository expects; none: off.
+    sink: Literal["file", "syslog", "syslog-tls", "none"] = "file"
     path: Path = Path("./var/audit.log")
     syslog_address: str = "/dev/log"
+    # syslog-tls: the CA that signed the collector's certificate (None: the system's CAs), and the
+    # node's own certificate and key for mutual TLS (both or neither).
+    tls_ca: Path | None = None
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_needs_a_network_address(self) -> "AuditSettings":
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("audit.tls_certificate and audit.tls_private_key go together")
+        if self.sink == "syslog-tls" and (self.syslog_address.startswith("/") or ":" not in self.syslog_address):
+            raise ValueError("audit.sink syslog-tls needs audit.syslog_address as host:port (e.g. arr.hospital:6514)")
+        return self
 
 
 class Settings(Section):

@@ -351,9 +351,20 @@ def audit_corrections(arrivals: list[Arrival]) -> None:
     """One Patient Record audit message per study and sender for the corrections in a batch
     (the attributes' names, never their values)."""
     corrected: dict[tuple[str, str, str], set[str]] = {}
+    patients: dict[tuple[str, str, str], audit.PatientIdentity | None] = {}
     for arrival in arrivals:
         if arrival.outcome == "corrected":
             key = (str(arrival.header.StudyInstanceUID), arrival.calling_ae, arrival.called_ae)
             corrected.setdefault(key, set()).update(arrival.corrected)
+            header = arrival.header  # the corrected identification: the patient as now named
+            patients[key] = audit.patient_identity(
+                header.get("PatientID", ""), header.get("PatientName", ""), header.get("IssuerOfPatientID", "")
+            )
     for (study_uid, source_ae, node_ae), attributes in corrected.items():
-        audit.patient_record(study_uid=study_uid, attributes=sorted(attributes), source_ae=source_ae, node_ae=node_ae)
+        audit.patient_record(
+            study_uid=study_uid,
+            attributes=sorted(attributes),
+            source_ae=source_ae,
+            node_ae=node_ae,
+            patient=patients[(study_uid, source_ae, node_ae)],
+        )

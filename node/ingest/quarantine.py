@@ -60,7 +60,30 @@ def _write(root: Path, target: Path, details: dict[str, Any]) -> None:
     store.write_durable(Path(root), f"{FOLDER}/{target.name}", [json.dumps(details, indent=1).encode()])
 
 
-def _record(root: Path, target: Path, reason: str, source: str, calling_ae: str, called_ae: str, study: str) -> None:
+def _patient_of(arrival: Arrival | None) -> audit.PatientIdentity | None:
+    """The patient an arrival names, for the audit message; None when its header cannot say (a
+    header that cannot be read may be why it is quarantined)."""
+    if arrival is None:
+        return None
+    try:
+        header = arrival.header
+        return audit.patient_identity(
+            header.get("PatientID", ""), header.get("PatientName", ""), header.get("IssuerOfPatientID", "")
+        )
+    except Exception:  # noqa: BLE001 - the audit message goes out without the patient
+        return None
+
+
+def _record(
+    root: Path,
+    target: Path,
+    reason: str,
+    source: str,
+    calling_ae: str,
+    called_ae: str,
+    study: str,
+    patient: audit.PatientIdentity | None = None,
+) -> None:
     _write(
         root,
         target.with_suffix(".json"),
@@ -89,6 +112,7 @@ def _record(root: Path, target: Path, reason: str, source: str, calling_ae: str,
         destination_ae=called_ae or "unknown",
         outcome=audit.SERIOUS_FAILURE,
         reason=f"answered instance quarantined, not indexed ({reason}): {FOLDER}/{target.name}",
+        patient=patient,
     )
 
 
@@ -115,6 +139,7 @@ def quarantine_record(
         arrival.calling_ae if arrival is not None else "",
         called_ae,
         str(arrival.header.get("StudyInstanceUID", "")) if arrival is not None else "",
+        _patient_of(arrival),
     )
     record.journal.retire([record])
     record.journal.checkpoint()
@@ -138,6 +163,7 @@ def quarantine_landed(
         arrival.calling_ae if arrival is not None else "",
         called_ae,
         str(arrival.header.get("StudyInstanceUID", "")) if arrival is not None else "",
+        _patient_of(arrival),
     )
     return target
 

@@ -9,12 +9,15 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from node import assembler, retention
+from node.core import audit
 from node.core.clock import utcnow
 from node.core.db import engine_for, session_scope
+from node.core.settings import AuditSettings
 from node.index import Instance, Series, Study
 from node.ingest import mpps
 from node.jobs.table import QUEUED, Job, status_summary
 from tests.jobs.conftest import add_study
+from tests.ops.atna import assert_valid
 
 CT_RULE = {"name": "ct-count", "match": {"modality": "CT"}, "analyses": ["count-instances"], "priority": "stat"}
 
@@ -288,3 +291,30 @@ def test_a_reopened_study_is_forced_complete_only_after_force_complete_s_from_it
         session.get(Study, pk).reopened_at = utcnow() - timedelta(seconds=6)
     assembler.complete_studies(settings)
     assert _study(settings, "1.2.3.160").ready_reason == "forced-complete"
+
+
+def test_each_study_retention_removes_is_audited_with_its_patient(make_settings, tmp_path, monkeypatch, caplog):
+    """DICOM Study Deleted (PS3.15 A.5.3.6, action D) per removed study, naming the study and its
+    patient, valid against the DICOM audit schema; the log still names no patient."""
+    settings = make_settings(rules=[CT_RULE], storage={"path": "store", "retention_days": 0.000001})
+    add_study(settings, study_uid="1.2.3.210", age=timedelta(seconds=5), instances=4)
+    assembler.tick(settings)
+    with session_scope(engine_for(settings.database.url)) as session:
+        for job in session.scalars(select(Job)):
+            job.state = "succeeded"
+        session.scalar(select(Study).where(Study.study_uid == "1.2.3.210")).state = "done"
+    monkeypatch.setattr(audit, "_trail", None)
+    trail = audit.configure(AuditSettings(sink="file", path=tmp_path / "audit.log"), settings.node.ae_title)
+    with caplog.at_level(logging.INFO):
+        assert retention.apply_retention(settings)["expired"] == 1
+    trail.close()
+    (line,) = (tmp_path / "audit.log").read_text().splitlines()
+    message = assert_valid(line)
+    event = message.find("EventIdentification")
+    assert event.get("EventActionCode") == "D" and event.find("EventID").get("csd-code") == "110105"
+    objects = {o.get("ParticipantObjectTypeCodeRole"): o for o in message.findall("ParticipantObjectIdentification")}
+    assert objects["3"].get("ParticipantObjectID") == "1.2.3.210"
+    assert objects["1"].get("ParticipantObjectID") == "P-.3.210"  # add_study: "P-" + the UID's last 6
+    assert objects["1"].find("ParticipantObjectName").text == "Test^Patient"
+    assert "retention passed" in event.find("EventOutcomeDescription").text
+    assert "Test^Patient" not in caplog.text and "P-.3.210" not in caplog.text

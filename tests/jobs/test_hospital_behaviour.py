@@ -269,8 +269,9 @@ def test_a_corrected_re_send_replaces_the_copy_and_the_results_carry_the_correct
     audit = (tmp_path / "node" / "audit.log").read_text()
     record = next(line for line in audit.splitlines() if "Patient Record" in line)
     assert study_uid in record and "PatientName" in record
-    for text_ in (audit, node.log_text()):
-        assert "Right^Name" not in text_ and "Wrong^Name" not in text_
+    # The audit trail (the protected record) names the patient as now identified; the log never.
+    assert "<ParticipantObjectName>Right^Name</ParticipantObjectName>" in record and "Wrong^Name" not in record
+    assert "Right^Name" not in node.log_text() and "Wrong^Name" not in node.log_text()
 
 
 # --- item 6: dashboard --------------------------------------------------------------------------

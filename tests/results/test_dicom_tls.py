@@ -20,37 +20,10 @@ from node.dispatch.commitment import commitment_handlers
 from node.dispatch.outbox import deliver_destination
 from node.dispatch.table import DELIVERED, PENDING
 from tests.helpers import free_port, port_open, wait_for
+from tests.pki import OPENSSL, authority, signed
 from tests.results.test_dispatcher import KOS_SOP, SEG_SOP, SR_SOP, enqueue, make_settings, results, rows
 
-OPENSSL = "/usr/bin/openssl"
 STORESCP = "/usr/bin/storescp"
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run([OPENSSL, *args], check=True, capture_output=True)
-
-
-def _authority(folder: Path, name: str) -> tuple[Path, Path]:
-    crt, key = folder / f"{name}.crt", folder / f"{name}.key"
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
-        "-keyout", str(key), "-out", str(crt),
-    )  # fmt: skip
-    return crt, key
-
-
-def _signed(folder: Path, name: str, ca: tuple[Path, Path]) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 / localhost signed by ``ca`` (usable as server and as client)."""
-    crt, key, csr, ext = (folder / f"{name}.{s}" for s in ("crt", "key", "csr", "ext"))
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
-    _openssl(
-        "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(csr)
-    )
-    _openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
-        "-days", "1", "-extfile", str(ext), "-out", str(crt),
-    )  # fmt: skip
-    return crt, key
 
 
 @pytest.fixture
@@ -61,13 +34,13 @@ def pki(tmp_path):
         pytest.skip("openssl or DCMTK storescp not installed")
     folder = tmp_path / "pki"
     folder.mkdir()
-    ca, other_ca = _authority(folder, "hospital-ca"), _authority(folder, "other-ca")
+    ca, other_ca = authority(folder, "hospital-ca"), authority(folder, "other-ca")
     return {
         "ca": ca[0],
-        "pacs": _signed(folder, "pacs", ca),
-        "node": _signed(folder, "ainode", ca),
+        "pacs": signed(folder, "pacs", ca),
+        "node": signed(folder, "ainode", ca),
         "other_ca": other_ca[0],
-        "stranger": _signed(folder, "stranger", other_ca),
+        "stranger": signed(folder, "stranger", other_ca),
     }
 
 

@@ -28,7 +28,6 @@ from workers.tasks import PermanentJobError, is_transient, run_model_job
 # See tests/results/test_type2.py: a SEG over an image without Slice Thickness cannot fill Pixel
 # Measures' Slice Thickness (Type 1C) and does not guess it (docs/conformance.md).
 SEG_WITHOUT_SLICE_THICKNESS = "/PixelMeasuresSequence(0028,9110)[1]/SliceThickness(0018,0050)> - Missing attribute"
-KNOWN_SR_VALIDATOR_LIMITATION = "Template 1411 VolumetricROIMeasurements"
 
 # file → tasks refused before inference, and the attribute the reason names.
 CASES = {
@@ -70,7 +69,7 @@ def test_srs_of_real_headers_pass_dicom_sr_validator(tmp_path, name, task):
     outcome = write_task(volume, task, tmp_path)
     srs = [obj.path for obj in outcome.objects if obj.kind == "sr"]
     assert len(srs) == 1
-    assert [e for e in sr_validator_errors(srs[0]) if KNOWN_SR_VALIDATOR_LIMITATION not in e] == []
+    assert sr_validator_errors(srs[0]) == []
     sr = pydicom.dcmread(srs[0])
     text = str(sr)
     if name == "RG1_UNCI.dcm":

@@ -18,11 +18,6 @@ from workers.results import ResultContext, kind_of, write_results
 # Every profile at once: SEG+SR+KOS for a modern PACS, GSPS and SC for one that cannot show SEG.
 ALL_PROFILES = [CapabilityProfile(), CapabilityProfile(seg=False, secondary_capture=True)]
 
-# DicomSRValidator (pixelmed-apps of this machine) checks a TID 1501 group that sits beside a
-# TID 1411 group against TID 1411's "one of image region / segment / surface" condition. See
-# docs/conformance.md ("Validator limitations"); this is the only error text tolerated.
-KNOWN_SR_VALIDATOR_LIMITATION = "Template 1411 VolumetricROIMeasurements"
-
 
 def write(findings, tmp_path, **ctx):
     return write_results(findings, ResultContext(job_key="job-1", output_dir=tmp_path / "out", **ctx))
@@ -65,7 +60,7 @@ def test_srs_pass_dicom_sr_validator_and_dsrdump(ct, tmp_path):
         [segmentation_findings(volume), detection_findings(volume), segmentation_findings(volume, empty=True)]
     ):
         for sr in by_kind(write(findings, tmp_path / str(n)))["sr"]:
-            errors = [e for e in sr_validator_errors(sr) if KNOWN_SR_VALIDATOR_LIMITATION not in e]
+            errors = sr_validator_errors(sr)
             assert errors == [], sr
             text = dsrdump(sr)
             assert "Imaging Measurement Report" in text and "COMPLETE" in text and "UNVERIFIED" in text
@@ -315,4 +310,4 @@ def test_reconstruction_and_measurement_only_results(ct, tmp_path):
     sr = by_kind(write(ef, tmp_path / "e"))["sr"][0]
     text = dsrdump(sr)
     assert "Ejection fraction" in text and "Clinical finding absent" not in text
-    assert [e for e in sr_validator_errors(sr) if KNOWN_SR_VALIDATOR_LIMITATION not in e] == []
+    assert sr_validator_errors(sr) == []
