@@ -334,17 +334,7 @@ class FastDUL(DULServiceProvider):
             except Exception as exc:
                 LOGGER.error("exception in the DUL reactor, aborting the association: %s", type(exc).__name__)
                 LOGGER.debug("DUL reactor exception", exc_info=True)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                try:
-                    self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
-                except Exception:
-                    pass
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                self._abort_after_exception()
                 return
             try:
                 event = self.event_queue.get(block=False)
@@ -358,6 +348,34 @@ class FastDUL(DULServiceProvider):
             if event != "Evt10":  # P-DATA wakes the association only with a complete message
                 self._notify_assoc()
             idle = False
+
+    def _abort_after_exception(self) -> None:
+        """End the association after an exception in the reactor (pynetdicom failing on a
+        malformed command set, say): A-ABORT, close the connection, and report it closed.
+
+        The reactor stops here, so the state machine never sees the connection close: the
+        connection-closed event (EVT_CONN_CLOSE) is triggered here, as the state machine's
+        actions do, or the receiver would never give back the association's slot (every slot
+        lost this way was lost until a restart) nor the connection's pending place.
+        """
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        sock = self.socket
+        try:
+            sock.send(abort_pdu.encode())  # type: ignore[union-attr]
+        except Exception:
+            pass
+        assoc = self.assoc
+        assoc.is_aborted = True
+        assoc.is_established = False
+        assoc._kill = True
+        self._kill_thread = True
+        if sock is not None:
+            sock.close()
+        info = assoc.requestor.address_info
+        if info is not None:
+            evt.trigger(assoc, evt.EVT_CONN_CLOSE, {"address": info.as_tuple})
 
     # -- reading PDUs
 
@@ -783,6 +801,8 @@ class FastAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+        # Ended by the DUL (an exception there): a data set still arriving is not left behind.
+        self.dimse.discard_partial()  # type: ignore[attr-defined]
 
     def _serve_store(self, req: StoreRequest, context_id: int) -> None:
         """A fast-path C-STORE: pynetdicom's checks, the service's answer, our encoding."""
