@@ -342,7 +342,13 @@ class FastDUL(DULServiceProvider):
                 idle = True
                 continue
             before = self.state_machine.current_state
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception as exc:  # an event the state machine has no transition for
+                LOGGER.error("%s: %s in state %s, aborting the association", type(exc).__name__, event, before)
+                LOGGER.debug("state machine exception", exc_info=True)
+                self._abort_after_exception()
+                return
             if before in ("Sta2", "Sta13"):
                 self._left_waiting_state(before)
             if event != "Evt10":  # P-DATA wakes the association only with a complete message
