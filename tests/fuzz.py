@@ -1,7 +1,7 @@
 """Seeded fuzzing material for the receiver: malformed PDUs and mutated real data sets.
 
 Everything here is driven by one ``random.Random``: a seed gives the same cases on every run
-(tests/receiver/test_fuzz.py prints it in its failure messages; ``AINODE_FUZZ_SEED`` overrides
+(tests/receiver/test_fuzz.py prints it in its failure messages; ``FUZZ_SEED`` overrides
 it). Nothing here talks to a node: the builders return bytes, the mutator returns encoded data
 sets; the test sends them.
 """
@@ -26,8 +26,11 @@ DEFAULT_SEED = 20261205
 
 
 def fuzz_seed() -> int:
-    """The seed of this run: ``AINODE_FUZZ_SEED`` when set, else a fixed one."""
-    return int(os.environ.get("AINODE_FUZZ_SEED", DEFAULT_SEED))
+    """The seed of this run: ``FUZZ_SEED`` when set, else a fixed one.
+
+    Not an ``AINODE_`` variable: the node takes every ``AINODE_*`` variable for a setting and
+    refuses to start on one it does not know (node/core/settings.py)."""
+    return int(os.environ.get("FUZZ_SEED", DEFAULT_SEED))
 
 
 # --- PDUs (PS3.8 9.3) -----------------------------------------------------------------------

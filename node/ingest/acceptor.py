@@ -502,6 +502,15 @@ class FastDUL(DULServiceProvider):
 
 _ELEMENT_HEAD = struct.Struct("<HHI")
 _CSTORE_RQ, _CSTORE_RSP, _NO_DATA_SET = 0x0001, 0x8001, 0x0101
+# The longest command set accepted. Command sets (PS3.7 9.3, 10.3) are a few hundred bytes; the
+# longest a peer may legitimately send is an N-GET's Attribute Identifier List, 4 bytes a tag.
+# Fragments of a command set are collected in memory: without a bound a peer sending command
+# fragments without end grew the receiver by every byte (found by fuzzing).
+COMMAND_MAX = 64 * 1024
+
+
+class CommandTooLong(Exception):
+    """A command set longer than COMMAND_MAX: the association is aborted."""
 
 
 class StoreRequest:
@@ -646,6 +655,14 @@ class FastDIMSE(DIMSEServiceProvider):
             if header & 1:  # a command fragment
                 if self._store is not None:  # a new command inside a data set: not ours to judge
                     self._give_up_store()
+                if len(self._command) + len(data) - 1 > COMMAND_MAX:
+                    self._command.clear()
+                    LOGGER.error(
+                        "command set from %s longer than %d bytes: association aborted",
+                        self.assoc.requestor.address,
+                        COMMAND_MAX,
+                    )
+                    raise CommandTooLong(f"command set over {COMMAND_MAX} bytes")
                 self._command += data[1:]
                 if header & 2:
                     self._command_complete(context_id)

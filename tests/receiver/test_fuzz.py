@@ -9,8 +9,8 @@ back), nothing answered Success is lost (each one's exact bytes on disk and inde
 refused is left behind, nothing is written outside ``storage.path`` (the node runs in a sandbox:
 its own working directory, HOME and TMPDIR), and the receiver's memory stays bounded.
 
-The cases come from one seed (``AINODE_FUZZ_SEED`` overrides it), printed in every failure
-message: ``AINODE_FUZZ_SEED=<seed> pytest tests/receiver/test_fuzz.py`` replays a failure.
+The cases come from one seed (``FUZZ_SEED`` overrides it), printed in every failure
+message: ``FUZZ_SEED=<seed> pytest tests/receiver/test_fuzz.py`` replays a failure.
 Counts are fixed; nothing here measures wall-clock time.
 """
 
@@ -68,7 +68,7 @@ ANSWER_TYPES = {
 
 
 def _seeded(what: str) -> str:
-    return f"[AINODE_FUZZ_SEED={SEED}] {what}"
+    return f"[FUZZ_SEED={SEED}] {what}"
 
 
 # --- the node in its sandbox ----------------------------------------------------------------
@@ -331,6 +331,24 @@ def test_command_set_pynetdicom_cannot_decode_gives_its_slot_back(watch):
     assert "exception in the DUL reactor, aborting the association: AttributeError" in watch.node.log_text()
     _legitimate_peers_served(watch.node)
     watch.after_batch("command sets pynetdicom cannot decode")
+
+
+def test_command_fragments_without_end_are_aborted(watch):
+    """Found by this fuzzing: command fragments that never say "last" were collected without a
+    bound (300 MB of them took the receiver from 204 to 493 MiB). Past 64 KiB the association
+    is aborted."""
+    from node.ingest.acceptor import COMMAND_MAX
+
+    fragment = fuzz.p_data(fuzz.pdv(1, 0x01, bytes(40_000)))
+    with associated(watch.node.port) as sock:
+        try:
+            sock.sendall(fragment * (COMMAND_MAX // 40_000 + 1))  # just over: all of it read
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # aborted while we were still sending
+            pass
+        assert answer_types(recv_until_closed(sock)) == ["A-ABORT"]
+    assert f"longer than {COMMAND_MAX} bytes: association aborted" in watch.node.log_text()
+    watch.after_batch("command fragments without end")
 
 
 def test_a_pdu_the_state_machine_does_not_expect_aborts_the_association(watch):
