@@ -509,8 +509,19 @@ _CSTORE_RQ, _CSTORE_RSP, _NO_DATA_SET = 0x0001, 0x8001, 0x0101
 COMMAND_MAX = 64 * 1024
 
 
+# The most bytes of one message that pynetdicom assembles in memory: the messages the fast path
+# does not stream (C-ECHO, MPPS, storage commitment reports: kilobytes) and C-STOREs whose
+# command set it cannot parse (a UID that is not ASCII, say; sane peers never send them). Without
+# a bound such a C-STORE's data set was held whole in memory, however long (found by fuzzing).
+PYNETDICOM_MESSAGE_MAX = 16 * 1024 * 1024
+
+
 class CommandTooLong(Exception):
     """A command set longer than COMMAND_MAX: the association is aborted."""
+
+
+class MessageTooLong(Exception):
+    """A message for pynetdicom longer than PYNETDICOM_MESSAGE_MAX: the association is aborted."""
 
 
 class StoreRequest:
@@ -638,6 +649,7 @@ class FastDIMSE(DIMSEServiceProvider):
         self._service = service
         self._command = bytearray()
         self._store: StoreRequest | None = None
+        self._handed = 0  # bytes of the message pynetdicom is assembling
 
     # -- receiving
 
@@ -691,10 +703,20 @@ class FastDIMSE(DIMSEServiceProvider):
         self._store = req
 
     def _to_pynetdicom(self, context_id: int, data: Any) -> None:
+        self._handed += len(data)
+        if self._handed > PYNETDICOM_MESSAGE_MAX:
+            self._handed, self.message = 0, None  # what pynetdicom assembled is dropped
+            LOGGER.error(
+                "message from %s for pynetdicom longer than %d bytes: association aborted",
+                self.assoc.requestor.address,
+                PYNETDICOM_MESSAGE_MAX,
+            )
+            raise MessageTooLong(f"message over {PYNETDICOM_MESSAGE_MAX} bytes")
         single = P_DATA()
         single._presentation_data_value_list = [[context_id, data]]
         super().receive_primitive(single)
         if self.message is None:  # complete: queued for the association (or served)
+            self._handed = 0
             self.assoc._wake.set()
 
     def _give_up_store(self) -> None:

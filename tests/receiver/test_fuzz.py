@@ -351,6 +351,27 @@ def test_command_fragments_without_end_are_aborted(watch):
     watch.after_batch("command fragments without end")
 
 
+def test_a_c_store_the_fast_path_cannot_parse_is_bounded_too(watch):
+    """Found by this fuzzing: a C-STORE whose command set the fast path cannot parse (here a
+    SOP Instance UID that is not ASCII) went to pynetdicom, which held its whole data set in
+    memory (200 MB of it: peak RSS 203 -> 398 MiB) before the receiver refused it. Past 16 MiB
+    the association is aborted."""
+    from node.ingest.acceptor import PYNETDICOM_MESSAGE_MAX
+
+    not_ascii = fuzz.store_command("1.2.3.4").replace(b"1.2.3.4\x00", b"1.2.3.\x80\x00")
+    fragment = fuzz.p_data(fuzz.pdv(3, 0x00, bytes(1_000_000)))
+    with associated(watch.node.port) as sock:
+        try:
+            sock.sendall(fuzz.p_data(fuzz.pdv(3, 0x03, not_ascii)))
+            sock.sendall(fragment * (PYNETDICOM_MESSAGE_MAX // 1_000_000 + 1))  # just over: all of it read
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        assert answer_types(recv_until_closed(sock)) == ["A-ABORT"]
+    assert f"for pynetdicom longer than {PYNETDICOM_MESSAGE_MAX} bytes" in watch.node.log_text()
+    watch.after_batch("a C-STORE the fast path cannot parse")
+
+
 def test_a_pdu_the_state_machine_does_not_expect_aborts_the_association(watch):
     """Found by this fuzzing: a second A-RELEASE-RQ right behind the first can reach the state
     machine while it awaits our release response (Evt12 in Sta8); pynetdicom raises
