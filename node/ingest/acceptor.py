@@ -344,7 +344,7 @@ class FastDUL(DULServiceProvider):
             before = self.state_machine.current_state
             try:
                 self.state_machine.do_action(event)
-            except Exception as exc:  # an event the state machine has no transition for
+            except Exception as exc:  # an event with no transition in this state, or its action failing
                 LOGGER.error("%s: %s in state %s, aborting the association", type(exc).__name__, event, before)
                 LOGGER.debug("state machine exception", exc_info=True)
                 self._abort_after_exception()
