@@ -68,10 +68,17 @@ class NodeProcess:
     ``overrides`` is merged into a test configuration: DICOM port and API port free on
     127.0.0.1, storage/SQLite/audit under ``workdir``, one receiver, peers TEST_PEERS from
     127.0.0.1, embedded broker. Use as a context manager or call start()/stop()/kill()/restart().
-    The node's output goes to ``workdir/node.log`` (``log_text()``).
+    The node's output goes to ``workdir/node.log`` (``log_text()``). It runs in ``cwd`` (the
+    repository by default; a sandbox folder shows what it writes outside its configured paths).
     """
 
-    def __init__(self, workdir: Path | str, overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        workdir: Path | str,
+        overrides: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -91,6 +98,7 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.log_path = self.workdir / "node.log"
         self.env = env or {}
+        self.cwd = cwd or REPO_ROOT
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -137,7 +145,7 @@ class NodeProcess:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "node.cli", "serve", "-c", str(self.config_path)],
-                cwd=REPO_ROOT,
+                cwd=self.cwd,
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -334,17 +334,7 @@ class FastDUL(DULServiceProvider):
             except Exception as exc:
                 LOGGER.error("exception in the DUL reactor, aborting the association: %s", type(exc).__name__)
                 LOGGER.debug("DUL reactor exception", exc_info=True)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                try:
-                    self.socket.send(abort_pdu.encode())  # type: ignore[union-attr]
-                except Exception:
-                    pass
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
+                self._abort_after_exception()
                 return
             try:
                 event = self.event_queue.get(block=False)
@@ -352,12 +342,46 @@ class FastDUL(DULServiceProvider):
                 idle = True
                 continue
             before = self.state_machine.current_state
-            self.state_machine.do_action(event)
+            try:
+                self.state_machine.do_action(event)
+            except Exception as exc:  # an event with no transition in this state, or its action failing
+                LOGGER.error("%s: %s in state %s, aborting the association", type(exc).__name__, event, before)
+                LOGGER.debug("state machine exception", exc_info=True)
+                self._abort_after_exception()
+                return
             if before in ("Sta2", "Sta13"):
                 self._left_waiting_state(before)
             if event != "Evt10":  # P-DATA wakes the association only with a complete message
                 self._notify_assoc()
             idle = False
+
+    def _abort_after_exception(self) -> None:
+        """End the association after an exception in the reactor (pynetdicom failing on a
+        malformed command set, say): A-ABORT, close the connection, and report it closed.
+
+        The reactor stops here, so the state machine never sees the connection close: the
+        connection-closed event (EVT_CONN_CLOSE) is triggered here, as the state machine's
+        actions do, or the receiver would never give back the association's slot (every slot
+        lost this way was lost until a restart) nor the connection's pending place.
+        """
+        abort_pdu = A_ABORT_RQ()
+        abort_pdu.source = 0x02
+        abort_pdu.reason_diagnostic = 0x00
+        sock = self.socket
+        try:
+            sock.send(abort_pdu.encode())  # type: ignore[union-attr]
+        except Exception:
+            pass
+        assoc = self.assoc
+        assoc.is_aborted = True
+        assoc.is_established = False
+        assoc._kill = True
+        self._kill_thread = True
+        if sock is not None:
+            sock.close()
+        info = assoc.requestor.address_info
+        if info is not None:
+            evt.trigger(assoc, evt.EVT_CONN_CLOSE, {"address": info.as_tuple})
 
     # -- reading PDUs
 
@@ -478,6 +502,26 @@ class FastDUL(DULServiceProvider):
 
 _ELEMENT_HEAD = struct.Struct("<HHI")
 _CSTORE_RQ, _CSTORE_RSP, _NO_DATA_SET = 0x0001, 0x8001, 0x0101
+# The longest command set accepted. Command sets (PS3.7 9.3, 10.3) are a few hundred bytes; the
+# longest a peer may legitimately send is an N-GET's Attribute Identifier List, 4 bytes a tag.
+# Fragments of a command set are collected in memory: without a bound a peer sending command
+# fragments without end grew the receiver by every byte (found by fuzzing).
+COMMAND_MAX = 64 * 1024
+
+
+# The most bytes of one message that pynetdicom assembles in memory: the messages the fast path
+# does not stream (C-ECHO, MPPS, storage commitment reports: kilobytes) and C-STOREs whose
+# command set it cannot parse (a UID that is not ASCII, say; sane peers never send them). Without
+# a bound such a C-STORE's data set was held whole in memory, however long (found by fuzzing).
+PYNETDICOM_MESSAGE_MAX = 16 * 1024 * 1024
+
+
+class CommandTooLong(Exception):
+    """A command set longer than COMMAND_MAX: the association is aborted."""
+
+
+class MessageTooLong(Exception):
+    """A message for pynetdicom longer than PYNETDICOM_MESSAGE_MAX: the association is aborted."""
 
 
 class StoreRequest:
@@ -605,6 +649,7 @@ class FastDIMSE(DIMSEServiceProvider):
         self._service = service
         self._command = bytearray()
         self._store: StoreRequest | None = None
+        self._handed = 0  # bytes of the message pynetdicom is assembling
 
     # -- receiving
 
@@ -622,6 +667,14 @@ class FastDIMSE(DIMSEServiceProvider):
             if header & 1:  # a command fragment
                 if self._store is not None:  # a new command inside a data set: not ours to judge
                     self._give_up_store()
+                if len(self._command) + len(data) - 1 > COMMAND_MAX:
+                    self._command.clear()
+                    LOGGER.error(
+                        "command set from %s longer than %d bytes: association aborted",
+                        self.assoc.requestor.address,
+                        COMMAND_MAX,
+                    )
+                    raise CommandTooLong(f"command set over {COMMAND_MAX} bytes")
                 self._command += data[1:]
                 if header & 2:
                     self._command_complete(context_id)
@@ -650,10 +703,20 @@ class FastDIMSE(DIMSEServiceProvider):
         self._store = req
 
     def _to_pynetdicom(self, context_id: int, data: Any) -> None:
+        self._handed += len(data)
+        if self._handed > PYNETDICOM_MESSAGE_MAX:
+            self._handed, self.message = 0, None  # what pynetdicom assembled is dropped
+            LOGGER.error(
+                "message from %s for pynetdicom longer than %d bytes: association aborted",
+                self.assoc.requestor.address,
+                PYNETDICOM_MESSAGE_MAX,
+            )
+            raise MessageTooLong(f"message over {PYNETDICOM_MESSAGE_MAX} bytes")
         single = P_DATA()
         single._presentation_data_value_list = [[context_id, data]]
         super().receive_primitive(single)
         if self.message is None:  # complete: queued for the association (or served)
+            self._handed = 0
             self.assoc._wake.set()
 
     def _give_up_store(self) -> None:
@@ -783,6 +846,8 @@ class FastAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+        # Ended by the DUL (an exception there): a data set still arriving is not left behind.
+        self.dimse.discard_partial()  # type: ignore[attr-defined]
 
     def _serve_store(self, req: StoreRequest, context_id: int) -> None:
         """A fast-path C-STORE: pynetdicom's checks, the service's answer, our encoding."""
