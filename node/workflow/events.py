@@ -184,10 +184,9 @@ def send_to(settings: Settings, ae_title: str) -> int:
 def send_due(settings: Settings) -> int:
     """One pass over every subscriber with due events; how many events were delivered."""
     sent = 0
-    on_the_web = WEB_CHANNELS.titles()
     for ae_title in _due_subscribers(settings.database.url):
-        if ae_title in on_the_web:
-            continue  # its open WebSocket takes them
+        if ae_title in WEB_CHANNELS.titles():
+            continue  # its open WebSocket takes them (looked at now: a channel may just have opened)
         try:
             sent += send_to(settings, ae_title)
         except Exception as err:  # noqa: BLE001 - one watcher's trouble must not stop the others

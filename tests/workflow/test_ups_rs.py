@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from node.admin.passwords import hash_password
 from tests.helpers import NodeProcess, wait_for
-from tests.workflow.conftest import final_state, workitem
+from tests.workflow.conftest import WATCHER, Watcher, final_state, workitem
 
 BASE = "/api/dicomweb"
 GLOBAL = "1.2.840.10008.5.1.4.34.5"
@@ -26,11 +26,21 @@ STATE_TAG = "00741000"
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory) -> Iterator[NodeProcess]:
+def dimse_watcher() -> Iterator[Watcher]:
+    """A watcher that is also a peer with a DIMSE port (WATCHER)."""
+    w = Watcher().start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, dimse_watcher) -> Iterator[NodeProcess]:
     users = [{"name": VIEWER, "role": "viewer", "password_hash": hash_password(VIEWER_PASSWORD)}]
+    peers = [{"ae_title": WATCHER, "hosts": ["127.0.0.1"], "allow": ["echo", "ups"], "port": dimse_watcher.port}]
     config = {
         "api": {"users": users, "token": "ups-rs-test-token-0123456789"},
         "workflow": {"event_retry_s": 0.3, "event_retry_max_s": 1.0},
+        "peers": peers,
     }
     with NodeProcess(tmp_path_factory.mktemp("upsrs") / "node", config) as n:
         assert wait_for(lambda: api_up(n), 120), n.log_text()[-3000:]
@@ -299,3 +309,20 @@ def test_a_viewer_searches_and_retrieves_but_changes_nothing(node, admin, viewer
         with pytest.raises(websocket.WebSocketBadStatusException):
             websocket.create_connection(url, header=header, timeout=60)
     assert httpx.get(node.api_base + BASE + "/workitems").status_code == 401
+
+
+def test_a_dimse_watcher_with_an_open_channel_gets_its_events_there(node, admin, dimse_watcher):
+    uid = create(admin, workitem(patient_id="P-RS-BOTH"))
+    assert admin.post(f"/workitems/{uid}/subscribers/{WATCHER}").status_code == 201
+    assert wait_for(lambda: dimse_watcher.states(uid) == ["SCHEDULED"])  # no channel: by N-EVENT-REPORT
+    ws = channel(node, WATCHER)
+    try:
+        transaction = generate_uid()
+        assert state(admin, uid, "IN PROGRESS", transaction).status_code == 200
+        assert str(receive(ws, uid, 1)[0].ProcedureStepState) == "IN PROGRESS"  # the channel takes it
+    finally:
+        ws.close()
+    assert state(admin, uid, "CANCELED", transaction).status_code == 200
+    # Channel closed: DIMSE again; the IN PROGRESS report went to the channel only.
+    assert wait_for(lambda: dimse_watcher.states(uid)[-1:] == ["CANCELED"])
+    assert dimse_watcher.states(uid) == ["SCHEDULED", "CANCELED"]
