@@ -306,9 +306,16 @@ def test_a_viewer_searches_and_retrieves_but_changes_nothing(node, admin, viewer
     # The event channel takes events off the outbox: an administrator's; no login, no channel.
     url = node.api_base.replace("http", "ws", 1) + f"{BASE}/ws/subscribers/WEBWATCH"
     for header in ([], ["Authorization: Basic cmVhZGVyOnJlYWRlci1wYXNzd29yZC0x"], ["Authorization: Bearer wrong"]):
-        with pytest.raises(websocket.WebSocketBadStatusException):
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
             websocket.create_connection(url, header=header, timeout=60)
+        assert refused.value.status_code == 403  # the handshake is refused before the socket opens
     assert httpx.get(node.api_base + BASE + "/workitems").status_code == 401
+    # A page on another site (DNS rebinding) gets no channel either, even with the token.
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(
+            url, header=[f"Authorization: Bearer {node.api_token}"], host="evil.example", timeout=60
+        )
+    assert refused.value.status_code == 421
 
 
 def test_a_dimse_watcher_with_an_open_channel_gets_its_events_there(node, admin, dimse_watcher):
