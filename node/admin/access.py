@@ -370,6 +370,30 @@ class Access:
         """Dependency of the routes of one's own session (show it, log out): any role."""
         return self._authenticate(request, changing=request.method not in SAFE_METHODS)
 
+    def event_channel(self, websocket: Any) -> str:
+        """Who opens a UPS-RS event channel (a WebSocket): an administrator, since the channel
+        takes the subscriber's events off the durable outbox. A cookie-authenticated socket must
+        come from this site (a cross-site page could otherwise open one). Raises HTTPException."""
+        who = self._from_header(websocket)
+        if who is None:
+            who = self._session(websocket)
+            if who is None:
+                raise self.refused(
+                    websocket, "a valid bearer token, user name and password, or dashboard login is required"
+                )
+            if not _same_origin(websocket):
+                raise HTTPException(403, "cross-site event channel refused")
+        if who.role != ADMIN:
+            audit.security_alert(
+                audit.RESTRICTED_FUNCTION,
+                user=who.name,
+                address=self.client(websocket),
+                detail=f"refused to role {who.role}: event channel {websocket.url.path}",
+                outcome=audit.MINOR_FAILURE,
+            )
+            raise HTTPException(403, "an event channel takes the subscriber's events: it needs an administrator")
+        return who.name
+
     def metrics(self, request: Request) -> None:
         """Let a scraper through: anyone without ``api.metrics_token``, else that bearer token or
         any valid API credential."""

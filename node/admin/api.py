@@ -26,7 +26,14 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
-from node.admin import routes_config, routes_deliveries, routes_jobs, routes_studies, routes_system
+from node.admin import (
+    routes_config,
+    routes_deliveries,
+    routes_jobs,
+    routes_studies,
+    routes_system,
+    routes_workitems,
+)
 from node.admin.access import Access, HostCheck, allowed_host_names, token_path
 from node.admin.routes_system import DASHBOARD
 from node.admin.transfers import TransferAuditor
@@ -100,6 +107,7 @@ def create_app(settings: Settings, analyses: AnalysesProvider | None = None) -> 
     app.include_router(routes_jobs.router(settings, access, engine))
     app.include_router(routes_deliveries.router(settings, access, engine))
     app.include_router(routes_config.router(settings, access, engine))
+    app.include_router(routes_workitems.router(settings, access, engine))
     # Outermost: a request naming another site is refused before any route or middleware runs.
     app.add_middleware(HostCheck, allowed=allowed_host_names(settings))
     return app

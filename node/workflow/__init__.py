@@ -7,7 +7,9 @@ binds, ``events`` the N-EVENT-REPORT sender (UPS Event SCP) that empties the out
 ``retrieve`` fetches a study from a PACS (C-MOVE, C-GET, WADO-RS) and ``ondemand`` runs one
 analysis on it on request (`ainode run`, the API).
 
-Extension points, not built yet: a Task Performer (claims workitems and runs analyses: it would
-use ``manager.change_state`` like any Pull SCU and ``retrieve`` for inputs the node lacks), and
-UPS-RS (the same ``manager`` operations behind the admin API and a WebSocket).
+UPS-RS (DICOMweb, PS3.18 section 11) serves the same ``manager`` operations on the admin API
+(``node.admin.routes_workitems``), its WebSocket event channel reading the ``events`` outbox.
+
+Extension point, not built yet: a Task Performer (claims workitems and runs analyses: it would
+use ``manager.change_state`` like any Pull SCU and ``retrieve`` for inputs the node lacks).
 """

@@ -6,11 +6,18 @@ events in id order, opens one association to the subscriber's address (its peer 
 answered it. The first one it does not take stops that subscriber's pass (the order is kept)
 and is tried again later with a growing delay, as long as it takes: nothing is dropped. A
 watcher that was down therefore gets everything, in order, when it is back.
+
+A subscriber may instead take its events on a WebSocket (UPS-RS, PS3.18 11.x, IHE RAD-109 Open
+Event Channel, served by ``node.admin.routes_workitems``): the same outbox rows, read with
+``pending`` and marked with ``delivered``. While a channel is open for an AE title in this
+process (``WebChannels``) the DIMSE sender leaves that subscriber's events to it; a subscriber
+with no DIMSE port keeps its events pending until it opens a channel.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -31,6 +38,67 @@ _BATCH = 200
 _TIMEOUT_S = 10.0
 
 
+class WebChannels:
+    """The AE titles with an open event channel (WebSocket) in this process. The newest channel of
+    an AE title wins: an older one (a client that reconnected before the server saw it go) sees
+    that it is no longer current and ends."""
+
+    def __init__(self) -> None:
+        self._current: dict[str, int] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def open(self, ae_title: str) -> int:
+        """Register a channel for the AE title; its ticket."""
+        with self._lock:
+            self._next += 1
+            self._current[ae_title] = self._next
+            return self._next
+
+    def current(self, ae_title: str, ticket: int) -> bool:
+        """Whether this ticket is still the AE title's channel."""
+        with self._lock:
+            return self._current.get(ae_title) == ticket
+
+    def close(self, ae_title: str, ticket: int) -> None:
+        """Forget the channel (unless a newer one replaced it)."""
+        with self._lock:
+            if self._current.get(ae_title) == ticket:
+                del self._current[ae_title]
+
+    def titles(self) -> set[str]:
+        """The AE titles with an open channel now."""
+        with self._lock:
+            return set(self._current)
+
+
+# One per process: the API (in ``ainode serve``) opens channels, the DIMSE sender reads them.
+WEB_CHANNELS = WebChannels()
+
+
+def pending(url: str, ae_title: str, limit: int = _BATCH) -> list[tuple[int, str, int, str]]:
+    """A subscriber's undelivered events in order: (id, workitem UID, event type, info JSON)."""
+    return [(i, uid, kind, info) for i, uid, kind, info, _ in _pending(url, ae_title, limit)]
+
+
+def delivered(url: str, event_id: int) -> None:
+    """Mark one event delivered (the subscriber has it)."""
+    with database_session(url) as session:
+        row = session.get(UpsEvent, event_id)
+        if row is not None:
+            row.state, row.delivered_at, row.last_error = DELIVERED, utcnow(), ""
+
+
+def report(uid: str, event_type: int, info: str) -> Dataset:
+    """One event as the data set a UPS-RS channel sends: the Event Information with the
+    Affected SOP Class and Instance UIDs and the Event Type ID (PS3.18 11.x notifications)."""
+    ds = Dataset.from_json(info)
+    ds.AffectedSOPClassUID = manager.UPS_PUSH
+    ds.AffectedSOPInstanceUID = uid
+    ds.EventTypeID = event_type
+    return ds
+
+
 def _due_subscribers(url: str) -> list[str]:
     with database_session(url) as session:
         return list(
@@ -42,13 +110,13 @@ def _due_subscribers(url: str) -> list[str]:
         )
 
 
-def _pending(url: str, ae_title: str) -> list[tuple[int, str, int, str, int]]:
+def _pending(url: str, ae_title: str, limit: int = _BATCH) -> list[tuple[int, str, int, str, int]]:
     with database_session(url) as session:
         rows = session.scalars(
             select(UpsEvent)
             .where(UpsEvent.subscriber_ae == ae_title, UpsEvent.state == PENDING)
             .order_by(UpsEvent.id)
-            .limit(_BATCH)
+            .limit(limit)
         ).all()
         return [(r.id, r.workitem_uid, r.event_type, r.info, r.attempts) for r in rows]
 
@@ -87,8 +155,7 @@ def send_to(settings: Settings, ae_title: str) -> int:
         return 0
     peer = settings.peer(ae_title)
     if peer is None or peer.address is None:
-        _mark(url, events[0][0], "the subscriber is no longer a peer with a port", events[0][4], settings)
-        return 0
+        return 0  # no DIMSE port: its events wait for its web channel (UPS-RS)
     assoc = _association(settings, peer)
     if not assoc.is_established:
         _mark(url, events[0][0], "association not established", events[0][4], settings)
@@ -118,6 +185,8 @@ def send_due(settings: Settings) -> int:
     """One pass over every subscriber with due events; how many events were delivered."""
     sent = 0
     for ae_title in _due_subscribers(settings.database.url):
+        if ae_title in WEB_CHANNELS.titles():
+            continue  # its open WebSocket takes them (looked at now: a channel may just have opened)
         try:
             sent += send_to(settings, ae_title)
         except Exception as err:  # noqa: BLE001 - one watcher's trouble must not stop the others
