@@ -67,13 +67,24 @@ def receiver_pid(node: NodeProcess) -> int:
             if fields[1].endswith(port) and fields[3] == "0A":  # LISTEN
                 inodes.add(f"socket:[{fields[9]}]")
     for child in _children(node.proc.pid):
-        try:
-            links = {p.readlink().as_posix() for p in Path(f"/proc/{child}/fd").iterdir()}
-        except OSError:
-            continue
-        if links & inodes:
+        if _open_files(child) & inodes:
             return child
     raise AssertionError("no receiver process holds the DICOM port")
+
+
+def _open_files(pid: int) -> set[str]:
+    """What the process's descriptors point at; one closed while listed is skipped, not the process."""
+    links = set()
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return links
+    for fd in descriptors:
+        try:
+            links.add(fd.readlink().as_posix())
+        except OSError:
+            continue
+    return links
 
 
 def peak_rss(pid: int) -> int:
