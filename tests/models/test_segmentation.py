@@ -48,6 +48,26 @@ def test_runs_on_small_input_with_version_and_checksum(tmp_path):
     assert set(findings.timings_s) == {"load_model", "preprocess", "inference", "postprocess"}
 
 
+def test_segments_and_volumes_are_those_of_the_label_array(tmp_path):
+    """postprocess's segments are exactly the labels present, and each volume is its voxel count
+    times the voxel volume (the counting shortcut gives what mask.any()/mask.sum() gave)."""
+    phantom = make_ct_phantom(5, shape=(24, 48, 48), spacing=(6.0, 6.0, 6.0))
+    volume = load_series(write_ct_series(phantom, tmp_path))
+    analysis = registry.get_analysis("ct-segmentation")
+    inputs = analysis.preprocess(volume, {})
+    raw = analysis.infer(registry.loaded_model(analysis, "cpu"), inputs, registry.RunContext("cpu"))
+    labels = segmentation.refined_labels(volume, inputs, raw)
+    out = analysis.postprocess(volume, inputs, raw, {})
+    present = [name.replace("_", " ") for value, name in phantoms.LABELS.items() if (labels == value).any()]
+    assert [s.label for s in out.segments] == present and len(present) >= 3
+    voxel_cm3 = float(np.prod(volume.spacing)) / 1000.0
+    for segment, measurement in zip(out.segments, out.measurements):
+        value = next(v for v, n in phantoms.LABELS.items() if n.replace("_", " ") == segment.label)
+        assert np.array_equal(segment.mask, labels == value)
+        assert measurement.segment_label == segment.label
+        assert measurement.value == round(float((labels == value).sum()) * voxel_cm3, 2)
+
+
 GEOMETRIES = [
     ("axial", False, "slice"),
     ("axial", True, "shuffled"),
