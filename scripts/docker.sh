@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# ainode's container images: one command builds both (see docs/operations.md, "Containers").
+#
+#   scripts/docker.sh build              # hospital: official debian:bookworm-slim base, CUDA torch
+#                                        # in the worker (PyPI), CPU torch in the node
+#   scripts/docker.sh build --local      # here and in CI: a Debian base made with mmdebstrap (no
+#                                        # Docker Hub), CPU torch from /opt/wheels in both images
+#   scripts/docker.sh start              # (tests) install Docker when missing, start a private
+#                                        # dockerd (own data root and socket), make the local base
+#   scripts/docker.sh peers              # (tests) Redis, PostgreSQL and Orthanc from Debian packages
+#   scripts/docker.sh env                # prints DOCKER_HOST=... for the private daemon
+#
+# The private daemon (start) never touches a Docker the machine may already run: its own data root
+# (/var/lib/ainode-docker), socket (/run/ainode-docker.sock), no iptables, no bridge: containers
+# and builds use the host's network (--network host). vfs storage: works on any filesystem,
+# including inside another container, at the price of a full copy per layer (keep layers few).
+# Hospitals run their own Docker: `build` uses whatever DOCKER_HOST says.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA_ROOT=${AINODE_DOCKER_ROOT:-/var/lib/ainode-docker}
+SOCKET=${AINODE_DOCKER_SOCKET:-/run/ainode-docker.sock}
+LOG=${AINODE_DOCKER_LOG:-/tmp/ainode-dockerd.log}
+BASE_TAR=${AINODE_DOCKER_BASE_TAR:-/var/cache/ainode-docker/bookworm-minbase.tar}
+BASE_IMAGE=debian:bookworm-slim            # the official image's tag: the Dockerfiles' default
+TORCH_WHEEL=${AINODE_TORCH_WHEEL:-/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl}
+# The host's CA bundle: pip inside a build trusts what the host trusts (a TLS-inspecting proxy);
+# passed as a BuildKit secret, so it is in no layer of the image.
+CA_BUNDLE=${AINODE_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml | head -1)
+SOURCE=${AINODE_SOURCE_URL:-$(git config --get remote.origin.url 2>/dev/null || echo unknown)}
+REVISION=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+
+say() { echo "docker.sh: $*" >&2; }
+
+# A client that builds with BuildKit (RUN --mount secrets): `docker buildx` where installed, else
+# Debian's docker.io 20.10 client, whose `docker build` has BuildKit built in (DOCKER_BUILDKIT=1).
+docker_cli() {
+  if docker buildx version >/dev/null 2>&1; then echo docker; elif [ -x /usr/bin/docker ]; then echo /usr/bin/docker; else echo docker; fi
+}
+DOCKER=$(docker_cli)
+
+install_packages() {
+  local need=()
+  command -v dockerd >/dev/null || need+=(docker.io)
+  command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+  command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
+  [ ${#need[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    say "cannot install ${need[*]}: needs root and apt-get"; return 1
+  fi
+  say "installing ${need[*]} (log in /tmp/ainode-docker-apt.log)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}") \
+    >/tmp/ainode-docker-apt.log 2>&1
+}
+
+daemon_up() { DOCKER_HOST="unix://$SOCKET" "$DOCKER" version >/dev/null 2>&1; }
+
+start_daemon() {
+  daemon_up && return 0
+  [ "$(id -u)" = 0 ] || { say "starting dockerd needs root"; return 1; }
+  mkdir -p "$DATA_ROOT"
+  say "starting dockerd (data root $DATA_ROOT, socket $SOCKET, log $LOG)"
+  # setsid: the daemon outlives this script and the test session (later runs reuse it).
+  setsid dockerd --data-root "$DATA_ROOT" -H "unix://$SOCKET" --pidfile "$DATA_ROOT/dockerd.pid" \
+    --exec-root /run/ainode-docker --iptables=false --ip6tables=false --bridge=none \
+    --storage-driver=vfs >"$LOG" 2>&1 </dev/null &
+  for _ in $(seq 60); do daemon_up && return 0; sleep 1; done
+  say "dockerd did not answer within 60 s; last lines of $LOG:"; tail -5 "$LOG" >&2; return 1
+}
+
+# A genuine Debian bookworm base (minbase: apt, dpkg, coreutils) made from the Debian mirror with
+# mmdebstrap, under the official image's tag: the Dockerfiles' default base then resolves to it.
+local_base() {
+  export DOCKER_HOST="unix://$SOCKET"
+  if "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then return 0; fi
+  if [ ! -s "$BASE_TAR" ]; then
+    mkdir -p "$(dirname "$BASE_TAR")"
+    say "making $BASE_TAR with mmdebstrap (once)"
+    # The same trimming the official slim image does: no documentation, no apt lists.
+    mmdebstrap --variant=minbase --format=tar --quiet --dpkgopt='path-exclude=/usr/share/doc/*' \
+      --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
+      --customize-hook='rm -rf "$1"/var/lib/apt/lists/*' bookworm "$BASE_TAR.part"
+    mv "$BASE_TAR.part" "$BASE_TAR"
+  fi
+  "$DOCKER" import --change 'CMD ["bash"]' "$BASE_TAR" "$BASE_IMAGE" >/dev/null
+}
+
+build_images() {
+  local local_mode=0 args=() server=""
+  [ "${1:-}" = "--local" ] && local_mode=1
+  export DOCKER_BUILDKIT=1
+  local labels=(--build-arg "VERSION=$VERSION" --build-arg "SOURCE=$SOURCE" --build-arg "REVISION=$REVISION")
+  [ -s "$CA_BUNDLE" ] && args+=(--secret "id=pip_ca,src=$CA_BUNDLE")
+  if [ $local_mode = 1 ]; then
+    export DOCKER_HOST="unix://$SOCKET"
+    # The local CPU wheel, served on loopback for the build (it runs on the host's network): no
+    # copy of it enters the build context. Node and worker then get the same arguments, so the
+    # worker's build is the node's cached layers plus its own metadata (one build per run).
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    python3 -m http.server --bind 127.0.0.1 --directory "$(dirname "$TORCH_WHEEL")" "$port" >/dev/null 2>&1 &
+    server=$!
+    trap 'kill $server 2>/dev/null || true' RETURN
+    args+=(--build-arg "TORCH=torch==2.13.0+cpu" --build-arg "TORCH_FROM=--find-links http://127.0.0.1:$port/")
+  fi
+  for image in node worker; do
+    local t0=$SECONDS
+    "$DOCKER" build --network host -f "docker/Dockerfile.$image" "${labels[@]}" "${args[@]}" \
+      -t "ainode-$image:$VERSION" -t "ainode-$image:latest" .
+    say "ainode-$image built in $((SECONDS - t0)) s"
+  done
+  "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^ainode-(node|worker):' >&2 || true
+}
+
+build_peers() {
+  export DOCKER_HOST="unix://$SOCKET" DOCKER_BUILDKIT=1
+  "$DOCKER" build --network host -f tests/ops/containers/Dockerfile.peers -t ainode-test-peers:latest tests/ops/containers
+}
+
+case "${1:-}" in
+  start) install_packages && start_daemon && local_base ;;
+  build) shift; build_images "$@" ;;
+  peers) build_peers ;;
+  env) echo "DOCKER_HOST=unix://$SOCKET" ;;
+  *) sed -n '2,17p' "$0"; exit 2 ;;
+esac
