@@ -28,7 +28,8 @@ TORCH_WHEEL=${AINODE_TORCH_WHEEL:-/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manyl
 # passed as a BuildKit secret, so it is in no layer of the image.
 CA_BUNDLE=${AINODE_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 VERSION=$(sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml | head -1)
-SOURCE=${AINODE_SOURCE_URL:-$(git config --get remote.origin.url 2>/dev/null || echo unknown)}
+# Where the image's code came from: the clone's origin; a clone without one names its own folder.
+SOURCE=${AINODE_SOURCE_URL:-$(git config --get remote.origin.url 2>/dev/null || echo "file://$(pwd)")}
 REVISION=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
 say() { echo "docker.sh: $*" >&2; }
@@ -87,22 +88,21 @@ local_base() {
 }
 
 build_images() {
-  local local_mode=0 args=() server=""
+  local local_mode=0 args=()
   [ "${1:-}" = "--local" ] && local_mode=1
   export DOCKER_BUILDKIT=1
   local labels=(--build-arg "VERSION=$VERSION" --build-arg "SOURCE=$SOURCE" --build-arg "REVISION=$REVISION")
   [ -s "$CA_BUNDLE" ] && args+=(--secret "id=pip_ca,src=$CA_BUNDLE")
   if [ $local_mode = 1 ]; then
     export DOCKER_HOST="unix://$SOCKET"
-    # The local CPU wheel, served on loopback for the build (it runs on the host's network): no
-    # copy of it enters the build context. Node and worker then get the same arguments, so the
-    # worker's build is the node's cached layers plus its own metadata (one build per run).
-    local port
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    python3 -m http.server --bind 127.0.0.1 --directory "$(dirname "$TORCH_WHEEL")" "$port" >/dev/null 2>&1 &
-    server=$!
-    trap 'kill $server 2>/dev/null || true' RETURN
-    args+=(--build-arg "TORCH=torch==2.13.0+cpu" --build-arg "TORCH_FROM=--find-links http://127.0.0.1:$port/")
+    # The local CPU wheel, linked into docker/wheels (offered to pip by --find-links, in the build
+    # context): node and worker then get the same arguments, so the worker's build is the node's
+    # cached layers plus its own metadata (one build per run).
+    # Removed after the build: a CPU wheel left there would win over PyPI's CUDA torch (a higher
+    # local version) in a later hospital build from this clone.
+    ln -f "$TORCH_WHEEL" docker/wheels/ 2>/dev/null || cp "$TORCH_WHEEL" docker/wheels/
+    trap 'rm -f "docker/wheels/$(basename "$TORCH_WHEEL")"' RETURN
+    args+=(--build-arg "TORCH=torch==2.13.0+cpu" --build-arg "TORCH_FROM=")
   fi
   for image in node worker; do
     local t0=$SECONDS

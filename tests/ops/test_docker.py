@@ -264,4 +264,9 @@ def test_images_copy_what_exists_and_own_every_mounted_folder(service: str):
     ignored = [line for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert ignored[0] == "*", "the build context leaves out everything not listed"
     kept = {line[1:] for line in ignored if line.startswith("!")}
-    assert kept == {s.removeprefix("/tmp/src/") for s in copied.group(1).split()}
+    assert kept == {s.removeprefix("/tmp/src/") for s in copied.group(1).split()} | {"docker/wheels"}
+    # docker/wheels (wheels offered to pip before any index) exists in a clean clone, wheel-less.
+    assert "source=docker/wheels,target=/tmp/wheels" in runs and "PIP_FIND_LINKS=/tmp/wheels" in runs
+    assert (REPO_ROOT / "docker" / "wheels").is_dir() and "docker/wheels/*.whl" in (
+        REPO_ROOT / ".gitignore"
+    ).read_text()
