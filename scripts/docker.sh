@@ -110,12 +110,15 @@ build_images() {
       -t "ainode-$image:$VERSION" -t "ainode-$image:latest" .
     say "ainode-$image built in $((SECONDS - t0)) s"
   done
+  # The images a rebuild replaced: with vfs each is full copies of its layers (GBs).
+  [ $local_mode = 1 ] && "$DOCKER" image prune -f >/dev/null
   "$DOCKER" image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^ainode-(node|worker):' >&2 || true
 }
 
 build_peers() {
   export DOCKER_HOST="unix://$SOCKET" DOCKER_BUILDKIT=1
   "$DOCKER" build --network host -f tests/ops/containers/Dockerfile.peers -t ainode-test-peers:latest tests/ops/containers
+  "$DOCKER" image prune -f >/dev/null
 }
 
 case "${1:-}" in
