@@ -85,7 +85,9 @@ def docker() -> Docker:
     compose = compose_command()
     if compose is None:
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
-    env = {**os.environ, "DOCKER_HOST": f"unix://{SOCKET}", "DOCKER_BUILDKIT": "1"}
+    # vfs removes a container by deleting its full copy of the image (GBs): more than compose
+    # 1.29's default 60 s per API call on a loaded machine.
+    env = {**os.environ, "DOCKER_HOST": f"unix://{SOCKET}", "DOCKER_BUILDKIT": "1", "COMPOSE_HTTP_TIMEOUT": "900"}
     cli = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
     out = Docker(env, cli, compose)
     for what, cmd in (("node+worker", ["build", "--local"]), ("peers", ["peers"])):
