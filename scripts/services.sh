@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Starts the local services the tests use when they are not running (Redis, PostgreSQL).
+# Starts the local services the tests use when they are not running (Redis, PostgreSQL, a private
+# Docker daemon for the container tests).
 set -uo pipefail
 if command -v redis-cli >/dev/null && ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   mkdir -p /tmp/ainode-redis
@@ -28,4 +29,8 @@ if pg_isready -q -h 127.0.0.1 2>/dev/null && [ "$(id -u)" = 0 ] \
   && ! runuser -u postgres -- psql -Atqc "SELECT 1 FROM pg_database WHERE datname = 'test'" | grep -q 1; then
   runuser -u postgres -- createdb test || echo "warning: could not create the database test"
 fi
+# The container tests (tests/ops/test_docker_stack.py) need a Docker daemon: a private one, its own
+# data root and socket, installed when missing (docker.io, mmdebstrap, docker-compose). Where it
+# cannot start (no root, no apt, a kernel without namespaces) those tests are skipped with the reason.
+bash scripts/docker.sh start || echo "warning: no Docker daemon; the container tests will be skipped"
 exit 0
