@@ -208,7 +208,16 @@ def run_model_job(
                 failed.append({**where, "error": error_reason(err)[:500]})
                 continue
             outputs += written
-            analysed.append({**where, "kind": volume.kind, "outputs": len(written), **findings_summary(findings)})
+            analysed.append(
+                {
+                    **where,
+                    "kind": volume.kind,
+                    # "streamed" (the series' volume decoded at ingest) or "files: <why not>".
+                    "pixels": volume.pixels_from,
+                    "outputs": len(written),
+                    **findings_summary(findings),
+                }
+            )
     summary: dict[str, Any] = {
         "outputs": [str(o.path) for o in outputs],
         "series": analysed,
