@@ -258,7 +258,7 @@ def main() -> int:
                 stderr=subprocess.STDOUT,
             )
         )
-        wait_port(dicom_port)
+        wait_port(dicom_port, proc=procs[-2], log=work / "node.log")  # the node, not its worker
         hold.release()
 
         # Warm-up study: the worker loads the model once, as it would in service.
