@@ -199,17 +199,26 @@ class StreamedSeries:
         raise LookupError("an instance file changed after it was streamed")
 
 
-def streamed_values(paths: list[Path]) -> tuple[list[np.ndarray] | None, str]:
-    """The stored values of every instance file in ``paths`` (one series, one folder) from the
-    streamed volume, with ``"streamed"``; or None and why the files must be read instead."""
+def streamed_values(paths: list[Path]) -> tuple[list[np.ndarray | None], str]:
+    """The stored values of each instance file in ``paths`` (one series, one folder) from the
+    streamed volume, None for each one that must be read from its file instead; and why the
+    first such one could not be used ("" when none)."""
+    missing: list[np.ndarray | None] = [None] * len(paths)
     folders = {p.parent for p in paths}
     if len(folders) != 1:
-        return None, "the instances are not in one series folder"
-    folder = folders.pop()
+        return missing, "the instances are not in one series folder"
     try:
-        series = StreamedSeries(folder)
-        return [series.values(p) for p in paths], "streamed"
+        series = StreamedSeries(folders.pop())
     except FileNotFoundError:
-        return None, "no streamed volume"
-    except (LookupError, OSError, ValueError) as err:
-        return None, str(err)
+        return missing, "no streamed volume"
+    except (OSError, ValueError) as err:
+        return missing, f"the streamed volume cannot be read ({err})"
+    values: list[np.ndarray | None] = []
+    why = ""
+    for path in paths:
+        try:
+            values.append(series.values(path))
+        except (LookupError, OSError, ValueError) as err:
+            values.append(None)  # this instance only: its file is read, the others come mapped
+            why = why or str(err)
+    return values, why

@@ -103,18 +103,19 @@ def load_groups(paths: Iterable[str | Path], allow_mixed_series: bool = False) -
     if not paths:
         raise SeriesError("no instances given")
     stored, pixels_from = _streamed(paths)
-    if stored is not None:
-        datasets = [_read(p, header_only=True) for p in paths]
-        if not all(_streamable(ds) for ds in datasets):  # the streamer refuses these; never trust a slot
-            stored, pixels_from = None, "files: a header says colour"
-    if stored is None:
-        datasets = [_read(p) for p in paths]
+    datasets = []
+    for n, path in enumerate(paths):
+        ds = _read(path, header_only=stored[n] is not None)
+        if stored[n] is not None and not _streamable(ds):  # the streamer refuses these: never trust a slot
+            stored[n], ds = None, _read(path)
+            pixels_from = _pixels_from(stored, "a header says colour")
+        datasets.append(ds)
     series = {ds.get("SeriesInstanceUID", "") for ds in datasets}
     if len(series) > 1 and not allow_mixed_series:
         raise SeriesError(f"the instances belong to {len(series)} different series")
     frames: list[_Frame] = []
     for n, (path, ds) in enumerate(zip(paths, datasets)):
-        frames.extend(_frames_of(ds, path, None if stored is None else stored[n]))
+        frames.extend(_frames_of(ds, path, stored[n]))
     groups = _partition(frames)
     if len(groups) == 1:
         groups = [(groups[0][0], [])]  # one group: nothing to tell it from
@@ -123,12 +124,22 @@ def load_groups(paths: Iterable[str | Path], allow_mixed_series: bool = False) -
     return [_volume(members, ", ".join(label), first, pixels_from) for members, label in groups]
 
 
-def _streamed(paths: list[Path]) -> tuple[list[np.ndarray] | None, str]:
-    """The instances' stored values from the series' streamed volume (decoded once at ingest),
-    or None and why the files are read instead (incomplete, changed or corrupted: the files are
-    the truth)."""
+def _streamed(paths: list[Path]) -> tuple[list[np.ndarray | None], str]:
+    """Each instance's stored values from the series' streamed volume (decoded once at ingest),
+    None for those read from their files (not streamed yet, changed, corrupted: the files are the
+    truth, and an instance decodes the same from either); and where the pixels came from, for the
+    job record: "streamed", "files: <why>" or "streamed N/M; files: <why>"."""
     values, why = volumes.streamed_values(paths)
-    return (values, "streamed") if values is not None else (None, f"files: {why}")
+    return values, _pixels_from(values, why)
+
+
+def _pixels_from(values: list[np.ndarray | None], why: str) -> str:
+    streamed = sum(v is not None for v in values)
+    if streamed == len(values):
+        return "streamed"
+    if streamed == 0:
+        return f"files: {why}"
+    return f"streamed {streamed}/{len(values)}; files: {why}"
 
 
 def _streamable(ds: Dataset) -> bool:
