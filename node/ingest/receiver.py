@@ -158,7 +158,7 @@ class Receiver:
         self.prefix = f"r{self.row}-"  # this process's temp and landed files
         self.policy = self.settings.node.duplicate_policy
         # Pixel data decoded once, after the answer, into per-series volumes (node.core.volumes).
-        self.volume_streamer = VolumeStreamer() if self.settings.storage.stream_volumes else None
+        self.volume_streamer = VolumeStreamer(self.reserve) if self.settings.storage.stream_volumes else None
         self.indexer = Indexer(
             self.engine,
             self.root,

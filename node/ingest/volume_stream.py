@@ -14,6 +14,7 @@ from collections import deque
 from pathlib import Path
 
 from node.core import volumes
+from node.ingest import store
 
 log = logging.getLogger("ainode.receiver")
 _CHUNK = 32
@@ -22,7 +23,10 @@ _CHUNK = 32
 class VolumeStreamer:
     """A daemon thread appending indexed instances' stored values to their series' volumes."""
 
-    def __init__(self, max_queued: int = 20000):
+    def __init__(self, reserve: int = 0, max_queued: int = 20000):
+        # Streamed volumes are a cache: they stop at twice the storage reserve, well before the
+        # receiver would refuse instances (A700) for want of space.
+        self._reserve = 2 * reserve
         self._queue: deque[Path] = deque()
         self._cond = threading.Condition()
         self._max_queued = max_queued
@@ -85,7 +89,10 @@ class VolumeStreamer:
             except OSError:  # removed meanwhile (a replaced copy, retention)
                 self.skipped += 1
         try:
+            store.ensure_space(folder, self._reserve, sum(values.nbytes for _, values in items))
             self.streamed += volumes.append(folder, items)
+        except store.OutOfSpace:
+            self.skipped += len(items)
         except OSError as err:
             self.skipped += len(items)
             log.warning("streaming pixel data into a series volume failed (%s); it is read from files", err.strerror)

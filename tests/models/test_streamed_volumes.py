@@ -206,3 +206,18 @@ def test_retention_removes_the_streamed_volume(tmp_path):
     retention._unlink(tmp_path, [str(p.relative_to(tmp_path)) for p in paths])
     assert not volumes.volume_folder(paths[0].parent).exists()
     assert not any(p.exists() for p in paths)
+
+
+def test_the_streamer_leaves_room_for_what_the_receiver_must_keep(tmp_path):
+    """Near the storage reserve nothing is streamed: acknowledged instances need the room."""
+    import shutil as sh
+
+    paths = _ct(tmp_path)
+    streamer = VolumeStreamer(reserve=sh.disk_usage(tmp_path).free)
+    try:
+        streamer.submit(paths)
+        assert streamer.wait_idle(timeout=600)
+    finally:
+        streamer.stop()
+    assert (streamer.streamed, streamer.skipped) == (0, len(paths))
+    assert _original_load_groups(paths)[0].pixels_from == "files: no streamed volume"
