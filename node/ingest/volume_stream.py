@@ -18,6 +18,9 @@ from node.ingest import store
 
 log = logging.getLogger("ainode.receiver")
 _CHUNK = 32
+# Larger instances (a long multi-frame) are left to the analysis' file loader: decoding one here
+# would hold all its frames in the receiver's memory at once.
+MAX_INSTANCE_BYTES = 128 * 1024 * 1024
 
 
 class VolumeStreamer:
@@ -83,6 +86,9 @@ class VolumeStreamer:
         items = []
         for path in paths:
             try:
+                if path.stat().st_size > MAX_INSTANCE_BYTES:
+                    self.skipped += 1
+                    continue
                 items.append((path, volumes.stored_values(path)))
             except volumes.NotStreamable:
                 self.skipped += 1
