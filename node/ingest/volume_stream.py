@@ -9,7 +9,9 @@ reads the files, as before. Compressed transfer syntaxes are decoded here too.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -21,6 +23,9 @@ _CHUNK = 32
 # Larger instances (a long multi-frame) are left to the analysis' file loader: decoding one here
 # would hold all its frames in the receiver's memory at once.
 MAX_INSTANCE_BYTES = 128 * 1024 * 1024
+# Decoding shares the receiver's interpreter (its GIL) and CPU: it waits until instances have
+# stopped arriving for this long, so it never slows an association down (bench/ingest.py).
+QUIET_S = 0.2
 
 
 class VolumeStreamer:
@@ -35,6 +40,7 @@ class VolumeStreamer:
         self._max_queued = max_queued
         self._busy = False
         self._stopping = False
+        self._last_submit = 0.0
         self.streamed = 0
         self.skipped = 0
         self._thread = threading.Thread(target=self._run, name="volume-stream", daemon=True)
@@ -47,6 +53,7 @@ class VolumeStreamer:
             if room < len(paths):  # far behind: those series are read from files instead
                 self.skipped += len(paths) - max(room, 0)
             self._queue.extend(paths[: max(room, 0)])
+            self._last_submit = time.monotonic()
             self._cond.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -66,6 +73,8 @@ class VolumeStreamer:
             self._busy = False
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._queue or self._stopping)
+            while not self._stopping and (quiet := time.monotonic() - self._last_submit) < QUIET_S:
+                self._cond.wait(QUIET_S - quiet)  # instances still arriving: they come first
             if not self._queue:
                 return None
             self._busy = True
@@ -74,6 +83,10 @@ class VolumeStreamer:
             return batch
 
     def _run(self) -> None:
+        try:  # this thread only (Linux: a thread is a task): the receiving threads come first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (OSError, AttributeError):
+            pass
         while (batch := self._take()) is not None:
             by_series: dict[Path, list[Path]] = {}
             for path in batch:
