@@ -58,10 +58,15 @@ def hold_port() -> PortHold:
     return PortHold()
 
 
-def wait_port(port: int, timeout: float = 120) -> None:
-    """Wait until something accepts connections on 127.0.0.1:port, else raise."""
+def wait_port(port: int, timeout: float = 120, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Wait until something accepts connections on 127.0.0.1:port, else raise; with ``proc``,
+    raise as soon as that process (the service expected there) has ended, with the end of its
+    ``log`` (the whole log stays in the run's work folder)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"the service for port {port} exited with {proc.returncode} before listening:\n{tail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return

@@ -164,7 +164,7 @@ def main() -> int:
                 stderr=subprocess.STDOUT,
             )
         )
-        wait_port(dicom_port)
+        wait_port(dicom_port, proc=procs[-2], log=work / "node.log")  # the node, not its worker
         hold.release()
         # Warm-up: the first job also pays the worker's start-up.
         warm = make_study(2)

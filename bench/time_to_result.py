@@ -111,7 +111,7 @@ def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str
         with engine.connect() as conn:
             job = conn.execute(
                 text(
-                    "SELECT id, state, created_at, started_at, finished_at, error FROM jobs "
+                    "SELECT id, state, created_at, started_at, finished_at, error, result FROM jobs "
                     "WHERE study_uid = :u ORDER BY id LIMIT 1"
                 ),
                 {"u": study_uid},
@@ -137,6 +137,8 @@ def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str
                 "ris": max((_epoch(r[1]) for r in rows if r[2] == "ris"), default=None),
                 "fhir": max((_epoch(r[1]) for r in rows if r[2] == "fhir"), default=None),
                 "objects": sum(1 for r in rows if r[2] == "pacs"),
+                # How the worker got the pixels: "streamed" (node.core.volumes) or "files: why".
+                "pixels": [s.get("pixels", "files") for s in json.loads(job[6] or "{}").get("series", [])],
             }
         if rows and any(r[0] == "failed" for r in rows):
             raise RuntimeError("a result delivery failed")
@@ -144,9 +146,25 @@ def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str
     raise RuntimeError("results did not arrive in time")
 
 
+def stored_paths(db_url: str, store: Path, study_uid: str) -> list[Path]:
+    """The study's instance files in the node's store, as the worker gets them (the index)."""
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT i.path FROM instances i JOIN series s ON i.series_pk = s.id "
+                "JOIN studies st ON s.study_pk = st.id WHERE st.study_uid = :u"
+            ),
+            {"u": study_uid},
+        ).all()
+    engine.dispose()
+    return [store / r[0] for r in rows]
+
+
 def replay_split(files: list[Path], work: Path, warm_files: list[Path]) -> dict[str, float]:
     """load / inference / write seconds of the same analysis replayed in this process, warmed up
-    first on the warm-up study as the worker was (model loaded, libraries imported)."""
+    first on the warm-up study as the worker was (model loaded, libraries imported). ``files``:
+    the study's files in the node's store, so the load maps its streamed volume as the worker's did."""
     from workers.analysis.imaging import load_series
     from workers.analysis.registry import run_analysis
     from workers.results import ResultContext, write_results
@@ -258,7 +276,7 @@ def main() -> int:
                 stderr=subprocess.STDOUT,
             )
         )
-        wait_port(dicom_port)
+        wait_port(dicom_port, proc=procs[-2], log=work / "node.log")  # the node, not its worker
         hold.release()
 
         # Warm-up study: the worker loads the model once, as it would in service.
@@ -270,7 +288,7 @@ def main() -> int:
         last_ack = push(dicom_port, "AINODE", study, mpps=True)
         t = wait_results(db_url, study[0].StudyInstanceUID)
         run_s = t["finished"] - t["started"]
-        split = replay_split(files, work, warm_files)
+        split = replay_split(stored_paths(db_url, work / "store", study[0].StudyInstanceUID), work, warm_files)
         share = sum(split.values()) or 1.0
         stages = {
             "ready": round(t["ready"] - last_ack, 3),
@@ -295,6 +313,7 @@ def main() -> int:
             "size": args.size,
             "result_objects": t["objects"],
             "job_run_s": round(run_s, 3),
+            "pixels": t["pixels"],
             "replay_split_s": {k: round(v, 3) for k, v in split.items()},
             "peer_storescu_results_to_orthanc_s": round(peer_results_s, 3),
             "peer_storescu_study_to_orthanc_s": round(peer_study_s, 3),

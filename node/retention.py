@@ -20,7 +20,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from node.assembler import SeriesExpectation
-from node.core import audit
+from node.core import audit, volumes
 from node.core.clock import utcnow
 from node.core.db import database_session
 from node.core.settings import Settings
@@ -62,6 +62,8 @@ def _unlink(storage: Path, paths: list[str]) -> None:
             pass
         except OSError as err:
             log.warning("could not remove a stored file (%s)", err.strerror)
+    for series_folder in {(storage / rel).parent for rel in paths}:
+        volumes.remove(series_folder)  # the series' streamed volume goes with its files
 
 
 def _remove(settings: Settings, study_pks: list[int], why: str) -> int:

@@ -214,7 +214,16 @@ def run_model_job(
                 failed.append({**where, "error": error_reason(err)[:500]})
                 continue
             outputs += written
-            analysed.append({**where, "kind": volume.kind, "outputs": len(written), **findings_summary(findings)})
+            analysed.append(
+                {
+                    **where,
+                    "kind": volume.kind,
+                    # "streamed" (the series' volume decoded at ingest) or "files: <why not>".
+                    "pixels": volume.pixels_from,
+                    "outputs": len(written),
+                    **findings_summary(findings),
+                }
+            )
     summary: dict[str, Any] = {
         "outputs": [str(o.path) for o in outputs],
         "series": analysed,
@@ -496,12 +505,37 @@ def deliver(delivery_id: int) -> Any:
 
 
 def _embedded_main(argv: list[str]) -> int:
-    """Run one job in this process (started by the node's embedded worker, which writes the
-    settings as JSON on stdin: never the environment, which would expose their secrets), with a
-    soft time limit."""
+    """The node's embedded worker child (``node.jobs.embedded``), which gets its settings as JSON
+    on stdin (never the environment, which would expose their secrets).
+
+    ``--serve FD``: run jobs one after another, as long as the node keeps stdin open: the settings
+    are the first line, then one job id per line; after each job ``done ID`` is written to file
+    descriptor FD. The models the registry loads stay loaded between jobs. ``JOB_ID``: run that
+    one job and exit.
+    """
     configure_logging()  # before anything can warn: this process's stderr is the node's log
+    if argv and argv[0] == "--serve":
+        return _serve_jobs(int(argv[1]))
     settings = use_settings(Settings.model_validate_json(sys.stdin.buffer.read()))
-    job_id = int(argv[0])
+    _run_with_soft_limit(settings, int(argv[0]))
+    return 0
+
+
+def _serve_jobs(answer_fd: int) -> int:
+    settings = use_settings(Settings.model_validate_json(sys.stdin.buffer.readline()))
+    with os.fdopen(answer_fd, "w", buffering=1) as answers:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            job_id = int(line)
+            # An exception ends this process: the node releases the job as crashed and starts
+            # a fresh child for the next one, as it did with a child per job.
+            _run_with_soft_limit(settings, job_id)
+            answers.write(f"done {job_id}\n")
+    return 0
+
+
+def _run_with_soft_limit(settings: Settings, job_id: int) -> None:
     with database_session(settings.database.url) as session:
         job = session.get(Job, job_id)
         soft = job.soft_time_limit_s if job else 600
@@ -511,9 +545,10 @@ def _embedded_main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(int(soft))
-    execute_job(settings, job_id)
-    signal.alarm(0)
-    return 0
+    try:
+        execute_job(settings, job_id)
+    finally:
+        signal.alarm(0)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,9 @@ class StorageSettings(Section):
     retention_days: float = Field(default=7.0, ge=0)
     # When used space passes this fraction of the disk, the oldest finished studies go first.
     high_water_mark: float = Field(default=0.90, gt=0, le=1)
+    # Decode each received instance once, in the background, into a per-series volume file the
+    # analysis maps instead of reading and decoding every file again (node.core.volumes).
+    stream_volumes: bool = True
 
     @field_validator("min_free_bytes")
     @classmethod

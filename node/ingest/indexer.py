@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
@@ -59,11 +60,14 @@ class Indexer:
         background: bool = True,
         linger: float = 0.1,
         prefix: str = "",
+        on_indexed: Callable[[list[Path]], None] | None = None,
     ):
         self._engine = engine
         self.root = Path(root)
         self.prefix = prefix
         self._policy = policy
+        # Told the final paths of newly stored instances once indexed (the volume streamer).
+        self._on_indexed = on_indexed
         self._max_batch = max_batch
         self._max_waiting = max_waiting
         self._linger = linger  # how long a lone arrival waits for company (one commit for several)
@@ -166,6 +170,10 @@ class Indexer:
         for arrival in arrivals:
             self._settle(arrival)
         audit_corrections(arrivals)
+        if self._on_indexed is not None:
+            self._on_indexed(
+                [self.root / a.stored.relpath for a in arrivals if a.outcome not in ("same", "kept_first")]
+            )
         with self._cond:
             self._unsynced.extend(a for a in arrivals if a.record is not None or a.landed is not None)
         if durable or self._durability_due():

@@ -63,6 +63,7 @@ from node.ingest.policy import (
     tls_context,
 )
 from node.ingest.recovery import recover_journal, recover_landed
+from node.ingest.volume_stream import VolumeStreamer
 from node.ingest.wire import TooLarge, Unparseable, file_meta, read_header
 
 log = logging.getLogger("ainode.receiver")
@@ -160,7 +161,15 @@ class Receiver:
         self.space = store.SpaceGuard(self.root, self.reserve)
         self.prefix = f"r{self.row}-"  # this process's temp and landed files
         self.policy = self.settings.node.duplicate_policy
-        self.indexer = Indexer(self.engine, self.root, self.policy, prefix=self.prefix)
+        # Pixel data decoded once, after the answer, into per-series volumes (node.core.volumes).
+        self.volume_streamer = VolumeStreamer(self.reserve) if self.settings.storage.stream_volumes else None
+        self.indexer = Indexer(
+            self.engine,
+            self.root,
+            self.policy,
+            prefix=self.prefix,
+            on_indexed=self.volume_streamer.submit if self.volume_streamer else None,
+        )
         self._lookup = _ShaLookup(self.engine)
         self.journal: journal.Journal | None = None
         self.journal_path = self.root / journal.FOLDER / f"{self.prefix}journal.wal"

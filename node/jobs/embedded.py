@@ -1,14 +1,20 @@
 """The embedded broker and worker: with no broker configured, the job table is the queue.
 
-A worker thread in the node claims queued rows (STAT first) and runs each job in a child process
-(``python -m workers.tasks JOB_ID``, its settings as JSON on stdin) that enforces the time limits. One workstation then needs no
-Redis, and a restart loses nothing: the rows are the queue.
+A worker thread in the node claims queued rows (STAT first) and runs them, one at a time, in a
+child process (``python -m workers.tasks --serve FD``: its settings as JSON on stdin, then job
+ids, one per line; it answers ``done ID`` on a pipe). The child outlives its jobs so the models
+it loaded stay loaded (a CT segmentation model is not read again for every study), and it stays
+a separate process for what one was started per job: a crash, a leak or a hung model costs that
+child, never the node. When it dies (segfault, out of memory) the job is released as crashed and
+the next job starts a fresh child; at the hard time limit it is killed and replaced. One
+workstation then needs no Redis, and a restart loses nothing: the rows are the queue.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select as io_select
 import subprocess
 import sys
 import threading
@@ -35,13 +41,16 @@ def child_environment() -> dict[str, str]:
 
 
 class EmbeddedWorker:
-    """Runs queued jobs in priority order inside the node, each in a child process with time limits."""
+    """Runs queued jobs in priority order inside the node, in a long-lived child process with time limits."""
 
     def __init__(self, settings: Settings, poll_s: float = 0.2):
         self.settings = settings
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._child: subprocess.Popen[bytes] | None = None
+        self._answers: int | None = None  # read end of the child's "done ID" pipe
+        self._pending = b""
+        self.children_started = 0
         self._thread = threading.Thread(target=self._loop, name="embedded-worker", daemon=True)
 
     def start(self) -> "EmbeddedWorker":
@@ -52,9 +61,8 @@ class EmbeddedWorker:
     def stop(self) -> None:
         """Stop taking jobs; a job in progress is stopped and will be run again after restart."""
         self._stop.set()
-        if self._child and self._child.poll() is None:
-            self._child.kill()
         self._thread.join(timeout=10)
+        self._end_child(kill=True)
 
     def _next_job(self) -> int | None:
         stale = utcnow() - timedelta(seconds=self.settings.jobs.heartbeat_timeout_s)
@@ -91,41 +99,91 @@ class EmbeddedWorker:
                 continue
             self._run(job_id)
 
-    def _hand_settings(self, child: subprocess.Popen[bytes]) -> None:
+    # -- the child
+
+    def _start_child(self) -> subprocess.Popen[bytes]:
+        read_end, write_end = os.pipe()
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "workers.tasks", "--serve", str(write_end)],
+                env=child_environment(),
+                stdin=subprocess.PIPE,
+                pass_fds=(write_end,),
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        self._child, self._answers, self._pending = child, read_end, b""
+        self.children_started += 1
         # On stdin, not in the environment: /proc/PID/environ is readable for the process's life
         # and inherited by all it starts, and the settings hold the secrets (API token, database
         # and STOW passwords).
-        assert child.stdin is not None
+        self._tell(self.settings.model_dump_json().encode("utf-8") + b"\n")
+        return child
+
+    def _tell(self, line: bytes) -> None:
+        assert self._child is not None and self._child.stdin is not None
         try:
-            child.stdin.write(self.settings.model_dump_json().encode("utf-8"))
-            child.stdin.close()
-        except OSError:  # the child died before reading; its exit status says so below
+            self._child.stdin.write(line)
+            self._child.stdin.flush()
+        except OSError:  # the child died; its exit status says so in _run
             pass
+
+    def _end_child(self, kill: bool) -> None:
+        child, self._child = self._child, None
+        if child is not None:
+            if kill and child.poll() is None:
+                child.kill()
+            try:
+                if child.stdin is not None:
+                    child.stdin.close()
+            except OSError:
+                pass
+            child.wait()
+        if self._answers is not None:
+            os.close(self._answers)
+            self._answers = None
+
+    def _answered(self, job_id: int, wait_s: float) -> bool:
+        """True once the child said it finished ``job_id`` (waits up to ``wait_s``)."""
+        assert self._answers is not None
+        if f"done {job_id}\n".encode() in self._pending:
+            return True
+        readable, _, _ = io_select.select([self._answers], [], [], wait_s)
+        if readable:
+            chunk = os.read(self._answers, 4096)
+            self._pending = (self._pending + chunk)[-4096:]
+        return f"done {job_id}\n".encode() in self._pending
 
     def _run(self, job_id: int) -> None:
         with database_session(self.settings.database.url) as session:
             hard = session.get(Job, job_id).time_limit_s
-        cmd = [sys.executable, "-m", "workers.tasks", str(job_id)]
-        self._child = subprocess.Popen(cmd, env=child_environment(), stdin=subprocess.PIPE)
-        self._hand_settings(self._child)
-        # The hard limit counts from the moment the child claims the job, not from its start-up
-        # (importing the analysis stack can take seconds on a busy machine).
+        child = self._child if self._child is not None and self._child.poll() is None else None
+        if child is None:
+            self._end_child(kill=True)
+            child = self._start_child()
+        self._pending = b""
+        self._tell(f"{job_id}\n".encode())
+        # The hard limit counts from the moment the child claims the job, not from when it was
+        # asked (a fresh child imports the analysis stack first, seconds on a busy machine).
         started: float | None = None
-        while self._child.poll() is None:
-            if self._stop.wait(0.2):
-                self._child.kill()
-                self._child.wait()
+        while not self._answered(job_id, 0.2):
+            if child.poll() is not None:
+                log.warning("embedded job %s child exited with %s", job_id, child.returncode)
+                self._end_child(kill=False)
+                release_crashed_job(self.settings, job_id, f"worker process exited with {child.returncode}")
                 return
-            if started is None and running_in(self.settings, job_id, self._child.pid):
+            if self._stop.is_set():
+                self._end_child(kill=True)
+                return
+            if started is None and running_in(self.settings, job_id, child.pid):
                 started = time.monotonic()
             if started is not None and time.monotonic() - started > hard:
-                self._child.kill()
-                self._child.wait()
+                self._end_child(kill=True)
                 mark_time_limit_exceeded(self.settings, job_id, hard, soft=False)
                 return
-        if self._child.returncode != 0:
-            log.warning("embedded job %s child exited with %s", job_id, self._child.returncode)
-            release_crashed_job(self.settings, job_id, f"worker process exited with {self._child.returncode}")
 
 
 def start_services(settings: Settings) -> list[Callable[[], None]]:

@@ -15,7 +15,7 @@ from tests.helpers import REPO_ROOT, NodeProcess, port_open
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
-from common import hold_port, start_redis, stop_processes  # noqa: E402
+from common import hold_port, start_redis, stop_processes, wait_port  # noqa: E402
 
 
 def test_a_held_port_is_refused_to_others_and_shared_with_ainode(tmp_path: Path):
@@ -60,3 +60,34 @@ def test_a_failed_run_keeps_its_work_folder_and_says_where(tmp_path: Path, capsy
     assert str(work) in capsys.readouterr().err
     stop_processes([], work, remove=True)
     assert not work.exists()
+
+
+def test_waiting_for_a_service_that_died_says_so_with_its_log(tmp_path: Path):
+    """A node that cannot start ends the wait at once, its log's end in the error (the whole log
+    stays in the work folder), instead of waiting out the timeout."""
+    log = tmp_path / "node.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; print('settings: bad port'); sys.exit(2)"], stdout=out
+        )
+        proc.wait()
+    with pytest.raises(RuntimeError, match="exited with 2 before listening:\nsettings: bad port"):
+        wait_port(9, timeout=600, proc=proc, log=log)
+    assert log.exists()
+
+
+def test_the_bench_ris_binds_its_own_port_and_keeps_it():
+    """The RIS peer binds port 0 and reports the port it got: no free-then-release window."""
+    from tests.results.ris_peers import MllpRis
+
+    first, second = MllpRis().start(), MllpRis().start()
+    try:
+        assert first.port != second.port
+        for ris in (first, second):
+            assert port_open(ris.port)
+            with pytest.raises(OSError) as taken:
+                socket.create_server(("127.0.0.1", ris.port))
+            assert taken.value.errno == errno.EADDRINUSE
+    finally:
+        first.stop()
+        second.stop()

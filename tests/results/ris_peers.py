@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import threading
@@ -24,13 +25,23 @@ class MllpRis:
     """A RIS on MLLP: parses every message with python-hl7 and answers with ``ack_code``."""
 
     def __init__(self, port: int | None = None, ack_code: str = "AA", ack_text: str = ""):
-        self.port = port or free_port()
+        # Without a port the server binds port 0 when started and keeps the one the system gave:
+        # a port found free and released could be taken by another program meanwhile. Only when
+        # ``port`` is asked before the start (a RIS that is down first) is a free one chosen.
+        self._port = port
         self.ack_code, self.ack_text = ack_code, ack_text
         self.messages: list[hl7.Message] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None
         self._ready = threading.Event()
+
+    @property
+    def port(self) -> int:
+        """The RIS's port (the one it was given, or got when it started)."""
+        if self._port is None:  # asked before the start: the server will bind this one
+            self._port = free_port()
+        return self._port
 
     async def _answer(self, reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
         try:
@@ -50,7 +61,9 @@ class MllpRis:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        async with await hl7.mllp.start_hl7_server(self._answer, host="127.0.0.1", port=self.port, encoding="utf-8"):
+        server = await hl7.mllp.start_hl7_server(self._answer, host="127.0.0.1", port=self._port or 0, encoding="utf-8")
+        async with server:
+            self._port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop.wait()
 
@@ -72,7 +85,7 @@ class FhirServer:
     resource written is validated against the R4 StructureDefinitions (tests/peers/fhir)."""
 
     def __init__(self, log_dir: Path):
-        self.port = free_port()
+        self.port = 0  # the server binds port 0 and says which port it got ("fhir ready PORT")
         self.log_path = log_dir / "fhir-server.log"
         self.proc: subprocess.Popen | None = None
 
@@ -86,6 +99,7 @@ class FhirServer:
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen([node, str(FHIR_SERVER), str(self.port)], stdout=log, stderr=subprocess.STDOUT)
         assert wait_for(lambda: "fhir ready" in self.log_path.read_text(), timeout=60), self.log_path.read_text()
+        self.port = int(re.search(r"fhir ready (\d+)", self.log_path.read_text()).group(1))
         return self
 
     def stop(self) -> None:

@@ -53,6 +53,9 @@ class Volume:
     label: str = ""
     # For "images": why they are not a volume (e.g. "uneven slice spacing ..."), for refusals.
     note: str = ""
+    # Where the pixels came from: "streamed" (the series' volume decoded at ingest,
+    # node.core.volumes) or "files: <why not streamed>" (every instance file read and decoded).
+    pixels_from: str = "files"
 
     def describe(self) -> str:
         """The group in words, for job summaries and refusals (no patient data)."""

@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 from scipy import ndimage
 
+from node.core import volumes
 from workers.analysis.findings import SourceFrame, Volume, VolumeKind
 
 # Positions within this fraction of the median slice step count as evenly spaced.
@@ -51,7 +52,9 @@ class SeriesError(ValueError):
 class _Frame:
     """One 2D image (a slice or one frame) with its geometry and where it came from."""
 
-    pixels: np.ndarray  # (rows, cols) float32 in modality units
+    stored: np.ndarray  # (rows, cols) stored values as decoded (grey); modality units: values()
+    dataset: Dataset  # the instance (its header): rescale and MONOCHROME1 inversion
+    transform: Dataset | None  # the functional group holding the frame's rescale, if any
     position: np.ndarray | None  # Image Position (Patient), mm
     orientation: np.ndarray | None  # 6 direction cosines (row, column)
     spacing: tuple[float, float]  # (row spacing, column spacing) mm
@@ -70,6 +73,22 @@ class _Frame:
     def located(self) -> bool:
         return self.position is not None and self.orientation is not None
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stored.shape
+
+    def values_into(self, out: np.ndarray) -> None:
+        """Write the frame in modality units into ``out`` (float32, the volume's slice): the
+        arithmetic of ``_monochrome1(_rescale(stored as float32))`` done in place, so assembling
+        a 300-slice CT makes no per-slice temporaries (same float32 rounding, voxel for voxel)."""
+        out[...] = self.stored
+        slope, intercept = _rescale_terms(self.dataset, self.transform)
+        out *= slope
+        out += intercept
+        inverted = _monochrome1_sum(self.dataset)
+        if inverted is not None:  # computed in float64 and rounded once, as _monochrome1 does
+            np.subtract(inverted, out, out=out, casting="same_kind")
+
 
 # --- reading ----------------------------------------------------------------------------------
 
@@ -83,19 +102,51 @@ def load_groups(paths: Iterable[str | Path], allow_mixed_series: bool = False) -
     paths = [Path(p) for p in paths]
     if not paths:
         raise SeriesError("no instances given")
-    datasets = [_read(p) for p in paths]
+    stored, pixels_from = _streamed(paths)
+    datasets = []
+    for n, path in enumerate(paths):
+        ds = _read(path, header_only=stored[n] is not None)
+        if stored[n] is not None and not _streamable(ds):  # the streamer refuses these: never trust a slot
+            stored[n], ds = None, _read(path)
+            pixels_from = _pixels_from(stored, "a header says colour")
+        datasets.append(ds)
     series = {ds.get("SeriesInstanceUID", "") for ds in datasets}
     if len(series) > 1 and not allow_mixed_series:
         raise SeriesError(f"the instances belong to {len(series)} different series")
     frames: list[_Frame] = []
-    for path, ds in zip(paths, datasets):
-        frames.extend(_frames_of(ds, path))
+    for n, (path, ds) in enumerate(zip(paths, datasets)):
+        frames.extend(_frames_of(ds, path, stored[n]))
     groups = _partition(frames)
     if len(groups) == 1:
         groups = [(groups[0][0], [])]  # one group: nothing to tell it from
     groups.sort(key=lambda g: (-len(g[0]), ", ".join(g[1])))
     first = datasets[0]
-    return [_volume(members, ", ".join(label), first) for members, label in groups]
+    return [_volume(members, ", ".join(label), first, pixels_from) for members, label in groups]
+
+
+def _streamed(paths: list[Path]) -> tuple[list[np.ndarray | None], str]:
+    """Each instance's stored values from the series' streamed volume (decoded once at ingest),
+    None for those read from their files (not streamed yet, changed, corrupted: the files are the
+    truth, and an instance decodes the same from either); and where the pixels came from, for the
+    job record: "streamed", "files: <why>" or "streamed N/M; files: <why>"."""
+    values, why = volumes.streamed_values(paths)
+    return values, _pixels_from(values, why)
+
+
+def _pixels_from(values: list[np.ndarray | None], why: str) -> str:
+    streamed = sum(v is not None for v in values)
+    if streamed == len(values):
+        return "streamed"
+    if streamed == 0:
+        return f"files: {why}"
+    return f"streamed {streamed}/{len(values)}; files: {why}"
+
+
+def _streamable(ds: Dataset) -> bool:
+    """Grey images only: colour conversion stays with the file loader (as in the streamer)."""
+    return (
+        int(ds.get("SamplesPerPixel", 1) or 1) == 1 and str(ds.get("PhotometricInterpretation", "")) != "PALETTE COLOR"
+    )
 
 
 def load_series(paths: Iterable[str | Path], allow_mixed_series: bool = False) -> Volume:
@@ -111,10 +162,14 @@ def load_series(paths: Iterable[str | Path], allow_mixed_series: bool = False) -
     return groups[0]
 
 
-def _volume(frames: list[_Frame], label: str, first: Dataset) -> Volume:
+def _volume(frames: list[_Frame], label: str, first: Dataset, pixels_from: str = "files") -> Volume:
     kind, frames, affine, frame_time, note = _assemble(frames)
+    # Each frame goes straight into its place: no list of per-slice copies, no second stack.
+    pixels = np.empty((len(frames), *frames[0].shape), dtype=np.float32)
+    for k, frame in enumerate(frames):
+        frame.values_into(pixels[k])
     return Volume(
-        pixels=np.stack([f.pixels for f in frames]).astype(np.float32),
+        pixels=pixels,
         affine=affine,
         sources=[f.source for f in frames],
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
@@ -125,14 +180,17 @@ def _volume(frames: list[_Frame], label: str, first: Dataset) -> Volume:
         kind=kind,
         label=label,
         note=note,
+        pixels_from=pixels_from,
     )
 
 
-def _read(path: Path) -> Dataset:
+def _read(path: Path, header_only: bool = False) -> Dataset:
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=header_only)
     except Exception as err:  # pydicom raises many types for broken files
         raise SeriesError(f"{path.name}: not a readable DICOM file ({err.__class__.__name__}: {err})") from None
+    if header_only:  # the pixels come from the streamed volume, which only holds instances with some
+        return ds
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise SeriesError(f"{_instance(ds, path)}: has no Pixel Data (7FE0,0010)")
     return ds
@@ -170,14 +228,20 @@ def _to_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
 
-def _rescale(values: np.ndarray, ds: Dataset, per_frame: Dataset | None) -> np.ndarray:
-    """Stored values to modality units (HU for CT) with the instance's or frame's slope/intercept."""
+def _rescale_terms(ds: Dataset, per_frame: Dataset | None) -> tuple[float, float]:
+    """(slope, intercept) of the instance or, when it has its own, the frame."""
     slope, intercept = ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)
     if per_frame is not None and "PixelValueTransformationSequence" in per_frame:
         item = per_frame.PixelValueTransformationSequence[0]
         slope, intercept = item.get("RescaleSlope", slope), item.get("RescaleIntercept", intercept)
     slope = float(slope if slope not in (None, "") else 1)
     intercept = float(intercept if intercept not in (None, "") else 0)
+    return slope, intercept
+
+
+def _rescale(values: np.ndarray, ds: Dataset, per_frame: Dataset | None) -> np.ndarray:
+    """Stored values to modality units (HU for CT) with the instance's or frame's slope/intercept."""
+    slope, intercept = _rescale_terms(ds, per_frame)
     return values * slope + intercept
 
 
@@ -187,18 +251,28 @@ def _monochrome1(values: np.ndarray, ds: Dataset) -> np.ndarray:
     CT values keep their meaning (HU), so CT is left alone; for projection and other images the
     inversion uses the range of the stored bits after rescale.
     """
-    if str(ds.get("PhotometricInterpretation", "")) != "MONOCHROME1" or ds.get("Modality") == "CT":
+    inverted = _monochrome1_sum(ds)
+    if inverted is None:
         return values
+    return (inverted - values).astype(np.float32)
+
+
+def _monochrome1_sum(ds: Dataset) -> np.float64 | None:
+    """For an image to invert (MONOCHROME1, not CT): the sum of the lowest and highest stored
+    value after rescale (inverted = sum - value); else None."""
+    if str(ds.get("PhotometricInterpretation", "")) != "MONOCHROME1" or ds.get("Modality") == "CT":
+        return None
     bits = int(ds.get("BitsStored", 16))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     lo_r, hi_r = _rescale(np.array([lo, hi], dtype=np.float64), ds, None)
-    return (lo_r + hi_r - values).astype(np.float32)
+    return lo_r + hi_r
 
 
-def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
-    """The 2D frames of one instance with their geometry (shared and per-frame groups)."""
-    pixels = _decode(ds, path)
+def _frames_of(ds: Dataset, path: Path, stored: np.ndarray | None = None) -> list[_Frame]:
+    """The 2D frames of one instance with their geometry (shared and per-frame groups);
+    ``stored``: its decoded stored values when they come from the streamed volume."""
+    pixels = _decode(ds, path) if stored is None else stored
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
     per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
     multi = int(ds.get("NumberOfFrames", 1) or 1) > 1 or per_frame_seq is not None
@@ -213,7 +287,6 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
         spacing = (pixel_spacing(ds, groups) or (None, (1.0, 1.0)))[1]  # uncalibrated: one "mm" per pixel
         thickness = _attr_from(groups, ds, "PixelMeasuresSequence", "SliceThickness")
         transform = next((g for g in groups if "PixelValueTransformationSequence" in g), None)
-        values = _monochrome1(_rescale(pixels[n], ds, transform), ds)
         temporal = _temporal_index(per_frame)
         echo = _attr_from(groups, ds, "MREchoSequence", "EffectiveEchoTime")
         if echo is None:
@@ -227,7 +300,9 @@ def _frames_of(ds: Dataset, path: Path) -> list[_Frame]:
             trigger = ds.get("TriggerTime")
         out.append(
             _Frame(
-                pixels=values.astype(np.float32),
+                stored=pixels[n],
+                dataset=ds,
+                transform=transform,
                 position=None if position is None else np.asarray([float(v) for v in position]),
                 orientation=None if orientation is None else np.asarray([float(v) for v in orientation]),
                 spacing=(float(spacing[0]), float(spacing[1])),
@@ -374,7 +449,7 @@ Group = tuple[list[_Frame], list[str]]
 def _partition(frames: list[_Frame]) -> list[Group]:
     """The series' frames in groups, each with the words that tell it from the others."""
     groups: list[Group] = []
-    sizes = _split_by(frames, lambda f: f.pixels.shape)
+    sizes = _split_by(frames, lambda f: f.shape)
     for shape, same_size in sizes.items():
         size = [f"{shape[0]}x{shape[1]} images"] if len(sizes) > 1 else []
         groups += _split_unlocated([f for f in same_size if not f.located], size)

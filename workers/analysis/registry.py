@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -175,7 +176,16 @@ def loaded_model(analysis: Analysis, device: str) -> Any:
                     f"{analysis.name}: weights not found at {', '.join(missing)}; "
                     f"run `ainode train` or fix the configured path"
                 )
+            started = time.monotonic()
             _models[key] = analysis.load(device)
+            # One line per load: a worker that keeps its models says this once per model.
+            log.info(
+                "analysis %s: model loaded on %s in %.2f s (process %d)",
+                analysis.name,
+                device,
+                time.monotonic() - started,
+                os.getpid(),
+            )
         return _models[key]
 
 

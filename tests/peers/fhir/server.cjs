@@ -2,7 +2,8 @@
 // plain Node HTTP server. Every resource written (alone or inside a batch/transaction Bundle) is
 // first validated against the R4 StructureDefinitions by Medplum's validator; a resource that
 // does not validate is refused with 400 and the OperationOutcome.
-// Usage: node server.cjs PORT   (prints "fhir ready PORT" when listening on 127.0.0.1)
+// Usage: node server.cjs PORT   (prints "fhir ready PORT" when listening on 127.0.0.1; PORT 0: the
+// system picks a free port and the line says which, so no other program can take it meanwhile)
 
 // Node 20 has no global WebSocket; Medplum core only references it (subscriptions are unused).
 if (typeof globalThis.WebSocket === 'undefined') globalThis.WebSocket = class WebSocket {};
@@ -18,7 +19,7 @@ for (const file of SEARCH_PARAMETER_BUNDLE_FILES) core.indexSearchParameterBundl
 
 const router = new FhirRouter();
 const repo = new MemoryRepository();
-const port = Number(process.argv[2] || 8103);
+const port = Number(process.argv[2] ?? 8103);
 const log = [];
 
 function resourcesIn(body) {
@@ -46,7 +47,7 @@ function send(res, status, payload) {
   res.end(JSON.stringify(payload));
 }
 
-http
+const server = http
   .createServer((req, res) => {
     let body = '';
     req.on('data', (chunk) => (body += chunk));
@@ -80,4 +81,4 @@ http
       }
     });
   })
-  .listen(port, '127.0.0.1', () => console.log('fhir ready ' + port));
+  .listen(port, '127.0.0.1', () => console.log('fhir ready ' + server.address().port));
