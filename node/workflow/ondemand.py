@@ -221,14 +221,16 @@ def queue_analysis(
     destinations: list[str],
     priority: str = "stat",
     params: dict[str, Any] | None = None,
+    rule_name: str = ON_DEMAND_RULE,
 ) -> tuple[int, str]:
     """Queue ``analysis`` of a study the node holds, as a rule would; (job id, its state).
 
     Inputs already analysed the same way are not analysed again: the existing job is returned.
-    The study counts as routed from here (its job decides when it is done).
+    The study counts as routed from here (its job decides when it is done). ``rule_name`` names
+    who asked (``on-demand``; ``ups`` for the Task Performer): part of the job's key.
     """
     rule = Rule(
-        name=ON_DEMAND_RULE,
+        name=rule_name,
         analyses=[AnalysisRef(name=analysis, params=params or {})],
         destinations=destinations,
         priority=priority,  # type: ignore[arg-type]
