@@ -38,7 +38,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from node.core.clock import utcnow
 from node.core.db import ChangeGate, database_session
@@ -64,6 +64,11 @@ UNSPECIFIED = ("110513", "DCM", "Discontinued for unspecified reason")
 UPS_PRIORITY = {"stat": "HIGH", "routine": "MEDIUM", "low": "LOW"}
 JOB_PRIORITY = {"HIGH": "stat", "MEDIUM": "routine", "LOW": "low"}
 _BATCH = 100
+# Workitems whose inputs are retrieved at once (each on its own thread); the others wait a pass.
+_PARALLEL_STARTS = 4
+# Job ids are not committed strictly in order (PostgreSQL sequences): the mirror looks this far
+# below the highest job id it has seen.
+_ID_MARGIN = 1000
 
 
 def now_dt() -> str:
@@ -121,6 +126,7 @@ class Performer:
         # after a restart the row, IN PROGRESS without a job, says to start again).
         self._starting: set[str] = set()
         self._lock = threading.Lock()
+        self._highest_job = 0
 
     # --- one pass --------------------------------------------------------------------------
 
@@ -230,7 +236,7 @@ class Performer:
 
     def _start_in_background(self, uid: str, transaction_uid: str, ds: Dataset) -> None:
         with self._lock:
-            if uid in self._starting:
+            if uid in self._starting or len(self._starting) >= _PARALLEL_STARTS:
                 return
             self._starting.add(uid)
 
@@ -354,7 +360,9 @@ class Performer:
         """The Output Information Sequence: the delivered results grouped by study, series and
         the destination that acknowledged them (its Retrieve AE Title, or WADO-RS URL)."""
         groups: dict[tuple[str, str, str], list[tuple[str, str]]] = defaultdict(list)
-        for d in delivered:
+        # Only what can be retrieved as DICOM (an HL7 or FHIR report is no Output Information).
+        image_stores = {d.name for d in self.settings.destinations if d.type in ("dicom", "dicomweb")}
+        for d in (d for d in delivered if d.destination in image_stores):
             groups[(d.study_instance_uid, series_of(d.path), d.destination)].append(
                 (d.sop_class_uid, d.sop_instance_uid)
             )
@@ -449,12 +457,20 @@ class Performer:
                 select(Job, Patient.name, Patient.patient_id, Study.accession_number)
                 .outerjoin(Study, Study.id == Job.study_pk)
                 .outerjoin(Patient, Patient.id == Study.patient_pk)
-                .where(Job.created_at >= since, Job.rule.not_like(f"{UPS_RULE_PREFIX}%"), Job.id.not_in(linked))
+                .where(
+                    Job.id > self._highest_job - _ID_MARGIN,
+                    Job.created_at >= since,
+                    Job.rule.not_like(f"{UPS_RULE_PREFIX}%"),
+                    Job.id.not_in(linked),
+                )
                 .order_by(Job.id)
                 .limit(_BATCH)
             ).all()
             for job, *_ in rows:
                 session.expunge(job)
+            if len(rows) < _BATCH:
+                # Everything up to the newest job has its workitem now: later passes look from there.
+                self._highest_job = max(self._highest_job, session.scalar(select(func.max(Job.id))) or 0)
         made = 0
         for job, patient_name, patient_id, accession in rows:
             ds = self.mirror_dataset(job, patient_name or "", patient_id or "", accession or "")

@@ -273,3 +273,36 @@ def test_kill_9_with_a_workitem_in_progress_completes_after_restart(tmp_path, pa
         node.stop()
         watcher.stop()
     assert record.read_text().count("\n") >= 1  # the analysis ran to its end (re-run after the kill)
+
+
+def test_codes_inputs_and_order_are_read_from_the_workitem(tmp_path):
+    from node.core.settings import Settings  # noqa: PLC0415
+    from node.workflow.performer import Performer, input_studies, order_of  # noqa: PLC0415
+
+    settings = Settings.model_validate(
+        {
+            "database": {"url": f"sqlite:///{tmp_path}/x.db"},
+            "workflow": {
+                "analysis_codes": [
+                    {"code_value": "AI-CT-SEG", "coding_scheme_designator": "99RIS", "analysis": "ct-segmentation"}
+                ]
+            },
+        }
+    )
+    performer = Performer(settings, ["ct-segmentation", "nodule-classification"])
+    assert performer.analysis_for(ai_workitem("1.2.3", "AI-CT-SEG", scheme="99RIS")) == "ct-segmentation"
+    assert performer.analysis_for(ai_workitem("1.2.3", "nodule-classification")) == "nodule-classification"
+    assert performer.analysis_for(ai_workitem("1.2.3", "AI-CT-SEG")) is None  # another scheme's code
+    assert performer.code_for("ct-segmentation").CodeValue == "AI-CT-SEG"  # the RIS's code first
+    assert performer.code_for("nodule-classification").LongCodeValue == "nodule-classification"
+    ds = ai_workitem("1.2.3", "ct-segmentation", retrieve_ae="PACS1")
+    extra = Dataset()
+    extra.StudyInstanceUID, extra.RetrieveAETitle = "1.2.4", "PACS2"
+    ds.InputInformationSequence.append(extra)
+    ds.InputInformationSequence.append(ds.InputInformationSequence[0])  # named twice: once
+    assert input_studies(ds) == [("1.2.3", "PACS1"), ("1.2.4", "PACS2")]
+    assert order_of(ds) == {
+        "accession_number": ACCESSION,
+        "requested_procedure_id": "RP-7",
+        "requested_procedure_description": "CT abdomen AI",
+    }
