@@ -46,6 +46,7 @@ from node.core.errors import describe_error
 from node.core.settings import Settings, Source
 from node.dispatch.table import DELIVERED, FAILED, PENDING, SENDING, Delivery
 from node.index import Patient, Study
+from node.jobs import lifecycle
 from node.jobs.table import INAPPLICABLE, PENDING_STATES, QUEUED, RETRYING, SUCCEEDED, Job
 from node.workflow import manager, states
 from node.workflow.manager import short
@@ -332,6 +333,8 @@ class Performer:
         if not state:
             self.cancel(uid, transaction_uid, UNSPECIFIED, "its job no longer exists")
         elif cancel_requested and state in PENDING_STATES:
+            # A job still waiting is not run; one already running ends, its results unlisted.
+            lifecycle.cancel_queued(self.settings, job_id, "its UPS workitem was canceled")
             self.cancel(uid, transaction_uid, UNSPECIFIED, "canceled at the scheduler's request")
         elif state in PENDING_STATES:
             percent, text = (20, "queued for analysis") if state == QUEUED else (50, "analysing")

@@ -306,3 +306,28 @@ def test_codes_inputs_and_order_are_read_from_the_workitem(tmp_path):
         "requested_procedure_id": "RP-7",
         "requested_procedure_description": "CT abdomen AI",
     }
+
+
+def test_request_cancel_of_a_workitem_in_progress_cancels_it_with_a_reason(tmp_path, pacs, node_port, study_in_pacs):
+    study_uid, _ = study_in_pacs
+    watcher = Watcher().start()
+    codes = [
+        {"code_value": "SLOW", "coding_scheme_designator": "99RIS", "analysis": "sleep", "params": {"seconds": 60}}
+    ]
+    node = start_node(tmp_path, pacs, node_port, watcher, "c-get", workflow={"analysis_codes": codes})
+    try:
+        uid = schedule(node, ai_workitem(study_uid, "SLOW", scheme="99RIS"))
+        assert wait_for(lambda: "IN PROGRESS" in watcher.states(uid), timeout=120), node.log_text()[-3000:]
+        assoc = connect(node, RIS)
+        info = Dataset()
+        info.ReasonForCancellation = "ordered in error"
+        answer, _ = assoc.send_n_action(info, 2, UnifiedProcedureStepPush, uid)
+        assoc.release()
+        assert status(answer) == 0x0000
+        assert final(watcher, uid, node, timeout=120) == ["SCHEDULED", "IN PROGRESS", "CANCELED"]
+        progress = n_get(node, uid).ProcedureStepProgressInformationSequence[0]
+        assert progress.ReasonForCancellation == "canceled at the scheduler's request"
+        assert progress.ProcedureStepDiscontinuationReasonCodeSequence[0].CodeValue == "110513"
+    finally:
+        node.stop()
+        watcher.stop()
