@@ -190,12 +190,12 @@ def _retrieve_priors(settings: Settings, request: AnalysisRequest) -> None:
         outcome = retrieve_study(settings, prior.study_uid, request.source)
         if outcome.ok:
             request.prior_study_uids.append(prior.study_uid)
-            _held_as_input(settings, prior.study_uid)
+            held_as_input(settings, prior.study_uid)
         else:
             request.prior_errors.append(outcome.error)
 
 
-def _held_as_input(settings: Settings, study_uid: str) -> None:
+def held_as_input(settings: Settings, study_uid: str) -> None:
     """A prior retrieved as an input is not routed by the rules (nothing runs on it): done."""
     with session_scope(engine_for(settings.database.url)) as session:
         study = session.scalar(select(Study).where(Study.study_uid == study_uid))

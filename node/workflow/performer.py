@@ -50,7 +50,7 @@ from node.jobs import lifecycle
 from node.jobs.table import INAPPLICABLE, PENDING_STATES, QUEUED, RETRYING, SUCCEEDED, Job
 from node.workflow import manager, states
 from node.workflow.manager import short
-from node.workflow.ondemand import default_destinations, queue_analysis
+from node.workflow.ondemand import default_destinations, held_as_input, queue_analysis
 from node.workflow.retrieve import retrieve_study
 from node.workflow.table import Workitem
 
@@ -273,7 +273,10 @@ class Performer:
             return
         params: dict[str, Any] = {**self.params_for(ds), "order": order_of(ds), "workitem": uid}
         if len(inputs) > 1:
+            # Further studies are inputs of this analysis only: the rules leave them alone.
             params["prior_study_uids"] = [s for s, _ in inputs[1:]]
+            for prior_uid, _ in inputs[1:]:
+                held_as_input(self.settings, prior_uid)
         job_id, _state = queue_analysis(
             self.settings,
             inputs[0][0],
