@@ -18,7 +18,14 @@ The same study's report also goes to a RIS: ``time_to_ris_s`` is last acknowledg
 ACKed by python-hl7's MLLP server, ``time_to_fhir_s`` → the FHIR transaction answered by
 Medplum's router (tests/peers/fhir; left out when Node or its packages are missing).
 
-The last line printed is JSON: {"time_to_result_s", "time_to_ris_s", "stages", "device", ...}.
+The same run also measures the pull path (IHE AIW-I): a study held only by Orthanc, a UPS
+workitem naming it created by a RIS (pynetdicom N-CREATE), the node's Task Performer claiming it,
+retrieving the study (C-GET), analysing it and delivering the results: ``workitem_to_completed_s``
+is N-CREATE answered → workitem COMPLETED (its ``finished_at``), beside the push path's
+``time_to_result_s``.
+
+The last line printed is JSON: {"time_to_result_s", "time_to_ris_s", "workitem_to_completed_s",
+"stages", "device", ...}.
 Usage: python bench/time_to_result.py [--json] [--slices 300] [--size 256]
 """
 
@@ -37,6 +44,11 @@ from pathlib import Path
 
 import pydicom
 import yaml
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import UnifiedProcedureStepPush
 from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +173,48 @@ def stored_paths(db_url: str, store: Path, study_uid: str) -> list[Path]:
     return [store / r[0] for r in rows]
 
 
+def workitem_to_completed(dicom_port: int, pacs_port: int, db_url: str, files: list[Path]) -> float:
+    """Seconds from a RIS's N-CREATE of a workitem for a study held only by Orthanc to its
+    COMPLETED (the node retrieves, analyses and delivers)."""
+    study = fresh_uids(files)
+    push(pacs_port, "ORTHANC", study, mpps=False)  # the modality sent it to the PACS only
+    ds = Dataset()
+    ds.PatientName, ds.PatientID = study[0].PatientName, study[0].PatientID
+    ds.ProcedureStepState, ds.ScheduledProcedureStepPriority = "SCHEDULED", "HIGH"
+    ds.ProcedureStepLabel, ds.WorklistLabel = "CT organs", "AI"
+    ds.ScheduledProcedureStepStartDateTime, ds.InputReadinessState = "20260101000000", "READY"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = ANALYSIS, "99AINODE", ANALYSIS
+    ds.ScheduledWorkitemCodeSequence = Sequence([code])
+    item, where = Dataset(), Dataset()
+    item.StudyInstanceUID, item.TypeOfInstances = study[0].StudyInstanceUID, "DICOM"
+    where.RetrieveAETitle = "ORTHANC"
+    item.DICOMRetrievalSequence = Sequence([where])
+    ds.InputInformationSequence = Sequence([item])
+    uid = generate_uid()
+    ae = AE(ae_title="RIS")
+    ae.add_requested_context(UnifiedProcedureStepPush)
+    assoc = ae.associate("127.0.0.1", dicom_port, ae_title="AINODE")
+    answer, _ = assoc.send_n_create(ds, UnifiedProcedureStepPush, uid)
+    created = time.time()
+    assoc.release()
+    if answer is None or int(answer.Status) != 0:
+        raise RuntimeError(f"N-CREATE answered {answer}")
+    engine = create_engine(db_url)
+    deadline = time.monotonic() + 1800
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT state, finished_at FROM workitems WHERE sop_instance_uid = :u"), {"u": uid}
+            ).first()
+        if row and row[0] == "COMPLETED":
+            return _epoch(row[1]) - created
+        if row and row[0] == "CANCELED":
+            raise RuntimeError("the workitem was CANCELED")
+        time.sleep(0.05)
+    raise RuntimeError("the workitem did not complete in time")
+
+
 def replay_split(files: list[Path], work: Path, warm_files: list[Path]) -> dict[str, float]:
     """load / inference / write seconds of the same analysis replayed in this process, warmed up
     first on the warm-up study as the worker was (model loaded, libraries imported). ``files``:
@@ -216,7 +270,9 @@ def main() -> int:
     try:
         files = write_phantom(args.slices, args.size)
         warm_files = write_phantom(48, 64, seed=8)
-        orthanc, pacs_port, _ = start_orthanc(work, {"Name": "bench-pacs"})
+        orthanc, pacs_port, _ = start_orthanc(
+            work, {"Name": "bench-pacs", "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True}
+        )
         procs.append(orthanc)
         redis, redis_port = start_redis(work)
         procs.append(redis)
@@ -244,6 +300,12 @@ def main() -> int:
             "database": {"url": db_url},
             "broker": {"url": f"redis://127.0.0.1:{redis_port}/0"},
             "destinations": destinations,
+            # The pull path: the Task Performer retrieves a workitem's study from Orthanc (C-GET).
+            "peers": [{"ae_title": "RIS", "hosts": ["127.0.0.1"], "allow": ["echo", "ups"]}],
+            "sources": [
+                {"name": "orthanc", "method": "c-get", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}
+            ],
+            "workflow": {"destinations": ["pacs"]},
             "timers": {"series_quiet_s": 30, "study_quiet_s": 30},
             "rules": [
                 {
@@ -298,6 +360,7 @@ def main() -> int:
             "write": round(run_s * split["write"] / share, 3),
             "deliver": round(t["delivered"] - t["finished"], 3),
         }
+        workitem_s = workitem_to_completed(dicom_port, pacs_port, db_url, files)
         results_dir = work / "replay"
         peer_results_s = storescu_seconds(pacs_port, sorted(results_dir.glob("*.dcm")))
         peer_study_s = storescu_seconds(pacs_port, files)
@@ -306,6 +369,7 @@ def main() -> int:
             "time_to_result_s": round(total, 3),
             "time_to_ris_s": round(t["ris"] - last_ack, 3) if t["ris"] else None,
             "time_to_fhir_s": round(t["fhir"] - last_ack, 3) if t["fhir"] else None,
+            "workitem_to_completed_s": round(workitem_s, 3),
             "stages": stages,
             "device": device_name(),
             "goal_s": 5.0 if device_name().startswith("cuda") else 20.0,
@@ -325,6 +389,7 @@ def main() -> int:
                 print(f"  {name:10s} {value:8.3f} s")
             print(f"peer: storescu of the same results to Orthanc {result['peer_storescu_results_to_orthanc_s']} s")
             print(f"time to RIS (ORU ACK): {result['time_to_ris_s']} s, to FHIR: {result['time_to_fhir_s']} s")
+            print(f"workitem for a study only in Orthanc, created -> COMPLETED: {result['workitem_to_completed_s']} s")
         print(json.dumps(result))
         succeeded = True
         return 0

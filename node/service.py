@@ -34,6 +34,7 @@ from node.ingest.receiver import Receiver
 from node.ingest.recovery import recover_all
 from node.jobs import embedded, reconciler
 from node.workflow import events as ups_events
+from node.workflow import performer as ups_performer
 from node.workflow import retrieve
 from node.workflow import scp as ups_scp
 from workers.analysis.intended import declared_uses
@@ -71,6 +72,8 @@ PERIODIC_STAGES: tuple[tuple[str, PeriodicHook], ...] = (
     ("api", api.periodic_tasks),
     ("retention", retention.periodic_tasks),
     ("workflow", ups_events.periodic_tasks),
+    # The Task Performer answers to the codes of the analyses the node declares.
+    ("performer", lambda settings: ups_performer.periodic_tasks(settings, analyses=declared_uses(settings))),
 )
 SERVICE_STAGES: tuple[tuple[str, ServiceHook], ...] = (
     ("jobs", embedded.start_services),

@@ -67,6 +67,7 @@ from workers.analysis.imaging import SeriesError, load_groups
 from workers.analysis.registry import AnalysisError
 from workers.analysis.registry import run_analysis as run_registered
 from workers.results import ResultContext, check_writable, write_results
+from workers.results.context import order_overrides
 from workers.results.notice import write_not_applicable_sr
 from workers.results.rejection import write_rejection_note
 
@@ -189,6 +190,8 @@ def run_model_job(
             if any(d.name == n for d in settings.destinations)
         ]
         or [CapabilityProfile()],
+        # A workitem's order (Accession Number, Requested Procedure) wins over the images'.
+        **order_overrides(job.params_dict()),  # type: ignore[arg-type]
     )
     outputs: list[ResultObject] = []
     analysed: list[dict[str, Any]] = []

@@ -602,8 +602,23 @@ class APISettings(Section):
         return value
 
 
+class WorkitemCode(Section):
+    """A Scheduled Workitem Code (the RIS's code for an AI task) and the analysis it runs.
+
+    Every analysis answers by default to its own name under the coding scheme ``99AINODE``
+    (e.g. ``ct-segmentation``); entries here add the codes a RIS already uses."""
+
+    code_value: str = Field(min_length=1, max_length=64)
+    coding_scheme_designator: str = Field(default="99AINODE", min_length=1, max_length=64)
+    code_meaning: str = ""
+    analysis: str = Field(min_length=1)
+    # The analysis' parameters for workitems of this code (as a rule's analyses may have).
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class WorkflowSettings(Section):
-    """The UPS Task Manager (node.workflow): how long final workitems stay, how events retry."""
+    """The UPS Task Manager (node.workflow): how long final workitems stay, how events retry;
+    the Task Performer: which codes it performs, where its results go."""
 
     # COMPLETED and CANCELED workitems are kept at least this long (IHE AIW-I: 24 h), and while
     # a watcher holds a deletion lock on them.
@@ -612,6 +627,16 @@ class WorkflowSettings(Section):
     # (doubling per attempt up to event_retry_max_s), until it is taken: events are never dropped.
     event_retry_s: Seconds = 2.0
     event_retry_max_s: Seconds = 300.0
+    # The node's Task Performer claims SCHEDULED workitems whose code names an analysis it runs.
+    perform: bool = True
+    # Codes mapped to analyses, beside each analysis' default (its name, scheme 99AINODE).
+    analysis_codes: list[WorkitemCode] = Field(default_factory=list)
+    # Where a workitem's results go; empty: the destinations of the rules that run its analysis,
+    # else every destination.
+    destinations: list[str] = Field(default_factory=list)
+    # Every job the rules queue is mirrored as a workitem (performed by the node), so a watcher
+    # sees all AI work through one global subscription.
+    mirror_jobs: bool = True
 
 
 class AuditSettings(Section):

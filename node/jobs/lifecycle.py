@@ -246,6 +246,20 @@ def not_applicable(settings: Settings, claim: Claim, reason: str) -> bool:
     return _finish(settings, claim, state=INAPPLICABLE, error=reason, finished_at=utcnow())
 
 
+def cancel_queued(settings: Settings, job_id: int, reason: str) -> bool:
+    """Failed before any worker took it (its UPS workitem was canceled): a worker that receives
+    its message finds it no longer queued. False when it already left the queue."""
+    with database_session(settings.database.url) as session:
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_((QUEUED, RETRYING)))
+            .values(state=FAILED, error=reason, finished_at=utcnow())
+        )
+        if done.rowcount == 1:
+            _mark_study_done(session, job_id)
+        return done.rowcount == 1
+
+
 def record_not_applicable(session: Session, claim: Claim, reason: str) -> bool:
     """Not applicable, in the caller's transaction (which also records the notice SR's outbox
     rows); False if the claim was lost meanwhile."""

@@ -10,6 +10,7 @@ analysis on it on request (`ainode run`, the API).
 UPS-RS (DICOMweb, PS3.18 section 11) serves the same ``manager`` operations on the admin API
 (``node.admin.routes_workitems``), its WebSocket event channel reading the ``events`` outbox.
 
-Extension point, not built yet: a Task Performer (claims workitems and runs analyses: it would
-use ``manager.change_state`` like any Pull SCU and ``retrieve`` for inputs the node lacks).
+``performer`` is the node's Task Performer: it claims the workitems whose code names one of its
+analyses through ``manager`` like any Pull SCU, fetches their inputs with ``retrieve``, queues
+the analysis through ``ondemand.queue_analysis``, and mirrors every other job as a workitem.
 """

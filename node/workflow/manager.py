@@ -249,9 +249,12 @@ def check_create(ds: Dataset) -> Answer | None:
     return None
 
 
-def create(url: str, uid: str, ds: Dataset, calling_ae: str, default_worklist: str) -> Answer:
+def create(
+    url: str, uid: str, ds: Dataset, calling_ae: str, default_worklist: str, job_id: int | None = None
+) -> Answer:
     """UPS Push N-CREATE: a new SCHEDULED workitem; global subscribers are subscribed to it and
-    told (UPS State Report SCHEDULED)."""
+    told (UPS State Report SCHEDULED). ``job_id``: the node's own workitem for a job it queued
+    (at most one per job: a second is refused as a duplicate)."""
     problem = check_create(ds)
     if problem is not None:
         return problem
@@ -268,6 +271,7 @@ def create(url: str, uid: str, ds: Dataset, calling_ae: str, default_worklist: s
                     state=states.SCHEDULED,
                     dataset=dump(ds),
                     creator_ae=calling_ae[:16],
+                    job_id=job_id,
                     **_columns(ds),
                 )
             )

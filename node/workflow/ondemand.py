@@ -190,12 +190,12 @@ def _retrieve_priors(settings: Settings, request: AnalysisRequest) -> None:
         outcome = retrieve_study(settings, prior.study_uid, request.source)
         if outcome.ok:
             request.prior_study_uids.append(prior.study_uid)
-            _held_as_input(settings, prior.study_uid)
+            held_as_input(settings, prior.study_uid)
         else:
             request.prior_errors.append(outcome.error)
 
 
-def _held_as_input(settings: Settings, study_uid: str) -> None:
+def held_as_input(settings: Settings, study_uid: str) -> None:
     """A prior retrieved as an input is not routed by the rules (nothing runs on it): done."""
     with session_scope(engine_for(settings.database.url)) as session:
         study = session.scalar(select(Study).where(Study.study_uid == study_uid))
@@ -221,14 +221,16 @@ def queue_analysis(
     destinations: list[str],
     priority: str = "stat",
     params: dict[str, Any] | None = None,
+    rule_name: str = ON_DEMAND_RULE,
 ) -> tuple[int, str]:
     """Queue ``analysis`` of a study the node holds, as a rule would; (job id, its state).
 
     Inputs already analysed the same way are not analysed again: the existing job is returned.
-    The study counts as routed from here (its job decides when it is done).
+    The study counts as routed from here (its job decides when it is done). ``rule_name`` names
+    who asked (``on-demand``; ``ups`` for the Task Performer): part of the job's key.
     """
     rule = Rule(
-        name=ON_DEMAND_RULE,
+        name=rule_name,
         analyses=[AnalysisRef(name=analysis, params=params or {})],
         destinations=destinations,
         priority=priority,  # type: ignore[arg-type]

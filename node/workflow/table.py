@@ -47,6 +47,9 @@ class Workitem(Base):
     creator_ae: Mapped[str] = mapped_column(String(16), default="")
     performer_ae: Mapped[str] = mapped_column(String(16), default="")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The job performing it (node.workflow.performer): set when the node's performer queued the
+    # analysis, or at creation for the workitem mirroring a job the rules queued. One per job.
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True, unique=True, index=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

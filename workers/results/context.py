@@ -84,6 +84,17 @@ class ResultContext:
         return kinds_for_destinations(self.destinations)
 
 
+# The order attributes a job's parameters may carry (``params["order"]``): a UPS workitem's
+# Referenced Request Sequence flows into its results through them (IHE AIW-I / AIR).
+ORDER_KEYS = ("accession_number", "requested_procedure_id", "requested_procedure_description")
+
+
+def order_overrides(params: Mapping[str, Any]) -> dict[str, str]:
+    """The ResultContext fields a job's ``params["order"]`` sets (none when it has no order)."""
+    order = params.get("order") or {}
+    return {key: str(order[key]) for key in ORDER_KEYS if order.get(key) is not None}
+
+
 # Namespace of ainode's name-based UUIDs (a fixed random UUID; never change it).
 UID_NAMESPACE = uuid.UUID("6f0b7c58-2f4e-4b7a-9a51-3d0c2b9e8a11")
 
