@@ -25,6 +25,7 @@ from tests.helpers import NodeProcess, wait_for
 from tests.jobs.conftest import add_study
 from tests.jobs.test_completion_and_routing import CT_RULE
 from tests.jobs.test_model_path import Threshold
+from workers.synthetic import phantoms
 
 
 def _job_of(settings, study_uid: str) -> Job | None:
@@ -73,7 +74,6 @@ def test_jobs_share_one_child_until_it_must_be_killed(make_settings):
 
 @pytest.mark.slow
 def test_a_real_embedded_node_loads_the_model_once_and_maps_streamed_volumes(tmp_path):
-    from workers.synthetic import phantoms
 
     model = tmp_path / "threshold.pt"
     torch.jit.script(Threshold()).save(str(model))

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import shutil as sh
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from node import retention
 from node.core import volumes
 from node.ingest.volume_stream import VolumeStreamer
 from tests.models import test_imaging, test_series_semantics
@@ -199,7 +201,6 @@ def test_the_streamer_thread_streams_what_it_is_given(tmp_path):
 
 
 def test_retention_removes_the_streamed_volume(tmp_path):
-    from node import retention
 
     paths = _ct(tmp_path)
     _stream(paths[0].parent, paths)
@@ -210,7 +211,6 @@ def test_retention_removes_the_streamed_volume(tmp_path):
 
 def test_the_streamer_leaves_room_for_what_the_receiver_must_keep(tmp_path):
     """Near the storage reserve nothing is streamed: acknowledged instances need the room."""
-    import shutil as sh
 
     paths = _ct(tmp_path)
     streamer = VolumeStreamer(reserve=sh.disk_usage(tmp_path).free)

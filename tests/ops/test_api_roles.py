@@ -21,11 +21,14 @@ from typing import Any
 
 import pytest
 import yaml
+from fastapi import HTTPException
 from pydantic import ValidationError
+from starlette.requests import Request
 
+from node.admin.access import MAX_FAILED_LOGINS, Access
 from node.admin.api import create_app
 from node.admin.passwords import check_password, hash_password
-from node.core.settings import ConfigError, Settings, load_settings
+from node.core.settings import APIUser, ConfigError, Settings, load_settings
 from tests.helpers import REPO_ROOT, NodeProcess, wait_for
 from tests.ops.conftest import TOKEN, make_certificate, node_with_api
 
@@ -346,11 +349,6 @@ def test_the_dashboard_keeps_no_credential_in_the_page():
 
 
 def test_failed_logins_from_one_address_are_throttled():
-    from fastapi import HTTPException
-    from starlette.requests import Request
-
-    from node.admin.access import MAX_FAILED_LOGINS, Access
-    from node.core.settings import APIUser
 
     user = APIUser(name="ann", role="viewer", password_hash=hash_password("right", n=1024))
     access = Access("token", [user])

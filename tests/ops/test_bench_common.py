@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO_ROOT, NodeProcess, port_open
+from tests.results.ris_peers import MllpRis
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
@@ -78,7 +79,6 @@ def test_waiting_for_a_service_that_died_says_so_with_its_log(tmp_path: Path):
 
 def test_the_bench_ris_binds_its_own_port_and_keeps_it():
     """The RIS peer binds port 0 and reports the port it got: no free-then-release window."""
-    from tests.results.ris_peers import MllpRis
 
     first, second = MllpRis().start(), MllpRis().start()
     try:

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import pytest
 from pydicom.data import get_testdata_file
+from pynetdicom import AE, _config
 from sqlalchemy import create_engine, select
 
 from node.index import Instance
+from node.ingest.acceptor import COMMAND_MAX, PYNETDICOM_MESSAGE_MAX
 from node.ingest.wire import file_meta
 from tests import fuzz
 from tests.helpers import NodeProcess, wait_for
@@ -337,7 +339,6 @@ def test_command_fragments_without_end_are_aborted(watch):
     """Found by this fuzzing: command fragments that never say "last" were collected without a
     bound (300 MB of them took the receiver from 204 to 493 MiB). Past 64 KiB the association
     is aborted."""
-    from node.ingest.acceptor import COMMAND_MAX
 
     fragment = fuzz.p_data(fuzz.pdv(1, 0x01, bytes(40_000)))
     with associated(watch.node.port) as sock:
@@ -356,7 +357,6 @@ def test_a_c_store_the_fast_path_cannot_parse_is_bounded_too(watch):
     SOP Instance UID that is not ASCII) went to pynetdicom, which held its whole data set in
     memory (200 MB of it: peak RSS 203 -> 398 MiB) before the receiver refused it. Past 16 MiB
     the association is aborted."""
-    from node.ingest.acceptor import PYNETDICOM_MESSAGE_MAX
 
     not_ascii = fuzz.store_command("1.2.3.4").replace(b"1.2.3.4\x00", b"1.2.3.\x80\x00")
     fragment = fuzz.p_data(fuzz.pdv(3, 0x00, bytes(1_000_000)))
@@ -395,7 +395,6 @@ class Sender:
     unparsed), on one association reopened whenever the node ended it."""
 
     def __init__(self, node: NodeProcess, contexts: set[tuple[str, str]]):
-        from pynetdicom import AE
 
         self.node = node
         self.ae = AE(ae_title="PYNETDICOM")
@@ -405,7 +404,6 @@ class Sender:
 
     def send(self, path: Path) -> int | None:
         """The status the node answered (None: no answer)."""
-        from pynetdicom import _config
 
         if self.assoc is None or not self.assoc.is_established:
             self.assoc = self.ae.associate("127.0.0.1", self.node.port, ae_title=self.node.ae_title)

@@ -18,10 +18,13 @@ from pynetdicom.sop_class import UnifiedProcedureStepPush
 from sqlalchemy import select
 
 from node.core.db import engine_for, session_scope
+from node.core.settings import Settings
 from node.jobs.table import Job
 from node.workflow.manager import GLOBAL_SUBSCRIPTION
+from node.workflow.performer import Performer, input_studies, order_of
 from node.workflow.table import Workitem
 from tests.helpers import NodeProcess, wait_for
+from tests.results.synthetic import write_ct_series
 from tests.results.test_end_to_end import result_series
 from tests.workflow.conftest import RIS, Watcher, connect, node_config, push_to_orthanc, source_of, status, subscribe
 from workers.analysis.models import segmentation
@@ -205,7 +208,6 @@ def test_an_unknown_code_is_left_for_other_performers(tmp_path, pacs, node_port,
 
 
 def test_a_pushed_studys_job_is_a_workitem_the_watcher_sees_complete(tmp_path, pacs, node_port):
-    from tests.results.synthetic import write_ct_series  # noqa: PLC0415
 
     watcher = Watcher().start()
     rules = [{"name": "count", "match": {"modality": "CT"}, "analyses": ["count-instances"], "destinations": ["pacs"]}]
@@ -276,8 +278,6 @@ def test_kill_9_with_a_workitem_in_progress_completes_after_restart(tmp_path, pa
 
 
 def test_codes_inputs_and_order_are_read_from_the_workitem(tmp_path):
-    from node.core.settings import Settings  # noqa: PLC0415
-    from node.workflow.performer import Performer, input_studies, order_of  # noqa: PLC0415
 
     settings = Settings.model_validate(
         {
