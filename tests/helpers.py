@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import socket
 import ssl
@@ -211,3 +212,15 @@ def train_quick(model: str, out: Path) -> subprocess.CompletedProcess[str]:
     )
     assert run.returncode == 0, run.stderr[-2000:]
     return run
+
+
+# A Patient participant object of a DICOM audit message (PS3.15 A.5): the one place the audit trail
+# names a patient; everything else in the trail and the whole application log must not.
+PATIENT_OBJECT = re.compile(
+    r'<ParticipantObjectIdentification [^>]*ParticipantObjectTypeCodeRole="1">.*?</ParticipantObjectIdentification>'
+)
+
+
+def outside_patient_objects(audit_text: str) -> str:
+    """The audit trail with its Patient participant objects left out."""
+    return PATIENT_OBJECT.sub("", audit_text)

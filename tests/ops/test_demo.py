@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, outside_patient_objects
 from tests.results.validators import dciodvfy_errors
 
 pytestmark = pytest.mark.slow
@@ -50,7 +50,10 @@ def test_demo_delivers_every_result_to_the_test_pacs(tmp_path: Path):
     # The node's audit trail: application start and stop, and the phantom study's arrival.
     trail = (tmp_path / "work" / "audit.log").read_text()
     assert trail.count('csd-code="110100"') == 2 and 'EventActionCode="C" ' in trail and 'csd-code="110104"' in trail
-    assert "Demo^Phantom" not in trail and "DEMO0001" not in trail
+    # The patient is named only in the Patient participant objects PS3.15 asks for.
+    assert "DEMO0001" in trail
+    outside = outside_patient_objects(trail)
+    assert "Demo^Phantom" not in outside and "DEMO0001" not in outside
     # The key slice shows a finding (the largest lesion at its widest), not an empty slice.
     assert re.search(r"key slice \d+ \([1-9]\d* finding", proc.stderr), proc.stderr[-3000:]
     png = Image.open(out / "key-slice.png")

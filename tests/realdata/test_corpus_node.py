@@ -29,7 +29,7 @@ from pydicom.data import get_charset_files, get_testdata_files
 from pydicom.uid import UID
 from sqlalchemy import create_engine, text
 
-from tests.helpers import NodeProcess, wait_for
+from tests.helpers import NodeProcess, outside_patient_objects, wait_for
 from tests.results.peers import Orthanc
 from tests.results.validators import dciodvfy_errors, sr_validator_errors
 
@@ -70,9 +70,6 @@ FINDING_CODES = {"52101004", "10230-1"}  # Present; Left ventricular ejection fr
 # A permanent failure names the input (a UID) and the attribute (a tag or a keyword).
 NAMES_INPUT = re.compile(r"(SOP Instance|Series Instance|Study Instance) UID [0-9.]+")
 NAMES_ATTRIBUTE = re.compile(r"\([0-9A-F]{4},[0-9A-F]{4}\)")
-PATIENT_OBJECT = re.compile(
-    r'<ParticipantObjectIdentification [^>]*ParticipantObjectTypeCodeRole="1">.*?</ParticipantObjectIdentification>'
-)
 SEG_WITHOUT_SLICE_THICKNESS = "/PixelMeasuresSequence(0028,9110)[1]/SliceThickness(0018,0050)> - Missing attribute"
 
 
@@ -352,7 +349,7 @@ def test_the_corpus_through_the_node_ends_in_documented_outcomes(tmp_path):
 
     # No patient names in the node's log, nor in its audit trail outside the Patient participant
     # objects PS3.15 asks for (the audit trail is the protected record of whose data was handled).
-    audit = PATIENT_OBJECT.sub("", audit)
+    audit = outside_patient_objects(audit)
     names = {s.patient_name for s in corpus if len(s.patient_name.replace("^", "")) >= 4}
     for name in sorted(names):
         for part in {name, *name.split("^")} - {""}:
