@@ -329,6 +329,8 @@ def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str
                 "objects": sum(1 for r in rows if r[2] == "pacs"),
                 # How the worker got the pixels: "streamed" (node.core.volumes) or "files: why".
                 "pixels": [s.get("pixels", "files") for s in json.loads(job[6] or "{}").get("series", [])],
+                # The analysis stages as the worker timed them, per analysed series.
+                "timings": [s.get("timings_s", {}) for s in json.loads(job[6] or "{}").get("series", [])],
             }
         if rows and any(r[0] == "failed" for r in rows):
             raise RuntimeError("a result delivery failed")
