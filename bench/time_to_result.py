@@ -24,6 +24,8 @@ retrieving the study (C-GET), analysing it and delivering the results: ``workite
 is N-CREATE answered → workitem COMPLETED (its ``finished_at``), beside the push path's
 ``time_to_result_s``.
 
+Without Redis, Orthanc or DCMTK (the lent GPU machine): ``bench/time_to_result_portable.py``.
+
 The last line printed is JSON: {"time_to_result_s", "time_to_ris_s", "workitem_to_completed_s",
 "stages", "device", ...}.
 Usage: python bench/time_to_result.py [--json] [--slices 300] [--size 256]
