@@ -273,7 +273,9 @@ def write_phantom(slices: int, size: int, seed: int = 7) -> list[Path]:
     done = folder / "complete"
     if not done.exists():
         spacing = (375.0 / slices, 384.0 / size, 384.0 / size)
-        phantom = phantoms.make_ct_phantom(seed, shape=(slices, size, size), spacing=spacing)
+        phantom = phantoms.make_ct_phantom(
+            seed, shape=(slices, size, size), spacing=spacing, processes=min(os.cpu_count() or 1, 16)
+        )
         phantoms.write_ct_series(phantom, folder)
         done.write_text("ok")
     return sorted(folder.glob("*.dcm"))

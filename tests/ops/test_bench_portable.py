@@ -1,12 +1,14 @@
 """The portable time-to-result bench (bench/time_to_result_portable.py, run on the lent GPU
-machine): its node runs on the embedded broker, and its test PACS acknowledges an object only
-once the object is on disk (what the bench counts as "in the PACS")."""
+machine): its node runs on the embedded broker, its test PACS acknowledges an object only once
+the object is on disk (what the bench counts as "in the PACS"), and its big phantom, rendered in
+several processes, is the phantom one process renders."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -16,6 +18,7 @@ from node.core.settings import load_settings
 from node.demo import PACS_AE, BuiltinPACS
 from node.jobs.broker import embedded
 from tests.helpers import REPO_ROOT
+from workers.synthetic import phantoms
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
@@ -57,3 +60,11 @@ def test_the_builtin_pacs_has_the_object_on_disk_when_it_acknowledges(tmp_path: 
 def test_median_of_reads_a_path_into_each_run():
     runs = [{"stages": {"run": 3.0}}, {"stages": {"run": 1.0}}, {"stages": {"run": 2.0}}]
     assert median_of(runs, "stages", "run") == 2.0
+
+
+def test_a_phantom_rendered_in_several_processes_is_the_one_rendered_in_one():
+    one = phantoms.make_ct_phantom(3, shape=(17, 48, 48), spacing=(12.0, 8.0, 8.0))
+    three = phantoms.make_ct_phantom(3, shape=(17, 48, 48), spacing=(12.0, 8.0, 8.0), processes=3)
+    assert np.array_equal(one.labels, three.labels)
+    assert np.allclose(one.hu, three.hu, atol=1e-3)
+    assert (one.labels > 0).any()
