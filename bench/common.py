@@ -334,6 +334,9 @@ def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str
                 # The analysis stages as the worker timed them, per analysed series.
                 "timings": [s.get("timings_s", {}) for s in json.loads(job[6] or "{}").get("series", [])],
             }
+        if job and job[4] is not None and not rows and not json.loads(job[6] or "{}").get("series"):
+            # Finished with nothing to deliver (e.g. the study is outside the analysis's intended use).
+            raise RuntimeError(f"job {job[0]} produced no results: {(job[6] or '')[:300]}")
         if rows and any(r[0] == "failed" for r in rows):
             raise RuntimeError("a result delivery failed")
         time.sleep(0.05)

@@ -7,7 +7,7 @@
 # torch is used (a CUDA torch wheel is far over the 64 MiB carry limit). About 35 MiB.
 #   bench/gpu_wheels.sh [PYTHON]
 set -uo pipefail
-py=${1:-python3}
+py=${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 mkdir -p .whl
 platforms=()
 for n in 17 24 27 28 31 34 35; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
