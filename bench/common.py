@@ -1,4 +1,5 @@
-"""Helpers the benchmarks share: ports, a private Redis, pushing a study as a modality, teardown.
+"""Helpers the benchmarks share: ports, a private Redis, the phantom study, pushing it as a modality,
+waiting for its results, teardown.
 
 Benchmarks import it as a sibling module (``from common import ...``) after putting ``bench/``
 on ``sys.path``, so each benchmark still runs as ``python bench/NAME.py``.
@@ -13,19 +14,23 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, ModalityPerformedProcedureStep
+from sqlalchemy import create_engine, text
 
 
 def free_port() -> int:
@@ -234,3 +239,117 @@ def push(port: int, called: str, study: list[Dataset], mpps: bool) -> float:
         assert status.Status == 0, f"N-SET 0x{status.Status:04X}"
     assoc.release()
     return last_ack
+
+
+def device_name() -> str:
+    """The accelerator the worker uses, else the CPU."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda: {torch.cuda.get_device_name(0)}"
+    except Exception:  # noqa: BLE001 - no torch: CPU
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu} x {os.cpu_count()} cores"
+
+
+def write_phantom(slices: int, size: int, seed: int = 7) -> list[Path]:
+    """The phantom CT study as DICOM files, rendered once and kept in the temp folder.
+
+    Rendering 300 slices takes minutes on a small CPU and is not part of the measurement; the
+    study is re-pushed with fresh UIDs on every run so the node never sees it as a duplicate.
+    """
+    from workers.synthetic import phantoms
+
+    folder = Path(tempfile.gettempdir()) / f"ainode-phantom-{slices}x{size}x{size}-{seed}"
+    done = folder / "complete"
+    if not done.exists():
+        spacing = (375.0 / slices, 384.0 / size, 384.0 / size)
+        phantom = phantoms.make_ct_phantom(
+            seed, shape=(slices, size, size), spacing=spacing, processes=min(os.cpu_count() or 1, 16)
+        )
+        phantoms.write_ct_series(phantom, folder)
+        done.write_text("ok")
+    return sorted(folder.glob("*.dcm"))
+
+
+def fresh_uids(files: list[Path]) -> list[pydicom.Dataset]:
+    """The study read back with new study/series/instance UIDs (a new acquisition each run)."""
+    from pydicom.uid import generate_uid
+
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        out.append(ds)
+    return out
+
+
+def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str, float]:
+    """Epoch times of the study's stages once every outbox row of its job is delivered."""
+    engine = create_engine(db_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            job = conn.execute(
+                text(
+                    "SELECT id, state, created_at, started_at, finished_at, error, result FROM jobs "
+                    "WHERE study_uid = :u ORDER BY id LIMIT 1"
+                ),
+                {"u": study_uid},
+            ).first()
+            if job and job[1] in ("failed", "dead"):
+                raise RuntimeError(f"job {job[0]} {job[1]}: {job[5]}")
+            rows = (
+                conn.execute(
+                    text("SELECT state, delivered_at, destination FROM deliveries WHERE job_id = :j"),
+                    {"j": str(job[0]) if job else ""},
+                ).all()
+                if job
+                else []
+            )
+            ready = conn.execute(text("SELECT ready_at FROM studies WHERE study_uid = :u"), {"u": study_uid}).first()
+        if rows and all(r[0] == "delivered" for r in rows) and job[4] is not None:
+            return {
+                "ready": epoch(ready[0]) if ready and ready[0] else epoch(job[2]),
+                "created": epoch(job[2]),
+                "started": epoch(job[3]),
+                "finished": epoch(job[4]),
+                "delivered": max(epoch(r[1]) for r in rows if r[2] == "pacs"),
+                "ris": max((epoch(r[1]) for r in rows if r[2] == "ris"), default=None),
+                "fhir": max((epoch(r[1]) for r in rows if r[2] == "fhir"), default=None),
+                "objects": sum(1 for r in rows if r[2] == "pacs"),
+                # How the worker got the pixels: "streamed" (node.core.volumes) or "files: why".
+                "pixels": [s.get("pixels", "files") for s in json.loads(job[6] or "{}").get("series", [])],
+                # The analysis stages as the worker timed them, per analysed series.
+                "timings": [s.get("timings_s", {}) for s in json.loads(job[6] or "{}").get("series", [])],
+            }
+        if job and job[4] is not None and not rows and not json.loads(job[6] or "{}").get("series"):
+            # Finished with nothing to deliver (e.g. the study is outside the analysis's intended use).
+            raise RuntimeError(f"job {job[0]} produced no results: {(job[6] or '')[:300]}")
+        if rows and any(r[0] == "failed" for r in rows):
+            raise RuntimeError("a result delivery failed")
+        time.sleep(0.05)
+    raise RuntimeError("results did not arrive in time")
+
+
+def storescu_seconds(port: int, files: list[Path]) -> float:
+    """Seconds DCMTK storescu takes to send ``files`` to Orthanc (AE ORTHANC) on ``port``."""
+    t0 = time.perf_counter()
+    # -R: propose exactly the SOP classes of the files (SEG, SR, KOS are not in the default list).
+    subprocess.run(
+        ["storescu", "-R", "-aet", "PEER", "-aec", "ORTHANC", "127.0.0.1", str(port), *map(str, files)],
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - t0

@@ -24,6 +24,8 @@ retrieving the study (C-GET), analysing it and delivering the results: ``workite
 is N-CREATE answered → workitem COMPLETED (its ``finished_at``), beside the push path's
 ``time_to_result_s``.
 
+Without Redis, Orthanc or DCMTK (the lent GPU machine): ``bench/time_to_result_portable.py``.
+
 The last line printed is JSON: {"time_to_result_s", "time_to_ris_s", "workitem_to_completed_s",
 "stages", "device", ...}.
 Usage: python bench/time_to_result.py [--json] [--slices 300] [--size 256]
@@ -34,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pydicom
 import yaml
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -55,107 +55,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import (
+    device_name,
+    fresh_uids,
+    hold_port,
+    push,
+    start_orthanc,
+    start_redis,
+    stop_processes,
+    storescu_seconds,
+    wait_port,
+    wait_results,
+    write_phantom,
+)
 from common import epoch as _epoch  # noqa: E402
-from common import hold_port, push, start_orthanc, start_redis, stop_processes, wait_port
 
 from tests.results.ris_peers import FHIR_SERVER, FhirServer, MllpRis  # noqa: E402
 
 ANALYSIS = "ct-segmentation"
-
-
-def device_name() -> str:
-    """The accelerator the worker uses, else the CPU."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda: {torch.cuda.get_device_name(0)}"
-    except Exception:  # noqa: BLE001 - no torch: CPU
-        pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu} x {os.cpu_count()} cores"
-
-
-def write_phantom(slices: int, size: int, seed: int = 7) -> list[Path]:
-    """The phantom CT study as DICOM files, rendered once and kept in the temp folder.
-
-    Rendering 300 slices takes minutes on a small CPU and is not part of the measurement; the
-    study is re-pushed with fresh UIDs on every run so the node never sees it as a duplicate.
-    """
-    from workers.synthetic import phantoms
-
-    folder = Path(tempfile.gettempdir()) / f"ainode-phantom-{slices}x{size}x{size}-{seed}"
-    done = folder / "complete"
-    if not done.exists():
-        spacing = (375.0 / slices, 384.0 / size, 384.0 / size)
-        phantom = phantoms.make_ct_phantom(seed, shape=(slices, size, size), spacing=spacing)
-        phantoms.write_ct_series(phantom, folder)
-        done.write_text("ok")
-    return sorted(folder.glob("*.dcm"))
-
-
-def fresh_uids(files: list[Path]) -> list[pydicom.Dataset]:
-    """The study read back with new study/series/instance UIDs (a new acquisition each run)."""
-    from pydicom.uid import generate_uid
-
-    study_uid, series_uid = generate_uid(), generate_uid()
-    out = []
-    for path in files:
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        out.append(ds)
-    return out
-
-
-def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str, float]:
-    """Epoch times of the study's stages once every outbox row of its job is delivered."""
-    engine = create_engine(db_url)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with engine.connect() as conn:
-            job = conn.execute(
-                text(
-                    "SELECT id, state, created_at, started_at, finished_at, error, result FROM jobs "
-                    "WHERE study_uid = :u ORDER BY id LIMIT 1"
-                ),
-                {"u": study_uid},
-            ).first()
-            if job and job[1] in ("failed", "dead"):
-                raise RuntimeError(f"job {job[0]} {job[1]}: {job[5]}")
-            rows = (
-                conn.execute(
-                    text("SELECT state, delivered_at, destination FROM deliveries WHERE job_id = :j"),
-                    {"j": str(job[0]) if job else ""},
-                ).all()
-                if job
-                else []
-            )
-            ready = conn.execute(text("SELECT ready_at FROM studies WHERE study_uid = :u"), {"u": study_uid}).first()
-        if rows and all(r[0] == "delivered" for r in rows) and job[4] is not None:
-            return {
-                "ready": _epoch(ready[0]) if ready and ready[0] else _epoch(job[2]),
-                "created": _epoch(job[2]),
-                "started": _epoch(job[3]),
-                "finished": _epoch(job[4]),
-                "delivered": max(_epoch(r[1]) for r in rows if r[2] == "pacs"),
-                "ris": max((_epoch(r[1]) for r in rows if r[2] == "ris"), default=None),
-                "fhir": max((_epoch(r[1]) for r in rows if r[2] == "fhir"), default=None),
-                "objects": sum(1 for r in rows if r[2] == "pacs"),
-                # How the worker got the pixels: "streamed" (node.core.volumes) or "files: why".
-                "pixels": [s.get("pixels", "files") for s in json.loads(job[6] or "{}").get("series", [])],
-            }
-        if rows and any(r[0] == "failed" for r in rows):
-            raise RuntimeError("a result delivery failed")
-        time.sleep(0.05)
-    raise RuntimeError("results did not arrive in time")
 
 
 def stored_paths(db_url: str, store: Path, study_uid: str) -> list[Path]:
@@ -235,17 +152,6 @@ def replay_split(files: list[Path], work: Path, warm_files: list[Path]) -> dict[
     write_results(findings, ResultContext(job_key="replay", output_dir=work / "replay"))
     t3 = time.perf_counter()
     return {"load": t1 - t0, "inference": t2 - t1, "write": t3 - t2}
-
-
-def storescu_seconds(port: int, files: list[Path]) -> float:
-    t0 = time.perf_counter()
-    # -R: propose exactly the SOP classes of the files (SEG, SR, KOS are not in the default list).
-    subprocess.run(
-        ["storescu", "-R", "-aet", "PEER", "-aec", "ORTHANC", "127.0.0.1", str(port), *map(str, files)],
-        check=True,
-        capture_output=True,
-    )
-    return time.perf_counter() - t0
 
 
 def main() -> int:

@@ -290,6 +290,9 @@ def findings_summary(findings: Findings) -> dict[str, Any]:
         ],
         "detections": len(findings.detections),
         "segments": len(findings.segments),
+        # The analysis's own stages (load_model, preprocess, inference, postprocess), as the
+        # worker ran them: the time-to-result benches split the job's run with these.
+        "timings_s": {stage: round(seconds, 4) for stage, seconds in findings.timings_s.items()},
     }
 
 
