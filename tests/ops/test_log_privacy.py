@@ -19,7 +19,7 @@ from typing import Iterator
 import pydicom
 import pytest
 
-from tests.helpers import NodeProcess, wait_for
+from tests.helpers import NodeProcess, outside_patient_objects, wait_for
 from tests.jobs.conftest import RedisServer, Worker
 from tests.results.peers import Orthanc
 from workers.synthetic import phantoms
@@ -82,6 +82,10 @@ def leaks(folder: Path, needles: list[str]) -> list[str]:
     found = []
     for path in sorted(folder.rglob("*.log")):
         text = path.read_bytes().decode("utf-8", errors="replace")
+        if path.name == "audit.log":
+            # The audit trail is the protected record of whose data was handled: it names the
+            # patient in the Patient participant objects PS3.15 asks for, and nowhere else.
+            text = outside_patient_objects(text)
         for needle in needles:
             # Also as mis-decoded Latin-1 (mojibake), in case a library decodes the bytes wrongly.
             forms = {needle, needle.encode("utf-8").decode("latin-1")}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from node.core.volumes import VOLUME_DIR
 from tests.helpers import NodeProcess, wait_for
 
 
@@ -83,11 +84,17 @@ def _journals_retired(node: NodeProcess) -> bool:
 def stored_files(node: NodeProcess) -> list[Path]:
     """Every file under the storage root, temp and landed files included, once the index caught
     up (not the receivers' journals: preallocated files of their own, see node/journal.py; nor
-    the generated API token)."""
+    the series' streamed volumes, decoded copies of instances already counted; nor the generated
+    API token)."""
     settled(node)
     journals = node.storage / ".journal"
     return sorted(
-        p for p in node.storage.rglob("*") if p.is_file() and journals not in p.parents and not _api_token_file(node, p)
+        p
+        for p in node.storage.rglob("*")
+        if p.is_file()
+        and journals not in p.parents
+        and VOLUME_DIR not in p.parent.parts
+        and not _api_token_file(node, p)
     )
 
 

@@ -35,7 +35,7 @@ from node.ingest.acceptor import COMMAND_MAX, PYNETDICOM_MESSAGE_MAX
 from node.ingest.wire import file_meta
 from tests import fuzz
 from tests.helpers import NodeProcess, wait_for
-from tests.receiver.conftest import settled, storescu
+from tests.receiver.conftest import settled, stored_files, storescu
 from tests.receiver.test_stalled_peers import close_all, count_closed, stall, threads
 from tests.receiver.test_wire_attacks import peak_rss, receiver_pid
 
@@ -430,16 +430,6 @@ def _instances(node: NodeProcess) -> dict[str, tuple[str, str]]:
     return {uid: (path, sha) for uid, path, sha in rows}
 
 
-def _store_files(node: NodeProcess) -> set[Path]:
-    """Every file in the store but the receivers' journals and the API token."""
-    journals = node.storage / ".journal"
-    return {
-        p
-        for p in node.storage.rglob("*")
-        if p.is_file() and journals not in p.parents and not (p.parent == node.storage and "api-token" in p.name)
-    }
-
-
 SUCCESS = 0x0000
 
 
@@ -493,7 +483,7 @@ def _acknowledged_are_stored_and_nothing_else(node: NodeProcess, sent: dict) -> 
 def _store_holds_only_the_indexed(node: NodeProcess, indexed: dict[str, tuple[str, str]]) -> None:
     """The store holds the indexed instances' files and nothing else: no temporary file of a
     refused or abandoned data set, nothing landed and never indexed, nothing quarantined."""
-    files = _store_files(node)
+    files = set(stored_files(node))
     expected = {node.storage / relpath for relpath, _ in indexed.values()}
     assert files == expected, _seeded(f"files in the store beyond the indexed ones: {sorted(files - expected)}")
 
