@@ -21,6 +21,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -74,8 +75,26 @@ def analysis_limits(settings: Settings, name: str) -> tuple[int, int]:
 
 
 def worker_identity() -> str:
-    """host:pid of this process, recorded on the job it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid:start of this process, recorded on the job it runs."""
+    return process_identity(os.getpid())
+
+
+def process_identity(pid: int) -> str:
+    """host:pid:start of a process of this host. The start time tells a process from an earlier
+    one with the same pid: a restarted container gives its worker the pid and host name of the
+    one that died, and a job that process held must not look like this one's own."""
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or ''."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name (field 2) is in parentheses and may hold spaces: count after its end.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return fields[19] if len(fields) > 19 else ""
 
 
 def queue_job(
@@ -162,9 +181,10 @@ def retry_job(session: Session, job_id: int) -> Job:
 
 
 def owner_gone(worker: str) -> bool:
-    """True when the recorded owner is a process on this host that no longer exists."""
-    host, _, pid = worker.rpartition(":")
-    if host != worker_identity().rpartition(":")[0] or not pid.isdigit():
+    """True when the recorded owner is a process on this host that no longer exists (its pid
+    gone, or taken by a process started later)."""
+    host, pid, started = (worker.split(":") + ["", ""])[:3]
+    if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -172,7 +192,7 @@ def owner_gone(worker: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return bool(started) and _start_ticks(int(pid)) != started
 
 
 def claim_job(settings: Settings, job_id: int) -> Claim | None:
@@ -326,7 +346,7 @@ def running_in(settings: Settings, job_id: int, pid: int) -> bool:
     """Whether the job is running in the process ``pid`` of this host."""
     with database_session(settings.database.url) as session:
         job = session.get(Job, job_id)
-        return job is not None and job.state == RUNNING and job.worker == f"{socket.gethostname()}:{pid}"
+        return job is not None and job.state == RUNNING and job.worker == process_identity(pid)
 
 
 def _mark_study_done(session: Session, job_id: int) -> None:

@@ -105,3 +105,22 @@ def test_retry_and_rerun_are_refused_in_the_wrong_state(make_settings: Callable[
     with database_session(settings.database.url) as session:
         new = lifecycle.rerun_job(session, settings, job_id)
         assert (new.state, new.supersedes_job_id, new.analysis) == (QUEUED, job_id, "count-instances")
+
+
+def test_a_job_held_by_an_earlier_process_with_this_pid_is_taken_over(make_settings: Callable[..., Settings]) -> None:
+    """A restarted container gives its new worker the host name and pid of the one killed: the
+    job that one held is not this process's own, and is taken over (found in the compose test)."""
+    settings = make_settings()
+    _, (job_id,) = _routed_study_with_jobs(settings, "1.2.3.12", max_attempts=3)
+    me = lifecycle.worker_identity()
+    host, pid, started = me.split(":")
+    assert started, "the start time tells processes with the same pid apart"
+    earlier = f"{host}:{pid}:{int(started) - 1}"
+    with database_session(settings.database.url) as session:
+        job = session.get(Job, job_id)
+        job.state, job.attempts, job.worker, job.heartbeat_at = RUNNING, 1, earlier, None
+    assert lifecycle.owner_gone(earlier) and not lifecycle.owner_gone(me)
+    claim = lifecycle.claim_job(settings, job_id)
+    assert claim is not None and claim.attempt == 2 and claim.worker == me
+    # While this process holds it, a duplicate message in this process is ignored.
+    assert lifecycle.claim_job(settings, job_id) is None

@@ -88,7 +88,7 @@ def test_worker_killed_mid_job_runs_again_and_completes_once(make_settings, redi
     ), second.output()[-3000:]
     done = _job(settings, job.id)
     assert done.attempts == 2
-    assert record.read_text().splitlines() == [f"job {job.id} attempt 2 pid {done.worker.rpartition(':')[2]}"]
+    assert record.read_text().splitlines() == [f"job {job.id} attempt 2 pid {done.worker.split(':')[1]}"]
 
 
 def test_broker_flushed_with_jobs_queued_every_job_completes_once(make_settings, redis_server, workers, node_dir):
@@ -193,11 +193,11 @@ def test_pool_process_killed_mid_job_is_redelivered_by_celery(make_settings, red
     worker = workers(node_dir / "ainode.yaml")
     [job] = _route(settings, "1.2.4.9", "CHILD")
     assert wait_for(lambda: _job(settings, job.id).state == "running", 120), worker.output()[-3000:]
-    first_pid = int(_job(settings, job.id).worker.rpartition(":")[2])
+    first_pid = int(_job(settings, job.id).worker.split(":")[1])
     os.kill(first_pid, signal.SIGKILL)  # the pool process running the analysis dies; the worker lives
     assert wait_for(lambda: _job(settings, job.id).state == "succeeded", 180), worker.output()[-3000:]
     done = _job(settings, job.id)
-    assert done.attempts == 2 and int(done.worker.rpartition(":")[2]) != first_pid
+    assert done.attempts == 2 and int(done.worker.split(":")[1]) != first_pid
     assert len(record.read_text().splitlines()) == 1
 
 
