@@ -14,17 +14,16 @@ import subprocess
 from datetime import timedelta
 
 import pytest
-import torch
 from sqlalchemy import create_engine, select, text
 
 from node import assembler
 from node.core.db import engine_for, session_scope
 from node.jobs import embedded as node_jobs
 from node.jobs.table import Job
-from tests.helpers import NodeProcess, wait_for
+from tests.helpers import wait_for
 from tests.jobs.conftest import add_study
 from tests.jobs.test_completion_and_routing import CT_RULE
-from tests.jobs.test_model_path import Threshold
+from tests.jobs.test_model_path import threshold_node
 from workers.synthetic import phantoms
 
 
@@ -75,31 +74,13 @@ def test_jobs_share_one_child_until_it_must_be_killed(make_settings):
 @pytest.mark.slow
 def test_a_real_embedded_node_loads_the_model_once_and_maps_streamed_volumes(tmp_path):
 
-    model = tmp_path / "threshold.pt"
-    torch.jit.script(Threshold()).save(str(model))
     studies = [tmp_path / "study-a", tmp_path / "study-b"]
     for seed, folder in enumerate(studies):
         phantoms.write_ct_series(phantoms.make_ct_phantom(seed + 7, shape=(16, 32, 32)), folder)
-    node = NodeProcess(
-        tmp_path / "node",
-        {
-            "analyses": [
-                {
-                    "name": "threshold-test",
-                    "format": "torchscript",
-                    "path": str(model),
-                    "task": "segmentation",
-                    "modalities": ["CT"],
-                    "labels": ["liver"],
-                    "params": {"window": [-200, 200], "output": "softmax", "roi_size": [16, 32, 32]},
-                }
-            ],
-            "destinations": [{"name": "pacs", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": 9}],
-            "rules": [
-                {"name": "ct", "match": {"modality": "CT"}, "analyses": ["threshold-test"], "destinations": ["pacs"]}
-            ],
-            "timers": {"series_quiet_s": 1, "study_quiet_s": 2},
-        },
+    node = threshold_node(
+        tmp_path,
+        destinations=[{"name": "pacs", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": 9}],
+        rules=[{"name": "ct", "match": {"modality": "CT"}, "analyses": ["threshold-test"], "destinations": ["pacs"]}],
     )
     with node:
         engine = create_engine(node.database_url)

@@ -23,7 +23,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from tests.helpers import NodeProcess, wait_for
-from tests.jobs.test_model_path import Threshold
+from tests.jobs.test_model_path import threshold_node
 from tests.jobs.test_node_end_to_end import make_ct_study, query
 from tests.results.peers import Orthanc
 from tests.results.synthetic import segmentation_findings
@@ -41,28 +41,6 @@ class Constant(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3)) * 0.0 + 1.0
-
-
-def threshold_node(tmp_path: Path, **extra) -> NodeProcess:
-    model = tmp_path / "threshold.pt"
-    torch.jit.script(Threshold()).save(str(model))
-    config = {
-        "analyses": [
-            {
-                "name": "threshold-test",
-                "format": "torchscript",
-                "path": str(model),
-                "task": "segmentation",
-                "modalities": ["CT"],
-                "labels": ["liver"],
-                "params": {"window": [-200, 200], "output": "softmax", "roi_size": [16, 32, 32]},
-            }
-        ],
-        "rules": [{"name": "ct-threshold", "match": {"modality": "CT"}, "analyses": ["threshold-test"]}],
-        "timers": {"series_quiet_s": 1, "study_quiet_s": 2},
-    }
-    config.update(extra)
-    return NodeProcess(tmp_path / "node", config)
 
 
 def storescu(port: int, files: list[Path], aec: str = "AINODE") -> subprocess.CompletedProcess:

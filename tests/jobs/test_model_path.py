@@ -40,6 +40,29 @@ class Threshold(torch.nn.Module):
         return self.conv(x)
 
 
+def threshold_node(tmp_path: Path, **extra) -> NodeProcess:
+    """A node running the Threshold TorchScript model on CT; ``extra`` replaces config sections."""
+    model = tmp_path / "threshold.pt"
+    torch.jit.script(Threshold()).save(str(model))
+    config = {
+        "analyses": [
+            {
+                "name": "threshold-test",
+                "format": "torchscript",
+                "path": str(model),
+                "task": "segmentation",
+                "modalities": ["CT"],
+                "labels": ["liver"],
+                "params": {"window": [-200, 200], "output": "softmax", "roi_size": [16, 32, 32]},
+            }
+        ],
+        "rules": [{"name": "ct-threshold", "match": {"modality": "CT"}, "analyses": ["threshold-test"]}],
+        "timers": {"series_quiet_s": 1, "study_quiet_s": 2},
+    }
+    config.update(extra)
+    return NodeProcess(tmp_path / "node", config)
+
+
 def test_job_runs_a_configured_model_and_records_results_for_delivery(tmp_path):
     from workers.synthetic import phantoms
 
