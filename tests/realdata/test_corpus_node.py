@@ -165,6 +165,11 @@ def settled(node: NodeProcess) -> bool:
     return busy == 0 and query(node, "SELECT count(*) FROM jobs")[0][0] > 0
 
 
+def indexed_uids(node: NodeProcess) -> set[str]:
+    """SOP Instance UIDs of every instance in the node's index."""
+    return {uid for (uid,) in query(node, "SELECT sop_instance_uid FROM instances")}
+
+
 def orthanc_push(orthanc: Orthanc, files: list[Source]) -> list[str]:
     """Upload the files into Orthanc, then have Orthanc push their studies to the node."""
     studies = set()
@@ -273,6 +278,10 @@ def test_the_corpus_through_the_node_ends_in_documented_outcomes(tmp_path):
                         seen.setdefault(source.sop_uid, b"")
             assert pushed > 100, f"storescu sent only {pushed} files"
             orthanc_push(orthanc, orthanc_files)
+            # Orthanc's push returns once the node answered; the instances reach the index (and
+            # their study a state settled() sees) a moment later, after the journal.
+            expected = {s.sop_uid for s in orthanc_files if valid_uid(s.sop_uid)}
+            wait_for(lambda: expected <= indexed_uids(node), timeout=600, interval=1.0)
             done = wait_for(lambda: settled(node), timeout=3600, interval=2.0)
             assert done, node.log_text()[-4000:]
 
@@ -286,7 +295,7 @@ def test_the_corpus_through_the_node_ends_in_documented_outcomes(tmp_path):
                 if state == "failed" and not (NAMES_INPUT.search(error) and NAMES_ATTRIBUTE.search(error)):
                     problems.append(f"job {job_id} {analysis}: failed without naming input and attribute: {error}")
             # Every source study the node took reached the index whole (Orthanc's push lost nothing).
-            indexed = {uid for (uid,) in query(node, "SELECT sop_instance_uid FROM instances")}
+            indexed = indexed_uids(node)
             missing = [s.path.name for s in orthanc_files if valid_uid(s.sop_uid) and s.sop_uid not in indexed]
             assert not missing, f"Orthanc's push lost {missing}"
 
