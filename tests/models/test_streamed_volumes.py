@@ -14,6 +14,7 @@ import dataclasses
 import shutil
 import shutil as sh
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,48 @@ def test_the_streamer_thread_streams_what_it_is_given(tmp_path):
     finally:
         streamer.stop()
     assert (streamer.streamed, streamer.skipped) == (len(paths), 1)
+    assert _original_load_groups(paths)[0].pixels_from == "streamed"
+
+
+def test_the_streamer_decodes_while_instances_keep_arriving(tmp_path):
+    """No wait for a quiet moment: a study sent in one go is decoded while it arrives, not after
+    its last instance (when the analysis is already reading the files)."""
+    paths = _ct(tmp_path)
+    streamer = VolumeStreamer()
+    try:
+        streamer.submit(paths[:6])
+        arriving = 0
+        # Another instance every 20 ms (gone.dcm: skipped), until the first six are streamed.
+        while streamer.streamed < 6 and arriving < 30000:
+            streamer.submit([tmp_path / "series" / f"gone-{arriving}.dcm"])
+            arriving += 1
+            time.sleep(0.02)
+        assert streamer.streamed == 6, "nothing was decoded while instances kept arriving"
+        streamer.submit(paths[6:])
+        assert streamer.wait_idle(timeout=600)
+    finally:
+        streamer.stop()
+    assert (streamer.streamed, streamer.skipped) == (len(paths), arriving)
+
+
+def test_a_killed_streamer_process_is_replaced(tmp_path):
+    """The decoding process dies (kill -9): what it owed is read from files, the next instances
+    go to a new one, and the receiver's side never blocks."""
+    paths = _ct(tmp_path)
+    streamer = VolumeStreamer()
+    try:
+        streamer.submit(paths[:6])
+        assert streamer.wait_idle(timeout=600)
+        first = streamer._child
+        assert first is not None
+        first.popen.kill()
+        first.popen.wait()
+        streamer.submit(paths[6:])
+        assert streamer.wait_idle(timeout=600)
+        assert streamer._child is not first
+    finally:
+        streamer.stop()
+    assert streamer.streamed == len(paths) and streamer.skipped == 0
     assert _original_load_groups(paths)[0].pixels_from == "streamed"
 
 
