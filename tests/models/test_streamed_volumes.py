@@ -27,6 +27,7 @@ from tests.models import test_imaging, test_series_semantics
 from tests.models.test_imaging import *  # noqa: F403 - every geometry test, run again streamed
 from tests.models.test_series_semantics import *  # noqa: F403
 from workers.analysis import imaging
+from workers.results.sources import SourceImages
 from workers.synthetic.phantoms import make_ct_phantom, write_ct_series
 
 _original_load_groups = imaging.load_groups
@@ -105,6 +106,23 @@ def test_a_streamed_series_is_used_and_identical(tmp_path):
     from_files = _original_load_groups(paths)[0]
     assert from_files.pixels_from == "files: no streamed volume"
     _same_volume(streamed, from_files, {p: p for p in paths})
+
+
+def test_the_writers_take_the_headers_the_streamed_load_read(tmp_path):
+    """With streamed pixels the loader reads each header once and the result writers take those
+    (prepared as they would prepare a fresh read) instead of reading the files again."""
+    paths = _ct(tmp_path)
+    _stream(paths[0].parent, paths)
+    streamed = _original_load_groups(paths)[0]
+    assert len(streamed.headers) == len(paths)
+    fresh = SourceImages(streamed.sources).headers  # read from the files
+    handed = SourceImages(streamed.sources, streamed.headers)
+    for path in paths:
+        path.rename(path.with_suffix(".moved"))  # the hand-over must not need the files
+    assert handed.headers == fresh
+    assert not streamed.headers  # handed over once: a second build reads the files
+    volumes.remove(paths[0].parent)
+    assert not _original_load_groups([p.with_suffix(".moved") for p in paths])[0].headers  # files: nothing
 
 
 def test_a_missing_slice_is_read_from_its_file(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from pydicom import Dataset
 
 Code = tuple[str, str, str]
 """A coded concept: (CodeValue, CodingSchemeDesignator, CodeMeaning), e.g. ("10200004", "SCT", "Liver")."""
@@ -56,6 +57,9 @@ class Volume:
     # Where the pixels came from: "streamed" (the series' volume decoded at ingest,
     # node.core.volumes) or "files: <why not streamed>" (every instance file read and decoded).
     pixels_from: str = "files"
+    # The header-only datasets the loader read (streamed pixels), per SOP Instance UID: handed
+    # to the result writers, which would otherwise read the same headers again. Not compared.
+    headers: dict[str, Dataset] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> str:
         """The group in words, for job summaries and refusals (no patient data)."""

@@ -121,7 +121,11 @@ def load_groups(paths: Iterable[str | Path], allow_mixed_series: bool = False) -
         groups = [(groups[0][0], [])]  # one group: nothing to tell it from
     groups.sort(key=lambda g: (-len(g[0]), ", ".join(g[1])))
     first = datasets[0]
-    return [_volume(members, ", ".join(label), first, pixels_from) for members, label in groups]
+    # Header-only reads (streamed pixels) are what the result writers read: hand them over.
+    headers = {
+        str(ds.SOPInstanceUID): ds for n, ds in enumerate(datasets) if stored[n] is not None and "SOPInstanceUID" in ds
+    }
+    return [_volume(members, ", ".join(label), first, pixels_from, headers) for members, label in groups]
 
 
 def _streamed(paths: list[Path]) -> tuple[list[np.ndarray | None], str]:
@@ -162,7 +166,9 @@ def load_series(paths: Iterable[str | Path], allow_mixed_series: bool = False) -
     return groups[0]
 
 
-def _volume(frames: list[_Frame], label: str, first: Dataset, pixels_from: str = "files") -> Volume:
+def _volume(
+    frames: list[_Frame], label: str, first: Dataset, pixels_from: str = "files", headers: dict | None = None
+) -> Volume:
     kind, frames, affine, frame_time, note = _assemble(frames)
     # Each frame goes straight into its place: no list of per-slice copies, no second stack.
     pixels = np.empty((len(frames), *frames[0].shape), dtype=np.float32)
@@ -181,6 +187,11 @@ def _volume(frames: list[_Frame], label: str, first: Dataset, pixels_from: str =
         label=label,
         note=note,
         pixels_from=pixels_from,
+        headers={
+            uid: headers[uid]
+            for uid in dict.fromkeys(f.source.sop_instance_uid for f in frames)
+            if uid in (headers or {})
+        },
     )
 
 

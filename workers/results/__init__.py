@@ -44,7 +44,8 @@ def build_results(findings: Findings, context: ResultContext | Mapping[str, Any]
     """The result datasets for the context's destinations, in delivery order (not written)."""
     if not isinstance(context, ResultContext):
         context = ResultContext.from_job(context)
-    sources = SourceImages(findings.volume.sources)
+    # The loader's headers are handed over once (taken from the volume): a second build reads files.
+    sources = SourceImages(findings.volume.sources, findings.volume.headers)
     uids = UIDFactory(context.job_key, [f.sop_instance_uid for f in sources.frames], findings.algorithm_version)
     kinds = context.kinds
     objects: list[Dataset] = []

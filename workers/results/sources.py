@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -161,7 +161,11 @@ def conformant_dates_times(ds: Dataset) -> Dataset:
 def read_source(path: str | os.PathLike, stop_before_pixels: bool = False) -> Dataset:
     """A source instance as the writers use it: read, with its missing Type 2 attributes empty,
     dates and times in DICOM form and a Specific Character Set highdicom takes."""
-    ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    return prepared_source(pydicom.dcmread(path, stop_before_pixels=stop_before_pixels))
+
+
+def prepared_source(ds: Dataset) -> Dataset:
+    """A source dataset as read, prepared for the writers in place (see ``read_source``)."""
     return normalise_character_set(conformant_dates_times(fill_type2(ds)))
 
 
@@ -174,14 +178,22 @@ class SourceImages:
     """
 
     frames: list[SourceFrame]
+    # Header-only datasets the loader already read (``Volume.headers``), taken over as they are
+    # (the writers' preparation changes them in memory) instead of reading those files again.
+    handed: dict[str, Dataset] = field(default_factory=dict)
 
     @cached_property
     def headers(self) -> list[Dataset]:
         """One header (no pixel data) per distinct instance, in first-use order."""
         seen: dict[str, Dataset] = {}
         for frame in self.frames:
-            if frame.sop_instance_uid not in seen:
-                seen[frame.sop_instance_uid] = read_source(frame.path, stop_before_pixels=True)
+            uid = frame.sop_instance_uid
+            if uid in seen:
+                continue
+            handed = self.handed.pop(uid, None)
+            seen[uid] = (
+                prepared_source(handed) if handed is not None else read_source(frame.path, stop_before_pixels=True)
+            )
         return list(seen.values())
 
     @cached_property
