@@ -64,6 +64,9 @@ def test_segments_and_volumes_are_those_of_the_label_array(tmp_path):
     for segment, measurement in zip(out.segments, out.measurements):
         value = next(v for v, n in phantoms.LABELS.items() if n.replace("_", " ") == segment.label)
         assert np.array_equal(segment.mask, labels == value)
+        # The per-slice counts postprocess hands over are those of the mask.
+        assert np.array_equal(segment.slice_counts(), (labels == value).reshape(len(labels), -1).sum(axis=1))
+        assert segment.slices() == [k for k in range(len(labels)) if (labels[k] == value).any()]
         assert measurement.segment_label == segment.label
         assert measurement.value == round(float((labels == value).sum()) * voxel_cm3, 2)
 

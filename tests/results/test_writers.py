@@ -104,6 +104,16 @@ def test_seg_from_label_array_equals_stacked_segments_and_overlaps_still_work(ct
         Segment("lower", lower, liver.property_type, tracking_id="lower"),
     ]
     fast = pydicom.dcmread(by_kind(write(findings, tmp_path / "a"))["seg"][0])
+    # Cut from one label array (values 7 and 3, in that order): remapped in one pass, same SEG.
+    source = np.where(upper, 7, np.where(lower, 3, 0)).astype(np.uint8)
+    findings.segments = [
+        Segment("upper", upper, liver.property_type, tracking_id="upper", labels=source, label_value=7),
+        Segment("lower", lower, liver.property_type, tracking_id="lower", labels=source, label_value=3),
+    ]
+    assert np.array_equal(seg_writer._remapped_labels(findings.segments), np.where(upper, 1, np.where(lower, 2, 0)))
+    remapped = pydicom.dcmread(by_kind(write(findings, tmp_path / "r"))["seg"][0])
+    assert remapped.PixelData == fast.PixelData
+    assert remapped.PerFrameFunctionalGroupsSequence == fast.PerFrameFunctionalGroupsSequence
     monkeypatch.setattr(seg_writer, "_label_array", lambda segments: None)
     stacked = pydicom.dcmread(by_kind(write(findings, tmp_path / "b"))["seg"][0])
     monkeypatch.undo()

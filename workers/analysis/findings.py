@@ -101,6 +101,33 @@ class Segment:
     property_category: Code = ("91723000", "SCT", "Anatomical structure")
     anatomic_region: Code | None = None
     tracking_id: str = ""  # stable across re-runs, e.g. "liver"
+    # Where the mask came from, when it is one value of a label array (``mask == (labels ==
+    # label_value)``): the SEG writer then remaps that array once instead of rebuilding it from
+    # each mask.
+    labels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    label_value: int = 0
+    # Voxels set per slice k; computed from the mask once when not given (a 300-slice 512² CT:
+    # each full pass over a mask costs tens of milliseconds, and several writers ask).
+    voxels_per_slice: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def slice_counts(self) -> np.ndarray:
+        """Voxels set in each slice k (counted once, then kept)."""
+        if self.voxels_per_slice is None:
+            mask = np.asarray(self.mask)
+            self.voxels_per_slice = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+        return self.voxels_per_slice
+
+    def present(self) -> bool:
+        """Whether the segment has any voxel."""
+        return bool(self.slice_counts().any())
+
+    def slices(self) -> list[int]:
+        """Indices k of the slices where the segment has a voxel."""
+        return [int(k) for k in np.flatnonzero(self.slice_counts())]
+
+    def voxel_count(self) -> int:
+        """How many voxels the segment has."""
+        return int(self.slice_counts().sum())
 
 
 @dataclass
@@ -175,7 +202,7 @@ class Findings:
     def empty(self) -> bool:
         """True when the analysis found nothing (results still say so explicitly)."""
         return (
-            not (self.segments and any(s.mask.any() for s in self.segments))
+            not (self.segments and any(s.present() for s in self.segments))
             and not self.detections
             and not any(c.present for c in self.classifications)
         )

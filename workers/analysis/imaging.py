@@ -786,6 +786,15 @@ def argmax_on_source(
     return out
 
 
+def label_counts_per_slice(labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """(slices, n_labels) voxel counts of each label value in each slice k of a (k, j, i) integer
+    label array (values at or above ``n_labels`` are not counted)."""
+    counts = np.zeros((labels.shape[0], n_labels), dtype=np.int64)
+    for k in range(labels.shape[0]):
+        counts[k] = np.bincount(labels[k].ravel(), minlength=n_labels)[:n_labels]
+    return counts
+
+
 def _cell_labels(labels: np.ndarray, mixed: int) -> np.ndarray:
     """Per working-grid cell (corner voxel (a, b, c) to (a+1, b+1, c+1)): the label all 8 corners
     share, or ``mixed``. An axis of one voxel has one (degenerate) cell."""

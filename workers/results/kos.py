@@ -8,14 +8,14 @@ from pydicom.sr.codedict import codes
 
 from workers.analysis.findings import Findings
 from workers.results.context import SERIES_NUMBERS, ResultContext, UIDFactory
-from workers.results.sources import SourceImages, contributing_equipment, finish_common, referenced_request, slices_with
+from workers.results.sources import SourceImages, contributing_equipment, finish_common, referenced_request
 
 
 def slices_with_findings(findings: Findings) -> list[int]:
     """Slice indices k where a segment has voxels or a detection is centred, in order."""
     ks: set[int] = set()
     for segment in findings.segments:
-        ks.update(slices_with(segment.mask))
+        ks.update(segment.slices())
     last = len(findings.volume.sources) - 1
     for det in findings.detections:
         ks.add(min(max(int(round(det.center_kji[0])), 0), last))

@@ -27,7 +27,7 @@ def present_segments(findings: Findings) -> list[Segment]:
     A structure the model did not find is not given an empty segment (a segment without frames
     says nothing a viewer can show); the SR states its absence instead.
     """
-    return [s for s in findings.segments if s.mask.any()]
+    return [s for s in findings.segments if s.present()]
 
 
 def segment_description(number: int, segment: Segment, findings: Findings) -> hd.seg.SegmentDescription:
@@ -47,6 +47,9 @@ def segment_description(number: int, segment: Segment, findings: Findings) -> hd
 
 def _label_array(segments: list[Segment]) -> np.ndarray | None:
     """(frames, rows, columns) segment numbers when no two segments share a voxel, else None."""
+    shared = _remapped_labels(segments)
+    if shared is not None:
+        return shared
     labels = np.zeros(segments[0].mask.shape, dtype=np.uint8 if len(segments) < 256 else np.uint16)
     count = 0
     for number, segment in enumerate(segments, 1):
@@ -54,6 +57,21 @@ def _label_array(segments: list[Segment]) -> np.ndarray | None:
         labels[mask] = number
         count += int(np.count_nonzero(mask))
     return labels if count == int(np.count_nonzero(labels)) else None
+
+
+def _remapped_labels(segments: list[Segment]) -> np.ndarray | None:
+    """Segment numbers from the one label array every segment's mask was cut from (distinct
+    values: disjoint by construction), in one lookup pass; None when they were not."""
+    source = segments[0].labels
+    values = [s.label_value for s in segments]
+    if source is None or any(s.labels is not source for s in segments) or len(set(values)) != len(values):
+        return None
+    if source.dtype not in (np.uint8, np.uint16) or len(segments) > 255:
+        return None
+    lut = np.zeros(np.iinfo(source.dtype).max + 1, dtype=np.uint8)
+    for number, value in enumerate(values, 1):
+        lut[value] = number
+    return lut[source]
 
 
 def _pixel_array(segments: list[Segment], seg_type: str) -> np.ndarray:

@@ -9,7 +9,6 @@ from functools import cached_property
 from pathlib import Path
 
 import highdicom as hd
-import numpy as np
 import pydicom
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
@@ -217,11 +216,6 @@ class SourceImages:
     def multiframe(self) -> bool:
         """True when the volume's slices are frames of one multi-frame instance."""
         return self.frames[0].frame_number is not None
-
-
-def slices_with(mask: np.ndarray) -> list[int]:
-    """Indices k of the slices where a (k, j, i) mask has any voxel set."""
-    return [int(k) for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))]
 
 
 # IHE AI Results (AIR), RAD TF-3 "Contributing Equipment": every AI result object names the

@@ -229,7 +229,7 @@ def observation_context(findings: Findings, ctx: ResultContext) -> ObservationCo
 def measurement_groups(findings: Findings, seg: Dataset | None, sources: SourceImages) -> list:
     groups: list = []
     for segment in findings.segments:
-        if not segment.mask.any():
+        if not segment.present():
             groups.append(absent_structure_group(findings, segment))
     present = present_segments(findings)
     for number, segment in enumerate(present, 1):

@@ -135,22 +135,26 @@ def postprocess(volume: Volume, inputs: dict, raw: dict | np.ndarray, params: di
     """One segment per class found, plus each structure's volume in cm3."""
     labels = refined_labels(volume, inputs, raw)
     voxel_cm3 = float(np.prod(volume.spacing)) / 1000.0
+    # Voxels of every label in every slice, counted once (one small bincount per slice): the
+    # volumes, which structures are present and on which slices (SR, KOS) all come from it,
+    # instead of several full passes over each class's mask.
+    counts = imaging.label_counts_per_slice(labels, max(phantoms.LABELS) + 1)
     out = Outputs()
     for value, name in phantoms.LABELS.items():
-        mask = labels == value
-        # count_nonzero of a boolean mask is one fast pass; mask.any() and mask.sum() (an integer
-        # reduction) were 0.3-0.5 s more per study for a 300 x 512 x 512 CT on 2 cores.
-        voxels = int(np.count_nonzero(mask))
+        voxels = int(counts[:, value].sum())
         if not voxels:
             continue
         category, ptype = codes_for(name)
         out.segments.append(
             Segment(
                 label=name.replace("_", " "),
-                mask=mask,
+                mask=labels == value,
                 property_type=ptype,
                 property_category=category,
                 tracking_id=name,
+                labels=labels,
+                label_value=value,
+                voxels_per_slice=counts[:, value].copy(),
             )
         )
         out.measurements.append(
