@@ -50,8 +50,12 @@ def test_separable_path_equals_scipy_on_random_axis_aligned_grids(seed):
         np.zeros((int(rng.integers(5, 30)), int(rng.integers(5, 40)), int(rng.integers(5, 40))), np.float32),
         _axis_aligned_affine(rng),
     )
-    fast = imaging.argmax_on_source(volume, work, probs, chunk_voxels=int(rng.integers(50, 5000)))
+    chunk = int(rng.integers(50, 5000))
+    fast = imaging.argmax_on_source(volume, work, probs, chunk_voxels=chunk, threads=1)
     np.testing.assert_array_equal(fast, _exact(volume, work, probs))
+    # Slabs shared by threads: the same labels.
+    threaded = imaging.argmax_on_source(volume, work, probs, chunk_voxels=chunk, threads=3)
+    np.testing.assert_array_equal(threaded, fast)
 
 
 def _oblique_case(seed: int, channels: int, normalise: bool = True) -> tuple[Volume, np.ndarray, np.ndarray]:
@@ -69,7 +73,7 @@ def _oblique_case(seed: int, channels: int, normalise: bool = True) -> tuple[Vol
 
 def test_oblique_path_matches_scipy_on_random_probabilities():
     volume, work, probs = _oblique_case(11, 4)
-    fast = imaging.argmax_on_source(volume, work, probs, chunk_voxels=3000)
+    fast = imaging.argmax_on_source(volume, work, probs, chunk_voxels=3000, threads=3)
     np.testing.assert_array_equal(fast, _exact(volume, work, probs))
 
 

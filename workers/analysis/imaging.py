@@ -24,6 +24,8 @@ working grid, keeping the affine exact so masks land back on the source voxels.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -705,7 +707,11 @@ def resample_back(volume: Volume, work_affine: np.ndarray, data: np.ndarray, ord
 
 
 def argmax_on_source(
-    volume: Volume, work_affine: np.ndarray, data: np.ndarray, chunk_voxels: int = 1 << 20
+    volume: Volume,
+    work_affine: np.ndarray,
+    data: np.ndarray,
+    chunk_voxels: int = 1 << 20,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Arg-max over the channels of ``data`` (C, k, j, i on a working grid) sampled trilinearly at
     every source voxel: the labels of ``resample_back(volume, work_affine, data).argmax(0)``
@@ -717,7 +723,8 @@ def argmax_on_source(
     boundaries, a few percent of a CT) are interpolated, in float64 like scipy. Outside the working
     grid the nearest edge value is used (scipy's ``mode="nearest"``). When the source axes are
     parallel to the working axes (axial, coronal, sagittal, any slice order) the cell of a voxel
-    comes from three 1D index arrays; oblique and tilted sources compute it per voxel.
+    comes from three 1D index arrays; oblique and tilted sources compute it per voxel. Slabs of
+    source slices run in ``threads`` threads (default: this process's CPU share, ``cpu_threads``).
     """
     to_work = np.linalg.inv(work_affine) @ volume.affine  # source (i, j, k) -> working (i, j, k)
     n_classes = int(data.shape[0])
@@ -731,7 +738,8 @@ def argmax_on_source(
     out = np.empty(shape, dtype=label_dtype)
     slab = max(1, int(chunk_voxels // max(1, shape[1] * shape[2])))
     perm = _axis_permutation(to_work[:3, :3])
-    for k0 in range(0, shape[0], slab):
+
+    def label_slab(k0: int) -> None:
         k1 = min(shape[0], k0 + slab)
         if perm is not None:
             # Working axis perm[s] varies along source axis s only: one 1D array per axis, shaped
@@ -783,7 +791,29 @@ def argmax_on_source(
                 total += weight[:, None] * values[idx[0], idx[1], idx[2]]
             labels[where] = total.argmax(axis=1)
         out[k0:k1] = labels
+
+    # Slabs are independent and numpy releases the GIL in these array operations: a worker's
+    # CPU threads share them (the same labels in any order).
+    starts = range(0, shape[0], slab)
+    threads = min(cpu_threads() if threads is None else threads, len(starts))
+    if threads > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="labels") as pool:
+            list(pool.map(label_slab, starts))
+    else:
+        for k0 in starts:
+            label_slab(k0)
     return out
+
+
+def cpu_threads() -> int:
+    """The CPU threads this process may use for array work: the worker's share
+    (``OMP_NUM_THREADS``, set by ``workers.worker.share_cpu_threads``), else its cores."""
+    try:
+        given = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    except ValueError:
+        given = 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, given or cores)
 
 
 def label_counts_per_slice(labels: np.ndarray, n_labels: int) -> np.ndarray:
