@@ -140,6 +140,8 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
     server.shutdown()
     _drain(server)
     receiver.indexer.stop()
+    if receiver.volume_streamer is not None:  # a cache: what it has not decoded is read from files
+        receiver.volume_streamer.stop(timeout=5.0)
     audit.trail().close(timeout=1.0)
     dispose_engines()
     logging.shutdown()

@@ -78,6 +78,7 @@ class Indexer:
         self._pending: dict[str, Arrival] = {}  # SOP Instance UID -> answered, not indexed yet
         self._stopping = False
         self._busy = False
+        self._no_company = False  # an association ended: what is queued waits for nothing more
         self._unsynced: list[Arrival] = []  # placed and indexed, files not yet flushed
         self._synced_at = time.monotonic()
         self._sync_interval = 0.5
@@ -126,6 +127,13 @@ class Indexer:
         """The latest answered instance with this UID not indexed yet, if there is one."""
         with self._cond:
             return self._pending.get(sop_instance_uid)
+
+    def no_more_coming(self) -> None:
+        """An association ended: index what it left queued now instead of lingering for company
+        (the study's last instances, which its readiness waits for)."""
+        with self._cond:
+            self._no_company = True
+            self._cond.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until nothing waits for the index; False on timeout."""
@@ -289,11 +297,14 @@ class Indexer:
                     return due[:1] + [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch - 1))]
                 if self._queue:
                     age = now - self._queue[0].queued_at
-                    if len(self._queue) < self._max_batch and age < self._linger and not self._stopping:
+                    lingering = not (self._stopping or self._no_company)
+                    if len(self._queue) < self._max_batch and age < self._linger and lingering:
                         self._cond.wait(self._linger - age)
                         continue
                     self._busy = True
-                    return [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))]
+                    batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))]
+                    self._no_company = bool(self._queue) and self._no_company
+                    return batch
                 if self._unsynced:
                     return []  # idle: time to make what was placed durable
                 if self._stopping:

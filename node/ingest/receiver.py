@@ -354,6 +354,7 @@ class Receiver:
             state = self._assocs.pop(id(event.assoc), None)
         if state is not None:
             self.slots.release(self.row, state.column)
+            self.indexer.no_more_coming()
 
     def _allowed(self, assoc: Any, action: str) -> bool:
         with self._lock:
