@@ -285,6 +285,8 @@ def main() -> int:
             "result_objects": t["objects"],
             "job_run_s": round(run_s, 3),
             "pixels": t["pixels"],
+            # The analysis stages as the worker itself timed them (the split above is a replay's).
+            "worker_stages_s": t["timings"],
             "replay_split_s": {k: round(v, 3) for k, v in split.items()},
             "peer_storescu_results_to_orthanc_s": round(peer_results_s, 3),
             "peer_storescu_study_to_orthanc_s": round(peer_study_s, 3),

@@ -36,8 +36,12 @@ log = logging.getLogger("ainode.jobs")
 
 def child_environment() -> dict[str, str]:
     """The environment of a job's child: the node's, less the AINODE_* variables (the operator's
-    overrides may hold the token or passwords; the child gets its settings on stdin)."""
-    return {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+    overrides may hold the token or passwords; the child gets its settings on stdin), with
+    numpy's transparent-huge-page advice off unless the operator chose (``workers.worker``:
+    ``small_pages``)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(ENV_PREFIX)}
+    env.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+    return env
 
 
 class EmbeddedWorker:

@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 
+import numpy
+
+from node.jobs import embedded
 from workers import worker as celery_app
 
 
@@ -39,3 +42,19 @@ def test_the_worker_entry_leaves_torch_unimported_until_the_threads_are_set():
     probe = "import sys, workers.worker; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_workers_do_not_ask_for_huge_pages_unless_the_operator_does(monkeypatch):
+    """numpy's huge-page advice stalled a worker's first large study in memory compaction: the
+    pool processes, the embedded child and this process turn it off; the operator may keep it."""
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    probe = "import numpy; print(numpy._core.multiarray._set_madvise_hugepage(True))"
+    celery_app.small_pages()
+    assert os.environ["NUMPY_MADVISE_HUGEPAGE"] == "0"
+    assert numpy._core.multiarray._set_madvise_hugepage(False) is False  # already imported: told
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+    assert embedded.child_environment()["NUMPY_MADVISE_HUGEPAGE"] == "0"
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+    celery_app.small_pages()
+    assert numpy._core.multiarray._set_madvise_hugepage(False) is True
+    assert embedded.child_environment()["NUMPY_MADVISE_HUGEPAGE"] == "1"
