@@ -96,7 +96,7 @@ def test_refinement_runs_on_cpu_inside_the_analysis(tmp_path):
     assert raw["patches"] and all(p.probs.shape == (3, *lesion_refinement.PATCH) for p in raw["patches"])
     findings = registry.run_analysis("ct-segmentation", volume, {"device": "cpu"})
     lesions = [s for s in findings.segments if s.tracking_id in ("liver_lesion", "lung_nodule")]
-    assert lesions and all(s.mask.shape == volume.pixels.shape for s in lesions)
+    assert lesions and all(s.full_mask().shape == volume.pixels.shape for s in lesions)
 
 
 def test_train_quick_smoke(tmp_path):

@@ -38,7 +38,7 @@ def test_runs_on_small_input_with_version_and_checksum(tmp_path):
     volume = load_series(write_ct_series(phantom, tmp_path))
     findings = registry.run_analysis("ct-segmentation", volume, {"device": "cpu"})
     assert findings.kind == "segmentation" and findings.segments
-    assert all(s.mask.shape == volume.pixels.shape and s.mask.dtype == bool for s in findings.segments)
+    assert all(s.full_mask().shape == volume.pixels.shape and s.full_mask().dtype == bool for s in findings.segments)
     # Both networks the result came from: the 4 mm U-Net and the 2 mm lesion pass, in that order.
     assert findings.model_sha256 == registry.file_sha256((segmentation.WEIGHTS, lesion_refinement.WEIGHTS))
     assert findings.model_sha256 != registry.file_sha256(segmentation.WEIGHTS)
@@ -60,10 +60,11 @@ def test_segments_and_volumes_are_those_of_the_label_array(tmp_path):
     out = analysis.postprocess(volume, inputs, raw, {})
     present = [name.replace("_", " ") for value, name in phantoms.LABELS.items() if (labels == value).any()]
     assert [s.label for s in out.segments] == present and len(present) >= 3
+    assert all(s.mask is None and s.labels is out.segments[0].labels for s in out.segments)  # one array, no masks
     voxel_cm3 = float(np.prod(volume.spacing)) / 1000.0
     for segment, measurement in zip(out.segments, out.measurements):
         value = next(v for v, n in phantoms.LABELS.items() if n.replace("_", " ") == segment.label)
-        assert np.array_equal(segment.mask, labels == value)
+        assert np.array_equal(segment.full_mask(), labels == value)
         # The per-slice counts postprocess hands over are those of the mask.
         assert np.array_equal(segment.slice_counts(), (labels == value).reshape(len(labels), -1).sum(axis=1))
         assert segment.slices() == [k for k in range(len(labels)) if (labels[k] == value).any()]
@@ -90,7 +91,7 @@ def test_predicted_mask_lands_on_ground_truth(tmp_path, orientation, descending,
     volume = load_series(write_ct_series(phantom, tmp_path, instance_order=order, seed=1))
     truth = _truth_on_volume(volume, phantom)
     findings = registry.run_analysis("ct-segmentation", volume, {"device": "cpu"})
-    masks = {s.tracking_id: s.mask for s in findings.segments}
+    masks = {s.tracking_id: s.full_mask() for s in findings.segments}
     dices = {}
     for value, organ in enumerate(ORGANS, start=1):
         assert organ in masks, f"{organ} not found in the {orientation} series"

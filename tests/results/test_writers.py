@@ -104,12 +104,15 @@ def test_seg_from_label_array_equals_stacked_segments_and_overlaps_still_work(ct
         Segment("lower", lower, liver.property_type, tracking_id="lower"),
     ]
     fast = pydicom.dcmread(by_kind(write(findings, tmp_path / "a"))["seg"][0])
-    # Cut from one label array (values 7 and 3, in that order): remapped in one pass, same SEG.
+    # Cut from one label array (values 7 and 3, in that order), no masks kept: remapped in one
+    # pass, the same SEG.
     source = np.where(upper, 7, np.where(lower, 3, 0)).astype(np.uint8)
     findings.segments = [
-        Segment("upper", upper, liver.property_type, tracking_id="upper", labels=source, label_value=7),
-        Segment("lower", lower, liver.property_type, tracking_id="lower", labels=source, label_value=3),
+        Segment("upper", None, liver.property_type, tracking_id="upper", labels=source, label_value=7),
+        Segment("lower", None, liver.property_type, tracking_id="lower", labels=source, label_value=3),
     ]
+    assert np.array_equal(findings.segments[0].full_mask(), upper)
+    assert np.array_equal(findings.segments[1].slice_mask(5), lower[5])
     assert np.array_equal(seg_writer._remapped_labels(findings.segments), np.where(upper, 1, np.where(lower, 2, 0)))
     remapped = pydicom.dcmread(by_kind(write(findings, tmp_path / "r"))["seg"][0])
     assert remapped.PixelData == fast.PixelData
@@ -125,7 +128,7 @@ def test_seg_from_label_array_equals_stacked_segments_and_overlaps_still_work(ct
     assert pydicom.dcmread(path).SegmentsOverlap == "YES"
     decoded = seg_mask_by_source(path, volume)
     for n, segment in enumerate(findings.segments):
-        assert dice(decoded[..., n], segment.mask) == 1.0
+        assert dice(decoded[..., n], segment.full_mask()) == 1.0
     assert dciodvfy_errors(path) == []
 
 

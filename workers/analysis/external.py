@@ -118,7 +118,7 @@ def steps_for(task: str, labels: list[str], params: dict) -> Steps:
         out = Outputs()
         spacing = np.asarray(volume.spacing)
         for s in seg.segments:
-            components, n = ndimage.label(s.mask)
+            components, n = ndimage.label(s.full_mask())
             for c in range(1, n + 1):
                 voxels = np.argwhere(components == c)
                 lo, hi = voxels.min(axis=0), voxels.max(axis=0)

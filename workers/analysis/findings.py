@@ -96,7 +96,9 @@ class Segment:
     """One labelled structure: a boolean mask over the volume, with its codes."""
 
     label: str
-    mask: np.ndarray  # bool, same (k, j, i) shape as the volume
+    # bool, same (k, j, i) shape as the volume; None when the segment is one value of ``labels``
+    # (cut on demand: ``full_mask``, ``slice_mask``). Read it through those two methods.
+    mask: np.ndarray | None
     property_type: Code  # e.g. ("10200004", "SCT", "Liver")
     property_category: Code = ("91723000", "SCT", "Anatomical structure")
     anatomic_region: Code | None = None
@@ -110,10 +112,29 @@ class Segment:
     # each full pass over a mask costs tens of milliseconds, and several writers ask).
     voxels_per_slice: np.ndarray | None = field(default=None, repr=False, compare=False)
 
+    def full_mask(self) -> np.ndarray:
+        """The boolean (k, j, i) mask (cut from ``labels`` now when not kept)."""
+        if self.mask is not None:
+            return self.mask
+        if self.labels is None:
+            raise ValueError(f"segment {self.label!r} has neither a mask nor a label array")
+        return self.labels == self.label_value
+
+    def slice_mask(self, k: int) -> np.ndarray:
+        """The boolean (j, i) mask of slice k."""
+        if self.mask is not None or self.labels is None:
+            return self.full_mask()[k]
+        return self.labels[k] == self.label_value
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The (k, j, i) shape of the mask."""
+        return tuple((self.mask if self.mask is not None else self.labels).shape)  # type: ignore[union-attr]
+
     def slice_counts(self) -> np.ndarray:
         """Voxels set in each slice k (counted once, then kept)."""
         if self.voxels_per_slice is None:
-            mask = np.asarray(self.mask)
+            mask = self.full_mask()
             self.voxels_per_slice = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
         return self.voxels_per_slice
 

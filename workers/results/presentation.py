@@ -72,7 +72,7 @@ def _drop_collinear(points: np.ndarray) -> np.ndarray:
 def _graphic_objects(findings: Findings, k: int) -> list[hd.pr.GraphicObject]:
     objects = []
     for segment in findings.segments:
-        for outline in mask_outlines(segment.mask[k]):
+        for outline in mask_outlines(segment.slice_mask(k)):
             objects.append(
                 hd.pr.GraphicObject(
                     graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
@@ -167,7 +167,7 @@ def overlay_image(findings: Findings, source: Dataset, k: int) -> np.ndarray:
     grey = _windowed(source)
     rgb = np.repeat(grey[..., None], 3, axis=-1)
     for n, segment in enumerate(findings.segments):
-        rgb[_boundary(segment.mask[k])] = PALETTE[n % len(PALETTE)]
+        rgb[_boundary(segment.slice_mask(k))] = PALETTE[n % len(PALETTE)]
     for det in findings.detections:
         if int(round(det.center_kji[0])) == k:
             (_, j0, i0), (_, j1, i1) = [tuple(int(round(v)) for v in c) for c in det.box_kji]

@@ -50,10 +50,10 @@ def _label_array(segments: list[Segment]) -> np.ndarray | None:
     shared = _remapped_labels(segments)
     if shared is not None:
         return shared
-    labels = np.zeros(segments[0].mask.shape, dtype=np.uint8 if len(segments) < 256 else np.uint16)
+    labels = np.zeros(segments[0].shape, dtype=np.uint8 if len(segments) < 256 else np.uint16)
     count = 0
     for number, segment in enumerate(segments, 1):
-        mask = segment.mask.astype(bool, copy=False)
+        mask = segment.full_mask().astype(bool, copy=False)
         labels[mask] = number
         count += int(np.count_nonzero(mask))
     return labels if count == int(np.count_nonzero(labels)) else None
@@ -85,7 +85,7 @@ def _pixel_array(segments: list[Segment], seg_type: str) -> np.ndarray:
         labels = _label_array(segments)
         if labels is not None:
             return labels
-    stack = np.stack([s.mask.astype(bool) for s in segments], axis=-1)
+    stack = np.stack([s.full_mask().astype(bool) for s in segments], axis=-1)
     if seg_type == "LABELMAP":
         # Segments must not overlap in a label map: the first listed segment wins a voxel.
         labels = np.zeros(stack.shape[:3], dtype=np.uint8 if len(segments) < 256 else np.uint16)

@@ -148,7 +148,7 @@ def postprocess(volume: Volume, inputs: dict, raw: dict | np.ndarray, params: di
         out.segments.append(
             Segment(
                 label=name.replace("_", " "),
-                mask=labels == value,
+                mask=None,  # cut from the label array only where a writer needs it (8 x 79 MB at 512²)
                 property_type=ptype,
                 property_category=category,
                 tracking_id=name,
