@@ -66,6 +66,9 @@ class VolumeStreamer:
         self._stopping = False
         self.streamed = 0
         self.skipped = 0
+        # Started now, not at the first instance: the receiver's threads and processes are the
+        # same from its start on (a child that dies is replaced by the feeder).
+        self._running_child()
         self._feeder = threading.Thread(target=self._feed, name="volume-stream", daemon=True)
         self._feeder.start()
 

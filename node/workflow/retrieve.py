@@ -566,6 +566,8 @@ def stop_retrieval_stores() -> None:
         _stores.clear()
     for store in stores:
         store.indexer.stop()
+        if store.volume_streamer is not None:
+            store.volume_streamer.stop(timeout=5.0)
 
 
 # --- DICOMweb: QIDO-RS, then WADO-RS ---------------------------------------------------------------
