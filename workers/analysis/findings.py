@@ -129,7 +129,10 @@ class Segment:
     @property
     def shape(self) -> tuple[int, ...]:
         """The (k, j, i) shape of the mask."""
-        return tuple((self.mask if self.mask is not None else self.labels).shape)  # type: ignore[union-attr]
+        source = self.mask if self.mask is not None else self.labels
+        if source is None:
+            raise ValueError(f"segment {self.label!r} has neither a mask nor a label array")
+        return tuple(source.shape)
 
     def slice_counts(self) -> np.ndarray:
         """Voxels set in each slice k (counted once, then kept)."""
@@ -145,10 +148,6 @@ class Segment:
     def slices(self) -> list[int]:
         """Indices k of the slices where the segment has a voxel."""
         return [int(k) for k in np.flatnonzero(self.slice_counts())]
-
-    def voxel_count(self) -> int:
-        """How many voxels the segment has."""
-        return int(self.slice_counts().sum())
 
 
 @dataclass

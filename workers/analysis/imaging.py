@@ -172,6 +172,7 @@ def _volume(
     frames: list[_Frame], label: str, first: Dataset, pixels_from: str = "files", headers: dict | None = None
 ) -> Volume:
     kind, frames, affine, frame_time, note = _assemble(frames)
+    read = headers or {}
     # Each frame goes straight into its place: no list of per-slice copies, no second stack.
     pixels = np.empty((len(frames), *frames[0].shape), dtype=np.float32)
     for k, frame in enumerate(frames):
@@ -189,11 +190,7 @@ def _volume(
         label=label,
         note=note,
         pixels_from=pixels_from,
-        headers={
-            uid: headers[uid]
-            for uid in dict.fromkeys(f.source.sop_instance_uid for f in frames)
-            if uid in (headers or {})
-        },
+        headers={uid: read[uid] for uid in dict.fromkeys(f.source.sop_instance_uid for f in frames) if uid in read},
     )
 
 
