@@ -331,8 +331,9 @@ def wait_results(db_url: str, study_uid: str, timeout: float = 1800) -> dict[str
                 "objects": sum(1 for r in rows if r[2] == "pacs"),
                 # How the worker got the pixels: "streamed" (node.core.volumes) or "files: why".
                 "pixels": [s.get("pixels", "files") for s in json.loads(job[6] or "{}").get("series", [])],
-                # The analysis stages as the worker timed them, per analysed series.
+                # The job's stages as the worker timed them (load, analysis, write), per series.
                 "timings": [s.get("timings_s", {}) for s in json.loads(job[6] or "{}").get("series", [])],
+                "outputs": [Path(p) for p in json.loads(job[6] or "{}").get("outputs", [])],
             }
         if job and job[4] is not None and not rows and not json.loads(job[6] or "{}").get("series"):
             # Finished with nothing to deliver (e.g. the study is outside the analysis's intended use).

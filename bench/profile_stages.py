@@ -141,12 +141,16 @@ def main() -> int:
     share_cpu_threads(1)  # as the worker does, before torch is imported
     import torch
 
+    from workers.tasks import collection_after_job
+
     files = phantom_files(args.slices, args.size)
     stages = Stages(args.profile)
     with tempfile.TemporaryDirectory(prefix="ainode-profile-") as tmp:
         one_study(files, Stages(False), Path(tmp), "warm")  # imports, weights, allocator
         for n in range(args.repeat):
-            one_study(files, stages, Path(tmp), f"run{n}")
+            # As in the worker: no cyclic garbage collection inside a job (workers.tasks).
+            with collection_after_job():
+                one_study(files, stages, Path(tmp), f"run{n}")
     report = stages.report()
     groups = {
         "inference_total": ("preprocess", "inference", "postprocess"),

@@ -7,8 +7,8 @@ measures from the last C-STORE response to the last result object acknowledged b
 
 - ready:     last acknowledgement → study ready (MPPS COMPLETED, index ``ready_at``)
 - queued:    ready → job started on the worker (routing, job row, Celery message)
-- load / inference / write: the job's run on the worker, split in the proportions measured by
-  replaying the same analysis in this process (the node records only the job's total run time)
+- load / inference / write / job_other: the job's run on the worker, as the worker timed its
+  stages (recorded with the job); job_other is the rest (claim, inputs, checks, outbox rows)
 - deliver:   job finished → last result acknowledged by the PACS
 
 Peer comparison in the same run: DCMTK storescu sending the same result files to the same Orthanc
@@ -43,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pydicom
 import yaml
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -75,19 +76,18 @@ from tests.results.ris_peers import FHIR_SERVER, FhirServer, MllpRis  # noqa: E4
 ANALYSIS = "ct-segmentation"
 
 
-def stored_paths(db_url: str, store: Path, study_uid: str) -> list[Path]:
-    """The study's instance files in the node's store, as the worker gets them (the index)."""
-    engine = create_engine(db_url)
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT i.path FROM instances i JOIN series s ON i.series_pk = s.id "
-                "JOIN studies st ON s.study_pk = st.id WHERE st.study_uid = :u"
-            ),
-            {"u": study_uid},
-        ).all()
-    engine.dispose()
-    return [store / r[0] for r in rows]
+def fresh_copies(paths: list[Path], folder: Path) -> list[Path]:
+    """Copies of the node's result files with new instance UIDs: the peer's storescu sends objects
+    Orthanc has not stored yet, as the node's were."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        copies.append(folder / path.name)
+        ds.save_as(copies[-1], enforce_file_format=True)
+    return copies
 
 
 def workitem_to_completed(dicom_port: int, pacs_port: int, db_url: str, files: list[Path]) -> float:
@@ -132,26 +132,19 @@ def workitem_to_completed(dicom_port: int, pacs_port: int, db_url: str, files: l
     raise RuntimeError("the workitem did not complete in time")
 
 
-def replay_split(files: list[Path], work: Path, warm_files: list[Path]) -> dict[str, float]:
-    """load / inference / write seconds of the same analysis replayed in this process, warmed up
-    first on the warm-up study as the worker was (model loaded, libraries imported). ``files``:
-    the study's files in the node's store, so the load maps its streamed volume as the worker's did."""
-    from workers.analysis.imaging import load_series
-    from workers.analysis.registry import run_analysis
-    from workers.results import ResultContext, write_results
-
-    write_results(
-        run_analysis(ANALYSIS, load_series(warm_files), {}),
-        ResultContext(job_key="replay-warm", output_dir=work / "replay-warm"),
-    )
-    t0 = time.perf_counter()
-    volume = load_series(files)
-    t1 = time.perf_counter()
-    findings = run_analysis(ANALYSIS, volume, {})
-    t2 = time.perf_counter()
-    write_results(findings, ResultContext(job_key="replay", output_dir=work / "replay"))
-    t3 = time.perf_counter()
-    return {"load": t1 - t0, "inference": t2 - t1, "write": t3 - t2}
+def job_stages(run_s: float, timings: list[dict[str, float]]) -> dict[str, float]:
+    """The job's run split as the worker timed it: load, inference (the analysis's preprocess,
+    inference and postprocess), write, and ``job_other`` (claim, inputs, checks, the outbox
+    transaction: the rest of the run)."""
+    load = sum(t.get("load", 0.0) for t in timings)
+    inference = sum(t.get(k, 0.0) for t in timings for k in ("load_model", "preprocess", "inference", "postprocess"))
+    write = sum(t.get("write", 0.0) for t in timings)
+    return {
+        "load": round(load, 3),
+        "inference": round(inference, 3),
+        "write": round(write, 3),
+        "job_other": round(max(0.0, run_s - load - inference - write), 3),
+    }
 
 
 def main() -> int:
@@ -159,12 +152,14 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=256, help="rows and columns of each slice")
+    parser.add_argument(
+        "--warm-size",
+        type=int,
+        default=0,
+        help="rows and columns of the warm-up study (default: --size, a worker in service has seen "
+        "studies of that size; 64: the measured study is the worker's first of its size)",
+    )
     args = parser.parse_args()
-    # The replay in this process runs with the worker's CPU thread settings (set before torch loads).
-    from workers.worker import share_cpu_threads
-
-    share_cpu_threads(1)
-
     work = Path(tempfile.mkdtemp(prefix="ainode-ttr-"))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("AINODE_CONFIG", None)
@@ -175,7 +170,8 @@ def main() -> int:
     fhir: FhirServer | None = None
     try:
         files = write_phantom(args.slices, args.size)
-        warm_files = write_phantom(48, 64, seed=8)
+        warm_size = args.warm_size or args.size
+        warm_files = write_phantom(48 if warm_size == 64 else args.slices, warm_size, seed=8)
         orthanc, pacs_port, _ = start_orthanc(
             work, {"Name": "bench-pacs", "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True}
         )
@@ -256,19 +252,14 @@ def main() -> int:
         last_ack = push(dicom_port, "AINODE", study, mpps=True)
         t = wait_results(db_url, study[0].StudyInstanceUID)
         run_s = t["finished"] - t["started"]
-        split = replay_split(stored_paths(db_url, work / "store", study[0].StudyInstanceUID), work, warm_files)
-        share = sum(split.values()) or 1.0
         stages = {
             "ready": round(t["ready"] - last_ack, 3),
             "queued": round(t["started"] - t["ready"], 3),
-            "load": round(run_s * split["load"] / share, 3),
-            "inference": round(run_s * split["inference"] / share, 3),
-            "write": round(run_s * split["write"] / share, 3),
+            **job_stages(run_s, t["timings"]),
             "deliver": round(t["delivered"] - t["finished"], 3),
         }
         workitem_s = workitem_to_completed(dicom_port, pacs_port, db_url, files)
-        results_dir = work / "replay"
-        peer_results_s = storescu_seconds(pacs_port, sorted(results_dir.glob("*.dcm")))
+        peer_results_s = storescu_seconds(pacs_port, fresh_copies(t["outputs"], work / "peer-results"))
         peer_study_s = storescu_seconds(pacs_port, files)
         total = t["delivered"] - last_ack
         result = {
@@ -285,9 +276,9 @@ def main() -> int:
             "result_objects": t["objects"],
             "job_run_s": round(run_s, 3),
             "pixels": t["pixels"],
-            # The analysis stages as the worker itself timed them (the split above is a replay's).
+            # Every stage of the job as the worker timed it, per analysed series.
             "worker_stages_s": t["timings"],
-            "replay_split_s": {k: round(v, 3) for k, v in split.items()},
+            "warm_size": warm_size,
             "peer_storescu_results_to_orthanc_s": round(peer_results_s, 3),
             "peer_storescu_study_to_orthanc_s": round(peer_study_s, 3),
         }

@@ -9,6 +9,7 @@ import sys
 import numpy
 
 from node.jobs import embedded
+from workers import tasks
 from workers import worker as celery_app
 
 
@@ -58,3 +59,28 @@ def test_workers_do_not_ask_for_huge_pages_unless_the_operator_does(monkeypatch)
     celery_app.small_pages()
     assert numpy._core.multiarray._set_madvise_hugepage(False) is True
     assert embedded.child_environment()["NUMPY_MADVISE_HUGEPAGE"] == "1"
+
+
+def test_cyclic_garbage_is_collected_after_the_job_not_during_it():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    collected = []
+    assert gc.isenabled()
+    with tasks.collection_after_job():
+        assert not gc.isenabled()  # no full collection can start inside the job
+        cycle = Node()
+        cycle.self = cycle
+        weakref.finalize(cycle, collected.append, "cycle")
+        del cycle
+        for _ in range(100_000):  # allocations that would start collections if they were on
+            Node()
+        assert collected == []  # a cycle: only the collector frees it, and it waits
+        with tasks.collection_after_job():  # nested: leaves the outer pause alone
+            pass
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    assert collected == ["cycle"]  # collected when the job ended

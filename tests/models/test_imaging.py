@@ -16,6 +16,7 @@ from workers.analysis.imaging import (
     canonical_grid,
     load_groups,
     load_series,
+    on_canonical_grid,
     resample_back,
     resample_to_grid,
 )
@@ -199,3 +200,20 @@ def test_canonical_grid_round_trip_keeps_labels(tmp_path):
     back = resample_back(volume, affine, work, order=1) > 0.5
     agreement = (back == (truth_vol > 0.5)).mean()
     assert agreement > 0.995
+
+
+def test_canonical_grid_sampled_once_per_volume(tmp_path):
+    """The intended-use check and the model's preprocessing share one sampling of the 4 mm grid."""
+    phantom = make_ct_phantom(6, shape=(20, 40, 40), spacing=(4.0, 3.0, 3.0))
+    volume = load_series(write_ct_series(phantom, tmp_path))
+    values, shape, affine = on_canonical_grid(volume, 4.0, fill=-1024.0)
+    want_shape, want_affine = canonical_grid(volume, 4.0)
+    assert shape == want_shape and np.array_equal(affine, want_affine)
+    assert np.array_equal(values, resample_to_grid(volume, want_shape, want_affine, order=1, fill=-1024.0))
+    assert on_canonical_grid(volume, 4.0, fill=-1024.0)[0] is values
+    assert not values.flags.writeable  # shared: nobody may change it under the other
+    assert on_canonical_grid(volume, 2.0, fill=-1024.0)[0].shape != values.shape
+    volume.pixels = volume.pixels + 100.0  # other pixels: sampled again
+    assert np.allclose(
+        on_canonical_grid(volume, 4.0, fill=-1024.0)[0][values > -1024.0], values[values > -1024.0] + 100.0
+    )

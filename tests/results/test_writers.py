@@ -117,6 +117,18 @@ def test_seg_from_label_array_equals_stacked_segments_and_overlaps_still_work(ct
     remapped = pydicom.dcmread(by_kind(write(findings, tmp_path / "r"))["seg"][0])
     assert remapped.PixelData == fast.PixelData
     assert remapped.PerFrameFunctionalGroupsSequence == fast.PerFrameFunctionalGroupsSequence
+    # Values already 1..n in segment order (every class found): the array itself, not a copy.
+    numbered = np.where(upper, 1, np.where(lower, 2, 0)).astype(np.uint8)
+    for segment, value in zip(findings.segments, (1, 2)):
+        segment.labels, segment.label_value = numbered, value
+    assert seg_writer._remapped_labels(findings.segments) is numbered
+    numbered_seg = pydicom.dcmread(by_kind(write(findings, tmp_path / "n"))["seg"][0])
+    assert numbered_seg.PixelData == fast.PixelData
+    # A value beyond the segments (a class left out) must still be remapped (to background).
+    numbered[0, 0, 0] = 3
+    assert seg_writer._remapped_labels(findings.segments) is not numbered
+    for segment in findings.segments:
+        segment.labels, segment.label_value = source, {"upper": 7, "lower": 3}[segment.label]
     monkeypatch.setattr(seg_writer, "_label_array", lambda segments: None)
     stacked = pydicom.dcmread(by_kind(write(findings, tmp_path / "b"))["seg"][0])
     monkeypatch.undo()

@@ -45,8 +45,7 @@ CINE_SIZE = 64
 def body_sections(volume: Volume) -> tuple[float, float]:
     """(median body-section area in cm², median left-right width in mm) over the axial slices
     of the volume resampled onto an axis-aligned 4 mm grid (any acquisition plane)."""
-    shape, affine = imaging.canonical_grid(volume, GRID_MM)
-    hu = imaging.resample_to_grid(volume, shape, affine, order=1, fill=-1024.0)
+    hu, _, _ = imaging.on_canonical_grid(volume, GRID_MM, order=1, fill=-1024.0)
     areas, widths = [], []
     for axial in hu:
         body = ndimage.binary_fill_holes(axial > BODY_HU)

@@ -60,6 +60,9 @@ class Volume:
     # The header-only datasets the loader read (streamed pixels), per SOP Instance UID: handed
     # to the result writers, which would otherwise read the same headers again. Not compared.
     headers: dict[str, Dataset] = field(default_factory=dict, repr=False, compare=False)
+    # The pixels resampled onto canonical grids, per (spacing, order, fill): the intended-use
+    # check and a model's preprocessing sample the same 4 mm grid once (``imaging.on_canonical_grid``).
+    resampled: dict[tuple, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> str:
         """The group in words, for job summaries and refusals (no patient data)."""

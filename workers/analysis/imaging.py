@@ -175,8 +175,18 @@ def _volume(
     read = headers or {}
     # Each frame goes straight into its place: no list of per-slice copies, no second stack.
     pixels = np.empty((len(frames), *frames[0].shape), dtype=np.float32)
-    for k, frame in enumerate(frames):
-        frame.values_into(pixels[k])
+
+    def fill(k: int) -> None:
+        frames[k].values_into(pixels[k])
+
+    # numpy releases the GIL in the conversion: the worker's CPU threads share the slices.
+    threads = min(cpu_threads(), len(frames) // 16)
+    if threads > 1:
+        with ThreadPoolExecutor(threads, thread_name_prefix="assemble") as pool:
+            list(pool.map(fill, range(len(frames))))
+    else:
+        for k in range(len(frames)):
+            fill(k)
     return Volume(
         pixels=pixels,
         affine=affine,
@@ -865,6 +875,21 @@ def canonical_grid(volume: Volume, spacing: float) -> tuple[tuple[int, int, int]
     # Centre the grid on the volume so both ends get the same margin.
     affine[:3, 3] = (lo + hi) / 2 - (n_ijk - 1) / 2 * spacing
     return (int(n_ijk[2]), int(n_ijk[1]), int(n_ijk[0])), affine
+
+
+def on_canonical_grid(
+    volume: Volume, spacing: float, order: int = 1, fill: float | None = None
+) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray]:
+    """(values, shape, affine): the volume resampled onto its canonical grid of ``spacing`` mm
+    (``canonical_grid``, ``resample_to_grid``), computed once per volume and parameters and kept
+    with it read-only (the intended-use check and the model's preprocessing both sample it)."""
+    key = (float(spacing), int(order), fill, id(volume.pixels))  # new pixels: a new sampling
+    if key not in volume.resampled:
+        shape, affine = canonical_grid(volume, spacing)
+        values = resample_to_grid(volume, shape, affine, order=order, fill=fill)
+        values.setflags(write=False)
+        volume.resampled[key] = (values, shape, affine)
+    return volume.resampled[key]
 
 
 def resample_to_grid(

@@ -68,6 +68,8 @@ def _remapped_labels(segments: list[Segment]) -> np.ndarray | None:
         return None
     if source.dtype not in (np.uint8, np.uint16) or len(segments) > 255:
         return None
+    if values == list(range(1, len(values) + 1)) and source.dtype == np.uint8 and int(source.max()) <= len(values):
+        return source  # already the segment numbers (every class found, in order): nothing to remap
     lut = np.zeros(np.iinfo(source.dtype).max + 1, dtype=np.uint8)
     for number, value in enumerate(values, 1):
         lut[value] = number
@@ -95,6 +97,23 @@ def _pixel_array(segments: list[Segment], seg_type: str) -> np.ndarray:
     if seg_type == "FRACTIONAL":
         return stack.astype(np.float32)
     return stack
+
+
+# SOP classes highdicom gives a SEG: Label Map Segmentation for LABELMAP, Segmentation otherwise.
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"
+
+
+def seg_reference(findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory) -> Dataset:
+    """What the SR and the KOS read of the SEG ``write_seg`` makes (its SOP class, UIDs and image
+    size), before it exists: they can be built while the SEG is (``workers.results.aside``)."""
+    ref = Dataset()
+    ref.SOPClassUID = LABEL_MAP_SEGMENTATION if ctx.segmentation_type == "LABELMAP" else SEGMENTATION
+    ref.SOPInstanceUID = uids.uid("seg", "sop")
+    ref.SeriesInstanceUID = uids.uid("seg", "series")
+    ref.StudyInstanceUID = sources.first.StudyInstanceUID
+    ref.Rows, ref.Columns = findings.segments[0].shape[-2:]
+    return ref
 
 
 def write_seg(findings: Findings, sources: SourceImages, ctx: ResultContext, uids: UIDFactory) -> Dataset | None:

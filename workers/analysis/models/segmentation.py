@@ -80,8 +80,8 @@ def load_with_refinement(device: str) -> Models:
 def preprocess(volume: Volume, params: dict) -> dict:
     """Resample to the 4 mm axis-aligned working grid and window the intensities (the volume is
     kept for the 2 mm lesion pass, which cuts its patches from the source)."""
-    shape, affine = imaging.canonical_grid(volume, SPACING_MM)
-    hu = imaging.resample_to_grid(volume, shape, affine, order=1, fill=-1024.0)
+    # The same grid the intended-use check sampled (domain.adult_trunk_ct): computed once.
+    hu, _, affine = imaging.on_canonical_grid(volume, SPACING_MM, order=1, fill=-1024.0)
     return {"image": intensity_channels(hu), "affine": affine, "volume": volume}
 
 
