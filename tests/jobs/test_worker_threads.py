@@ -70,7 +70,8 @@ def test_cyclic_garbage_is_collected_after_the_job_not_during_it():
 
     collected = []
     assert gc.isenabled()
-    with tasks.collection_after_job():
+    collections = tasks.JobCollections(full_every=2)
+    with collections.after_job():
         assert not gc.isenabled()  # no full collection can start inside the job
         cycle = Node()
         cycle.self = cycle
@@ -79,8 +80,25 @@ def test_cyclic_garbage_is_collected_after_the_job_not_during_it():
         for _ in range(100_000):  # allocations that would start collections if they were on
             Node()
         assert collected == []  # a cycle: only the collector frees it, and it waits
-        with tasks.collection_after_job():  # nested: leaves the outer pause alone
+        with collections.after_job():  # nested: leaves the outer pause alone
             pass
         assert not gc.isenabled()
     assert gc.isenabled()
     assert collected == ["cycle"]  # collected when the job ended
+    # What survived the job is out of the collector's view; a cycle of those objects that became
+    # garbage later is freed at the next full collection (every full_every jobs).
+    assert gc.get_freeze_count() > 0
+    survivor = Node()
+    survivor.self = survivor
+    weakref.finalize(survivor, collected.append, "survivor")
+    with collections.after_job():
+        pass
+    del survivor  # frozen now: a later ordinary collection does not see it
+    with collections.after_job():  # an ordinary collection: the frozen cycle stays
+        pass
+    assert collected == ["cycle"]
+    with collections.after_job():  # the full one, full_every jobs after the last
+        pass
+    assert collected == ["cycle", "survivor"]
+    assert collections.until_full == collections.full_every
+    gc.unfreeze()
