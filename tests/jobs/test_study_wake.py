@@ -1,0 +1,125 @@
+"""The receivers wake the assembler when a study may have just become complete (an MPPS step
+ended, an ended association's last instances indexed), instead of leaving it to the next tick.
+
+Every wait here is an hour long where only the wake can end it sooner: what ends it is the wake.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, ModalityPerformedProcedureStep
+from sqlalchemy import func, select
+
+from node.core.db import dispose_engines, engine_for, session_scope
+from node.index import Instance
+from node.ingest import mpps
+from node.ingest.policy import AssociationSlots
+from node.ingest.receiver import Receiver
+from tests.helpers import free_port
+from tests.jobs.test_completion_and_routing import _mpps_completed, _mpps_create
+
+AN_HOUR = 3600.0
+FORK = multiprocessing.get_context("fork")
+MODALITY = [{"ae_title": "MODALITY", "hosts": ["127.0.0.1"]}]
+
+
+def _mpps_over_dicom(port: int, study_uid: str, final: str = "COMPLETED") -> list[int]:
+    """N-CREATE, an N-SET that keeps the step IN PROGRESS, the N-SET ending it, and one more
+    N-SET (refused: a final step may no longer be updated). Returns the four statuses."""
+    scu = AE(ae_title="MODALITY")
+    scu.add_requested_context(ModalityPerformedProcedureStep)
+    assoc = scu.associate("127.0.0.1", port, ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        step = generate_uid()
+        statuses = [assoc.send_n_create(_mpps_create(study_uid), ModalityPerformedProcedureStep, step)[0].Status]
+        still = Dataset()
+        still.PerformedProcedureStepStatus = "IN PROGRESS"
+        statuses.append(assoc.send_n_set(still, ModalityPerformedProcedureStep, step)[0].Status)
+        done = _mpps_completed(study_uid + ".1", [study_uid + ".1.1"], status=final)
+        statuses.append(assoc.send_n_set(done, ModalityPerformedProcedureStep, step)[0].Status)
+        statuses.append(assoc.send_n_set(done, ModalityPerformedProcedureStep, step)[0].Status)
+    finally:
+        assoc.release()
+    return statuses
+
+
+@pytest.mark.parametrize("final", ["COMPLETED", "DISCONTINUED"])
+def test_an_ended_mpps_step_wakes_once_it_is_committed(make_settings, final):
+    settings = make_settings()
+    seen: list[str] = []  # the step's status as another connection reads it, at each wake
+
+    def study_may_be_complete() -> None:
+        with session_scope(engine_for(settings.database.url)) as session:
+            seen.append(session.scalar(select(mpps.PerformedProcedureStep.status)))
+
+    scp = AE(ae_title="AINODE")
+    scp.add_supported_context(ModalityPerformedProcedureStep)
+    port = free_port()
+    handlers = mpps.handlers(settings, study_may_be_complete=study_may_be_complete)
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        statuses = _mpps_over_dicom(port, "1.2.7.1", final)
+    finally:
+        server.shutdown()
+    assert statuses == [0, 0, 0, mpps.MAY_NO_LONGER_BE_UPDATED]
+    assert seen == [final]  # only the N-SET that ended the step, after its commit
+
+
+def _ct_instance(study_uid: str, number: int) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, study_uid + ".1"
+    ds.PatientID, ds.PatientName, ds.Modality, ds.InstanceNumber = "WAKE1", "Wake^Test", "CT", number
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = bytes(32)
+    return ds
+
+
+def _instances(settings) -> int:
+    with session_scope(engine_for(settings.database.url)) as session:
+        return session.scalar(select(func.count(Instance.id)))
+
+
+def test_the_receiver_wakes_once_an_ended_association_s_instances_are_indexed(make_settings):
+    port = free_port()
+    settings = make_settings(node={"host": "127.0.0.1", "port": port, "receivers": 1}, peers=MODALITY)
+    indexed_at_wake: list[int] = []
+    woken = threading.Event()
+
+    def study_may_be_complete() -> None:
+        indexed_at_wake.append(_instances(settings))
+        woken.set()
+
+    slots = AssociationSlots.create(FORK, 1, settings.peers)
+    receiver = Receiver(settings, engine_for(settings.database.url), slots, study_may_be_complete=study_may_be_complete)
+    receiver.indexer._linger = AN_HOUR  # lone arrivals wait for company: only the association's end ends it
+    receiver.recover()
+    server = receiver.start()
+    try:
+        scu = AE(ae_title="MODALITY")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", port, ae_title="AINODE")
+        assert assoc.is_established
+        for number in (1, 2):
+            assert assoc.send_c_store(_ct_instance("1.2.7.2", number)).Status == 0
+        assert not woken.is_set() and _instances(settings) == 0  # answered, lingering for company
+        assoc.release()
+        assert woken.wait(60), "the end of the association did not wake the assembler"
+        assert indexed_at_wake == [2]  # told after the batch's commit
+    finally:
+        server.shutdown()
+        receiver.indexer.stop()
+        if receiver.volume_streamer is not None:
+            receiver.volume_streamer.stop(timeout=5.0)
+        dispose_engines()
