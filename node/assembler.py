@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pydicom
 from sqlalchemy import ForeignKey, Integer, func, select
@@ -182,24 +182,29 @@ def studies_in_progress(settings: Settings) -> bool:
 class CompletionTicker:
     """The periodic completion check, skipped while nothing can have changed: no study is in
     progress and the database has seen no commit (``core.db.ChangeGate``). An idle node then costs
-    one ``PRAGMA data_version`` per tick instead of a handful of queries."""
+    one ``PRAGMA data_version`` per tick instead of a handful of queries. A pass the receivers
+    woke (a study may have just become complete) always runs."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.gate = ChangeGate(settings.database.url)
         self.in_progress = True  # until a pass has shown otherwise
 
-    def __call__(self) -> None:
-        if not self.gate.due() and not self.in_progress:
+    def __call__(self, woken: bool = False) -> None:
+        """One check; ``woken``: a receiver said a study may be complete, whatever the gate says."""
+        due = self.gate.due()  # read first even when woken: it remembers the token this pass saw
+        if not (woken or due or self.in_progress):
             return
         self.in_progress = True  # stays so if the pass fails
         tick(self.settings)
         self.in_progress = studies_in_progress(self.settings)
 
 
-def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], None]]]:
-    """The completion check, four times a second, so a timer fires within a quarter second."""
-    return [("assembler", 0.25, CompletionTicker(settings))]
+def periodic_tasks(settings: Settings, wake: Any = None) -> list[tuple[str, float, Callable[..., None], Any]]:
+    """The completion check, four times a second, so a timer fires within a quarter second; and at
+    once when ``wake`` (an Event the receivers set after an MPPS step ends, or after indexing what
+    an ended association left) is set, so a complete study does not wait for the tick."""
+    return [("assembler", 0.25, CompletionTicker(settings), wake)]
 
 
 def status_summary(session: Session) -> dict[str, object]:

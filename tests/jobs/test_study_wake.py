@@ -7,6 +7,8 @@ Every wait here is an hour long where only the wake can end it sooner: what ends
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
 import threading
 
 import pytest
@@ -16,17 +18,64 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, ModalityPerformedProcedureStep
 from sqlalchemy import func, select
 
+from node import assembler
 from node.core.db import dispose_engines, engine_for, session_scope
 from node.index import Instance
 from node.ingest import mpps
 from node.ingest.policy import AssociationSlots
 from node.ingest.receiver import Receiver
+from node.service import PeriodicTasks, ReceiverPool, _run_periodic
 from tests.helpers import free_port
 from tests.jobs.test_completion_and_routing import _mpps_completed, _mpps_create
 
 AN_HOUR = 3600.0
 FORK = multiprocessing.get_context("fork")
 MODALITY = [{"ae_title": "MODALITY", "hosts": ["127.0.0.1"]}]
+
+
+def _set_from_another_process(event) -> None:
+    child = FORK.Process(target=event.set)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+
+
+def test_a_wake_from_another_process_runs_the_periodic_pass_before_its_interval():
+    stop, wake = threading.Event(), FORK.Event()
+    passes: list[tuple[bool, bool]] = []  # (woken, wake still set when the pass ran)
+    ran = threading.Event()
+
+    def task(woken: bool = False) -> None:
+        passes.append((woken, wake.is_set()))
+        ran.set()
+
+    periodic = PeriodicTasks()
+    thread = threading.Thread(target=_run_periodic, args=("assembler", AN_HOUR, task, stop, wake), daemon=True)
+    thread.start()
+    periodic.threads.append(thread)
+    periodic.wakes.append(wake)
+    _set_from_another_process(wake)
+    assert ran.wait(60), "the wake did not start a pass"
+    assert passes == [(True, False)]  # woken, and the wake cleared before the pass
+    stop.set()
+    periodic.finish(timeout=60)  # sets the wakes: the thread sees the stop without its hour's wait
+    assert not thread.is_alive()
+    assert passes == [(True, False)]  # no pass after the stop
+
+
+def test_a_woken_completion_ticker_runs_its_pass_though_nothing_was_committed(make_settings, monkeypatch):
+    settings = make_settings()
+    ticker = assembler.CompletionTicker(settings)
+    passes = []
+    real_tick = assembler.tick
+    monkeypatch.setattr(assembler, "tick", lambda s: (passes.append(1), real_tick(s)))
+    ticker()
+    ticker()
+    ticker()
+    assert len(passes) <= 2 and not ticker.in_progress  # idle: the gate skips (its first pass aside)
+    before = len(passes)
+    ticker(woken=True)
+    assert len(passes) == before + 1
 
 
 def _mpps_over_dicom(port: int, study_uid: str, final: str = "COMPLETED") -> list[int]:
@@ -123,3 +172,25 @@ def test_the_receiver_wakes_once_an_ended_association_s_instances_are_indexed(ma
         if receiver.volume_streamer is not None:
             receiver.volume_streamer.stop(timeout=5.0)
         dispose_engines()
+
+
+def test_every_receiver_process_wakes_the_pool_s_event_a_restarted_one_too(make_settings):
+    port = free_port()
+    settings = make_settings(node={"host": "127.0.0.1", "port": port, "receivers": 1}, peers=MODALITY)
+    dispose_engines()  # no connection may cross the fork
+    pool = ReceiverPool(settings)
+    assert pool.start()
+    try:
+        assert not pool.study_wake.is_set()
+        assert _mpps_over_dicom(port, "1.2.7.3")[2] == 0
+        assert pool.study_wake.wait(60), "the receiver's MPPS N-SET did not wake the assembler"
+        pool.study_wake.clear()
+        crashed = pool._procs[0]
+        os.kill(crashed.pid, signal.SIGKILL)
+        crashed.join(60)
+        pool.supervise()  # restarts it
+        assert pool._procs[0] is not crashed and pool._procs[0].is_alive()
+        assert _mpps_over_dicom(port, "1.2.7.4")[2] == 0
+        assert pool.study_wake.wait(60), "the restarted receiver does not share the pool's wake"
+    finally:
+        pool.stop()
