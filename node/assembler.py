@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pydicom
 from sqlalchemy import ForeignKey, Integer, func, select
@@ -28,6 +28,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from node.core.clock import aware, utcnow
 from node.core.db import Base, ChangeGate, database_session
 from node.core.settings import Settings, Timers
+from node.core.wake import StudyWake
 from node.index import Instance, Series, Study
 from node.ingest import mpps
 from node.router import current_rules, route_ready, study_verdict
@@ -200,10 +201,12 @@ class CompletionTicker:
         self.in_progress = studies_in_progress(self.settings)
 
 
-def periodic_tasks(settings: Settings, wake: Any = None) -> list[tuple[str, float, Callable[..., None], Any]]:
+def periodic_tasks(
+    settings: Settings, wake: StudyWake | None = None
+) -> list[tuple[str, float, Callable[..., None], StudyWake | None]]:
     """The completion check, four times a second, so a timer fires within a quarter second; and at
-    once when ``wake`` (an Event the receivers set after an MPPS step ends, or after indexing what
-    an ended association left) is set, so a complete study does not wait for the tick."""
+    once when ``wake`` (which the receivers notify after an MPPS step ends, or after indexing what
+    an ended association left) is notified, so a complete study does not wait for the tick."""
     return [("assembler", 0.25, CompletionTicker(settings), wake)]
 
 

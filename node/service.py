@@ -26,6 +26,7 @@ from node.core.errors import describe_error
 from node.core.logs import configure_logging
 from node.core.migrations import SchemaError
 from node.core.settings import Settings
+from node.core.wake import StudyWake
 from node.dispatch import commitment, outbox
 from node.ingest import mpps, store
 from node.ingest.indexer import Indexer
@@ -41,10 +42,10 @@ from workers.analysis.intended import declared_uses
 
 log = logging.getLogger("ainode.service")
 
-# (name, interval_s, function), or (name, interval_s, function, wake): a task naming a wake event
-# (a multiprocessing.Event the receivers set) also runs as soon as it is set, and its function is
-# told whether the wake started the pass (``woken``). None as wake: the interval only.
-PeriodicTask = tuple[str, float, Callable[[], None]] | tuple[str, float, Callable[..., None], Any]
+# (name, interval_s, function), or (name, interval_s, function, wake): a task naming a wake (the
+# StudyWake the receivers notify) also runs as soon as it is notified, and its function is told
+# whether the wake started the pass (``woken``). None as wake: the interval only.
+PeriodicTask = tuple[str, float, Callable[[], None]] | tuple[str, float, Callable[..., None], StudyWake | None]
 PeriodicHook = Callable[[Settings], list[PeriodicTask]]
 ServiceHook = Callable[[Settings], list[Callable[[], None]]]
 
@@ -66,9 +67,9 @@ def installed_analyses(settings: Settings) -> list[dict[str, Any]]:
     ]
 
 
-def periodic_stages(study_wake: Any = None) -> tuple[tuple[str, PeriodicHook], ...]:
-    """The later stages, in pipeline order, and what each runs periodically. ``study_wake``: the
-    Event the receivers set when a study may have just become complete; it wakes the assembler."""
+def periodic_stages(study_wake: StudyWake | None = None) -> tuple[tuple[str, PeriodicHook], ...]:
+    """The later stages, in pipeline order, and what each runs periodically. ``study_wake``: what
+    the receivers notify when a study may have just become complete; it wakes the assembler."""
     return (
         ("assembler", lambda settings: assembler.periodic_tasks(settings, wake=study_wake)),
         # The analyses' intended uses (torch-free declarations) are checked before queuing.
@@ -116,12 +117,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pid: int, study_wake: Any) -> None:
+def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pid: int, study_wake: StudyWake) -> None:
     """Body of one receiver process: serve until SIGTERM, then drain open associations.
-    ``study_wake`` (the pool's Event) is set when a study may have just become complete."""
+    ``study_wake`` (the pool's) is notified when a study may have just become complete."""
     _die_with_parent()
     if os.getppid() != parent_pid:
         os._exit(1)
+    study_wake.close_read_end()  # only the main process waits on it
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -133,11 +135,11 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
         engine_for(settings.database.url),
         slots,
         row,
-        mpps.handlers(settings, study_may_be_complete=study_wake.set),
+        mpps.handlers(settings, study_may_be_complete=study_wake.notify),
         commitment_handlers(settings),
         ups_sop_classes=ups_scp.SOP_CLASSES,
         ups_handlers=ups_scp.handlers(settings),
-        study_may_be_complete=study_wake.set,
+        study_may_be_complete=study_wake.notify,
     )
     receiver.recover()  # what this receiver's predecessor answered but did not index
     try:
@@ -194,9 +196,10 @@ class ReceiverPool:
         self._ctx = multiprocessing.get_context("fork")
         self.slots = AssociationSlots.create(self._ctx, self.count, settings.peers)
         self._procs: list[Any] = [None] * self.count
-        # Set by any receiver, its restarted successors included, when a study may have just
-        # become complete (MPPS step ended, an ended association's last instances indexed).
-        self.study_wake = self._ctx.Event()
+        # Notified by any receiver, its restarted successors included (each forked with the same
+        # pipe), when a study may have just become complete (MPPS step ended, an ended
+        # association's last instances indexed).
+        self.study_wake = StudyWake()
 
     def _spawn(self, row: int) -> bool:
         ready = self._ctx.Event()
@@ -248,26 +251,28 @@ class ReceiverPool:
             if proc is not None:
                 proc.join()
 
+    def close(self) -> None:
+        """Close the wake's pipe, once the receivers and the thread waiting on it have ended."""
+        self.study_wake.close()
+
 
 # --- periodic work and services of the later stages ------------------------------------------
 
 
-def _next_pass(interval: float, stop: threading.Event, wake: Any) -> bool:
-    """Wait for the next pass: ``interval`` seconds, or less when ``wake`` is set (then True). The
-    wake is cleared before the pass, so one set while the pass runs brings another at once."""
+def _next_pass(interval: float, stop: threading.Event, wake: StudyWake | None) -> bool:
+    """Wait for the next pass: ``interval`` seconds, or less when ``wake`` is notified (then True).
+    The wake's notifications are consumed before the pass, so one made while the pass runs brings
+    another at once."""
     if wake is None:
         stop.wait(interval)
         return False
-    woken = bool(wake.wait(interval))
-    if woken:
-        wake.clear()
-    return woken
+    return wake.wait(interval)
 
 
 def _run_periodic(
-    name: str, interval: float, func: Callable[..., None], stop: threading.Event, wake: Any = None
+    name: str, interval: float, func: Callable[..., None], stop: threading.Event, wake: StudyWake | None = None
 ) -> None:
-    """Run ``func`` every ``interval`` seconds, and at once when ``wake`` is set, until ``stop``."""
+    """Run ``func`` every ``interval`` seconds, and at once when ``wake`` is notified, until ``stop``."""
     while True:
         woken = _next_pass(interval, stop, wake)
         if stop.is_set():
@@ -287,14 +292,14 @@ class PeriodicTasks:
     def __init__(self) -> None:
         self.threads: list[threading.Thread] = []
         self.at_stop: list[tuple[str, Callable[[], None]]] = []
-        self.wakes: list[Any] = []  # the wake events the threads wait on (set at the stop)
+        self.wakes: list[StudyWake] = []  # the wakes the threads wait on (notified at the stop)
 
     def finish(self, timeout: float = 5.0) -> None:
         """Wait for the threads (the stop event is set), then run the passes marked ``run_at_stop``
         once more, in order: they see what the other stages did up to their last moment (the
         audit's last transfers would otherwise belong to no run)."""
         for wake in self.wakes:  # a thread waiting on its wake sees the stop now, not after its interval
-            wake.set()
+            wake.notify()
         for t in self.threads:
             t.join(timeout=timeout)
         for name, func in self.at_stop:
@@ -304,9 +309,9 @@ class PeriodicTasks:
                 log.error("last pass of %s failed: %s", name, describe_error(err))
 
 
-def start_periodic(settings: Settings, stop: threading.Event, study_wake: Any = None) -> PeriodicTasks:
+def start_periodic(settings: Settings, stop: threading.Event, study_wake: StudyWake | None = None) -> PeriodicTasks:
     """One thread per (name, interval, function[, wake]) from every stage's ``periodic_tasks``;
-    ``study_wake`` (the receivers' Event) wakes the assembler."""
+    ``study_wake`` (notified by the receivers) wakes the assembler."""
     tasks_run = PeriodicTasks()
     for stage, hook in periodic_stages(study_wake):
         try:
@@ -367,6 +372,7 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pool = ReceiverPool(settings)
     if not pool.start():
+        pool.close()
         return 3
     periodic = start_periodic(settings, stop, pool.study_wake)
     stoppers = start_stage_services(settings)
@@ -375,6 +381,7 @@ def serve(settings: Settings) -> int:
     log.info("stopping: receivers finish their open associations")
     pool.stop()
     periodic.finish()  # before the services stop: the audit trail takes the last pass's messages
+    pool.close()  # after finish: no thread waits on the wake any more
     for stopper in stoppers:
         try:
             stopper()

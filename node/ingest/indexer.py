@@ -69,7 +69,7 @@ class Indexer:
         self._policy = policy
         # Told the final paths of newly stored instances once indexed (the volume streamer).
         self._on_indexed = on_indexed
-        # Told (one Event.set in the node) when a batch committed after an association ended:
+        # Told (one StudyWake.notify in the node) when a batch committed after an association ended:
         # the study's last instances may be in, so the assembler looks at once.
         self._study_may_be_complete = study_may_be_complete
         self._association_ended = False  # since the last committed batch

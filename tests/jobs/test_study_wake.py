@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from node import assembler
 from node.core.db import dispose_engines, engine_for, session_scope
+from node.core.wake import StudyWake
 from node.index import Instance
 from node.ingest import mpps
 from node.ingest.policy import AssociationSlots
@@ -33,20 +34,26 @@ FORK = multiprocessing.get_context("fork")
 MODALITY = [{"ae_title": "MODALITY", "hosts": ["127.0.0.1"]}]
 
 
-def _set_from_another_process(event) -> None:
-    child = FORK.Process(target=event.set)
+def _notify_from_another_process(wake: StudyWake) -> None:
+    child = FORK.Process(target=wake.notify)
     child.start()
     child.join(60)
     assert child.exitcode == 0
 
 
+def _notify_forever(wake: StudyWake) -> None:
+    wake.close_read_end()
+    while True:
+        wake.notify()
+
+
 def test_a_wake_from_another_process_runs_the_periodic_pass_before_its_interval():
-    stop, wake = threading.Event(), FORK.Event()
-    passes: list[tuple[bool, bool]] = []  # (woken, wake still set when the pass ran)
+    stop, wake = threading.Event(), StudyWake()
+    passes: list[tuple[bool, bool]] = []  # (woken, wake still pending when the pass ran)
     ran = threading.Event()
 
     def task(woken: bool = False) -> None:
-        passes.append((woken, wake.is_set()))
+        passes.append((woken, wake.pending()))
         ran.set()
 
     periodic = PeriodicTasks()
@@ -54,13 +61,61 @@ def test_a_wake_from_another_process_runs_the_periodic_pass_before_its_interval(
     thread.start()
     periodic.threads.append(thread)
     periodic.wakes.append(wake)
-    _set_from_another_process(wake)
-    assert ran.wait(60), "the wake did not start a pass"
-    assert passes == [(True, False)]  # woken, and the wake cleared before the pass
-    stop.set()
-    periodic.finish(timeout=60)  # sets the wakes: the thread sees the stop without its hour's wait
-    assert not thread.is_alive()
-    assert passes == [(True, False)]  # no pass after the stop
+    try:
+        _notify_from_another_process(wake)
+        assert ran.wait(60), "the wake did not start a pass"
+        assert passes == [(True, False)]  # woken, and the wake consumed before the pass
+        stop.set()
+        periodic.finish(timeout=60)  # notifies the wakes: the thread sees the stop without its hour's wait
+        assert not thread.is_alive()
+        assert passes == [(True, False)]  # no pass after the stop
+    finally:
+        wake.close()
+
+
+def test_a_notifier_killed_with_sigkill_leaves_the_wake_working():
+    # A multiprocessing.Event's lock stays held when its holder is killed inside set(): the
+    # waiter would block for good. The pipe holds nothing: a later notify still wakes the waiter.
+    wake = StudyWake()
+    try:
+        for _ in range(3):  # each kill lands anywhere in notify()
+            wake.wait(0)  # what the last one left: the next wait is this one's
+            notifier = FORK.Process(target=_notify_forever, args=(wake,))
+            notifier.start()
+            assert wake.wait(60), "the notifier did not notify"
+            os.kill(notifier.pid, signal.SIGKILL)
+            notifier.join(60)
+            assert notifier.exitcode == -signal.SIGKILL
+        wake.wait(0)  # what the killed notifiers left pending
+        assert not wake.pending()
+        results: list[bool] = []
+        waiter = threading.Thread(target=lambda: results.append(wake.wait(AN_HOUR)), daemon=True)
+        waiter.start()
+        _notify_from_another_process(wake)
+        waiter.join(60)
+        assert results == [True], "a notify after the kills did not wake the waiter"
+    finally:
+        wake.close()
+
+
+def test_a_closed_wake_neither_blocks_nor_fails():
+    wake = StudyWake()
+    wake.notify()
+    wake.close()
+    wake.close()
+    wake.notify()  # a receiver telling a stopping node: nothing happens
+    assert not wake.wait(AN_HOUR) and not wake.pending()
+
+
+def test_a_full_pipe_is_a_pending_wake_and_one_wait_consumes_it_all():
+    wake = StudyWake()
+    try:
+        for _ in range(100_000):  # more than a pipe holds: the notifies beyond it are dropped
+            wake.notify()
+        assert wake.wait(AN_HOUR)
+        assert not wake.pending() and not wake.wait(0)
+    finally:
+        wake.close()
 
 
 def test_a_woken_completion_ticker_runs_its_pass_though_nothing_was_committed(make_settings, monkeypatch):
@@ -174,17 +229,16 @@ def test_the_receiver_wakes_once_an_ended_association_s_instances_are_indexed(ma
         dispose_engines()
 
 
-def test_every_receiver_process_wakes_the_pool_s_event_a_restarted_one_too(make_settings):
+def test_every_receiver_process_notifies_the_pool_s_wake_a_restarted_one_too(make_settings):
     port = free_port()
     settings = make_settings(node={"host": "127.0.0.1", "port": port, "receivers": 1}, peers=MODALITY)
     dispose_engines()  # no connection may cross the fork
     pool = ReceiverPool(settings)
     assert pool.start()
     try:
-        assert not pool.study_wake.is_set()
+        assert not pool.study_wake.pending()
         assert _mpps_over_dicom(port, "1.2.7.3")[2] == 0
         assert pool.study_wake.wait(60), "the receiver's MPPS N-SET did not wake the assembler"
-        pool.study_wake.clear()
         crashed = pool._procs[0]
         os.kill(crashed.pid, signal.SIGKILL)
         crashed.join(60)
@@ -194,3 +248,4 @@ def test_every_receiver_process_wakes_the_pool_s_event_a_restarted_one_too(make_
         assert pool.study_wake.wait(60), "the restarted receiver does not share the pool's wake"
     finally:
         pool.stop()
+        pool.close()
