@@ -28,6 +28,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from node.core.clock import aware, utcnow
 from node.core.db import Base, ChangeGate, database_session
 from node.core.settings import Settings, Timers
+from node.core.wake import StudyWake
 from node.index import Instance, Series, Study
 from node.ingest import mpps
 from node.router import current_rules, route_ready, study_verdict
@@ -182,24 +183,31 @@ def studies_in_progress(settings: Settings) -> bool:
 class CompletionTicker:
     """The periodic completion check, skipped while nothing can have changed: no study is in
     progress and the database has seen no commit (``core.db.ChangeGate``). An idle node then costs
-    one ``PRAGMA data_version`` per tick instead of a handful of queries."""
+    one ``PRAGMA data_version`` per tick instead of a handful of queries. A pass the receivers
+    woke (a study may have just become complete) always runs."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.gate = ChangeGate(settings.database.url)
         self.in_progress = True  # until a pass has shown otherwise
 
-    def __call__(self) -> None:
-        if not self.gate.due() and not self.in_progress:
+    def __call__(self, woken: bool = False) -> None:
+        """One check; ``woken``: a receiver said a study may be complete, whatever the gate says."""
+        due = self.gate.due()  # read first even when woken: it remembers the token this pass saw
+        if not (woken or due or self.in_progress):
             return
         self.in_progress = True  # stays so if the pass fails
         tick(self.settings)
         self.in_progress = studies_in_progress(self.settings)
 
 
-def periodic_tasks(settings: Settings) -> list[tuple[str, float, Callable[[], None]]]:
-    """The completion check, four times a second, so a timer fires within a quarter second."""
-    return [("assembler", 0.25, CompletionTicker(settings))]
+def periodic_tasks(
+    settings: Settings, wake: StudyWake | None = None
+) -> list[tuple[str, float, Callable[..., None], StudyWake | None]]:
+    """The completion check, four times a second, so a timer fires within a quarter second; and at
+    once when ``wake`` (which the receivers notify after an MPPS step ends, or after indexing what
+    an ended association left) is notified, so a complete study does not wait for the tick."""
+    return [("assembler", 0.25, CompletionTicker(settings), wake)]
 
 
 def status_summary(session: Session) -> dict[str, object]:

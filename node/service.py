@@ -26,6 +26,7 @@ from node.core.errors import describe_error
 from node.core.logs import configure_logging
 from node.core.migrations import SchemaError
 from node.core.settings import Settings
+from node.core.wake import StudyWake
 from node.dispatch import commitment, outbox
 from node.ingest import mpps, store
 from node.ingest.indexer import Indexer
@@ -41,7 +42,11 @@ from workers.analysis.intended import declared_uses
 
 log = logging.getLogger("ainode.service")
 
-PeriodicHook = Callable[[Settings], list[tuple[str, float, Callable[[], None]]]]
+# (name, interval_s, function), or (name, interval_s, function, wake): a task naming a wake (the
+# StudyWake the receivers notify) also runs as soon as it is notified, and its function is told
+# whether the wake started the pass (``woken``). None as wake: the interval only.
+PeriodicTask = tuple[str, float, Callable[[], None]] | tuple[str, float, Callable[..., None], StudyWake | None]
+PeriodicHook = Callable[[Settings], list[PeriodicTask]]
 ServiceHook = Callable[[Settings], list[Callable[[], None]]]
 
 _PR_SET_PDEATHSIG = 1
@@ -62,19 +67,24 @@ def installed_analyses(settings: Settings) -> list[dict[str, Any]]:
     ]
 
 
-# The later stages, in pipeline order: what each runs periodically and which services it starts.
-PERIODIC_STAGES: tuple[tuple[str, PeriodicHook], ...] = (
-    ("assembler", assembler.periodic_tasks),
-    # The analyses' intended uses (torch-free declarations) are checked before queuing.
-    ("router", lambda settings: router.periodic_tasks(settings, intended_uses=declared_uses(settings))),
-    ("reconciler", reconciler.periodic_tasks),
-    ("dispatcher", outbox.periodic_tasks),
-    ("api", api.periodic_tasks),
-    ("retention", retention.periodic_tasks),
-    ("workflow", ups_events.periodic_tasks),
-    # The Task Performer answers to the codes of the analyses the node declares.
-    ("performer", lambda settings: ups_performer.periodic_tasks(settings, analyses=declared_uses(settings))),
-)
+def periodic_stages(study_wake: StudyWake | None = None) -> tuple[tuple[str, PeriodicHook], ...]:
+    """The later stages, in pipeline order, and what each runs periodically. ``study_wake``: what
+    the receivers notify when a study may have just become complete; it wakes the assembler."""
+    return (
+        ("assembler", lambda settings: assembler.periodic_tasks(settings, wake=study_wake)),
+        # The analyses' intended uses (torch-free declarations) are checked before queuing.
+        ("router", lambda settings: router.periodic_tasks(settings, intended_uses=declared_uses(settings))),
+        ("reconciler", reconciler.periodic_tasks),
+        ("dispatcher", outbox.periodic_tasks),
+        ("api", api.periodic_tasks),
+        ("retention", retention.periodic_tasks),
+        ("workflow", ups_events.periodic_tasks),
+        # The Task Performer answers to the codes of the analyses the node declares.
+        ("performer", lambda settings: ups_performer.periodic_tasks(settings, analyses=declared_uses(settings))),
+    )
+
+
+# The later stages' services, in pipeline order.
 SERVICE_STAGES: tuple[tuple[str, ServiceHook], ...] = (
     ("jobs", embedded.start_services),
     ("api", lambda settings: api.start_services(settings, analyses=installed_analyses)),
@@ -107,11 +117,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pid: int) -> None:
-    """Body of one receiver process: serve until SIGTERM, then drain open associations."""
+def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pid: int, study_wake: StudyWake) -> None:
+    """Body of one receiver process: serve until SIGTERM, then drain open associations.
+    ``study_wake`` (the pool's) is notified when a study may have just become complete."""
     _die_with_parent()
     if os.getppid() != parent_pid:
         os._exit(1)
+    study_wake.close_read_end()  # only the main process waits on it
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -123,10 +135,11 @@ def run_receiver(settings: Settings, slots: Any, row: int, ready: Any, parent_pi
         engine_for(settings.database.url),
         slots,
         row,
-        mpps.handlers(settings),
+        mpps.handlers(settings, study_may_be_complete=study_wake.notify),
         commitment_handlers(settings),
         ups_sop_classes=ups_scp.SOP_CLASSES,
         ups_handlers=ups_scp.handlers(settings),
+        study_may_be_complete=study_wake.notify,
     )
     receiver.recover()  # what this receiver's predecessor answered but did not index
     try:
@@ -183,6 +196,10 @@ class ReceiverPool:
         self._ctx = multiprocessing.get_context("fork")
         self.slots = AssociationSlots.create(self._ctx, self.count, settings.peers)
         self._procs: list[Any] = [None] * self.count
+        # Notified by any receiver, its restarted successors included (each forked with the same
+        # pipe), when a study may have just become complete (MPPS step ended, an ended
+        # association's last instances indexed).
+        self.study_wake = StudyWake()
 
     def _spawn(self, row: int) -> bool:
         ready = self._ctx.Event()
@@ -190,7 +207,7 @@ class ReceiverPool:
             target=run_receiver,
             name=f"receiver-{row}",
             daemon=False,
-            args=(self.settings, self.slots, row, ready, os.getpid()),
+            args=(self.settings, self.slots, row, ready, os.getpid(), self.study_wake),
         )
         proc.start()
         self._procs[row] = proc
@@ -234,14 +251,37 @@ class ReceiverPool:
             if proc is not None:
                 proc.join()
 
+    def close(self) -> None:
+        """Close the wake's pipe, once the receivers and the thread waiting on it have ended."""
+        self.study_wake.close()
+
 
 # --- periodic work and services of the later stages ------------------------------------------
 
 
-def _run_periodic(name: str, interval: float, func: Callable[[], None], stop: threading.Event) -> None:
-    while not stop.wait(interval):
+def _next_pass(interval: float, stop: threading.Event, wake: StudyWake | None) -> bool:
+    """Wait for the next pass: ``interval`` seconds, or less when ``wake`` is notified (then True).
+    The wake's notifications are consumed before the pass, so one made while the pass runs brings
+    another at once."""
+    if wake is None:
+        stop.wait(interval)
+        return False
+    return wake.wait(interval)
+
+
+def _run_periodic(
+    name: str, interval: float, func: Callable[..., None], stop: threading.Event, wake: StudyWake | None = None
+) -> None:
+    """Run ``func`` every ``interval`` seconds, and at once when ``wake`` is notified, until ``stop``."""
+    while True:
+        woken = _next_pass(interval, stop, wake)
+        if stop.is_set():
+            return
         try:
-            func()
+            if wake is None:
+                func()
+            else:
+                func(woken=woken)
         except Exception as err:  # a failing task must not stop the node; it runs again later
             log.error("periodic task %s failed: %s", name, describe_error(err))
 
@@ -252,11 +292,14 @@ class PeriodicTasks:
     def __init__(self) -> None:
         self.threads: list[threading.Thread] = []
         self.at_stop: list[tuple[str, Callable[[], None]]] = []
+        self.wakes: list[StudyWake] = []  # the wakes the threads wait on (notified at the stop)
 
     def finish(self, timeout: float = 5.0) -> None:
         """Wait for the threads (the stop event is set), then run the passes marked ``run_at_stop``
         once more, in order: they see what the other stages did up to their last moment (the
         audit's last transfers would otherwise belong to no run)."""
+        for wake in self.wakes:  # a thread waiting on its wake sees the stop now, not after its interval
+            wake.notify()
         for t in self.threads:
             t.join(timeout=timeout)
         for name, func in self.at_stop:
@@ -266,21 +309,28 @@ class PeriodicTasks:
                 log.error("last pass of %s failed: %s", name, describe_error(err))
 
 
-def start_periodic(settings: Settings, stop: threading.Event) -> PeriodicTasks:
-    """One thread per (name, interval, function) from every stage's ``periodic_tasks``."""
+def start_periodic(settings: Settings, stop: threading.Event, study_wake: StudyWake | None = None) -> PeriodicTasks:
+    """One thread per (name, interval, function[, wake]) from every stage's ``periodic_tasks``;
+    ``study_wake`` (notified by the receivers) wakes the assembler."""
     tasks_run = PeriodicTasks()
-    for stage, hook in PERIODIC_STAGES:
+    for stage, hook in periodic_stages(study_wake):
         try:
             tasks = hook(settings) or []
         except Exception as err:
             log.error("%s: periodic tasks not started: %s", stage, err)
             continue
-        for name, interval, func in tasks:
+        for name, interval, func, *wake in tasks:
+            wake_event = wake[0] if wake else None
             t = threading.Thread(
-                target=_run_periodic, args=(name, float(interval), func, stop), name=f"periodic-{name}", daemon=True
+                target=_run_periodic,
+                args=(name, float(interval), func, stop, wake_event),
+                name=f"periodic-{name}",
+                daemon=True,
             )
             t.start()
             tasks_run.threads.append(t)
+            if wake_event is not None:
+                tasks_run.wakes.append(wake_event)
             if getattr(func, "run_at_stop", False):
                 tasks_run.at_stop.append((name, func))
     return tasks_run
@@ -322,14 +372,16 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pool = ReceiverPool(settings)
     if not pool.start():
+        pool.close()
         return 3
-    periodic = start_periodic(settings, stop)
+    periodic = start_periodic(settings, stop, pool.study_wake)
     stoppers = start_stage_services(settings)
     while not stop.wait(0.5):
         pool.supervise()
     log.info("stopping: receivers finish their open associations")
     pool.stop()
     periodic.finish()  # before the services stop: the audit trail takes the last pass's messages
+    pool.close()  # after finish: no thread waits on the wake any more
     for stopper in stoppers:
         try:
             stopper()

@@ -61,6 +61,7 @@ class Indexer:
         linger: float = 0.1,
         prefix: str = "",
         on_indexed: Callable[[list[Path]], None] | None = None,
+        study_may_be_complete: Callable[[], None] | None = None,
     ):
         self._engine = engine
         self.root = Path(root)
@@ -68,6 +69,10 @@ class Indexer:
         self._policy = policy
         # Told the final paths of newly stored instances once indexed (the volume streamer).
         self._on_indexed = on_indexed
+        # Told (one StudyWake.notify in the node) when a batch committed after an association ended:
+        # the study's last instances may be in, so the assembler looks at once.
+        self._study_may_be_complete = study_may_be_complete
+        self._association_ended = False  # since the last committed batch
         self._max_batch = max_batch
         self._max_waiting = max_waiting
         self._linger = linger  # how long a lone arrival waits for company (one commit for several)
@@ -133,6 +138,7 @@ class Indexer:
         (the study's last instances, which its readiness waits for)."""
         with self._cond:
             self._no_company = True
+            self._association_ended = True
             self._cond.notify_all()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -333,27 +339,49 @@ class Indexer:
             try:
                 self.process(batch)
                 self._done(batch)
-                continue
+                committed = True
             except Exception:
-                pass
-            for arrival in batch:  # one bad arrival must not hold up the others
-                try:
-                    self.process([arrival])
-                    self._done([arrival])
-                except Exception as err:
-                    arrival.failures += 1
-                    if arrival.failures >= QUARANTINE_AFTER and lasting(err) and self._quarantine(arrival, err):
-                        continue
-                    if arrival.failures in (1, 10) or arrival.failures % 100 == 0:
-                        log.error(
-                            "instance %s not indexed yet (attempt %d, %s); it is landed and will be retried",
-                            instance_tag(arrival.header.SOPInstanceUID),
-                            arrival.failures,
-                            type(err).__name__,
-                        )
-                    arrival.retry_at = time.monotonic() + min(60.0, 0.1 * 2 ** min(arrival.failures, 10))
-                    with self._cond:
-                        self._retry.append(arrival)
+                committed = self._process_one_by_one(batch)
+            if committed:
+                self._tell_if_association_ended()
+
+    def _process_one_by_one(self, batch: list[Arrival]) -> bool:
+        """A failed batch again, one arrival at a time: one bad arrival must not hold up the
+        others. True when one was indexed."""
+        committed = False
+        for arrival in batch:
+            try:
+                self.process([arrival])
+                self._done([arrival])
+                committed = True
+            except Exception as err:
+                arrival.failures += 1
+                if arrival.failures >= QUARANTINE_AFTER and lasting(err) and self._quarantine(arrival, err):
+                    continue
+                if arrival.failures in (1, 10) or arrival.failures % 100 == 0:
+                    log.error(
+                        "instance %s not indexed yet (attempt %d, %s); it is landed and will be retried",
+                        instance_tag(arrival.header.SOPInstanceUID),
+                        arrival.failures,
+                        type(err).__name__,
+                    )
+                arrival.retry_at = time.monotonic() + min(60.0, 0.1 * 2 ** min(arrival.failures, 10))
+                with self._cond:
+                    self._retry.append(arrival)
+        return committed
+
+    def _tell_if_association_ended(self) -> None:
+        """After a batch: when an association ended since the last one, its study's last
+        instances may now be indexed. The signal stays while arrivals are queued (a batch of
+        more than ``max_batch`` ends in the next one)."""
+        with self._cond:
+            ended = self._association_ended
+            self._association_ended = ended and bool(self._queue)
+        if ended and self._study_may_be_complete is not None:
+            try:
+                self._study_may_be_complete()
+            except Exception as err:  # the timers still complete the study: indexing goes on
+                log.error("telling the assembler a study may be complete failed (%s)", type(err).__name__)
 
     def _quarantine(self, arrival: Arrival, err: Exception) -> bool:
         """Move an arrival the index will not take aside, so it stops holding its place."""

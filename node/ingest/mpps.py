@@ -135,8 +135,19 @@ def _calling_ae(event: Any) -> str:
         return ""
 
 
-def handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
-    """pynetdicom (event, handler) pairs for MPPS N-CREATE and N-SET, bound by the receiver."""
+def _ends_step(mods: Dataset) -> bool:
+    """Whether an N-SET's modifications end the step (COMPLETED or DISCONTINUED)."""
+    return str(mods.get("PerformedProcedureStepStatus", "") or "").strip() in FINAL_STATES
+
+
+def handlers(
+    settings: Settings, study_may_be_complete: Callable[[], None] | None = None
+) -> list[tuple[Any, Callable[..., Any]]]:
+    """pynetdicom (event, handler) pairs for MPPS N-CREATE and N-SET, bound by the receiver.
+
+    ``study_may_be_complete`` is called once an N-SET to COMPLETED or DISCONTINUED is committed
+    and answered Success (the node wakes the assembler with it instead of waiting for its tick).
+    """
     url = settings.database.url
 
     def on_n_create(event: Any) -> tuple[int, Dataset | None]:
@@ -168,6 +179,8 @@ def handlers(settings: Settings) -> list[tuple[Any, Callable[..., Any]]]:
             str(mods.get("PerformedProcedureStepStatus", "")),
             status,
         )
+        if status == SUCCESS and study_may_be_complete is not None and _ends_step(mods):
+            study_may_be_complete()
         return status, (mods if status == SUCCESS else None)
 
     return [(evt.EVT_N_CREATE, on_n_create), (evt.EVT_N_SET, on_n_set)]

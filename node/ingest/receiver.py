@@ -154,6 +154,9 @@ class Receiver:
     # handlers. N-CREATE and N-SET are shared with MPPS: each goes by its presentation context.
     ups_sop_classes: tuple[str, ...] = ()
     ups_handlers: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
+    # Called when a study may have just become complete (the indexer committed what an ended
+    # association left): the node wakes its assembler with it. None: nobody to tell.
+    study_may_be_complete: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.settings.storage.path)
@@ -169,6 +172,7 @@ class Receiver:
             self.policy,
             prefix=self.prefix,
             on_indexed=self.volume_streamer.submit if self.volume_streamer else None,
+            study_may_be_complete=self.study_may_be_complete,
         )
         self._lookup = _ShaLookup(self.engine)
         self.journal: journal.Journal | None = None
