@@ -32,6 +32,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, ModalityPerformedProcedureStep
 from sqlalchemy import create_engine, text
 
+from node.core.dicom import answers_stay_with_the_sender
+
 
 def free_port() -> int:
     """A free TCP port on loopback."""
@@ -206,7 +208,8 @@ def push(port: int, called: str, study: list[Dataset], mpps: bool) -> float:
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     if mpps:
         ae.add_requested_context(ModalityPerformedProcedureStep)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    # pynetdicom's requestor can drop an answer it was waiting for (node.core.dicom): guarded.
+    assoc = answers_stay_with_the_sender(ae.associate("127.0.0.1", port, ae_title=called))
     if not assoc.is_established:
         raise RuntimeError("association rejected")
     step_uid = generate_uid()

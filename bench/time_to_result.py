@@ -71,6 +71,7 @@ from common import (
 )
 from common import epoch as _epoch  # noqa: E402
 
+from node.core.dicom import answers_stay_with_the_sender  # noqa: E402
 from tests.results.ris_peers import FHIR_SERVER, FhirServer, MllpRis  # noqa: E402
 
 ANALYSIS = "ct-segmentation"
@@ -111,7 +112,7 @@ def workitem_to_completed(dicom_port: int, pacs_port: int, db_url: str, files: l
     uid = generate_uid()
     ae = AE(ae_title="RIS")
     ae.add_requested_context(UnifiedProcedureStepPush)
-    assoc = ae.associate("127.0.0.1", dicom_port, ae_title="AINODE")
+    assoc = answers_stay_with_the_sender(ae.associate("127.0.0.1", dicom_port, ae_title="AINODE"))
     answer, _ = assoc.send_n_create(ds, UnifiedProcedureStepPush, uid)
     created = time.time()
     assoc.release()

@@ -27,6 +27,7 @@ from sqlalchemy import select
 
 from node.core.clock import utcnow
 from node.core.db import ChangeGate, database_session
+from node.core.dicom import answers_stay_with_the_sender
 from node.core.errors import describe_error
 from node.core.settings import Peer, Settings
 from node.workflow import manager
@@ -144,7 +145,7 @@ def _association(settings: Settings, peer: Peer) -> Any:
     ae.add_requested_context(manager.UPS_EVENT)
     host, port = peer.address  # type: ignore[misc]
     role = build_role(manager.UPS_EVENT, scu_role=True, scp_role=True)
-    return ae.associate(host, port, ae_title=peer.ae_title, ext_neg=[role])
+    return answers_stay_with_the_sender(ae.associate(host, port, ae_title=peer.ae_title, ext_neg=[role]))
 
 
 def send_to(settings: Settings, ae_title: str) -> int:

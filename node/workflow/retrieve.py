@@ -43,6 +43,7 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 
 from node.core.db import engine_for, session_scope
+from node.core.dicom import answers_stay_with_the_sender
 from node.core.errors import describe_error
 from node.core.settings import Settings, Source
 from node.index import NODE_OUTPUT, Instance, Patient, Series, Study
@@ -319,7 +320,7 @@ class _Dimse:
             raise SourceUnavailable(
                 f"source {self.where} cannot be reached: {err.strerror or type(err).__name__}"
             ) from None
-        assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, **kwargs)
+        assoc = answers_stay_with_the_sender(ae.associate(src.host, src.port, ae_title=src.ae_title, **kwargs))
         if assoc.is_established:
             if any(cx.abstract_syntax == model for cx in assoc.accepted_contexts):
                 return assoc
