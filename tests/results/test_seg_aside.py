@@ -76,13 +76,18 @@ def test_seg_reference_is_what_the_seg_says(ct, tmp_path, seg_type):
         assert ref[keyword].value == seg[keyword].value, keyword
 
 
-def test_a_killed_child_leaves_the_seg_to_the_worker(ct, tmp_path):
-    volume, _ = ct
-    findings = segmentation_findings(volume)
-    ctx = context(tmp_path / "out")
+def started_aside(ct, folder):
+    """(findings, the SEG's child started for them), whatever the SEG's size."""
+    findings = segmentation_findings(ct[0])
+    ctx = context(folder)
     sources, uids = sources_and_uids(findings, ctx)
-    aside = start_seg_aside(findings, sources, ctx, uids, tmp_path / "out", min_frames=1)
+    aside = start_seg_aside(findings, sources, ctx, uids, folder, min_frames=1)
     assert aside is not None
+    return findings, aside
+
+
+def test_a_killed_child_leaves_the_seg_to_the_worker(ct, tmp_path):
+    findings, aside = started_aside(ct, tmp_path / "out")
     os.kill(aside.pid, signal.SIGKILL)
     path = aside.finish()
     # Written by the worker after the child's death; the same SEG the child would have written.
@@ -95,12 +100,7 @@ def test_a_killed_child_leaves_the_seg_to_the_worker(ct, tmp_path):
 
 
 def test_stop_kills_a_child_still_writing(ct, tmp_path):
-    volume, _ = ct
-    findings = segmentation_findings(volume)
-    ctx = context(tmp_path / "out")
-    sources, uids = sources_and_uids(findings, ctx)
-    aside = start_seg_aside(findings, sources, ctx, uids, tmp_path / "out", min_frames=1)
-    assert aside is not None
+    _, aside = started_aside(ct, tmp_path / "out")
     aside.stop()  # a job that failed while the child ran
     with pytest.raises(ChildProcessError):
         os.waitpid(aside.pid, os.WNOHANG)
