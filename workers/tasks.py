@@ -332,8 +332,8 @@ class JobCollections:
     paused while a job runs (reference counting still frees everything without cycles; the SEG's
     child process, ``workers.results.aside``, inherits the pause) and collects when it ends.
     What survived a job is moved out of the collector's view (``gc.freeze``), so the collection
-    after a job walks only what that job made: a few hundredths of a second before the worker
-    turns to the job's deliveries. Every ``full_every`` jobs the frozen objects are collected too,
+    after a job (before the worker turns to the job's deliveries) walks what that job made, not
+    the worker's long-lived objects. Every ``full_every`` jobs the frozen objects are collected too,
     so cycles among them that became garbage (a model reloaded, a connection replaced) are freed.
     """
 
