@@ -22,6 +22,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 from pydicom.dataset import Dataset
 
@@ -48,7 +49,7 @@ def seg_frames(findings: Findings) -> int:
 class SegAside:
     """A SEG being written by a forked child; ``reference`` stands for it meanwhile."""
 
-    def __init__(self, pid: int, reference: Dataset, path: Path, write_here):  # type: ignore[no-untyped-def]
+    def __init__(self, pid: int, reference: Dataset, path: Path, write_here: Callable[[], Path]):
         self.pid = pid
         self.reference = reference
         self.path = path
